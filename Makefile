@@ -1,0 +1,39 @@
+# Two commands for a newcomer: `make run` and `make test`. Both set up everything they need first.
+PY_SYS ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+CACHE  := .cache
+
+.PHONY: venv setup assets run test clean apt
+
+$(STAMP): requirements/cpu.lock.txt pyproject.toml
+	@test -x $(PY) || $(PY_SYS) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check torch==$$(grep '^torch==' requirements/cpu.lock.txt | cut -d= -f3)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements/cpu.lock.txt
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e .
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+# espeak-ng gives real speech for the ASR fixtures; tests that need it skip with a reason where it cannot be installed.
+apt:
+	@command -v espeak-ng >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \
+	  (apt-get update -qq >/dev/null 2>&1; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng >/dev/null 2>&1) || \
+	  echo "note: espeak-ng not installed; speech fixtures fall back or skip"; }
+
+# Tiny checkpoints and generated fixtures live in .cache/ (outside git); each step is skipped when already there.
+assets: venv apt
+	$(PY) scripts/make_tiny_models.py --out $(CACHE)/models
+	$(PY) scripts/make_fixtures.py --out $(CACHE)/fixtures
+
+setup: assets
+
+run: setup
+	$(PY) run.py $(ARGS)
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(CACHE) outputs multirun runs

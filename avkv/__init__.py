@@ -1,0 +1,1 @@
+"""avkv: KV-cache compression harness for audio/video LLMs."""

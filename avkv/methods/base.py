@@ -1,0 +1,269 @@
+"""The method contract: what a KV-compression method sees and what it returns.
+
+A method is a small dataclass (one file per method, one Hydra config per method) with a ``compress(view)``
+that is called once per decoder layer at the end of the prefill chunk being compressed. It sees one layer at a
+time through a :class:`LayerView` and returns a :class:`Selection`: the cache positions each KV head keeps and,
+for merging methods, the rewritten keys/values of those entries. The engine applies the selection physically
+(the cache tensors shrink) and records what was kept.
+
+Conventions (``shared/design/methods.md`` §0):
+
+* batch size is 1; tensors in a view carry no batch dimension;
+* keys are post-RoPE, ``[kv_heads, S, head_dim]``; queries are recomputed post-RoPE from the layer's input
+  hidden states, so scores never need a materialised attention matrix and everything runs under SDPA;
+* ``view.n_keep`` is the number of entries *per KV head* this layer should keep on average; the observation
+  window counts toward it;
+* modality ids: 0 text, 1 image, 2 video, 3 audio (``MODALITIES``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+MODALITIES = ("text", "image", "video", "audio")
+TEXT, IMAGE, VIDEO, AUDIO = range(4)
+
+
+# ----------------------------------------------------------------------------------------------- contract
+@dataclass
+class LayerView:
+    """Everything a method may read about one layer at compression time (batch size 1)."""
+
+    layer_idx: int
+    num_layers: int
+    keys: torch.Tensor                 # [kvH, S, D] post-RoPE
+    values: torch.Tensor               # [kvH, S, D]
+    modality: torch.Tensor             # [S] long, ids into MODALITIES
+    n_keep: int                        # target kept entries per KV head (average over heads)
+    num_heads: int                     # query heads H (H = kvH * groups)
+    scaling: float
+    state: dict                        # per-request scratch shared by all layers (cross-layer methods)
+    generator: torch.Generator         # seeded per sample (random choices must use it)
+    query_fn: Callable[[int, int], torch.Tensor]   # (start, end) -> post-RoPE queries [H, end-start, D]
+    attentions: torch.Tensor | None = None          # [H, S, S] only when the backend materialises them (eager)
+    layout: dict = field(default_factory=dict)      # adapter extras, e.g. video "frame"/"spatial" index per position
+    value_norm_fn: Callable[[], torch.Tensor] | None = None
+
+    @property
+    def seq_len(self) -> int:
+        return self.keys.shape[1]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.keys.shape[0]
+
+    @property
+    def groups(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    def queries(self, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """Post-RoPE queries of prompt positions [start, end) of this chunk: [H, end-start, D]."""
+        end = self.seq_len if end is None else end
+        return self.query_fn(start, end)
+
+    def window_queries(self, w: int) -> torch.Tensor:
+        w = min(w, self.seq_len)
+        return self.query_fn(self.seq_len - w, self.seq_len)
+
+
+@dataclass
+class Selection:
+    """What one layer keeps. ``indices[h]`` are positions into the layer's cache for KV head h.
+
+    ``keys``/``values`` replace the gathered entries (merging methods); ``valid`` marks real entries when heads
+    keep different counts and the engine must pad (ragged per-head budgets). ``info`` is merged into the sample
+    record (e.g. a layer's high-priority modality).
+    """
+
+    indices: torch.Tensor                      # [kvH, k] long
+    keys: torch.Tensor | None = None           # [kvH, k, D]
+    values: torch.Tensor | None = None         # [kvH, k, D]
+    valid: torch.Tensor | None = None          # [kvH, k] bool
+    info: dict = field(default_factory=dict)
+
+
+class Method:
+    """Base class. Subclasses are dataclasses; fields are the method's hyper-parameters with paper defaults."""
+
+    name: ClassVar[str] = "method"
+    #: the method reads ``view.attentions``; it then needs ``attn_implementation=eager`` and fails loudly otherwise
+    requires_attentions: ClassVar[bool] = False
+    #: ``grow``: decode tokens are appended; ``fixed``: the engine calls :meth:`decode_step` to hold the size
+    decode_policy: str = "grow"
+
+    def compress(self, view: LayerView) -> Selection:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def begin(self, request: dict) -> None:
+        """Called before each sample's prefill (request holds modality ids, prompt length, layout)."""
+
+    def end(self) -> None:
+        """Called after each sample."""
+
+    def is_noop(self) -> bool:
+        """True when the method keeps everything (the engine then skips the hooks entirely)."""
+        return False
+
+
+class ScoreMethod(Method):
+    """A method defined by per-KV-head scores: keep the window plus the top ``n_keep - window`` others.
+
+    Subclasses implement :meth:`score` returning ``[kvH, S]`` (higher = keep). ``window`` positions at the end of
+    the chunk are always kept.
+    """
+
+    window: int = 0
+
+    def score(self, view: LayerView) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def compress(self, view: LayerView) -> Selection:
+        scores = self.score(view)
+        return Selection(indices=keep_topk(scores, view.n_keep, protect_last=self.window))
+
+
+# ---------------------------------------------------------------------------------------------- primitives
+def keep_topk(scores: torch.Tensor, k: int, protect_last: int = 0) -> torch.Tensor:
+    """Deterministic top-k per row of ``scores`` [R, S] → sorted indices [R, k].
+
+    The last ``protect_last`` positions are always kept (they count toward k). Ties are broken by position
+    (the later position wins, so reruns are identical whatever the kernel's own ordering).
+    """
+    R, S = scores.shape
+    k = max(1, min(int(k), S))
+    s = scores.detach().to(torch.float64).clone()
+    if protect_last > 0:
+        s[:, S - min(protect_last, S):] = math.inf
+    # tie-break: add a tiny position-dependent offset far below any real score difference
+    s = s + torch.arange(S, dtype=torch.float64, device=s.device) * 1e-12
+    return s.topk(k, dim=-1).indices.sort(dim=-1).values
+
+
+def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """[kvH, S, D] → [kvH*groups, S, D] (query-head order of transformers' ``repeat_kv``)."""
+    return x if groups == 1 else x.repeat_interleave(groups, dim=0)
+
+
+def reduce_gqa(scores: torch.Tensor, num_kv_heads: int, how: str = "mean") -> torch.Tensor:
+    """Query-head scores [H, ...] → KV-head scores [kvH, ...] by mean (default) / max / sum within each group."""
+    H = scores.shape[0]
+    g = scores.view(num_kv_heads, H // num_kv_heads, *scores.shape[1:])
+    return {"mean": g.mean(1), "max": g.amax(1), "sum": g.sum(1)}[how]
+
+
+def attention_rows(view: LayerView, start: int, end: int) -> torch.Tensor:
+    """Causal softmax attention of prompt queries [start, end) over the chunk's keys: [H, end-start, S] (fp32)."""
+    q = view.queries(start, end).float()
+    k = repeat_kv(view.keys.float(), view.groups)
+    logits = torch.einsum("hqd,hkd->hqk", q, k) * view.scaling
+    S = view.seq_len
+    qpos = torch.arange(start, end, device=logits.device)[:, None]
+    kpos = torch.arange(S, device=logits.device)[None, :]
+    logits = logits.masked_fill(kpos > qpos, float("-inf"))
+    return logits.softmax(-1)
+
+
+def window_scores(view: LayerView, window: int, reduce: str = "mean") -> torch.Tensor:
+    """SnapKV observation-window scores per query head: attention of the last ``window`` queries, [H, S].
+
+    ``reduce`` = ``mean`` (AdaKV code) or ``sum`` (SnapKV paper) over the window rows.
+    """
+    S = view.seq_len
+    w = max(1, min(window, S))
+    a = attention_rows(view, S - w, S)
+    return a.mean(1) if reduce == "mean" else a.sum(1)
+
+
+def accumulated_scores(view: LayerView, chunk: int = 512, normalize: bool = False) -> torch.Tensor:
+    """H2O accumulated attention: column sums of the causal softmax over *all* prompt queries, [H, S].
+
+    Computed in query chunks (each chunk's rows are normalised exactly, then summed), so no S×S matrix exists.
+    With ``normalize`` each column is divided by the number of rows that can see it (mean instead of sum).
+    """
+    S = view.seq_len
+    out = torch.zeros(view.num_heads, S, dtype=torch.float32, device=view.keys.device)
+    for start in range(0, S, chunk):
+        end = min(S, start + chunk)
+        out += attention_rows(view, start, end).sum(1)
+    if normalize:
+        out = out / torch.arange(S, 0, -1, device=out.device, dtype=out.dtype)
+    return out
+
+
+def pool_scores(scores: torch.Tensor, kernel: int, how: str = "max") -> torch.Tensor:
+    """1-D pooling over positions (stride 1, padding k//2) of [R, S] scores; kernel ≤ 1 returns the input."""
+    if kernel <= 1:
+        return scores
+    x = scores.unsqueeze(1)
+    if how == "max":
+        y = F.max_pool1d(x, kernel, stride=1, padding=kernel // 2)
+    elif how == "avg":
+        y = F.avg_pool1d(x, kernel, stride=1, padding=kernel // 2, count_include_pad=False)
+    else:
+        raise ValueError(f"pooling must be 'max' or 'avg', got {how!r}")
+    return y.squeeze(1)[..., : scores.shape[-1]]
+
+
+def merge_into_nearest(keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor, evicted: torch.Tensor,
+                       mode: str = "pivot", allowed: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge evicted entries into their most key-similar kept entry, for one KV head.
+
+    keys/values: [S, D]; keep: [k] kept positions; evicted: [e] positions to merge; ``allowed``: optional
+    [e, k] bool — which kept entries each evicted entry may merge into (e.g. same modality only). An evicted
+    entry with no allowed target is dropped. Modes (LOOK-M / KVCache-Factory):
+
+    * ``avg``: contribution = x_e
+    * ``pivot``: contribution = (x_e + x_target) / 2
+    * ``weighted``: contribution = x_e scaled by (cos + 1) / 2
+
+    The kept entry becomes the mean of itself and all contributions it receives (scatter-mean including
+    itself). Returns the new kept keys/values [k, D].
+    """
+    Kk, Vk = keys[keep].float(), values[keep].float()
+    if evicted.numel() == 0:
+        return Kk.to(keys.dtype), Vk.to(values.dtype)
+    Ke, Ve = keys[evicted].float(), values[evicted].float()
+    sim = F.normalize(Ke, dim=-1) @ F.normalize(Kk, dim=-1).T           # [e, k]
+    if allowed is not None:
+        sim = sim.masked_fill(~allowed, float("-inf"))
+    best_sim, target = sim.max(dim=-1)
+    ok = torch.isfinite(best_sim)
+    Ke, Ve, target, best_sim = Ke[ok], Ve[ok], target[ok], best_sim[ok]
+    if mode == "avg":
+        ck, cv = Ke, Ve
+    elif mode == "pivot":
+        ck, cv = (Ke + Kk[target]) / 2, (Ve + Vk[target]) / 2
+    elif mode == "weighted":
+        w = ((best_sim + 1) / 2).unsqueeze(-1)
+        ck, cv = Ke * w, Ve * w
+    else:
+        raise ValueError(f"merge mode must be avg, pivot or weighted, got {mode!r}")
+    count = torch.ones(Kk.shape[0], 1, device=Kk.device).index_add_(0, target, torch.ones(len(target), 1,
+                                                                                        device=Kk.device))
+    newK = Kk.clone().index_add_(0, target, ck) / count
+    newV = Vk.clone().index_add_(0, target, cv) / count
+    return newK.to(keys.dtype), newV.to(values.dtype)
+
+
+def modality_counts(modality: torch.Tensor, indices: torch.Tensor, valid: torch.Tensor | None = None) -> dict:
+    """Kept entries per modality summed over heads: {name: count}."""
+    m = modality[indices]
+    if valid is not None:
+        m = m[valid]
+    return {name: int((m == i).sum()) for i, name in enumerate(MODALITIES)}
+
+
+def as_record(obj: Any) -> Any:
+    """Tensors → lists/floats so selection info can go into JSON records."""
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, dict):
+        return {k: as_record(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [as_record(v) for v in obj]
+    return obj

@@ -1,0 +1,146 @@
+"""The model-adapter contract: everything model-specific lives behind it.
+
+An adapter loads a checkpoint folder with ``from_pretrained``, turns a :class:`~avkv.tasks.base.Prompt` into
+processor inputs (:class:`Encoded`), says where the decoder layers are, gives the modality of every prompt
+position, and produces the position ids the engine passes explicitly to every forward (so decode positions
+continue from the logical prompt length, never from a pruned cache length).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from avkv.methods.base import AUDIO, IMAGE, TEXT, VIDEO
+from avkv.tasks.base import Media, Prompt
+
+
+class CheckpointMissing(FileNotFoundError):
+    pass
+
+
+@dataclass
+class Encoded:
+    """Processor output for one prompt, plus what the engine needs to split and account for it."""
+
+    inputs: dict[str, Any]                 # kwargs for the model forward (input_ids, pixel values, grids, ...)
+    input_ids: torch.Tensor                # [1, n]
+    modality: torch.Tensor                 # [n] long, ids into MODALITIES
+    question_start: int                    # first token of the question text (compress_at=context splits here)
+    assistant_start: int                   # first token of the assistant preamble (compress_at=question)
+    media_s: float = 0.0                   # time spent decoding media files (kept out of prefill time)
+    layout: dict = field(default_factory=dict)   # extras for methods (video frame/spatial index per position)
+    modalities_used: list[str] = field(default_factory=list)
+
+
+class ModelAdapter:
+    """Base adapter. Subclasses implement ``_load``, ``encode`` and the position logic."""
+
+    family: str = "base"
+    #: modalities the model can take as input
+    modalities: tuple[str, ...] = ()
+
+    def __init__(self, path: str | Path, dtype: str = "float32", device: str = "cpu",
+                 attn_implementation: str = "sdpa", trust_remote_code: bool = False,
+                 make_hint: str | None = None, num_frames: int = 8, fps: float | None = None,
+                 max_audio_s: float | None = None, **processor_kwargs: Any) -> None:
+        self.path = Path(path).expanduser()
+        if not (self.path / "config.json").exists():
+            hint = f" Create it with: {make_hint}" if make_hint else ""
+            raise CheckpointMissing(f"model checkpoint folder not found or incomplete: {self.path} "
+                                    f"(no config.json).{hint}")
+        self.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        self.device = torch.device(device)
+        self.attn_implementation = attn_implementation
+        self.trust_remote_code = trust_remote_code
+        self.num_frames, self.fps, self.max_audio_s = num_frames, fps, max_audio_s
+        self.processor_kwargs = processor_kwargs
+        self.model, self.processor = self._load()
+        self.model.eval()
+        self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
+
+    # ---------------------------------------------------------------- to implement per family
+    def _load(self) -> tuple[torch.nn.Module, Any]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def encode(self, prompt: Prompt) -> Encoded:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def decoder_layers(self) -> list[torch.nn.Module]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def text_config(self) -> Any:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def prompt_position_ids(self, enc: Encoded) -> torch.Tensor:
+        """Position ids of the whole prompt as ``generate`` computes them (1-D [1, n] or M-RoPE [4, 1, n])."""
+        kwargs = {k: v for k, v in enc.inputs.items() if k != "input_ids"}
+        return self.model._prepare_position_ids_for_generation(enc.input_ids, dict(kwargs, input_ids=enc.input_ids))
+
+    def continue_position_ids(self, prompt_pos: torch.Tensor, start: int, length: int) -> torch.Tensor:
+        """Position ids for logical positions start..start+length-1 after the prompt (decode / suffix chunks)."""
+        n = prompt_pos.shape[-1]
+        if start + length <= n:
+            return prompt_pos[..., start:start + length]
+        text = torch.arange(start, start + length, device=prompt_pos.device)[None]
+        if prompt_pos.dim() == 2:                               # 1-D RoPE
+            return text
+        # M-RoPE: row 0 is the text position, rows 1-3 continue from the last prompt position (rope delta)
+        delta = prompt_pos[1:, :, -1:] - prompt_pos[0:1, :, -1:]      # [3, 1, 1]
+        return torch.cat([text[None], text[None] + delta], dim=0)
+
+    # ---------------------------------------------------------------- shared behaviour
+    @property
+    def eos_token_ids(self) -> list[int]:
+        ids = set()
+        gc = getattr(self.model, "generation_config", None)
+        eos = getattr(gc, "eos_token_id", None) if gc is not None else None
+        for e in (eos if isinstance(eos, (list, tuple)) else [eos]):
+            if e is not None:
+                ids.add(int(e))
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(int(self.tokenizer.eos_token_id))
+        return sorted(ids)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+    def token_modality(self, input_ids: torch.Tensor, ids: dict[str, int | None]) -> torch.Tensor:
+        """Modality per position from placeholder token ids (works for interleaved audio-in-video)."""
+        ids_1d = input_ids.reshape(-1)
+        mod = torch.full_like(ids_1d, TEXT)
+        for name, code in (("image", IMAGE), ("video", VIDEO), ("audio", AUDIO)):
+            tid = ids.get(name)
+            if tid is not None:
+                mod[ids_1d == tid] = code
+        return mod
+
+    def forward(self, input_ids: torch.Tensor, cache: Any, position_ids: torch.Tensor,
+                mm_inputs: dict | None = None, logits_to_keep: int = 1) -> torch.Tensor:
+        """One forward over ``input_ids`` appended to ``cache``; returns logits of the last ``logits_to_keep``."""
+        out = self.model(input_ids=input_ids, past_key_values=cache, position_ids=position_ids, use_cache=True,
+                         logits_to_keep=logits_to_keep, **(mm_inputs or {}))
+        return out.logits
+
+    def describe(self) -> dict:
+        tc = self.text_config()
+        return {"family": self.family, "path": str(self.path), "dtype": str(self.dtype).replace("torch.", ""),
+                "attn_implementation": self.attn_implementation, "num_layers": tc.num_hidden_layers,
+                "num_kv_heads": tc.num_key_value_heads, "num_heads": tc.num_attention_heads,
+                "head_dim": getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads}
+
+
+def load_media(media: Media, num_frames: int = 8, fps: float | None = None, sr: int = 16000,
+               max_audio_s: float | None = None) -> dict:
+    """Decode one media item: ``{"frames": uint8 [T,H,W,3]}`` / ``{"audio": float32 [N]}`` / ``{"image": PIL}``.
+
+    Errors name the file (a broken sample is recorded and the run goes on).
+    """
+    from avkv.models import media_io
+    t0 = time.perf_counter()
+    out = media_io.load(media, num_frames=num_frames, fps=fps, sr=sr, max_audio_s=max_audio_s)
+    out["decode_s"] = time.perf_counter() - t0
+    return out

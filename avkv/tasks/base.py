@@ -1,0 +1,90 @@
+"""The task contract: load documents from an official on-disk layout, render prompts, parse, score, aggregate.
+
+A task never touches the model or the cache. It yields :class:`Doc` records (media are *paths*, never decoded
+here), turns a doc into a model-family-specific :class:`Prompt`, and scores the model's raw text output.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+
+class DatasetError(ValueError):
+    """A malformed index file or a missing field: names the file, the item and the field."""
+
+
+@dataclass
+class Media:
+    """One media item of a prompt. ``kind`` is ``video``, ``audio`` or ``image``.
+
+    For a video, ``with_audio`` says its audio track belongs to the prompt too (a model that hears gets it;
+    Qwen2.5-Omni interleaves it with the frames). ``start``/``end`` clip the file in seconds.
+    """
+
+    kind: str
+    path: str
+    start: float | None = None
+    end: float | None = None
+    with_audio: bool = False
+
+
+@dataclass
+class Doc:
+    """One evaluation item."""
+
+    id: str
+    media: list[Media]
+    question: str
+    target: Any
+    choices: list[str] | None = None
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class Prompt:
+    """What the model adapter renders into the chat template.
+
+    ``context`` is the user turn before the question: media and text pieces in order (MileBench interleaves
+    them). ``question`` is the last text of the user turn: the engine's ``compress_at=context`` compresses
+    before it. ``system`` overrides the family's default system prompt when set.
+    """
+
+    context: list[Media | str]
+    question: str
+    system: str | None = None
+    max_new_tokens: int | None = None
+
+
+class Task:
+    """Base class for a dataset family. Subclasses set ``name`` and implement the five methods."""
+
+    name: str = "task"
+    #: the headline metric reported in summaries (e.g. ``accuracy``, ``wer``, ``rouge_l``)
+    metric: str = "score"
+    higher_is_better: bool = True
+
+    def __init__(self, root: str | Path, limit: int | None = None, **kwargs: Any) -> None:
+        self.root = Path(root)
+        self.limit = limit
+
+    def docs(self) -> Iterator[Doc]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def prompt(self, doc: Doc, family: str) -> Prompt:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def score(self, doc: Doc, prediction: str) -> dict:  # pragma: no cover - interface
+        """Per-sample scoring. Must return at least ``score`` (float) and ``parsed_ok`` (bool)."""
+        raise NotImplementedError
+
+    def aggregate(self, records: list[dict]) -> dict:
+        """Dataset-level metrics from the per-sample records (the default: mean score + parse failures)."""
+        ok = [r for r in records if r.get("error") is None]
+        scores = [r["score"] for r in ok if r.get("score") is not None]
+        return {
+            self.metric: (sum(scores) / len(scores)) if scores else None,
+            "n": len(records),
+            "n_failed": len(records) - len(ok),
+            "n_unparsed": sum(1 for r in ok if r.get("parsed_ok") is False),
+        }
