@@ -239,6 +239,8 @@ class Compressor:
         t0 = self.clock.now()
         attn = output[1][0] if isinstance(output, tuple) and len(output) > 1 and output[1] is not None else None
         if self.phase == "prefill":
+            if i in self.req.kept:            # each layer is compressed once, at the end of its prefill chunk
+                return
             positions = self.req.state.get("layer_positions", {}).get(i)
             S = layer.keys.shape[2]
             modality = self.req.modality[: S] if positions is None else self.req.modality[positions]
