@@ -50,9 +50,10 @@ class H2O(ScoreMethod):
     def compress(self, view: LayerView) -> Selection:
         return self.keep(view, self.score(view), view.n_keep)
 
-    def keep(self, view: LayerView, scores: torch.Tensor, n_keep: int) -> Selection:
+    def keep(self, view: LayerView, scores: torch.Tensor, n_keep: int, recent: int | None = None) -> Selection:
         """Heavy hitters + recent window from ``scores`` [kvH, S]; remembers the scores for fixed decoding."""
-        recent = int(round(self.recent_share * min(n_keep, view.seq_len)))
+        if recent is None:
+            recent = int(round(self.recent_share * min(n_keep, view.seq_len)))
         idx = keep_topk(scores, n_keep, protect_last=recent)
         if self.decode_policy == "fixed":
             view.state[self._key(view)] = {"scores": scores.gather(1, idx), "recent": recent}

@@ -1,9 +1,10 @@
-"""Seeded LayerViews for tensor-level method tests (no model needed)."""
+"""Seeded LayerViews and loop-style references for tensor-level method tests (no model needed).
+
+The references are written from the definitions with Python loops, independently of ``avkv.methods.base``."""
 from __future__ import annotations
 
 import math
 
-import pytest
 import torch
 
 from avkv.methods.base import LayerView
@@ -42,6 +43,20 @@ def naive_attention(view: LayerView) -> torch.Tensor:
     return A
 
 
-@pytest.fixture
-def view():
-    return make_view()
+def naive_topk(scores, k: int, protect_last: int = 0) -> list[int]:
+    """Sorted positions: the last ``protect_last`` plus the best others (ties: later position first)."""
+    S = len(scores)
+    protect = list(range(S - min(protect_last, S), S))
+    rest = sorted(range(S - len(protect)), key=lambda j: (-float(scores[j]), -j))
+    if len(protect) >= k:
+        return sorted(protect[len(protect) - k:])
+    return sorted(protect + rest[: k - len(protect)])
+
+
+def naive_gqa_mean(scores_h: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    H = scores_h.shape[0]
+    g = H // kv_heads
+    out = torch.zeros(kv_heads, scores_h.shape[1], dtype=scores_h.dtype)
+    for h in range(H):
+        out[h // g] += scores_h[h] / g
+    return out
