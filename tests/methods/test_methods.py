@@ -96,7 +96,7 @@ def test_streamingllm_and_random():
 def test_pyramidkv_matches_reference_per_layer():
     state = {}
     for layer in range(4):
-        v = make_view(seq=120, n_keep=30, layer_idx=layer, num_layers=4, state=state)
+        v = make_view(seq=60, n_keep=30, layer_idx=layer, num_layers=4, state=state)
         sel = PyramidKV(scorer=SnapKV(window=8)).compress(v)
         lo = (30 - 8) / 20
         hi = 2 * (30 - 8) - lo
