@@ -225,25 +225,72 @@ def window_scores(view: LayerView, window: int, reduce: str = "mean") -> torch.T
 
 
 def accumulated_scores(view: LayerView, chunk: int = 512, normalize: bool = False,
-                       max_elements: int = 1 << 26) -> torch.Tensor:
+                       max_elements: int = 1 << 26, fused: bool | None = None) -> torch.Tensor:
     """H2O accumulated attention: column sums of the causal softmax over *all* prompt queries, [H, S].
 
-    Rows are processed in chunks. A chunk holds complete rows (each row over the keys it can see), so its
-    softmax normalisers are exact and one pass suffices; rows [s, e) only touch keys [0, e), so the work is the
-    causal half of the matrix. The chunk shrinks so that a chunk's logits stay under ``max_elements`` (64 Mi
-    floats = 256 MiB), so no S×S matrix exists and extra memory is O(H·chunk·S). With ``normalize`` each
-    column is divided by the number of rows that can see it (mean instead of sum).
+    No S×S matrix ever exists. Two exact ways, same result:
+
+    * ``fused`` (default when the device has a fused attention kernel that returns log-sum-exps): a row pass
+      gets every query's normaliser lse_i; then the column sums are themselves log-sum-exps of a second,
+      "transposed" causal attention in which the keys query the queries:
+      Σ_{i≥j} exp(q_i·k_j·s − lse_i) = exp(LSE_j) with queries [k_j, 1], keys [s·q_i, −lse_i], on reversed
+      positions so that i ≥ j becomes the causal mask. Two fused kernel calls, O(S) memory.
+    * chunked: rows in chunks; a chunk holds complete rows (each over the keys it can see), so its softmax
+      normalisers are exact in one pass; rows [s, e) only touch keys [0, e). The chunk shrinks so that its
+      logits stay under ``max_elements`` (64 Mi floats), so extra memory is O(H·chunk·S).
+
+    With ``normalize`` each column is divided by the number of rows that can see it (mean instead of sum).
     """
     S, H = view.seq_len, view.num_heads
-    chunk = max(1, min(chunk, max_elements // max(1, H * S)))
-    out = torch.zeros(H, S, dtype=torch.float32, device=view.keys.device)
-    for start in range(0, S, chunk):
-        end = min(S, start + chunk)
-        p = _causal_softmax_(_grouped_logits(view, view.queries(start, end), end), start)
-        out[:, :end] += p.sum(1)
+    out = _fused_accumulated(view) if fused is not False else None
+    if out is None:
+        if fused:
+            raise RuntimeError("no fused attention kernel with log-sum-exp output on this device")
+        chunk = max(1, min(chunk, max_elements // max(1, H * S)))
+        out = torch.zeros(H, S, dtype=torch.float32, device=view.keys.device)
+        for start in range(0, S, chunk):
+            end = min(S, start + chunk)
+            p = _causal_softmax_(_grouped_logits(view, view.queries(start, end), end), start)
+            out[:, :end] += p.sum(1)
     if normalize:
         out = out / torch.arange(S, 0, -1, device=out.device, dtype=out.dtype)
     return out
+
+
+def _causal_lse(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor | None:
+    """Log-sum-exp of each row of the causal attention of q [H, S, P] over k [H, S, P] (fp32) with a fused
+    kernel, or None when the device offers none (the caller then computes exactly in chunks)."""
+    v = torch.zeros_like(q)
+    try:
+        if q.device.type == "cpu":
+            _, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                q[None], k[None], v[None], 0.0, True, scale=scale)
+        elif q.device.type == "cuda":
+            _, lse, *_ = torch.ops.aten._scaled_dot_product_efficient_attention(
+                q[None], k[None], v[None], None, True, 0.0, True, scale=scale)
+        else:
+            return None
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return None
+    return lse[0, :, : q.shape[1]].float()
+
+
+def _fused_accumulated(view: LayerView) -> torch.Tensor | None:
+    S, H, D = view.seq_len, view.num_heads, view.keys.shape[-1]
+    q = view.queries(0, S).float()                                           # [H, S, D]
+    k = repeat_kv(view.keys.float(), view.groups)                            # [H, S, D]
+    lse = _causal_lse(q, k, view.scaling)
+    if lse is None:
+        return None
+    P = (D + 1 + 7) // 8 * 8                                                 # one extra coordinate, aligned
+    qa = q.new_zeros(H, S, P)
+    qa[..., :D] = q * view.scaling
+    qa[..., D] = -lse
+    ka = q.new_zeros(H, S, P)
+    ka[..., :D] = k
+    ka[..., D] = 1.0
+    col = _causal_lse(ka.flip(1), qa.flip(1), 1.0)                           # keys query the queries
+    return None if col is None else col.flip(-1).exp()
 
 
 def pool_scores(scores: torch.Tensor, kernel: int, how: str = "max") -> torch.Tensor:
