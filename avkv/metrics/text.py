@@ -100,6 +100,23 @@ def extract_choice(text: str | None, choices: Sequence[str]) -> int | None:
     return None
 
 
+def videollama2_mc_choice(text: str | None, n_choices: int) -> tuple[int, bool]:
+    """VideoLLaMA2 ``inference_video_mcqa_mvbench.py`` ``mvbench_dump``: the first match of
+    ``[\(,\ ]*[A-D][\),\ ]*`` (any capital key letter, even inside a word: "Based on" reads as B), stripped of
+    spaces and brackets. **Quirk:** when nothing matches, the official script predicts index 2 ("C").
+
+    Returns ``(index, parsed_ok)``; ``parsed_ok`` is False where the fallback was used, so the harness can count
+    it even in official-compatible scoring.
+    """
+    keys = option_letters(n_choices)
+    found = re.findall(rf"[\(,\ ]*[{keys[0]}-{keys[-1]}][\),\ ]*", str(text or ""))
+    if found:
+        k = found[0].strip().strip("()")
+        if k in keys:
+            return keys.index(k), True
+    return 2, False
+
+
 # ------------------------------------------------------------------------------------------------- exact match
 
 
