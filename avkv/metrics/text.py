@@ -139,6 +139,16 @@ def exact_match(pred: str, answer: str) -> bool:
     return normalize_answer(pred) == normalize_answer(answer)
 
 
+_NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
+
+
+def normalize_short_answer(s: str) -> str:
+    """:func:`normalize_answer` plus ``_`` → space and digits 0-10 → words ("2" → "two", "acoustic_guitar" →
+    "acoustic guitar"): a clean match for one-word vocabularies such as MUSIC-AVQA's."""
+    words = normalize_answer(str(s).replace("_", " ")).split()
+    return " ".join(_NUMBER_WORDS[int(w)] if w.isdigit() and int(w) <= 10 else w for w in words)
+
+
 # ------------------------------------------------------------------------------------------------------ ROUGE-L
 
 
