@@ -179,6 +179,33 @@ def rouge_l(hyp: str, ref: str, beta: float = 1.0) -> float:
     return ((1 + beta ** 2) * p * rec) / (rec + beta ** 2 * p)
 
 
+_PTB_TOKEN = re.compile(r"n't|'(?:s|re|ve|d|ll|m)\b|[a-z0-9]+(?:[-./'][a-z0-9]+)*(?=n't)|[a-z0-9]+(?:[-./][a-z0-9]+)*")
+
+
+def ptb_tokenize(text: str) -> list[str]:
+    """An approximation of coco-caption's ``PTBTokenizer`` (Stanford PTB tokenizer, lower-cased, punctuation
+    tokens dropped) without Java: contractions split off (``don't`` → ``do n't``, ``he's`` → ``he 's``),
+    hyphenated words and decimals kept whole, every other punctuation mark removed."""
+    return _PTB_TOKEN.findall(str(text).lower())
+
+
+def rouge_l_coco(candidate: str, references: Sequence[str], beta: float = 1.2) -> float:
+    """coco-caption ``Rouge`` (used by the DSTC AVSD evaluation): LCS precision and recall against each
+    reference, the *maximum* precision and the maximum recall taken separately, then
+    ``F = (1 + b²) P R / (R + b² P)`` with ``b = 1.2``; on :func:`ptb_tokenize` tokens."""
+    c = ptb_tokenize(candidate)
+    precs, recs = [], []
+    for ref in references:
+        r = ptb_tokenize(ref)
+        lcs = _lcs(c, r) if c and r else 0
+        precs.append(lcs / len(c) if c else 0.0)
+        recs.append(lcs / len(r) if r else 0.0)
+    p, rec = max(precs, default=0.0), max(recs, default=0.0)
+    if p == 0 or rec == 0:
+        return 0.0
+    return ((1 + beta ** 2) * p * rec) / (rec + beta ** 2 * p)
+
+
 def _recon_lcs_words(x: list[str], y: list[str]) -> set[str]:
     """The words of one LCS of x and y, reconstructed exactly as pltrdy ``rouge`` 1.0.1 ``_recon_lcs`` does."""
     n, m = len(x), len(y)
