@@ -88,10 +88,11 @@ class AVSD(Task):
                     raise DatasetError(f"{self.index}: item {where} last answer is {UNDISCLOSED} and no "
                                        f"references file is set (dataset.references)")
                 targets = [last_a]
-            yield Doc(id=vid, media=[Media("video", str(self.video_dir / f"{vid}.mp4"), with_audio=True)],
+            video = Media("video", str(self.video_dir / f"{vid}.mp4"), with_audio=True)
+            yield self.remember(Doc(id=vid, media=[video],
                       question=last_q, target=targets,
                       meta={"history": hist[:-1], "caption": d.get("caption"), "summary": d.get("summary"),
-                            "turn": len(hist)})
+                            "turn": len(hist)}), turn=len(hist))
             n += 1
             if self.limit is not None and n >= self.limit:
                 return
@@ -121,4 +122,4 @@ class AVSD(Task):
                 "turn": doc.meta.get("turn")}
 
     def aggregate(self, records: list[dict]) -> dict:
-        return aggregate_with_breakdowns(records, self.metric, ("turn",))
+        return aggregate_with_breakdowns(records, self.metric, ("turn",), task=self)

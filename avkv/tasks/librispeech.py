@@ -91,7 +91,7 @@ class LibriSpeech(Task):
                 Doc(id=u["id"], media=[Media("audio", str(u["path"]))], question="", target=u["text"],
                     meta={"source": split, "speaker": u["speaker"], "chapter": u["chapter"]}) for u in utts)
             for d in items:
-                yield d
+                yield self.remember(d, source=split)
                 n += 1
                 if self.limit is not None and n >= self.limit:
                     return
@@ -204,9 +204,13 @@ class LibriSpeech(Task):
         total = wer(ok)
         by: dict[str, list[dict]] = {}
         for r in ok:
-            by.setdefault(str(record_field(r, "source")), []).append(r)
+            by.setdefault(str(self.field(r, "source")), []).append(r)
+        n_by: dict[str, int] = {}
+        for r in records:
+            k = str(self.field(r, "source"))
+            n_by[k] = n_by.get(k, 0) + 1
         return {"wer": total, "acc_100_minus_wer": None if total is None else max(100.0 - total, 0.0),
-                "wer_by_source": {k: wer(v) for k, v in sorted(by.items())},
-                "n_by_source": {k: len(v) for k, v in sorted(by.items())},
+                "wer_by_source": {k: wer(by.get(k, [])) for k in sorted(n_by)},
+                "n_by_source": dict(sorted(n_by.items())),
                 "n": len(records), "n_scored": len(ok), "n_failed": sum(1 for r in records if is_failed(r)),
                 "n_unparsed": 0}

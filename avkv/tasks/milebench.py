@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from avkv.metrics.text import milebench_score_mc, milebench_score_needle, milebench_score_open
-from avkv.tasks.base import DatasetError, Doc, Media, Prompt, Task, is_failed, read_json, record_field, require
+from avkv.tasks.base import DatasetError, Doc, Media, Prompt, Task, is_failed, read_json, require
 from avkv.tasks.common import check_family
 
 GROUPS: dict[str, list[str]] = {
@@ -206,10 +206,11 @@ class MileBench(Task):
                 seg_meta: list = []
                 for s in segments:
                     seg_meta.append(len([m for m in seg_meta if isinstance(m, int)]) if isinstance(s, Media) else s)
-                yield Doc(id=f"{ds}/{sid}", media=media, question=seg_meta[-1] if isinstance(seg_meta[-1], str)
+                yield self.remember(Doc(id=f"{ds}/{sid}", media=media, question=seg_meta[-1] if isinstance(seg_meta[-1], str)
                           else "", target=gold, choices=choices,
                           meta={"dataset": ds, "group": GROUP_OF[ds], "kind": kind, "image_quantity_level": level,
-                                "segments": seg_meta, "truncation": info, "sample_id": sid})
+                                "segments": seg_meta, "truncation": info, "sample_id": sid}),
+                                    dataset=ds, image_quantity_level=level)
                 n += 1
                 if self.limit is not None and n >= self.limit:
                     return
@@ -264,10 +265,10 @@ class MileBench(Task):
         per: dict[str, list[float]] = {}
         per_level: dict[str, dict[str, list[float]]] = {}
         for r in ok:
-            ds = str(record_field(r, "dataset"))
+            ds = str(self.field(r, "dataset"))
             per.setdefault(ds, []).append(float(r["score"]))
             per_level.setdefault(ds, {lv: [] for lv in LEVELS}).setdefault(
-                str(record_field(r, "image_quantity_level")), []).append(float(r["score"]))
+                str(self.field(r, "image_quantity_level")), []).append(float(r["score"]))
 
         def pct(xs: list[float]) -> float | None:
             return 100.0 * sum(xs) / len(xs) if xs else None
@@ -288,6 +289,7 @@ class MileBench(Task):
                 "score_by_image_quantity_level": {lv: pct(xs) for lv, xs in levels_all.items()},
                 "score_by_dataset_and_level": {ds: {lv: pct(xs) for lv, xs in m.items()}
                                                for ds, m in sorted(per_level.items())},
-                "n_by_dataset": {ds: len(v) for ds, v in sorted(per.items())},
+                "n_by_dataset": {ds: sum(1 for r in records if str(self.field(r, "dataset")) == ds)
+                                 for ds in sorted({str(self.field(r, "dataset")) for r in records})},
                 "n": len(records), "n_scored": len(ok), "n_failed": sum(1 for r in records if is_failed(r)),
                 "n_unparsed": sum(1 for r in records if not is_failed(r) and r.get("parsed_ok") is False)}
