@@ -135,7 +135,14 @@ class LibriSpeech(Task):
 
     def _long_docs(self, split: str, utts: list[dict]) -> Iterator[Doc]:
         folder = self.long_folder(split)
-        for seg in self.segments(utts):
+        segments = self.segments(utts)
+        if not segments:
+            longest = max(sum((u["duration"] or 0.0) for u in utts if (u["speaker"], u["chapter"]) == key)
+                          for key in {(u["speaker"], u["chapter"]) for u in utts})
+            raise DatasetError(f"LibriSpeech {self.root / split}: no chapter reaches min_s={self.min_s:g} s for the "
+                               f"long form (longest chapter {longest:.1f} s); lower dataset.min_s/max_s "
+                               f"(the fixture's chapters are ~15 s: min_s=6 max_s=12)")
+        for seg in segments:
             first, last = seg[0], seg[-1]
             sid = f"{first['id']}-{last['id'].rsplit('-', 1)[1]}"
             target = " ".join(u["text"] for u in seg)
