@@ -100,6 +100,23 @@ def extract_choice(text: str | None, choices: Sequence[str]) -> int | None:
     return None
 
 
+def videollama2_mc_choice(text: str | None, n_choices: int) -> tuple[int, bool]:
+    """VideoLLaMA2 ``inference_video_mcqa_mvbench.py`` ``mvbench_dump``: the first match of
+    ``[\(,\ ]*[A-D][\),\ ]*`` (any capital key letter, even inside a word: "Based on" reads as B), stripped of
+    spaces and brackets. **Quirk:** when nothing matches, the official script predicts index 2 ("C").
+
+    Returns ``(index, parsed_ok)``; ``parsed_ok`` is False where the fallback was used, so the harness can count
+    it even in official-compatible scoring.
+    """
+    keys = option_letters(n_choices)
+    found = re.findall(rf"[\(,\ ]*[{keys[0]}-{keys[-1]}][\),\ ]*", str(text or ""))
+    if found:
+        k = found[0].strip().strip("()")
+        if k in keys:
+            return keys.index(k), True
+    return 2, False
+
+
 # ------------------------------------------------------------------------------------------------- exact match
 
 
@@ -120,6 +137,16 @@ def normalize_answer(s: str) -> str:
 
 def exact_match(pred: str, answer: str) -> bool:
     return normalize_answer(pred) == normalize_answer(answer)
+
+
+_NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
+
+
+def normalize_short_answer(s: str) -> str:
+    """:func:`normalize_answer` plus ``_`` → space and digits 0-10 → words ("2" → "two", "acoustic_guitar" →
+    "acoustic guitar"): a clean match for one-word vocabularies such as MUSIC-AVQA's."""
+    words = normalize_answer(str(s).replace("_", " ")).split()
+    return " ".join(_NUMBER_WORDS[int(w)] if w.isdigit() and int(w) <= 10 else w for w in words)
 
 
 # ------------------------------------------------------------------------------------------------------ ROUGE-L
@@ -149,6 +176,33 @@ def rouge_l(hyp: str, ref: str, beta: float = 1.0) -> float:
     if lcs == 0:
         return 0.0
     p, rec = lcs / len(h), lcs / len(r)
+    return ((1 + beta ** 2) * p * rec) / (rec + beta ** 2 * p)
+
+
+_PTB_TOKEN = re.compile(r"n't|'(?:s|re|ve|d|ll|m)\b|[a-z0-9]+(?:[-./'][a-z0-9]+)*(?=n't)|[a-z0-9]+(?:[-./][a-z0-9]+)*")
+
+
+def ptb_tokenize(text: str) -> list[str]:
+    """An approximation of coco-caption's ``PTBTokenizer`` (Stanford PTB tokenizer, lower-cased, punctuation
+    tokens dropped) without Java: contractions split off (``don't`` → ``do n't``, ``he's`` → ``he 's``),
+    hyphenated words and decimals kept whole, every other punctuation mark removed."""
+    return _PTB_TOKEN.findall(str(text).lower())
+
+
+def rouge_l_coco(candidate: str, references: Sequence[str], beta: float = 1.2) -> float:
+    """coco-caption ``Rouge`` (used by the DSTC AVSD evaluation): LCS precision and recall against each
+    reference, the *maximum* precision and the maximum recall taken separately, then
+    ``F = (1 + b²) P R / (R + b² P)`` with ``b = 1.2``; on :func:`ptb_tokenize` tokens."""
+    c = ptb_tokenize(candidate)
+    precs, recs = [], []
+    for ref in references:
+        r = ptb_tokenize(ref)
+        lcs = _lcs(c, r) if c and r else 0
+        precs.append(lcs / len(c) if c else 0.0)
+        recs.append(lcs / len(r) if r else 0.0)
+    p, rec = max(precs, default=0.0), max(recs, default=0.0)
+    if p == 0 or rec == 0:
+        return 0.0
     return ((1 + beta ** 2) * p * rec) / (rec + beta ** 2 * p)
 
 
@@ -201,3 +255,184 @@ def rouge_l_pltrdy(hyp: str, ref: str) -> float:
         llcs += len(union) - prev
     r_lcs, p_lcs = llcs / m, llcs / n
     return 2.0 * ((p_lcs * r_lcs) / (p_lcs + r_lcs + 1e-8))
+
+
+# ---------------------------------------------------------------------------------------------------- WER / CER
+# Qwen2-Audio ``eval_audio/evaluate_asr.py`` == lmms-eval ``asr_wer_utils``: remove special tokens, normalise
+# (English: Whisper EnglishTextNormalizer, then — an if/elif quirk — BasicTextNormalizer too), tokenise with
+# fairseq's EvaluationTokenizer (sacrebleu "none", lower-case, drop all-punctuation tokens), corpus-level
+# WER = sum of edit distances / sum of reference tokens. The normalisers are transformers' Whisper ones; the
+# British→American spelling map they need is openai/whisper's ``normalizers/english.json`` (MIT), vendored as
+# ``whisper_english_spelling.json`` because transformers ships it only inside Whisper checkpoints.
+
+_PUNCS = "!,.?;:"
+_NORMALIZERS: dict[str, object] = {}
+
+
+def remove_special_tokens(text: str, language: str = "en") -> str:
+    """Qwen2-Audio ``remove_sp``: ``<|...|>`` tokens → space, squash spaces, no space before ``!,.?;:``."""
+    s = re.sub(r"<\|.*?\|>", " ", str(text))
+    s = re.sub(r"\s+", " ", s)
+    s = re.sub(f" ?([{_PUNCS}])", r"\1", s)
+    s = s.lstrip(" ")
+    if language == "zh":
+        s = re.sub(r"\s+", "", s)
+    return s
+
+
+def _normalizer(kind: str):
+    if kind not in _NORMALIZERS:
+        from transformers.models.whisper.english_normalizer import BasicTextNormalizer, EnglishTextNormalizer
+        if kind == "en":
+            import json
+            from pathlib import Path
+            mapping = json.loads((Path(__file__).with_name("whisper_english_spelling.json")).read_text())
+            _NORMALIZERS[kind] = EnglishTextNormalizer(mapping)
+        else:
+            _NORMALIZERS[kind] = BasicTextNormalizer()
+    return _NORMALIZERS[kind]
+
+
+def normalize_asr(text: str, language: str = "en") -> str:
+    """The Qwen2-Audio / lmms-eval normalisation of one transcript (before tokenisation).
+
+    ``en``: EnglishTextNormalizer then BasicTextNormalizer; other languages: BasicTextNormalizer (Chinese needs
+    the speechio TextNorm, not supported here).
+    """
+    if language == "zh":
+        raise NotImplementedError("Chinese CER needs the speechio TextNorm normaliser, not vendored here")
+    s = remove_special_tokens(text, language)
+    if language == "en":
+        s = _normalizer("en")(s)
+    return _normalizer("basic")(s)
+
+
+def asr_tokens(text: str, language: str = "en", normalized: bool = False) -> list[str]:
+    """fairseq EvaluationTokenizer(tokenizer_type='none', lowercase, punctuation_removal); characters for yue."""
+    import unicodedata
+    s = text if normalized else normalize_asr(text, language)
+    s = " ".join(t for t in s.split(" ") if not all(unicodedata.category(c)[0] == "P" for c in t))
+    toks = s.lower().split()
+    if language in ("zh", "yue"):
+        toks = list("".join(toks))
+    return toks
+
+
+def edit_counts(ref: str, hyp: str, language: str = "en") -> tuple[int, int]:
+    """(word edit distance, reference length) after normalisation; the edit distance comes from jiwer."""
+    import jiwer
+    r, h = asr_tokens(ref, language), asr_tokens(hyp, language)
+    if not r:
+        return len(h), 0
+    out = jiwer.process_words(" ".join(r), " ".join(h))
+    return out.substitutions + out.deletions + out.insertions, len(r)
+
+
+def corpus_wer(refs: Sequence[str], hyps: Sequence[str], language: str = "en") -> float:
+    """Corpus WER (a fraction): sum of edit distances over the sum of reference tokens."""
+    if len(refs) != len(hyps):
+        raise ValueError(f"{len(refs)} references but {len(hyps)} hypotheses")
+    e = n = 0
+    for r, h in zip(refs, hyps):
+        de, dn = edit_counts(r, h, language)
+        e, n = e + de, n + dn
+    return e / n if n else 0.0
+
+
+# ----------------------------------------------------------------------------------------------- MileBench
+# Re-implementation of MileBench ``evaluate.py`` (class ``Eval``) with its quirks kept on purpose; each quirk is
+# named where it happens. Differences from it would change the numbers the KV papers report.
+
+_MB_PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?",
+             "!"]
+_MB_COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
+# quirk: the official pattern is "(?!<=\d)(\.)(?!\d)" — a look-*ahead* for "<=\d", not a look-behind — so every
+# period not followed by a digit is removed, even after a digit
+_MB_PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
+
+
+def milebench_process(text: str) -> str:
+    """MileBench ``Eval.process``: newlines/tabs → spaces, VQA-style punctuation handling, quotes stripped,
+    lower-cased.
+
+    Quirks kept: a punctuation mark is *deleted* (not replaced by a space) when it is anywhere followed or
+    preceded by a space, or when the text has a digit-comma-digit; the period removal passes ``re.UNICODE`` (32)
+    as the ``count`` argument of ``sub``, so at most 32 periods go.
+    """
+    s = str(text).replace("\n", " ").replace("\t", " ").strip()
+    out = s
+    for p in _MB_PUNCT:
+        if (p + " " in s or " " + p in s) or _MB_COMMA_STRIP.search(s) is not None:
+            out = out.replace(p, "")
+        else:
+            out = out.replace(p, " ")
+    out = _MB_PERIOD_STRIP.sub("", out, 32)
+    return out.strip("'").strip('"').strip().lower()
+
+
+_MB_REGEX_SPECIAL = ["\\", ".", "^", "$", "*", "+", "?", "{", "}", "[", "]", "|", "(", ")"]
+
+
+def _mb_option_pattern(option: str) -> str:
+    s = milebench_process(option)
+    for ch in _MB_REGEX_SPECIAL:                 # escaped one character class after the other, as upstream
+        if ch in s:
+            s = s.replace(ch, "\\" + ch)
+    return s
+
+
+def milebench_match_choice(text: str, options: dict[str, str]) -> str:
+    """MileBench ``Eval.match_choice`` on an already-processed prediction; returns the picked key(s).
+
+    Order: (1) the first ``"<key> <option text>"`` found anywhere (so "a red" inside "this is a red square"
+    reads as A); (2) the first option text found with all spaces removed; (3) a one-character answer that is a
+    key; (4) otherwise every character of the text that is a key, upper-cased and concatenated (rarely a single
+    valid key). **Empty text returns 'C'.** A regex error returns the text itself.
+    """
+    if text == "":
+        return "C"
+    try:
+        pat = "|".join(_mb_option_pattern(f"{k} {v}") for k, v in options.items())
+        m = re.search(rf"({pat})", text, re.S)
+        if m:
+            return m.group(0)[0].upper()
+        pats = {k: _mb_option_pattern(v).replace(" ", "") for k, v in options.items()}
+        m = re.search(rf"({'|'.join(pats.values())})", text.replace(" ", ""), re.S)
+        if m:
+            for k, p in pats.items():
+                if m[0].strip() == p:
+                    return k.upper()
+        if len(text) == 1 and text.upper() in options:
+            return text.upper()
+    except Exception:                                              # noqa: BLE001 - upstream returns the text
+        return text
+    return "".join(ch.upper() for ch in text if ch.upper() in options)
+
+
+def milebench_score_mc(pred: str, gold: str, choices: Sequence[str]) -> tuple[float, str, bool]:
+    """``judge_multi_choice`` after ``process_sample``: (score, picked key(s), parsed_ok).
+
+    Keys are ``chr(65 + i)`` as upstream (past 26 options they run into ``[``, ``\\``, ... — GPR1200's quirk).
+    ``parsed_ok`` is False for the empty-answer 'C' and for a pick that is not exactly one key.
+    """
+    p = milebench_process(pred)
+    g = milebench_process(gold)
+    ch = [milebench_process(c) for c in choices]
+    if g not in ch:
+        raise ValueError(f"gold answer {gold!r} is not among the choices")
+    options = {chr(65 + i): c for i, c in enumerate(ch)}
+    picked = milebench_match_choice(p, options)
+    return float(picked == chr(65 + ch.index(g))), picked, p != "" and picked in options
+
+
+def milebench_score_open(pred: str, gold: str) -> float:
+    """Open-ended MileBench datasets: ROUGE-L F (``rouge==1.0.1``) of the processed texts; empty prediction → 0."""
+    p, g = milebench_process(pred), milebench_process(gold)
+    return 0.0 if p == "" else rouge_l_pltrdy(p, g)
+
+
+def milebench_score_needle(pred: str, gold: str, whole_token: bool = True) -> float:
+    """Needle datasets: processed gold is one of the whitespace tokens of the processed prediction
+    (``whole_token``), or — MMCoQA — a substring of it."""
+    p, g = milebench_process(pred), milebench_process(gold)
+    return float(g in p.split()) if whole_token else float(g in p)
