@@ -336,6 +336,8 @@ def merge_into_nearest(keys: torch.Tensor, values: torch.Tensor, keep: torch.Ten
     itself, as ``torch.scatter_reduce(..., reduce="mean", include_self=True)`` in the LOOK-M code). Returns the
     new kept keys/values ([k, D] or [R, k, D]).
     """
+    if mode not in ("avg", "pivot", "weighted"):
+        raise ValueError(f"merge mode must be avg, pivot or weighted, got {mode!r}")
     single = keys.dim() == 2
     if single:
         keys, values, keep, evicted = keys[None], values[None], keep[None], evicted[None]
@@ -360,16 +362,12 @@ def merge_into_nearest(keys: torch.Tensor, values: torch.Tensor, keep: torch.Ten
             ck, cv = Ke, Ve
         elif mode == "pivot":
             ck, cv = (Ke + Kk.gather(1, tgt)) / 2, (Ve + Vk.gather(1, tgt)) / 2
-        elif mode == "weighted":
+        else:
             sw = torch.where(ok, best, torch.zeros_like(best))[..., None]
             ck, cv = Ke * sw, Ve * sw
-        else:
-            raise ValueError(f"merge mode must be avg, pivot or weighted, got {mode!r}")
         count = torch.ones(R, Kk.shape[1], 1, device=Kk.device).scatter_add_(1, target[..., None], w)
         Kk = Kk.scatter_add(1, tgt, ck * w) / count
         Vk = Vk.scatter_add(1, tgt, cv * w) / count
-    elif mode not in ("avg", "pivot", "weighted"):
-        raise ValueError(f"merge mode must be avg, pivot or weighted, got {mode!r}")
     Kk, Vk = Kk.to(keys.dtype), Vk.to(values.dtype)
     return (Kk[0], Vk[0]) if single else (Kk, Vk)
 

@@ -162,3 +162,13 @@ def test_pyramidkv_and_adakv_are_wrapped_snapkv():
     sel = AdaKV().compress(v)
     assert sel.valid is None or int(sel.valid.sum()) == 4 * 40
     assert AdaKV(scorer=H2O()).decode_policy == "fixed"             # wrappers report their scorer's policy
+
+
+def test_layer_allocation_fixed_weights():
+    state = {}
+    wrap = LayerAllocation(SnapKV(window=4), schedule="weights", weights=[3, 1, 1, 1])
+    sizes = [wrap.compress(make_view(seq=80, n_keep=20, layer_idx=i, num_layers=4, state=state)).indices.shape[1]
+             for i in range(4)]
+    assert sizes == [40, 14, 13, 13]                                    # mean 20, remainders to the first
+    with pytest.raises(ValueError):
+        LayerAllocation(SnapKV(), schedule="weights", weights=[1, 2]).compress(make_view(num_layers=4))
