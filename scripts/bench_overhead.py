@@ -3,14 +3,15 @@
     python scripts/bench_overhead.py                 # 1k and 4k prompts (CPU: a few minutes)
     python scripts/bench_overhead.py --long          # also 16k
     python scripts/bench_overhead.py --device cuda --lengths 1024 4096 16384 --repeats 5
+    python scripts/bench_overhead.py --shape 7b --layers 1 --lengths 4096 --methods full snapkv h2o --skip-decode
 
 For each method and prompt length, the whole prompt is prefilled with the method hooked (``compress_at=prompt``)
 through the real engine; ``compress_s`` is the time spent inside the compression hooks (scoring, selection,
 merging, the cache gather), and the overhead is compress_s / prefill time of the full cache (median over
 repeats). Decode time per token is measured at budgets 1.0 / 0.5 / 0.2 / 0.1 at one prompt length.
 
-The model has Qwen2.5-0.5B's layer shapes (hidden 896, 14 query / 2 KV heads of 64, MLP 4864) and fewer layers:
-every cost here is per layer, so the overhead ratio does not depend on depth. Positions 10%–90% of the prompt are
+The model has Qwen2.5-0.5B's layer shapes (hidden 896, 14 query / 2 KV heads of 64, MLP 4864; ``--shape 7b`` for
+Qwen2.5-7B's) and fewer layers: every cost here is per layer, so the overhead ratio does not depend on depth. Positions 10%–90% of the prompt are
 marked as video so that FastV and LOOK-M's text prior have media tokens to act on. Writes CSVs and a Markdown
 table under ``results/bench/``.
 """
@@ -43,6 +44,9 @@ FAMILY = {"full": "none", "streamingllm": "positional", "random": "positional", 
           "d2o": "all-query", "kvmerge": "all-query"}
 TARGET = {"window": 0.03, "positional": 0.03, "one row": 0.03, "all-query": 0.10}
 OUT = Path(__file__).resolve().parent.parent / "results" / "bench"
+#: per-layer shapes of the Qwen2.5 family (the benchmark model has fewer layers; every cost here is per layer)
+SHAPES = {"0.5b": dict(hidden_size=896, intermediate_size=4864, num_attention_heads=14, num_key_value_heads=2),
+          "7b": dict(hidden_size=3584, intermediate_size=18944, num_attention_heads=28, num_key_value_heads=4)}
 
 
 class BenchAdapter(ModelAdapter):
@@ -50,12 +54,12 @@ class BenchAdapter(ModelAdapter):
 
     family = "qwen2_text"
 
-    def __init__(self, layers: int, device: str, dtype: str, attn: str, seed: int = 0):  # noqa: D107
+    def __init__(self, layers: int, device: str, dtype: str, attn: str, shape: str = "0.5b", seed: int = 0):
         from transformers import Qwen2Config, Qwen2ForCausalLM
         torch.manual_seed(seed)
-        cfg = Qwen2Config(vocab_size=1024, hidden_size=896, intermediate_size=4864, num_hidden_layers=layers,
-                          num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
-                          rope_parameters={"rope_type": "default", "rope_theta": 1e6}, tie_word_embeddings=True)
+        cfg = Qwen2Config(vocab_size=1024, num_hidden_layers=layers, max_position_embeddings=32768,
+                          rope_parameters={"rope_type": "default", "rope_theta": 1e6}, tie_word_embeddings=True,
+                          **SHAPES[shape])
         cfg._attn_implementation = attn
         self.device, self.dtype, self.attn_implementation = torch.device(device), getattr(torch, dtype), attn
         self.model = Qwen2ForCausalLM(cfg).to(device=self.device, dtype=self.dtype).eval()
@@ -140,6 +144,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="float32 on CPU, bfloat16 on CUDA by default")
     ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="0.5b", help="per-layer shape (Qwen2.5-0.5B / -7B)")
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096])
     ap.add_argument("--long", action="store_true", help="add 16384 to the prompt lengths")
     ap.add_argument("--repeats", type=int, default=None, help="CPU: 2 (1 at 16k); CUDA: 5")
@@ -162,10 +167,13 @@ def main() -> None:
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error()
 
-    adapter = BenchAdapter(a.layers, a.device, dtype, "sdpa")
+    adapter = BenchAdapter(a.layers, a.device, dtype, "sdpa", a.shape)
     meta = {"device": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
             "device_kind": a.device, "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "dtype": dtype, "layers": a.layers, "model": "Qwen2 text, hidden 896, 14 q / 2 kv heads x 64, MLP 4864",
+            "dtype": dtype, "layers": a.layers, "shape": a.shape,
+            "model": "Qwen2 text, {hidden_size} hidden, {num_attention_heads} q / {num_key_value_heads} kv heads, "
+                     "MLP {intermediate_size} (Qwen2.5-{shape} layer shape)".format(shape=a.shape.upper(),
+                                                                                    **SHAPES[a.shape]),
             "attn": "sdpa", "budget": a.budget, "date": time.strftime("%Y-%m-%d %H:%M"),
             "load_avg_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
             "metric": "CUDA-event wall time" if cuda else "thread CPU time (1 thread); wall time also in the CSV"}
