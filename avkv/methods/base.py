@@ -275,22 +275,48 @@ def _causal_lse(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor 
     return lse[0, :, : q.shape[1]].float()
 
 
-def _fused_accumulated(view: LayerView) -> torch.Tensor | None:
-    S, H, D = view.seq_len, view.num_heads, view.keys.shape[-1]
-    q = view.queries(0, S).float()                                           # [H, S, D]
-    k = repeat_kv(view.keys.float(), view.groups)                            # [H, S, D]
-    lse = _causal_lse(q, k, view.scaling)
+def _column_sums_fused(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor | None:
+    """Causal attention column sums of q [H, S, D] over k [H, S, D] with two fused kernel passes (or None)."""
+    H, S, D = q.shape
+    lse = _causal_lse(q, k, scale)
     if lse is None:
         return None
     P = (D + 1 + 7) // 8 * 8                                                 # one extra coordinate, aligned
     qa = q.new_zeros(H, S, P)
-    qa[..., :D] = q * view.scaling
+    qa[..., :D] = q * scale
     qa[..., D] = -lse
     ka = q.new_zeros(H, S, P)
     ka[..., :D] = k
     ka[..., D] = 1.0
     col = _causal_lse(ka.flip(1), qa.flip(1), 1.0)                           # keys query the queries
     return None if col is None else col.flip(-1).exp()
+
+
+_FUSED_OK: dict[str, bool] = {}
+
+
+def _fused_available(device: torch.device) -> bool:
+    """Once per device type: does the fused route exist here and agree with the exact one on a small problem?
+    (The kernels are private ATen ops; a wrong result must never pass silently.)"""
+    key = device.type
+    if key not in _FUSED_OK:
+        g = torch.Generator().manual_seed(0)
+        q, k = torch.randn(2, 96, 16, generator=g).to(device), torch.randn(2, 96, 16, generator=g).to(device)
+        got = _column_sums_fused(q, k, 0.25)
+        if got is None:
+            _FUSED_OK[key] = False
+        else:
+            logits = (q @ k.transpose(1, 2) * 0.25).masked_fill(
+                torch.ones(96, 96, dtype=torch.bool, device=device).triu(1), float("-inf"))
+            _FUSED_OK[key] = bool(torch.allclose(got, logits.softmax(-1).sum(1), rtol=1e-3, atol=1e-4))
+    return _FUSED_OK[key]
+
+
+def _fused_accumulated(view: LayerView) -> torch.Tensor | None:
+    if not _fused_available(view.keys.device):
+        return None
+    S = view.seq_len
+    return _column_sums_fused(view.queries(0, S).float(), repeat_kv(view.keys.float(), view.groups), view.scaling)
 
 
 def pool_scores(scores: torch.Tensor, kernel: int, how: str = "max") -> torch.Tensor:
