@@ -141,9 +141,15 @@ class ScoreMethod(Method):
         """
         return self.window
 
+    def remember(self, view: LayerView, scores: torch.Tensor, indices: torch.Tensor) -> None:
+        """Called with this scorer's scores and the kept indices whenever a selection is made from them (by the
+        scorer or by an allocation wrapper); H2O keeps them for fixed-size decoding."""
+
     def compress(self, view: LayerView) -> Selection:
         scores = self.score(view)
-        return Selection(indices=keep_topk(scores, view.n_keep, protect_last=self.protected(view)))
+        idx = keep_topk(scores, view.n_keep, protect_last=self.protected(view))
+        self.remember(view, scores, idx)
+        return Selection(indices=idx)
 
 
 # ---------------------------------------------------------------------------------------------- primitives
