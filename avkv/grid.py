@@ -108,7 +108,9 @@ def expand(overrides: Sequence[str], config_dir: str | Path | None = None, confi
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.types import RunMode
 
-    register_resolvers()
+    from avkv.config import register_resolvers as _all_resolvers  # avkv_root and ours
+
+    _all_resolvers()
     config_dir = str(Path(config_dir or CONFIG_DIR).resolve())
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=config_dir, version_base="1.3", job_name="avkv_missing"):
@@ -145,9 +147,9 @@ def open_dict(cfg: DictConfig):
 # ------------------------------------------------------------------------------------------------ status
 def default_run_dir(cfg: DictConfig) -> Path:
     """The run directory ``avkv.experiment.run`` writes for ``cfg`` (delegates to the results store)."""
-    from avkv import results
+    from avkv.experiment import run_dir_of
 
-    return Path(results.run_dir(cfg))
+    return Path(run_dir_of(cfg))
 
 
 def job_status(run_dir: Path) -> tuple[str, int]:

@@ -167,23 +167,31 @@ def describe(cfg: dict) -> dict:
             budget_tokens, budget = budget.get("value"), None
         else:
             budget = budget.get("value")
-    method = _name_of(cfg.get("method"))
+    method = _label(cfg, "method")
     grid = cfg.get("grid") if isinstance(cfg.get("grid"), dict) else {}
     experiment = (grid.get("name") or cfg.get("experiment_name") or _get(cfg, "logger.group")
                   or (cfg.get("experiment") if isinstance(cfg.get("experiment"), str) else None))
     return {
         "experiment": experiment,
         "paper": grid.get("paper"),
-        "model": _name_of(cfg.get("model")),
+        "model": _label(cfg, "model"),
         "method": method,
         "budget": 1.0 if method == "full" and budget is None else _float(budget),
         "budget_tokens": _float(budget_tokens),
-        "dataset": _name_of(dataset),
+        "dataset": _label(cfg, "dataset"),
         "task": task,
         "shard": int(cfg.get("shard", 0) or 0),
         "num_shards": int(cfg.get("num_shards", 1) or 1),
         "limit": cfg.get("limit", _get(cfg, "dataset.limit")),
     }
+
+
+def _label(cfg: dict, group: str) -> str | None:
+    """``<group>_name`` as the results store records it (unless a placeholder), else the group's own name."""
+    name = cfg.get(f"{group}_name")
+    if isinstance(name, str) and name and name != group:
+        return name
+    return _name_of(cfg.get(group))
 
 
 def _float(x) -> float:
@@ -223,7 +231,7 @@ def identities(cfg: dict) -> dict:
     """
     base = _strip(cfg, [*PRESENTATION_KEYS, *SHARD_KEYS])
     point = _hash(base)
-    ctx = _strip(base, ["method", "budget", "budget_tokens", *(f"dataset.{k}" for k in TASK_KEYS)])
+    ctx = _strip(base, ["method", "method_name", "budget", "budget_tokens", *(f"dataset.{k}" for k in TASK_KEYS)])
     method = cfg.get("method") if isinstance(cfg.get("method"), dict) else {}
     variant = _hash(_strip(method, ["name", "budget", "budget_tokens"])) if method else ""
     return {"point_id": point, "context_id": _hash(ctx), "variant": variant}

@@ -1,0 +1,51 @@
+"""Session fixtures for the sweep tests: tiny checkpoints and dataset fixtures (built once, idempotent)."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = ("tiny_qwen2_5_omni", "tiny_qwen2_5_vl")
+
+
+@pytest.fixture(scope="session")
+def assets() -> Path:
+    """``.cache/models/tiny_*`` and ``.cache/fixtures`` (what ``make assets`` writes)."""
+    models = REPO / ".cache" / "models"
+    if not all((models / n / "config.json").is_file() for n in TINY):
+        subprocess.run([sys.executable, str(REPO / "scripts" / "make_tiny_models.py"), "--out", str(models), *TINY],
+                       check=True, cwd=REPO)
+    from avkv.tasks import fixtures
+
+    fixtures.build(REPO / ".cache" / "fixtures")
+    return REPO / ".cache"
+
+
+def run_py(*args: str, timeout: float = 240, check: bool = True) -> subprocess.CompletedProcess:
+    """``python run.py ARGS`` from the repo root (logger off, no progress bars)."""
+    env = dict(os.environ, WANDB_MODE="offline", HYDRA_FULL_ERROR="1")
+    p = subprocess.run([sys.executable, "run.py", *args, "progress=false"], cwd=REPO, env=env, timeout=timeout,
+                       capture_output=True, text=True)
+    if check and p.returncode != 0:
+        raise AssertionError(f"run.py {' '.join(args)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
+    return p
+
+
+def popen_run_py(*args: str) -> subprocess.Popen:
+    env = dict(os.environ, WANDB_MODE="offline")
+    return subprocess.Popen([sys.executable, "run.py", *args, "progress=false"], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def kill_group(p: subprocess.Popen) -> None:
+    """SIGKILL the process we started and its children (its own session), as a preempted job dies."""
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    p.wait(timeout=30)
