@@ -64,7 +64,7 @@ DEFAULT_METHOD_ORDER = [
 ]
 
 SAMPLE_NUMERIC = ["score", "kept_ratio", "kv_bytes_full", "kv_bytes_kept", "prefill_s", "decode_s_per_token",
-                  "new_tokens", "peak_mem_bytes"]
+                  "new_tokens", "peak_mem_bytes", "errors", "ref_words"]
 
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -364,17 +364,39 @@ def _key(df: pd.DataFrame, cols: Sequence[str]) -> pd.DataFrame:
     return d
 
 
+def _is_corpus(g: pd.DataFrame) -> bool:
+    """ASR-style samples carry (errors, reference words): score them at corpus level, as the papers do."""
+    return ("errors" in g and "ref_words" in g and len(g) > 0
+            and g["errors"].notna().all() and g["ref_words"].notna().all())
+
+
+def _values(g: pd.DataFrame, corpus: bool, scale: float) -> dict:
+    if corpus:
+        return {sid: (float(e), float(w)) for sid, e, w in zip(g["sample_id"], g["errors"], g["ref_words"])}
+    return {sid: float(s) * scale for sid, s in zip(g["sample_id"], g["score"])}
+
+
+def _estimate(g: pd.DataFrame, corpus: bool, scale: float, n_boot: int, strata=None) -> stats.Estimate:
+    if corpus:
+        return stats.bootstrap_corpus(g["errors"], g["ref_words"], strata=strata, n_boot=n_boot)
+    return stats.bootstrap_mean(g["score"] * scale, strata=strata, n_boot=n_boot)
+
+
 def full_reference(df: pd.DataFrame) -> dict:
-    """(context_id, task) → {sample_id: score} from the full-cache runs (all budgets pooled: full ignores it)."""
+    """(context_id, task) → the full-cache samples of that context (all budgets pooled: full ignores it)."""
     ref: dict = {}
     v = _valid(df)
     for (ctx, task), g in v[v["method"] == "full"].groupby(["context_id", "task"], dropna=False):
-        ref[(ctx, task)] = dict(zip(g["sample_id"], g["score"]))
+        ref[(ctx, task)] = g.drop_duplicates("sample_id", keep="last")
     return ref
 
 
 def aggregate(df: pd.DataFrame, scale: float = 100.0, n_boot: int = stats.N_BOOT) -> pd.DataFrame:
-    """One row per grid point and task: score with bootstrap CI, paired Δ vs full, efficiency means."""
+    """One row per grid point and task: score with bootstrap CI, paired Δ vs full, efficiency means.
+
+    The score is the mean per-sample score × ``scale``, or, for ASR samples (``errors``/``ref_words``), the
+    corpus-level ``100 − WER`` clipped at 0 (AudioKV's convention; ``wer`` is reported beside it).
+    """
     if df.empty:
         return pd.DataFrame()
     d = _key(df, POINT_KEYS)
@@ -383,12 +405,14 @@ def aggregate(df: pd.DataFrame, scale: float = 100.0, n_boot: int = stats.N_BOOT
     for key, g in d.groupby(POINT_KEYS, dropna=False, sort=False):
         row = dict(zip(POINT_KEYS, key))
         valid = _valid(g)
-        est = stats.bootstrap_mean(valid["score"] * scale, n_boot=n_boot)
-        row.update(est.as_dict("score_"))
+        corpus = _is_corpus(valid)
+        row.update(_estimate(valid, corpus, scale, n_boot).as_dict("score_"))
+        row["wer"] = (100.0 * valid["errors"].sum() / max(valid["ref_words"].sum(), 1e-12)) if corpus \
+            else float("nan")
         full = ref.get((row["context_id"], row["task"]))
         if full is not None and row["method"] != "full":
-            diff = stats.paired_difference({k: s * scale for k, s in zip(valid["sample_id"], valid["score"])},
-                                           {k: s * scale for k, s in full.items()}, n_boot=n_boot)
+            diff = stats.paired_difference(_values(valid, corpus, scale), _values(full, corpus, scale),
+                                           n_boot=n_boot)
         elif full is not None:
             diff = stats.Estimate(0.0, 0.0, 0.0, len(valid))
         else:
@@ -410,7 +434,7 @@ def aggregate(df: pd.DataFrame, scale: float = 100.0, n_boot: int = stats.N_BOOT
 
 
 def average_over_tasks(df: pd.DataFrame, scale: float = 100.0, n_boot: int = stats.N_BOOT) -> pd.DataFrame:
-    """The papers' ``Avg`` column: mean of per-task means per (model, method, budget), stratified bootstrap.
+    """The papers' ``Avg`` column: mean of per-task scores per (model, method, budget), stratified bootstrap.
 
     The paired ``Δ Full`` uses only samples both runs answered, task by task.
     """
@@ -422,13 +446,17 @@ def average_over_tasks(df: pd.DataFrame, scale: float = 100.0, n_boot: int = sta
     rows = []
     for key, g in d.groupby(keys, dropna=False, sort=False):
         row = dict(zip(keys, key))
-        row.update(stats.bootstrap_mean(g["score"] * scale, strata=g["task"], n_boot=n_boot).as_dict("score_"))
+        corpus = _is_corpus(g)
+        row.update(_estimate(g, corpus, scale, n_boot, strata=g["task"]).as_dict("score_"))
         a, b, strata = {}, {}, {}
         for task, gt in g.groupby("task"):
-            full = ref.get((row["context_id"], task)) or {}
-            for sid, s in zip(gt["sample_id"], gt["score"]):
-                if sid in full:
-                    a[(task, sid)], b[(task, sid)], strata[(task, sid)] = s * scale, full[sid] * scale, task
+            full = ref.get((row["context_id"], task))
+            if full is None:
+                continue
+            fa = _values(full, corpus, scale)
+            for sid, v in _values(gt, corpus, scale).items():
+                if sid in fa:
+                    a[(task, sid)], b[(task, sid)], strata[(task, sid)] = v, fa[sid], task
         if row["method"] == "full":
             diff = stats.Estimate(0.0, 0.0, 0.0, len(g))
         else:
@@ -503,11 +531,13 @@ def _num(x) -> float:
     try:
         return float(x)
     except (TypeError, ValueError):
-        return 0.0
+        return float("nan")
 
 
 def _budget_str(b) -> str:
     b = _num(b)
+    if math.isnan(b):
+        return "all"  # a paper's average over its budgets
     if b < 0:
         return "?"
     if b > 1:
@@ -641,15 +671,16 @@ def beside_paper(points: pd.DataFrame, avg: pd.DataFrame | None, paper: pd.DataF
                  paper_model: str | None = None, digits: int = 2) -> pd.DataFrame:
     """Our score next to the paper's, per method × budget × task: cells ``ours ± ci (paper)``.
 
-    The paper's rows are matched on ``method_key``/``task_key``; ``paper_model`` picks which of the paper's models
-    to show (its first one by default; at smoke scale our model is a tiny stand-in, so the numbers only line up
-    in shape).
+    Columns are the paper's tasks (its own labels); ours are matched on ``task_key`` (``a|b`` lists
+    alternatives, e.g. ``librispeech_long|librispeech``) and rows on ``method_key``. ``paper_model`` picks which
+    of the paper's models to show (its first one by default; at smoke scale our model is a tiny stand-in, so the
+    numbers only line up in shape).
     """
     pp = paper[paper["metric_kind"] == "score"] if "metric_kind" in paper else paper
     if paper_model is None and len(pp):
         paper_model = pp["model"].iloc[0]
-    pp = pp[pp["model"] == paper_model]
-    tasks = list(dict.fromkeys(pp["task_key"]))
+    pp = pp[(pp["model"] == paper_model) & (pp["method_key"] != "")]
+    cols = list(dict.fromkeys(zip(pp["task"], pp["task_key"])))
     ours = _collapse_full(points) if points is not None and not points.empty else pd.DataFrame()
     ours_avg = _collapse_full(avg) if avg is not None and not avg.empty else pd.DataFrame()
     rows = []
@@ -660,20 +691,70 @@ def beside_paper(points: pd.DataFrame, avg: pd.DataFrame | None, paper: pd.DataF
     order = method_order([m for m, _ in keys])
     for method, budget in sorted(keys, key=lambda k: (order.index(k[0]), -_num(k[1]))):
         row = {"method": method, "budget": "–" if method == "full" else _budget_str(budget)}
-        for t in tasks + ["Avg"]:
-            paper_v = pp[(pp["method_key"] == method) & (pp["task_key"] == t)
+        for label, tkey in cols:
+            paper_v = pp[(pp["method_key"] == method) & (pp["task_key"] == tkey)
                          & ((pp["budget"] == budget) | (method == "full"))]["value"]
             pv = f"{paper_v.iloc[0]:.{digits}f}" if len(paper_v) and not math.isnan(paper_v.iloc[0]) else "–"
-            src = ours_avg if t == "Avg" else ours
+            is_avg = tkey.startswith("Avg")
+            src = ours_avg if is_avg else ours
             ov = "–"
             if not src.empty:
                 sel = src[(src["method"] == method) & ((src["budget"] == budget) | (method == "full"))]
-                if t != "Avg":
-                    sel = sel[sel["task"] == t]
+                if not is_avg:
+                    sel = sel[sel["task"].isin(tkey.split("|"))]
                 if len(sel):
                     r = sel.iloc[0]
                     ov = fmt(r["score_mean"], r["score_lo"], r["score_hi"], digits)
-            row[t] = f"{ov} ({pv})"
+            row[label] = f"{ov} ({pv})"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def paper_table(paper: pd.DataFrame, kind: str = "score", digits: int = 2) -> pd.DataFrame:
+    """The paper's numbers as printed: rows (model, method, budget), columns its tasks in the paper's order."""
+    pp = paper[paper["metric_kind"] == kind] if "metric_kind" in paper else paper
+    if pp.empty:
+        return pd.DataFrame()
+    tasks = list(dict.fromkeys(pp["task"]))
+    rows = []
+    for (model, method, budget), g in pp.groupby(["model", "method", "budget"], sort=False, dropna=False):
+        row = {"model": model, "method": method, "budget": "–" if (isinstance(budget, float) and math.isnan(budget))
+               or method == "Full" else _budget_str(budget)}
+        vals = dict(zip(g["task"], g["value"]))
+        for t in tasks:
+            v = vals.get(t)
+            row[t] = "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def efficiency_beside(points: pd.DataFrame, paper: pd.DataFrame | None = None, digits: int = 2) -> pd.DataFrame:
+    """KV memory kept and decode latency per (model, method, budget), ours (mean over the tasks' samples) beside
+    the paper's efficiency table where it has one (``kv_gib``, ``decode_ms_per_token``)."""
+    rows = []
+    p = _collapse_full(points) if points is not None and not points.empty else pd.DataFrame()
+    eff = paper[(paper["metric_kind"] == "efficiency") & paper["metric"].isin(["kv_gib", "decode_ms_per_token"])] \
+        if paper is not None and "metric_kind" in paper else pd.DataFrame(columns=["method_key", "budget", "metric",
+                                                                                      "value"])
+    keys = list(dict.fromkeys(zip(p["method"], p["budget"]))) if not p.empty else []
+    keys += [k for k in dict.fromkeys(zip(eff["method_key"], eff["budget"])) if k not in keys and k[0]]
+    order = method_order([m for m, _ in keys])
+    for method, budget in sorted(keys, key=lambda k: (order.index(k[0]), -_num(k[1]))):
+        row = {"method": method, "budget": "–" if method == "full" else _budget_str(budget)}
+        sel = p[(p["method"] == method) & (p["budget"] == budget)] if not p.empty else p
+        if len(sel):
+            w = sel["score_n"].clip(lower=1)
+            kv = float(np.average(sel["kv_bytes_kept"].fillna(0), weights=w))
+            dec = float(np.average(sel["decode_s_per_token"].fillna(0), weights=w))
+            row["KV kept, ours (MiB)"] = f"{kv / 2**20:.{digits + 1}f}"
+            row["decode ms/token, ours"] = f"{dec * 1e3:.{digits}f}"
+            row["kept ratio, ours"] = f"{float(np.average(sel['kept_ratio'].fillna(0), weights=w)):.3f}"
+        else:
+            row["KV kept, ours (MiB)"] = row["decode ms/token, ours"] = row["kept ratio, ours"] = "–"
+        pe = eff[(eff["method_key"] == method) & ((eff["budget"] == budget) | (method == "full"))]
+        for metric, label in [("kv_gib", "KV, paper (GiB)"), ("decode_ms_per_token", "decode ms/token, paper")]:
+            v = pe[pe["metric"] == metric]["value"]
+            row[label] = f"{v.iloc[0]:.{digits}f}" if len(v) and not math.isnan(v.iloc[0]) else "–"
         rows.append(row)
     return pd.DataFrame(rows)
 

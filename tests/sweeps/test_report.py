@@ -185,3 +185,26 @@ def test_audiokv_table1_full_avg_consistent():
     for model, g in full.groupby("model"):
         tasks = g[g.task_key != "Avg"]["value"]
         assert tasks.mean() == pytest.approx(g[g.task_key == "Avg"]["value"].iloc[0], abs=0.06), model
+
+
+def test_asr_samples_scored_at_corpus_level(tmp_path):
+    """errors/ref_words samples: 100 − corpus WER (not the mean of per-sample WERs), paired against full."""
+    import json
+
+    root = tmp_path / "runs"
+    for method, errs in [("full", [0, 1, 0]), ("snapkv", [5, 1, 0])]:
+        d = make_run(root, method, method=method, dataset="librispeech", scores=[0, 0, 0])
+        recs = [json.loads(l) for l in (d / "samples.jsonl").read_text().splitlines()]
+        with open(d / "samples.jsonl", "w") as f:
+            for r, e, n in zip(recs, errs, [10, 10, 80]):
+                r.update(errors=e, ref_words=n, score=100.0 * e / n)
+                f.write(json.dumps(r) + "\n")
+    pts = report.aggregate(report.collect([root]), n_boot=300)
+    full = pts[pts.method == "full"].iloc[0]
+    snap = pts[pts.method == "snapkv"].iloc[0]
+    assert full.score_mean == pytest.approx(100 - 100 * 1 / 100)
+    assert snap.wer == pytest.approx(6.0) and snap.score_mean == pytest.approx(94.0)
+    assert snap.diff_mean == pytest.approx(-5.0)
+    assert snap.diff_lo <= -5.0 <= snap.diff_hi
+    e = stats.bootstrap_corpus([200, 0], [100, 100])
+    assert e.mean == 0.0  # clipped at 0 like the paper
