@@ -504,7 +504,7 @@ def wide_table(points: pd.DataFrame, avg: pd.DataFrame | None = None, methods: S
     a = _collapse_full(avg) if avg is not None and not avg.empty else None
     for (model, method, variant, budget), g in sorted(
             p.groupby(["model", "method", "variant", "budget"], dropna=False),
-            key=lambda kv: (str(kv[0][0]), order.index(kv[0][1]), -_num(kv[0][3]), str(kv[0][2]))):
+            key=lambda kv: (str(kv[0][0]), order.index(kv[0][1]), _desc(kv[0][3]), str(kv[0][2]))):
         label = method + (f" [{variant[:6]}]" if multi_variant and variant else "")
         row = {"model": model, "method": label, "budget": "–" if method == "full" else _budget_str(budget)}
         by_task = {t: r for t, r in zip(g["task"], g.to_dict("records"))}
@@ -532,6 +532,12 @@ def _num(x) -> float:
         return float(x)
     except (TypeError, ValueError):
         return float("nan")
+
+
+def _desc(b) -> float:
+    """Sort key: larger budgets first, unknown ones last."""
+    v = _num(b)
+    return math.inf if math.isnan(v) else -v
 
 
 def _budget_str(b) -> str:
@@ -689,7 +695,7 @@ def beside_paper(points: pd.DataFrame, avg: pd.DataFrame | None, paper: pd.DataF
         keys += [k for k in dict.fromkeys(zip(ours["method"], ours["budget"])) if k not in keys
                  and not (k[0] == "full" and any(m == "full" for m, _ in keys))]
     order = method_order([m for m, _ in keys])
-    for method, budget in sorted(keys, key=lambda k: (order.index(k[0]), -_num(k[1]))):
+    for method, budget in sorted(keys, key=lambda k: (order.index(k[0]), _desc(k[1]))):
         row = {"method": method, "budget": "–" if method == "full" else _budget_str(budget)}
         for label, tkey in cols:
             paper_v = pp[(pp["method_key"] == method) & (pp["task_key"] == tkey)
@@ -739,7 +745,7 @@ def efficiency_beside(points: pd.DataFrame, paper: pd.DataFrame | None = None, d
     keys = list(dict.fromkeys(zip(p["method"], p["budget"]))) if not p.empty else []
     keys += [k for k in dict.fromkeys(zip(eff["method_key"], eff["budget"])) if k not in keys and k[0]]
     order = method_order([m for m, _ in keys])
-    for method, budget in sorted(keys, key=lambda k: (order.index(k[0]), -_num(k[1]))):
+    for method, budget in sorted(keys, key=lambda k: (order.index(k[0]), _desc(k[1]))):
         row = {"method": method, "budget": "–" if method == "full" else _budget_str(budget)}
         sel = p[(p["method"] == method) & (p["budget"] == budget)] if not p.empty else p
         if len(sel):
