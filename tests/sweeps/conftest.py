@@ -49,3 +49,34 @@ def kill_group(p: subprocess.Popen) -> None:
     except ProcessLookupError:
         pass
     p.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def smoke_runs(assets, tmp_path_factory) -> dict:
+    """Every preset whose dataset exists, run at smoke scale in this process (imports paid once).
+
+    The grid is the preset's own (``+smoke=tiny``) with one budget (two for budget_curves), so the whole suite
+    stays within its time budget; ``python run.py -m experiment=<preset> +smoke=tiny`` runs all of them.
+    """
+    from omegaconf import OmegaConf
+
+    from avkv import grid
+    from avkv.config import CONFIG_DIR
+    from avkv.experiment import run
+
+    out = {}
+    root = tmp_path_factory.mktemp("smoke_runs")
+    for f in sorted((CONFIG_DIR / "experiment").glob("*.yaml")):
+        y = OmegaConf.to_container(OmegaConf.load(f), resolve=False)
+        if any(isinstance(d, dict) and not (CONFIG_DIR / k.replace("override", "").strip().strip("/")
+                                            / f"{v}.yaml").is_file()
+               for d in y.get("defaults", []) if isinstance(d, dict) for k, v in d.items()):
+            continue
+        budgets = y["grid"]["budgets"]
+        budgets = [budgets[0], budgets[-1]] if f.stem == "budget_curves" else budgets[:1]
+        runs = root / f.stem
+        for job in grid.expand([f"experiment={f.stem}", "+smoke=tiny", f"budget={','.join(map(str, budgets))}",
+                                f"paths.runs={runs}", "max_new_tokens=2", "threads=1"]):
+            run(job.config)
+        out[f.stem] = runs
+    return out
