@@ -239,6 +239,8 @@ class Compressor:
         t0 = self.clock.now()
         attn = output[1][0] if isinstance(output, tuple) and len(output) > 1 and output[1] is not None else None
         if self.phase == "prefill":
+            if i in self.req.kept:            # each layer is compressed once, at the end of its prefill chunk
+                return
             positions = self.req.state.get("layer_positions", {}).get(i)
             S = layer.keys.shape[2]
             modality = self.req.modality[: S] if positions is None else self.req.modality[positions]
@@ -426,7 +428,7 @@ class Engine:
             "kv_bytes_full": kv_full, "kv_bytes_kept": kv_kept, "kv_bytes_ratio": kv_kept / kv_full,
             "kept_ratio": sum(per_layer) / (L * n), "kept_by_modality": by_mod,
             "kept_per_layer": per_layer, "decode_policy": method.decode_policy,
-            "modalities_used": enc.modalities_used, "layers": L, "kv_heads": kvH,
+            "modalities_used": enc.modalities_used, "input_notes": enc.notes, "layers": L, "kv_heads": kvH,
             "num_heads": tc.num_attention_heads,
         }
         if per_head is not None:

@@ -48,11 +48,24 @@ def load_adapter(cfg: DictConfig):
         raise
 
 
+def _group_name(cfg: DictConfig, group: str) -> str:
+    """A config group's entry name: its ``name`` key, else Hydra's choice, else the target class."""
+    if cfg[group].get("name"):
+        return str(cfg[group].name)
+    from hydra.core.hydra_config import HydraConfig
+    if HydraConfig.initialized():
+        choice = HydraConfig.get().runtime.choices.get(group)
+        if choice:
+            return str(choice)
+    return str(cfg[group].get("_target_", group)).rsplit(".", 1)[-1].lower()
+
+
 def resolved(cfg: DictConfig) -> dict:
     d = OmegaConf.to_container(cfg, resolve=True)
-    d["model_name"] = cfg.model.get("name", "model")
-    d["dataset_name"] = cfg.dataset.get("name", "dataset")
-    d["method_name"] = cfg.method.get("_target_", "method").rsplit(".", 1)[-1].lower()
+    d.pop("hydra", None)
+    d["model_name"] = _group_name(cfg, "model")
+    d["dataset_name"] = _group_name(cfg, "dataset")
+    d["method_name"] = _group_name(cfg, "method")
     return d
 
 
