@@ -174,6 +174,7 @@ def describe(cfg: dict) -> dict:
     return {
         "experiment": experiment,
         "paper": grid.get("paper"),
+        "paper_model": grid.get("paper_model"),
         "model": _label(cfg, "model"),
         "method": method,
         "budget": 1.0 if method == "full" and budget is None else _float(budget),
@@ -269,7 +270,7 @@ def _flatten(rec: dict) -> dict:
     return out
 
 
-RUN_COLUMNS = ["run_dir", "run_id", "experiment", "paper", "model", "method", "budget", "budget_tokens", "dataset",
+RUN_COLUMNS = ["run_dir", "run_id", "experiment", "paper", "paper_model", "model", "method", "budget", "budget_tokens", "dataset",
                "task", "shard", "num_shards", "limit", "point_id", "context_id", "variant", "complete"]
 
 
@@ -428,7 +429,8 @@ def aggregate(df: pd.DataFrame, scale: float = 100.0, n_boot: int = stats.N_BOOT
         row["shards_seen"] = int(shards["shard"].nunique())
         row["num_shards"] = int(shards["num_shards"].max())
         row["complete"] = bool(shards["complete"].all()) and row["shards_seen"] >= row["num_shards"]
-        row["paper"] = next((p for p in g.get("paper", pd.Series(dtype=object)) if isinstance(p, str)), None)
+        for c in ("paper", "paper_model"):
+            row[c] = next((p for p in g.get(c, pd.Series(dtype=object)) if isinstance(p, str)), None)
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -532,6 +534,11 @@ def _num(x) -> float:
         return float(x)
     except (TypeError, ValueError):
         return float("nan")
+
+
+def _same(col: pd.Series, b) -> pd.Series:
+    """``col == b`` where NaN equals NaN (a paper's number over all its budgets)."""
+    return (col == b) | (col.isna() & math.isnan(_num(b)))
 
 
 def _desc(b) -> float:
@@ -699,12 +706,12 @@ def beside_paper(points: pd.DataFrame, avg: pd.DataFrame | None, paper: pd.DataF
         row = {"method": method, "budget": "–" if method == "full" else _budget_str(budget)}
         for label, tkey in cols:
             paper_v = pp[(pp["method_key"] == method) & (pp["task_key"] == tkey)
-                         & ((pp["budget"] == budget) | (method == "full"))]["value"]
+                         & (_same(pp["budget"], budget) | (method == "full"))]["value"]
             pv = f"{paper_v.iloc[0]:.{digits}f}" if len(paper_v) and not math.isnan(paper_v.iloc[0]) else "–"
-            is_avg = tkey.startswith("Avg")
+            is_avg = tkey == "Avg"
             src = ours_avg if is_avg else ours
             ov = "–"
-            if not src.empty:
+            if not src.empty and not (tkey.startswith("Avg") and not is_avg):  # e.g. an average over budgets
                 sel = src[(src["method"] == method) & ((src["budget"] == budget) | (method == "full"))]
                 if not is_avg:
                     sel = sel[sel["task"].isin(tkey.split("|"))]
@@ -782,6 +789,9 @@ def build(paths: Sequence[str | Path], out: Path | None = None, scale: float = 1
     if paper is None:
         named = [p for p in points.get("paper", pd.Series(dtype=object)).dropna().unique() if p]
         paper = named[0] if len(named) == 1 else None
+        if paper and paper_model is None:
+            models = [m for m in points.loc[points["paper"] == paper, "paper_model"].dropna().unique() if m]
+            paper_model = models[0] if models else None
     md_parts, tex_parts = [], []
     for exp, pe in points.groupby("experiment", sort=False):
         ae = avg[avg["experiment"] == exp] if not avg.empty else avg
@@ -800,7 +810,8 @@ def build(paths: Sequence[str | Path], out: Path | None = None, scale: float = 1
             pn = paper_numbers(paper)
             side = beside_paper(points, avg, pn, paper_model=paper_model)
             ref = ", ".join(sorted(set(pn["ref"])))
-            md_parts.append(f"### beside the paper ({paper}: {ref}; paper model {pn['model'].iloc[0]})\n\n"
+            shown = paper_model or pn["model"].iloc[0]
+            md_parts.append(f"### beside the paper ({paper}: {ref}; paper model {shown}; cells: ours ± CI (paper))\n\n"
                             + to_markdown(side))
             res["beside_paper"] = side
         except FileNotFoundError as e:
