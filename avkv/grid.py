@@ -1,6 +1,6 @@
 """Sweep grids: expand a Hydra multirun exactly as the basic sweeper does, find what is missing, resubmit only that.
 
-``avkv missing experiment=flowmm_table1 +smoke=tiny`` (the same overrides as the ``python run.py -m`` that
+``avkv missing experiment=flowmm_table1 smoke=tiny`` (the same overrides as the ``python run.py -m`` that
 launched the sweep; or a sweep folder holding Hydra's ``multirun.yaml``) composes every job of the grid, computes
 the run directory its config maps to (config hash, ``avkv.results``), and sorts the jobs into
 
@@ -244,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="avkv missing",
         description="List the grid points of a sweep that are missing or incomplete and print the commands that "
                     "resubmit only those. Give the overrides of the original `python run.py -m ...` "
-                    "(e.g. experiment=flowmm_table1 +smoke=tiny) or --sweep-dir with its multirun.yaml.")
+                    "(e.g. experiment=flowmm_table1 smoke=tiny) or --sweep-dir with its multirun.yaml.")
     ap.add_argument("overrides", nargs="*", help="the multirun's overrides")
     ap.add_argument("--sweep-dir", type=Path, default=None, help="a Hydra sweep folder (holds multirun.yaml)")
     ap.add_argument("--config-dir", type=Path, default=None, help="Hydra config folder (default: configs/)")

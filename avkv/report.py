@@ -4,7 +4,7 @@ Usage (see ``docs/sweeps.md``)::
 
     avkv report runs/ --out reports/flowmm           # or: python -m avkv.report runs/ --out ...
     avkv report runs/ --paper flowmm_table1           # our numbers beside the paper's
-    avkv missing experiment=flowmm_table1 +smoke=true # grid points not yet complete (see avkv.grid)
+    avkv missing experiment=flowmm_table1 smoke=tiny   # grid points not yet complete (see avkv.grid)
 
 What it reads is the results store (``avkv/results.py``): every directory holding a ``samples.jsonl`` (one JSON line
 per finished sample) next to its resolved ``config.yaml``; ``summary.json`` is written when a run completes.

@@ -46,7 +46,7 @@ NOTEBOOKS = {
 
 def notebook(name: str, spec: dict) -> nbformat.NotebookNode:
     exps = spec["experiments"]
-    cmds = "\n".join(f"python run.py -m experiment={e} +smoke=tiny            # tiny models + fixtures\n"
+    cmds = "\n".join(f"python run.py -m experiment={e} smoke=tiny            # tiny models + fixtures\n"
                      f"python run.py -m experiment={e} hydra/launcher=slurm dataset.root=... model.path=..."
                      for e in exps)
     cells = [

@@ -55,8 +55,8 @@ def kill_group(p: subprocess.Popen) -> None:
 def smoke_runs(assets, tmp_path_factory) -> dict:
     """Every preset whose dataset exists, run at smoke scale in this process (imports paid once).
 
-    The grid is the preset's own (``+smoke=tiny``) with one budget (two for budget_curves), so the whole suite
-    stays within its time budget; ``python run.py -m experiment=<preset> +smoke=tiny`` runs all of them.
+    The grid is the preset's own (``smoke=tiny``) with one budget (two for budget_curves), so the whole suite
+    stays within its time budget; ``python run.py -m experiment=<preset> smoke=tiny`` runs all of them.
     """
     from omegaconf import OmegaConf
 
@@ -75,7 +75,7 @@ def smoke_runs(assets, tmp_path_factory) -> dict:
         budgets = y["grid"]["budgets"]
         budgets = [budgets[0], budgets[-1]] if f.stem == "budget_curves" else budgets[:1]
         runs = root / f.stem
-        for job in grid.expand([f"experiment={f.stem}", "+smoke=tiny", f"budget={','.join(map(str, budgets))}",
+        for job in grid.expand([f"experiment={f.stem}", "smoke=tiny", f"budget={','.join(map(str, budgets))}",
                                 f"paths.runs={runs}", "max_new_tokens=2", "threads=1"]):
             run(job.config)
         out[f.stem] = runs

@@ -74,10 +74,10 @@ def test_preset_composes(name, tmp_path):
         with pytest.raises(MissingConfigException, match=m):
             grid.expand([f"experiment={name}", f"method={m}", f"budget={b0}"])
     # smoke: the tiny model, the fixture, two samples, the methods that exist
-    plan = grid.expand([f"experiment={name}", "+smoke=tiny"], compose_jobs=False)
+    plan = grid.expand([f"experiment={name}", "smoke=tiny"], compose_jobs=False)
     methods = {dict(o.split("=", 1) for o in j.overrides)["method"] for j in plan}
     assert methods == set(have) and len(plan) == len(have) * len(g["budgets"])
-    (job,) = grid.expand([f"experiment={name}", "+smoke=tiny", "method=full", f"budget={b0}",
+    (job,) = grid.expand([f"experiment={name}", "smoke=tiny", "method=full", f"budget={b0}",
                           f"paths.runs={tmp_path}"])
     c = job.config
     assert c.model.name == g["at"]["smoke"]["model"] and c.dataset.limit == 2 and c.max_new_tokens == 4

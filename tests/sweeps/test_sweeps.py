@@ -48,7 +48,7 @@ def test_interrupted_multirun_resumes_without_duplicates(assets, tmp_path):
     """Kill a preset's multirun mid-way (as a preemption would), list what is left, rerun: complete points are
     skipped, the partial one resumes after its last whole line, nothing is computed twice or written twice."""
     runs, sweep = tmp_path / "runs", tmp_path / "sweep"
-    args = ["experiment=budget_curves", "+smoke=tiny", "method=full,streamingllm,snapkv", "budget=0.2",
+    args = ["experiment=budget_curves", "smoke=tiny", "method=full,streamingllm,snapkv", "budget=0.2",
             "dataset.limit=4", "max_new_tokens=6", f"paths.runs={runs}"]
     p = popen_run_py("-m", *args, f"hydra.sweep.dir={sweep}")
     deadline = time.time() + 150
@@ -78,7 +78,7 @@ def test_interrupted_multirun_resumes_without_duplicates(assets, tmp_path):
     status = Counter(j.status for j in jobs)
     assert len(jobs) == 3 and status["complete"] >= 1 and status["partial"] >= 1
     cmds = grid.resubmit_commands(jobs)
-    assert cmds and all("experiment=budget_curves" in c and "+smoke=tiny" in c for c in cmds)
+    assert cmds and all("experiment=budget_curves" in c and "smoke=tiny" in c for c in cmds)
     resubmitted = {m for c in cmds for o in c.split() if o.startswith("method=") for m in o[7:].split(",")}
     method_of = lambda j: dict(o.split("=", 1) for o in j.overrides)["method"]  # noqa: E731
     assert resubmitted == {method_of(j) for j in jobs if j.status != "complete"}  # only what is left
