@@ -236,7 +236,8 @@ def overrides_from_sweep_dir(path: Path) -> list[str]:
     """The command-line overrides of the multirun whose sweep folder (``multirun.yaml``) is ``path``."""
     f = path / "multirun.yaml" if path.is_dir() else path
     cfg = OmegaConf.load(f)
-    return list(cfg.hydra.overrides.task)
+    hydra_overrides = [o for o in (cfg.hydra.overrides.get("hydra") or []) if not o.startswith("hydra.mode=")]
+    return [*hydra_overrides, *cfg.hydra.overrides.task]  # the launcher and its settings, then the task's
 
 
 def main(argv: Sequence[str] | None = None) -> int:
