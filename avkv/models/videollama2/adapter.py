@@ -44,7 +44,7 @@ class VideoLLaMA2Adapter(ModelAdapter):
         # the LLM config tells AutoTokenizer the family (the official code registers videollama2_* model types)
         tok = AutoTokenizer.from_pretrained(str(self.path), config=model.config.text_config)
         if not tok.chat_template:
-            tok.chat_template = P.QWEN2_CHAT_TEMPLATE if model.config.llm == "qwen2" else P.MISTRAL_CHAT_TEMPLATE
+            tok.chat_template = P.chat_template(model.config.llm)
         cfg = model.config
         self.num_frames = self.num_frames or cfg.num_frames
         self.image_processor = P.ImageProcessor.for_tower(cfg.vision_kind, cfg.vision_config.image_size)
@@ -64,10 +64,7 @@ class VideoLLaMA2Adapter(ModelAdapter):
             frames = P.read_video_frames(media.path, self.num_frames, media.start, media.end)
             fbank = None
             if media.with_audio and model.config.has_audio:
-                wav = P.read_video_audio(media.path)
-                if wav is not None and (media.start is not None or media.end is not None):
-                    a = int((media.start or 0.0) * P.AUDIO_SR)
-                    wav = wav[a: None if media.end is None else int(media.end * P.AUDIO_SR)]
+                wav = P.read_video_audio(media.path, media.start, media.end)
                 fbank = P.audio_features(wav, from_video=True)
             return MediaItem("video", 0, model.num_visual_tokens(len(frames)),
                              model.num_audio_tokens(fbank.shape[0]) if fbank is not None else 0,
@@ -119,6 +116,7 @@ class VideoLLaMA2Adapter(ModelAdapter):
         spatial: list[int] = []
         new_index = []                      # new position of each original token
         spans_out = []
+        t_offset = 0
         it = iter(items)
         for t in ids:
             new_index.append(len(out_ids))
@@ -132,11 +130,16 @@ class VideoLLaMA2Adapter(ModelAdapter):
             item.start = len(out_ids)
             vis_mod = IMAGE if item.kind == "image" else VIDEO
             if item.n_visual:
-                gt, gh, gw = self.model.video_grid(item.pixel_values.shape[0] if item.kind == "video" else None)
                 out_ids += [P.IMAGE_TOKEN_INDEX if item.kind == "image" else P.VIDEO_TOKEN_INDEX] * item.n_visual
                 modality += [vis_mod] * item.n_visual
-                frame += [j // (gh * gw) for j in range(item.n_visual)]
-                spatial += [j % (gh * gw) for j in range(item.n_visual)]
+                if item.kind == "video":        # STC output order is (t h w): temporal group, then spatial cell
+                    gt, gh, gw = self.model.video_grid(item.pixel_values.shape[0])
+                    frame += [t_offset + j // (gh * gw) for j in range(item.n_visual)]
+                    spatial += [j % (gh * gw) for j in range(item.n_visual)]
+                    t_offset += gt
+                else:
+                    frame += [-1] * item.n_visual
+                    spatial += [-1] * item.n_visual
             out_ids += [P.AUDIO_TOKEN_INDEX] * item.n_audio
             modality += [AUDIO] * item.n_audio
             frame += [-1] * item.n_audio
@@ -147,7 +150,7 @@ class VideoLLaMA2Adapter(ModelAdapter):
         input_ids = torch.tensor([out_ids], dtype=torch.long)
         mod = torch.tensor(modality, dtype=torch.long)
         used = [MODALITIES[m] for m in sorted(set(modality)) if m != TEXT]
-        layout = {"frame": torch.tensor(frame), "spatial": torch.tensor(spatial), "media_spans": spans_out}
+        layout = {"video_frame": torch.tensor(frame), "video_spatial": torch.tensor(spatial), "media_spans": spans_out}
         return Encoded(inputs={"input_ids": input_ids, "media": items}, input_ids=input_ids, modality=mod,
                        question_start=new_index[q_tok], assistant_start=new_index[a_tok], media_s=media_s,
                        layout=layout, modalities_used=used)

@@ -244,17 +244,18 @@ def official_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {g[0]: sd[module_name(g[0])].detach().contiguous() for g in official_key_groups(model)}
 
 
-def _checkpoint_files(folder: Path) -> dict[str, Path]:
-    """tensor name → safetensors file, from ``model.safetensors.index.json`` or a single ``model.safetensors``."""
+def _checkpoint_files(folder: Path) -> dict[str, tuple[Path, str]]:
+    """tensor name → (safetensors file, name in that file), from ``model.safetensors.index.json`` or a single
+    ``model.safetensors``."""
     index = folder / "model.safetensors.index.json"
     if index.exists():
         wm = json.loads(index.read_text())["weight_map"]
-        return {k: folder / v for k, v in wm.items()}
+        return {k: (folder / v, k) for k, v in wm.items()}
     single = folder / "model.safetensors"
     if single.exists():
         from safetensors import safe_open
         with safe_open(str(single), framework="pt") as f:
-            return {k: single for k in f.keys()}
+            return {k: (single, k) for k in f.keys()}
     raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json "
                             f"(only safetensors checkpoints are loaded)")
 
@@ -288,12 +289,12 @@ def load_official_weights(model: VideoLLaMA2ForCausalLM, folder: str | Path,
                 f"{missing_tower[0]}); pass vision_tower_path= a local copy of "
                 f"{model.config.vision_tower_name!r}")
         vfolder = Path(vision_tower_path)
-        for k, f in _checkpoint_files(vfolder).items():
+        for k, src in _checkpoint_files(vfolder).items():
             # a SigLIP/CLIP folder holds ``vision_model.*`` (and, for a full dual model, ``text_model.*``)
             if k.startswith("vision_model."):
-                files[_TOWER + k] = f
+                files[_TOWER + k] = src
             elif not k.startswith(("text_model.", "logit_", "visual_projection", "text_projection")):
-                files[tower_prefix + k] = f
+                files[tower_prefix + k] = src
     unexpected = set(files) - expected
     missing = [g for g in groups if not any(k in files for k in g)]
     if unexpected or missing:
@@ -312,10 +313,10 @@ def load_official_weights(model: VideoLLaMA2ForCausalLM, folder: str | Path,
             target = params[module_name(g[0])]
             first = None
             for k in (k for k in g if k in files):
-                f = files[k]
+                f, src = files[k]
                 if f not in handles:
                     handles[f] = safe_open(str(f), framework="pt")
-                t = handles[f].get_tensor(k)
+                t = handles[f].get_tensor(src)
                 if tuple(t.shape) != tuple(target.shape):
                     mismatched.append(f"{k}: checkpoint {tuple(t.shape)} vs model {tuple(target.shape)}")
                     continue
@@ -334,7 +335,8 @@ def load_official_weights(model: VideoLLaMA2ForCausalLM, folder: str | Path,
         if differing:
             msg.append(f"{len(differing)} name(s) of one shared tensor hold different values:{_listing(differing)}")
         raise CheckpointKeyError("\n".join(msg))
-    return {"tensors": len(files), "files": len(set(files.values())), "shared_groups": sum(len(g) > 1 for g in groups)}
+    return {"tensors": len(files), "files": len({f for f, _ in files.values()}),
+            "shared_groups": sum(len(g) > 1 for g in groups)}
 
 
 def build_model(cfg: VideoLLaMA2Config, dtype: torch.dtype = torch.float32, init: bool = True) -> VideoLLaMA2ForCausalLM:

@@ -42,27 +42,16 @@ MISTRAL_SYSTEM_MESSAGE = (
     "something not correct. If you don't know the answer to a question, please don't share false information."
     "\n<</SYS>>")
 
-#: Qwen2-7B-Instruct's chat template (VideoLLaMA2.1 ships the Qwen2 tokenizer)
-QWEN2_CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
-    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+#: chat templates (``avkv/models/templates``): ``videollama2_qwen2.jinja`` is Qwen2-7B-Instruct's (VideoLLaMA2.1 ships
+#: the Qwen2 tokenizer); ``videollama2_mistral.jinja`` is the Mistral-Instruct [INST] format with the optional system
+#: turn put in front of the first user message, which reproduces the ``[INST] <<SYS>>…<</SYS>>\n\n<video>\n…
+#: [/INST]`` prompt of the official llama2-style conversation. A checkpoint's own template is used when it ships one.
+TEMPLATE_NAMES = {"qwen2": "videollama2_qwen2", "mistral": "videollama2_mistral"}
 
-#: Mistral-Instruct [INST] format with the optional system turn put in front of the first user message
-#: (VideoLLaMA2-7B's own tokenizer template is used when the checkpoint ships one; this reproduces the
-#: ``[INST] <<SYS>>…<</SYS>>\n\n<video>\n… [/INST]`` prompt of the official llama2-style conversation)
-MISTRAL_CHAT_TEMPLATE = (
-    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set system_message = messages[0]['content'] %}"
-    "{% set loop_messages = messages[1:] %}{% else %}{% set loop_messages = messages %}{% endif %}"
-    "{% for message in loop_messages %}"
-    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
-    "{% if message['role'] == 'user' %}{% if loop.first and system_message is defined %}"
-    "{{ '[INST] ' + system_message + '\n\n' + message['content'] + ' [/INST]' }}"
-    "{% else %}{{ '[INST] ' + message['content'] + ' [/INST]' }}{% endif %}"
-    "{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'] + eos_token }}{% endif %}"
-    "{% endfor %}")
+
+def chat_template(llm: str) -> str:
+    from avkv.models.tiny import chat_template as _read
+    return _read(TEMPLATE_NAMES[llm])
 
 
 # ------------------------------------------------------------------------------------------- frames
@@ -287,72 +276,68 @@ def first_token_at(spans: list[tuple[int, int]], char_pos: int) -> int:
 # ---------------------------------------------------------------------------------------- file readers
 def read_video_frames(path: str, num_frames: int | None, start: float | None = None,
                       end: float | None = None) -> np.ndarray:
-    """The frames ``process_video`` reads from a video file (decord in the official code, PyAV here): the
-    clip range and sampling of :func:`video_frame_indices`, then :func:`finalize_frames`. uint8 [T, H, W, 3]."""
-    import av
-    with av.open(str(path)) as c:
-        st = c.streams.video[0]
-        fps = float(st.average_rate or st.guessed_rate or 0) or 25.0
-        total = st.frames or sum(1 for _ in c.decode(video=0))
-    idx = video_frame_indices(total, fps, num_frames, start, end)
-    want: dict[int, list[int]] = {}
-    for slot, i in enumerate(idx):
-        want.setdefault(i, []).append(slot)
-    out: list[np.ndarray | None] = [None] * len(idx)
-    with av.open(str(path)) as c:
-        for i, frame in enumerate(c.decode(video=0)):
-            if i in want:
-                arr = frame.to_ndarray(format="rgb24")
-                for slot in want[i]:
-                    out[slot] = arr
-            if i >= max(want, default=-1):
-                break
-    frames = [f for f in out if f is not None]
+    """The frames ``process_video`` reads from a video file (decord in the official code, PyAV here): the clip
+    range and sampling of :func:`video_frame_indices`, then :func:`finalize_frames`. uint8 [T, H, W, 3].
+
+    Only the sampled frames are kept in memory (``media_io.load_video_frames`` samples differently: evenly spread
+    decoded frames, which is not the official index rule)."""
+    from avkv.models.media_io import MediaError, _open
+    try:
+        with _open(path) as c:
+            if not c.streams.video:
+                raise MediaError(f"no video stream in {path}")
+            st = c.streams.video[0]
+            fps = float(st.average_rate or st.guessed_rate or 0) or 25.0
+            total = st.frames or sum(1 for _ in c.decode(video=0))
+        idx = video_frame_indices(total, fps, num_frames, start, end)
+        slots: dict[int, list[int]] = {}
+        for slot, i in enumerate(idx):
+            slots.setdefault(i, []).append(slot)
+        out: list[np.ndarray | None] = [None] * len(idx)
+        with _open(path) as c:
+            for i, frame in enumerate(c.decode(video=0)):
+                if i in slots:
+                    arr = frame.to_ndarray(format="rgb24")
+                    for slot in slots[i]:
+                        out[slot] = arr
+                if i >= max(slots, default=-1):
+                    break
+    except MediaError:
+        raise
+    except Exception as e:                  # av raises many error types
+        raise MediaError(f"corrupt video {path}: {e}") from e
+    frames = [f for f in out if f is not None]      # a container may announce more frames than it decodes
     if not frames:
-        raise ValueError(f"{path}: no decodable video frames")
+        raise MediaError(f"no decodable frames in {path} (clip {start}-{end})")
     return finalize_frames(np.stack(frames), num_frames)
 
 
-def read_video_audio(path: str, sr: int = AUDIO_SR) -> np.ndarray | None:
-    """The audio track of a video as 16 kHz mono float32 (``ffmpeg -ac 1 -ar 16000`` in the official code);
-    None when the file has no audio stream."""
-    import av
-    with av.open(str(path)) as c:
-        if not c.streams.audio:
-            return None
-        res = av.AudioResampler(format="flt", layout="mono", rate=sr)
-        chunks = []
-        for frame in c.decode(audio=0):
-            for f in res.resample(frame):
-                chunks.append(f.to_ndarray().reshape(-1))
-        for f in res.resample(None):
-            chunks.append(f.to_ndarray().reshape(-1))
-    return np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
+def read_video_audio(path: str, start: float | None = None, end: float | None = None) -> np.ndarray | None:
+    """A video's audio track as 16 kHz mono float32 (``ffmpeg -ac 1 -ar 16000`` in the official code);
+    None when there is none."""
+    from avkv.models.media_io import load_audio
+    return load_audio(path, AUDIO_SR, start, end, required=False)
 
 
-def read_audio_file(path: str, start: float | None = None, end: float | None = None,
-                    sr: int = AUDIO_SR) -> np.ndarray:
-    """An audio file as ``process_audio_file`` reads it: soundfile, first channel, resampled to 16 kHz
-    (files soundfile cannot open go through PyAV). ``start``/``end`` clip it in seconds."""
+def read_audio_file(path: str, start: float | None = None, end: float | None = None) -> np.ndarray:
+    """An audio file as ``process_audio_file`` reads it: soundfile, *first channel*, resampled to 16 kHz; files
+    soundfile cannot open (m4a, mp3 …) are decoded by ``media_io`` (mono downmix). ``start``/``end`` in seconds."""
+    from avkv.models.media_io import MediaError, load_audio
     try:
         import soundfile as sf
         wav, native = sf.read(str(path), dtype="float32", always_2d=True)
-        wav = wav[:, 0]
-    except Exception:                      # e.g. m4a / mp3 soundfile cannot read: decode with PyAV
-        wav, native = read_video_audio(path, sr), sr
-        if wav is None:
-            raise ValueError(f"{path}: no audio stream")
-    if start is not None or end is not None:
-        a = int((start or 0.0) * native)
-        b = len(wav) if end is None else int(end * native)
-        wav = wav[a:b]
-    if native != sr:
+    except Exception:
+        return load_audio(path, AUDIO_SR, start, end)
+    wav = wav[int((start or 0.0) * native): None if end is None else int(end * native), 0]
+    if native != AUDIO_SR:
         import soxr
-        wav = soxr.resample(wav, native, sr)
+        wav = soxr.resample(wav, native, AUDIO_SR)
+    if len(wav) == 0:
+        raise MediaError(f"no audio samples in {path} (clip {start}-{end})")
     return np.asarray(wav, dtype=np.float32)
 
 
 def read_image(path: str) -> np.ndarray:
-    from PIL import Image
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))[None]
+    """uint8 [1, H, W, 3]."""
+    from avkv.models.media_io import load_image
+    return np.asarray(load_image(path))[None]

@@ -12,45 +12,27 @@ The tokenizer is a byte-level BPE trained offline with the family's special toke
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import torch
 
+from avkv.models.tiny import atomic_dir, train_tokenizer
 from avkv.models.videollama2.config import VideoLLaMA2Config
 from avkv.models.videollama2.modeling import build_model, official_state_dict
-from avkv.models.videollama2.processing import MISTRAL_CHAT_TEMPLATE, QWEN2_CHAT_TEMPLATE
+from avkv.models.videollama2.processing import chat_template
 
 SEED = 0
-QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 MISTRAL_SPECIALS = ["<unk>", "<s>", "</s>"]
-_WORDS = ("the a cat dog runs jumps video audio frame sound speech image describe what is in this clip man woman "
-          "says hello world red blue green car bird sings music loud quiet one two three four five answer "
-          "question yes no left right up down which instrument hear see").split()
 
 
-def _corpus(n: int = 3000, seed: int = SEED):
-    rng = random.Random(seed)
-    for _ in range(n):
-        yield " ".join(rng.choice(_WORDS) for _ in range(rng.randint(3, 12))) + rng.choice([".", "?", "!"])
-    yield "system user assistant You are a helpful assistant.\n<video>\n<audio>\n<image>\n"
-
-
-def build_tokenizer(vocab_size: int = 512, family: str = "qwen2"):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def build_tokenizer(llm: str = "qwen2"):
+    """The project's offline byte-level BPE with the family's special tokens and VideoLLaMA2 chat template."""
     from transformers import PreTrainedTokenizerFast
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    specials = QWEN_SPECIALS if family == "qwen2" else MISTRAL_SPECIALS
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(_corpus(), trainer)
-    if family == "qwen2":
-        return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                       chat_template=QWEN2_CHAT_TEMPLATE)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   chat_template=MISTRAL_CHAT_TEMPLATE)
+    if llm == "qwen2":
+        return PreTrainedTokenizerFast(tokenizer_object=train_tokenizer(), eos_token="<|im_end|>",
+                                       pad_token="<|endoftext|>", chat_template=chat_template(llm))
+    return PreTrainedTokenizerFast(tokenizer_object=train_tokenizer(extra_specials=MISTRAL_SPECIALS), bos_token="<s>",
+                                   eos_token="</s>", unk_token="<unk>", chat_template=chat_template(llm))
 
 
 def tiny_config(vocab_size: int, eos_id: int, pad_id: int) -> dict:
@@ -109,10 +91,9 @@ def build_tiny(out_dir: str | Path, variant: str = "av") -> Path:
     out = Path(out_dir)
     if (out / "config.json").exists() and (out / "model.safetensors").exists():
         return out
-    out.mkdir(parents=True, exist_ok=True)
     if variant not in ("av", "v2"):
         raise ValueError(f"unknown tiny VideoLLaMA2 variant {variant!r} (av | v2)")
-    tok = build_tokenizer(family="qwen2" if variant == "av" else "mistral")
+    tok = build_tokenizer("qwen2" if variant == "av" else "mistral")
     if variant == "av":
         eos, pad = tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")
         raw, stop = tiny_config(len(tok), eos, pad), [eos, pad]
@@ -121,8 +102,9 @@ def build_tiny(out_dir: str | Path, variant: str = "av") -> Path:
         raw, stop, pad = tiny_config_v2(len(tok), bos, eos), [eos], eos
     torch.manual_seed(SEED)
     model = build_model(VideoLLaMA2Config.from_dict(raw))
-    save_file(official_state_dict(model), str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(raw, indent=2))
-    tok.save_pretrained(str(out))
-    GenerationConfig(eos_token_id=stop, pad_token_id=pad, do_sample=False).save_pretrained(str(out))
+    with atomic_dir(out) as d:
+        save_file(official_state_dict(model), str(d / "model.safetensors"), metadata={"format": "pt"})
+        (d / "config.json").write_text(json.dumps(raw, indent=2))
+        tok.save_pretrained(str(d))
+        GenerationConfig(eos_token_id=stop, pad_token_id=pad, do_sample=False).save_pretrained(str(d))
     return out
