@@ -428,7 +428,7 @@ class Engine:
             "kv_bytes_full": kv_full, "kv_bytes_kept": kv_kept, "kv_bytes_ratio": kv_kept / kv_full,
             "kept_ratio": sum(per_layer) / (L * n), "kept_by_modality": by_mod,
             "kept_per_layer": per_layer, "decode_policy": method.decode_policy,
-            "modalities_used": enc.modalities_used, "layers": L, "kv_heads": kvH,
+            "modalities_used": enc.modalities_used, "input_notes": enc.notes, "layers": L, "kv_heads": kvH,
             "num_heads": tc.num_attention_heads,
         }
         if per_head is not None:
