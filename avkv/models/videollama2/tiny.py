@@ -83,14 +83,12 @@ def tiny_config_v2(vocab_size: int, bos_id: int, eos_id: int) -> dict:
 
 
 def build_tiny(out_dir: str | Path, variant: str = "av") -> Path:
-    """Write a tiny checkpoint to ``out_dir`` (skipped when it is already there) and return the folder.
+    """Write a tiny checkpoint to ``out_dir`` (replacing what is there) and return the folder.
 
     ``variant``: ``av`` (VideoLLaMA2.1-AV shape, the default) or ``v2`` (VideoLLaMA2-7B shape)."""
     from safetensors.torch import save_file
     from transformers import GenerationConfig
     out = Path(out_dir)
-    if (out / "config.json").exists() and (out / "model.safetensors").exists():
-        return out
     if variant not in ("av", "v2"):
         raise ValueError(f"unknown tiny VideoLLaMA2 variant {variant!r} (av | v2)")
     tok = build_tokenizer("qwen2" if variant == "av" else "mistral")
