@@ -386,3 +386,52 @@ def test_mistral_clip_variant_end_to_end(tmp_path):
     assert b1.token_ids == full.token_ids
     with pytest.raises(ValueError, match="no audio tower"):
         ad.encode(Prompt(context=[Media("audio", prompt.context[0].path)], question="?"))
+
+
+def _silent_video(path, frames=6, size=64):
+    import av
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("mpeg4", rate=4)
+        s.width = s.height = size
+        s.pix_fmt = "yuv420p"
+        for i in range(frames):
+            img = np.full((size, size, 3), 30 * i, np.uint8)
+            for p in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    return path
+
+
+def test_notes_record_what_the_input_lost_or_gained(tmp_path):
+    import soundfile as sf
+    ad = adapter(FAMILY)
+    long_wav = tmp_path / "long.wav"
+    sf.write(long_wav, np.zeros(31 * 16000, np.float32), 16000)
+    enc = ad.encode(Prompt(context=[Media("audio", str(long_wav))], question="?"))
+    assert any("cut from 31.0s" in n for n in enc.notes)
+    silent = _silent_video(tmp_path / "silent.mp4")
+    enc = ad.encode(Prompt(context=[Media("video", str(silent), with_audio=True)], question="?"))
+    assert any("no audio track" in n for n in enc.notes)
+    assert enc.layout["media_spans"][0]["n_audio"] == 1496          # official: 30 s of silence, still encoded
+    assert enc.modalities_used == ["video", "audio"]
+
+
+@pytest.mark.parametrize("variant", ["av", "v2"])
+def test_vision_features_come_from_the_select_layer(variant, tmp_path):
+    """hidden_states[-2] = the input of the last encoder layer; CLIP drops its CLS token ('patch')."""
+    folder = tiny_model_dir("tiny_videollama2_av") if variant == "av" else build_tiny(tmp_path / "v2", "v2")
+    m = from_pretrained(folder)
+    tower = m.model.vision_tower
+    vm = tower.vision_tower
+    px = torch.randn(2, 3, 112, 112)
+    with torch.no_grad():
+        h = vm.embeddings(px)
+        if tower.kind == "clip":
+            h = vm.pre_layrnorm(h)
+        for layer in vm.encoder.layers[:-1]:
+            h = layer(h, None)
+            h = h[0] if isinstance(h, tuple) else h
+        ref = h[:, 1:] if tower.kind == "clip" else h
+        assert torch.allclose(tower(px), ref, atol=1e-5)
+    assert ref.shape[1] == 64

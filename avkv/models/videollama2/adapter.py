@@ -58,14 +58,19 @@ class VideoLLaMA2Adapter(ModelAdapter):
         return self.model.config.text_config
 
     # ------------------------------------------------------------------------------------ encoding
-    def _media_item(self, media: Media) -> MediaItem:
+    def _media_item(self, media: Media, notes: list[str]) -> MediaItem:
+        """Decode and preprocess one media item; what differs from the file as given is added to ``notes``."""
         model: VideoLLaMA2ForCausalLM = self.model
         if media.kind == "video":
-            frames = P.read_video_frames(media.path, self.num_frames, media.start, media.end)
+            frames = P.read_video_frames(media.path, self.num_frames, media.start, media.end, notes)
             fbank = None
             if media.with_audio and model.config.has_audio:
                 wav = P.read_video_audio(media.path, media.start, media.end)
+                if wav is None:
+                    notes.append(f"{Path(media.path).name}: no audio track, 30 s of silence (official behaviour)")
                 fbank = P.audio_features(wav, from_video=True)
+            elif media.with_audio:
+                notes.append(f"{Path(media.path).name}: audio track not used (this checkpoint has no audio tower)")
             return MediaItem("video", 0, model.num_visual_tokens(len(frames)),
                              model.num_audio_tokens(fbank.shape[0]) if fbank is not None else 0,
                              pixel_values=self.image_processor(frames), fbank=fbank)
@@ -75,7 +80,11 @@ class VideoLLaMA2Adapter(ModelAdapter):
         if media.kind == "audio":
             if not model.config.has_audio:
                 raise ValueError(f"{media.path}: this VideoLLaMA2 checkpoint has no audio tower")
-            fbank = P.audio_features(P.read_audio_file(media.path, media.start, media.end), from_video=False)
+            wav = P.read_audio_file(media.path, media.start, media.end)
+            if len(wav) > P.AUDIO_PAD_S * P.AUDIO_SR:
+                notes.append(f"{Path(media.path).name}: audio cut from {len(wav) / P.AUDIO_SR:.1f}s to its first "
+                             f"{P.AUDIO_PAD_S}s (the official code takes a random {P.AUDIO_PAD_S}s window)")
+            fbank = P.audio_features(wav, from_video=False)
             return MediaItem("audio", 0, 0, model.num_audio_tokens(fbank.shape[0]), fbank=fbank)
         raise ValueError(f"unsupported media kind {media.kind!r}")
 
@@ -91,7 +100,8 @@ class VideoLLaMA2Adapter(ModelAdapter):
 
     def encode(self, prompt: Prompt) -> Encoded:
         t0 = time.perf_counter()
-        items = [self._media_item(p) for p in prompt.context if isinstance(p, Media)]
+        notes: list[str] = []
+        items = [self._media_item(p, notes) for p in prompt.context if isinstance(p, Media)]
         media_s = time.perf_counter() - t0
 
         msgs = self.messages(prompt)
@@ -153,7 +163,7 @@ class VideoLLaMA2Adapter(ModelAdapter):
         layout = {"video_frame": torch.tensor(frame), "video_spatial": torch.tensor(spatial), "media_spans": spans_out}
         return Encoded(inputs={"input_ids": input_ids, "media": items}, input_ids=input_ids, modality=mod,
                        question_start=new_index[q_tok], assistant_start=new_index[a_tok], media_s=media_s,
-                       layout=layout, modalities_used=used)
+                       layout=layout, modalities_used=used, notes=notes)
 
     # ------------------------------------------------------------------------------------ forward
     def prompt_position_ids(self, enc: Encoded) -> torch.Tensor:

@@ -20,6 +20,7 @@ import math
 import re
 from dataclasses import dataclass
 from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -275,7 +276,7 @@ def first_token_at(spans: list[tuple[int, int]], char_pos: int) -> int:
 
 # ---------------------------------------------------------------------------------------- file readers
 def read_video_frames(path: str, num_frames: int | None, start: float | None = None,
-                      end: float | None = None) -> np.ndarray:
+                      end: float | None = None, notes: list[str] | None = None) -> np.ndarray:
     """The frames ``process_video`` reads from a video file (decord in the official code, PyAV here): the clip
     range and sampling of :func:`video_frame_indices`, then :func:`finalize_frames`. uint8 [T, H, W, 3].
 
@@ -309,6 +310,11 @@ def read_video_frames(path: str, num_frames: int | None, start: float | None = N
     frames = [f for f in out if f is not None]      # a container may announce more frames than it decodes
     if not frames:
         raise MediaError(f"no decodable frames in {path} (clip {start}-{end})")
+    if notes is not None and len(frames) < len(idx):
+        notes.append(f"{Path(path).name}: {len(idx) - len(frames)} of {len(idx)} sampled frames not decodable; "
+                     f"black frames appended as the official loader does")
+    if notes is not None and len(frames) > MAX_FRAMES:
+        notes.append(f"{Path(path).name}: {len(frames)} frames cut to MAX_FRAMES={MAX_FRAMES}")
     return finalize_frames(np.stack(frames), num_frames)
 
 
