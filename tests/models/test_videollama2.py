@@ -16,9 +16,7 @@ from avkv.methods.base import AUDIO, IMAGE, TEXT, VIDEO
 from avkv.methods.full import Full
 from avkv.methods.snapkv import SnapKV
 from avkv.methods.streamingllm import StreamingLLM
-from avkv.models.videollama2 import (CheckpointKeyError, VideoLLaMA2Config, build_tiny, from_pretrained,
-                                     load_official_weights)
-from avkv.models.videollama2 import processing as P
+from avkv.models.videollama2 import CheckpointKeyError, VideoLLaMA2Config, build_tiny, from_pretrained
 from avkv.models.videollama2.modeling import build_model, official_key_groups, official_state_dict
 from avkv.tasks.base import Media, Prompt
 from tests.conftest import adapter, av_prompt, fixtures_dir, tiny_model_dir
@@ -435,3 +433,15 @@ def test_vision_features_come_from_the_select_layer(variant, tmp_path):
         ref = h[:, 1:] if tower.kind == "clip" else h
         assert torch.allclose(tower(px), ref, atol=1e-5)
     assert ref.shape[1] == 64
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_physical_prune_equals_masked_full_cache(attn):
+    """The spliced (inputs_embeds) prefill prunes like the other families: dropping entries = masking them."""
+    ad = adapter(FAMILY, attn)
+    enc = ad.encode(av_prompt())
+    pruned = Engine(ad, SnapKV(window=8), budget=0.3, max_new_tokens=3).generate(enc)
+    masked = Engine(ad, SnapKV(window=8), budget=0.3, max_new_tokens=3, mask_only=True).generate(enc)
+    assert pruned.record["kv_bytes_kept"] < masked.record["kv_bytes_kept"]
+    assert torch.allclose(pruned.first_logits, masked.first_logits, atol=1e-5)
+    assert pruned.token_ids == masked.token_ids

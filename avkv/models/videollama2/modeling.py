@@ -22,6 +22,7 @@ replaces those positions' embeddings with the encoder features before calling th
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,8 +32,7 @@ from transformers import CLIPVisionModel, DynamicCache, MistralModel, Qwen2Model
 
 from avkv.models.videollama2.beats import BEATs
 from avkv.models.videollama2.config import VideoLLaMA2Config
-from avkv.models.videollama2.processing import (AUDIO_PAD_S, AUDIO_SR, AUDIO_TOKEN_INDEX, IMAGE_TOKEN_INDEX,
-                                                VIDEO_TOKEN_INDEX, num_kaldi_frames)
+from avkv.models.videollama2.processing import AUDIO_PAD_S, AUDIO_SR, num_kaldi_frames
 from avkv.models.videollama2.projector import STCConnector, build_audio_projector, build_vision_projector
 
 
@@ -233,7 +233,6 @@ def official_key_groups(model: nn.Module) -> list[list[str]]:
 
 
 def _natural_key(s: str):
-    import re
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", s)]
 
 
@@ -272,9 +271,10 @@ def load_official_weights(model: VideoLLaMA2ForCausalLM, folder: str | Path,
 
     Every checkpoint tensor must name a model tensor and every model tensor must be named (a shared tensor by
     at least one of its names; several names of one shared tensor must hold equal values). Shapes must match.
-    A checkpoint without any vision-tower tensor needs ``vision_tower_path``: a local SigLIP/CLIP safetensors
-    folder whose tensors then fill the tower under the same strict rule (the official code loads the tower
-    from the ``mm_vision_tower`` hub id). Returns a small report."""
+    ``vision_tower_path`` (a local SigLIP/CLIP safetensors folder, transformers 4.x ``vision_model.*`` names or
+    unprefixed) supplies the tower instead of the tensors bundled in the checkpoint, as the official code loads
+    the tower from the ``mm_vision_tower`` hub id; it is required when the checkpoint bundles none. The same
+    strict rule applies to it. Returns a small report."""
     from safetensors import safe_open
     folder = Path(folder)
     files = _checkpoint_files(folder)
@@ -371,5 +371,3 @@ def from_pretrained(folder: str | Path, dtype: torch.dtype = torch.float32, devi
         model.generation_config = GenerationConfig.from_pretrained(folder)
     return model.to(device).eval()
 
-
-PLACEHOLDER = {"video": VIDEO_TOKEN_INDEX, "image": IMAGE_TOKEN_INDEX, "audio": AUDIO_TOKEN_INDEX}
