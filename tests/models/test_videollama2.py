@@ -35,7 +35,7 @@ def av():
 def test_video_with_audio_is_one_item_video_run_then_audio_run(av):
     ad, enc = av
     n = enc.input_ids.shape[1]
-    assert enc.modalities_used == ["video", "audio"]
+    assert enc.modalities_used == ["audio", "video"]
     (span,) = enc.layout["media_spans"]
     assert span["kind"] == "video" and span["n_visual"] == ad.model.num_visual_tokens(8) == 4 * 4 * 4
     assert span["n_audio"] == 1496                       # 30 s fbank → 187 × 8 BEATs patches
@@ -412,7 +412,7 @@ def test_notes_record_what_the_input_lost_or_gained(tmp_path):
     enc = ad.encode(Prompt(context=[Media("video", str(silent), with_audio=True)], question="?"))
     assert any("no audio track" in n for n in enc.notes)
     assert enc.layout["media_spans"][0]["n_audio"] == 1496          # official: 30 s of silence, still encoded
-    assert enc.modalities_used == ["video", "audio"]
+    assert enc.modalities_used == ["audio", "video"]
 
 
 @pytest.mark.parametrize("variant", ["av", "v2"])

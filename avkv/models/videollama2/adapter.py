@@ -159,7 +159,7 @@ class VideoLLaMA2Adapter(ModelAdapter):
         new_index.append(len(out_ids))
         input_ids = torch.tensor([out_ids], dtype=torch.long)
         mod = torch.tensor(modality, dtype=torch.long)
-        used = [MODALITIES[m] for m in sorted(set(modality)) if m != TEXT]
+        used = sorted(MODALITIES[m] for m in set(modality) if m != TEXT)     # as the other adapters record it
         layout = {"video_frame": torch.tensor(frame), "video_spatial": torch.tensor(spatial), "media_spans": spans_out}
         return Encoded(inputs={"input_ids": input_ids, "media": items}, input_ids=input_ids, modality=mod,
                        question_start=new_index[q_tok], assistant_start=new_index[a_tok], media_s=media_s,
