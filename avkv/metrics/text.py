@@ -45,7 +45,8 @@ def extract_choice(text: str | None, choices: Sequence[str]) -> int | None:
     Ranked rules (first that fires wins), for up to 26 options keyed A, B, ...:
 
     1. the whole answer is a key, optionally bracketed / followed by ``.`` ``)`` ``:`` (``"B"``, ``"(B)"``, ``"B."``);
-    2. the answer starts with a bracketed key or a key followed by ``.`` ``)`` ``:`` ``,`` (``"B. red"``, ``"(B) red"``);
+    2. the answer starts with a bracketed key or a key followed by ``.`` ``)`` ``:`` ``,`` (``"B. red"``,
+       ``"(B) red"``);
     3. an explicit statement: ``answer is (B)``, ``answer: B``, ``option B``, ``choice (B)``, ``Best option: (B)``;
     4. the first bracketed key anywhere (``"... it is (C) ..."``);
     5. exactly one option text occurs in the answer (case-insensitive, word-bounded; the longest match wins

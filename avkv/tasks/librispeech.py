@@ -11,6 +11,8 @@ Long form (``long_form=true``): each chapter's utterances, in order, are concate
 transcripts joined by spaces. The concatenated FLACs are written once to ``long_dir`` (default: a
 ``LibriSpeech-long/<split>-<min>-<max>s`` folder beside ``root``) and reused; ``scripts/prepare_librispeech.py``
 does the same ahead of a run. A leftover shorter than ``min_s`` at the end of a chapter is dropped.
+``chunk_s`` (e.g. 30, the Whisper-style encoders' window) gives a long segment to the model as consecutive audio
+clips of at most that length instead of one clip the adapter would cut to its window.
 
 Scoring is Qwen2-Audio's ``evaluate_asr.py`` (== lmms-eval ``asr_wer_utils``): Whisper English normalisation,
 then corpus-level WER = sum of edit distances / sum of reference words, reported in percent, per ``source``
@@ -43,7 +45,7 @@ class LibriSpeech(Task):
     def __init__(self, root: str | Path, split: str | list[str] = "test-clean", limit: int | None = None,
                  long_form: bool = False, min_s: float = 60.0, max_s: float = 120.0,
                  long_dir: str | Path | None = None, language: str = "en", max_new_tokens: int | None = None,
-                 **kwargs: Any) -> None:
+                 chunk_s: float | None = None, **kwargs: Any) -> None:
         super().__init__(root, limit)
         self.splits = [split] if isinstance(split, str) else list(split)
         self.long_form = bool(long_form)
@@ -53,6 +55,7 @@ class LibriSpeech(Task):
         self.long_dir = Path(long_dir) if long_dir else None
         self.language = language
         self.max_new_tokens = max_new_tokens or (1024 if self.long_form else 256)
+        self.chunk_s = float(chunk_s) if chunk_s else None
         if self.long_form:
             self.name = "librispeech_long"
 
@@ -194,7 +197,14 @@ class LibriSpeech(Task):
         check_family(family)
         if family not in PROMPTS:
             raise ValueError(f"{self.name}: model family {family} cannot take audio input")
-        return Prompt(context=list(doc.media), question=PROMPTS[family], max_new_tokens=self.max_new_tokens)
+        media = list(doc.media)
+        secs = doc.meta.get("seconds")
+        if self.chunk_s and secs and secs > self.chunk_s and len(media) == 1:
+            # consecutive clips of at most chunk_s seconds (e.g. 30 s, Qwen2-Audio's encoder window), in order
+            n = int(-(-secs // self.chunk_s))
+            media = [Media("audio", media[0].path, start=k * self.chunk_s,
+                           end=min((k + 1) * self.chunk_s, secs) if k < n - 1 else None) for k in range(n)]
+        return Prompt(context=media, question=PROMPTS[family], max_new_tokens=self.max_new_tokens)
 
     def score(self, doc: Doc, prediction: str) -> dict:
         errors, n = edit_counts(doc.target, prediction or "", self.language)

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 from avkv.metrics.text import milebench_score_mc, milebench_score_needle, milebench_score_open
 from avkv.tasks.base import DatasetError, Doc, Media, Prompt, Task, is_failed, read_json, require
@@ -206,11 +206,11 @@ class MileBench(Task):
                 seg_meta: list = []
                 for s in segments:
                     seg_meta.append(len([m for m in seg_meta if isinstance(m, int)]) if isinstance(s, Media) else s)
-                yield self.remember(Doc(id=f"{ds}/{sid}", media=media, question=seg_meta[-1] if isinstance(seg_meta[-1], str)
-                          else "", target=gold, choices=choices,
+                question = seg_meta[-1] if isinstance(seg_meta[-1], str) else ""
+                doc = Doc(id=f"{ds}/{sid}", media=media, question=question, target=gold, choices=choices,
                           meta={"dataset": ds, "group": GROUP_OF[ds], "kind": kind, "image_quantity_level": level,
-                                "segments": seg_meta, "truncation": info, "sample_id": sid}),
-                                    dataset=ds, image_quantity_level=level)
+                                "segments": seg_meta, "truncation": info, "sample_id": sid})
+                yield self.remember(doc, dataset=ds, image_quantity_level=level)
                 n += 1
                 if self.limit is not None and n >= self.limit:
                     return

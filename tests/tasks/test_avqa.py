@@ -58,7 +58,8 @@ def test_media_carry_the_answers(fixture_root, facts):
             want = {"left_to_right": dx > 20, "right_to_left": dx < -20, "top_to_bottom": dy > 20,
                     "bottom_to_top": dy < -20}[s["direction"]]
             assert want, (name, s, dx, dy)
-            seg_events = [e for e in events if k * f["seconds"] / len(segs) <= e[0] < (k + 1) * f["seconds"] / len(segs)]
+            lo, hi = k * f["seconds"] / len(segs), (k + 1) * f["seconds"] / len(segs)
+            seg_events = [e for e in events if lo <= e[0] < hi]
             assert len(seg_events) == s["beeps"]
             assert all(abs(hz - s["freq_hz"]) < 30 for _, hz in seg_events)
 

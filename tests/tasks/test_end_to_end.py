@@ -67,7 +67,7 @@ def test_librispeech_long_end_to_end(tmp_path):
     if unavailable("librispeech"):
         pytest.skip(f"speech fixture unavailable: {unavailable('librispeech')}")
     recs, summary = _run(tmp_path, "tiny_qwen2_audio", "librispeech_long", "dataset.min_s=6", "dataset.max_s=12",
-                         f"dataset.long_dir={tmp_path / 'long'}")
+                         f"dataset.long_dir={tmp_path / 'long'}", "dataset.chunk_s=4")
     assert len(recs) == 3 and all(r["error"] is None and r["ref_words"] > 10 for r in recs)
     assert summary["dataset"] == "librispeech_long" and summary["task"]["wer"] is not None
 
