@@ -26,14 +26,32 @@ def assets() -> Path:
     return REPO / ".cache"
 
 
-def run_py(*args: str, timeout: float = 240, check: bool = True) -> subprocess.CompletedProcess:
+def run_py(*args: str, timeout: float = 240, check: bool = True, env: dict | None = None
+           ) -> subprocess.CompletedProcess:
     """``python run.py ARGS`` from the repo root (logger off, no progress bars)."""
-    env = dict(os.environ, WANDB_MODE="offline", HYDRA_FULL_ERROR="1")
+    env = dict(os.environ, WANDB_MODE="offline", HYDRA_FULL_ERROR="1", **(env or {}))
     p = subprocess.run([sys.executable, "run.py", *args, "progress=false"], cwd=REPO, env=env, timeout=timeout,
                        capture_output=True, text=True)
     if check and p.returncode != 0:
         raise AssertionError(f"run.py {' '.join(args)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
     return p
+
+
+def run_py_here(*args: str) -> None:
+    """``python run.py ARGS`` in this process (the imports are paid once per test session)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    sys.path.insert(0, str(REPO))
+    import run as entry
+
+    argv = sys.argv
+    sys.argv = ["run.py", *args, "progress=false"]
+    GlobalHydra.instance().clear()
+    try:
+        entry.main()
+    finally:
+        sys.argv = argv
+        GlobalHydra.instance().clear()
 
 
 def popen_run_py(*args: str) -> subprocess.Popen:
