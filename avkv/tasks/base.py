@@ -61,7 +61,8 @@ class Media:
     """One media item of a prompt. ``kind`` is ``video``, ``audio`` or ``image``.
 
     For a video, ``with_audio`` says its audio track belongs to the prompt too (a model that hears gets it;
-    Qwen2.5-Omni interleaves it with the frames). ``start``/``end`` clip the file in seconds.
+    Qwen2.5-Omni interleaves it with the frames). ``start``/``end`` clip the file in seconds. A video may also
+    be a folder of frame images (sorted by name) sampled at ``frame_rate`` frames per second.
     """
 
     kind: str
@@ -69,6 +70,7 @@ class Media:
     start: float | None = None
     end: float | None = None
     with_audio: bool = False
+    frame_rate: float | None = None
 
 
 @dataclass
@@ -119,6 +121,19 @@ class Task:
     def score(self, doc: Doc, prediction: str) -> dict:  # pragma: no cover - interface
         """Per-sample scoring. Must return at least ``score`` (float) and ``parsed_ok`` (bool)."""
         raise NotImplementedError
+
+    def remember(self, doc: Doc, **keys: Any) -> Doc:
+        """Keep a doc's breakdown keys by id, so ``aggregate`` can place a *failed* record (which carries no
+        score fields) in its breakdown groups. Returns the doc."""
+        self.__dict__.setdefault("_remembered", {})[str(doc.id)] = keys
+        return doc
+
+    def field(self, record: dict, key: str) -> Any:
+        """A breakdown key of a record: from the record itself, else from what ``remember`` kept for its id."""
+        v = record_field(record, key)
+        if v is None:
+            v = self.__dict__.get("_remembered", {}).get(str(record.get("sample_id")), {}).get(key)
+        return v
 
     def aggregate(self, records: list[dict]) -> dict:
         """Dataset-level metrics from the per-sample records (the default: mean score + parse failures)."""
