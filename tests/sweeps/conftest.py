@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-TINY = ("tiny_qwen2_5_omni", "tiny_qwen2_5_vl")
+TINY = ("tiny_qwen2_5_omni", "tiny_qwen2_5_vl", "tiny_videollama2_av")
 
 
 @pytest.fixture(scope="session")
@@ -73,8 +73,9 @@ def kill_group(p: subprocess.Popen) -> None:
 def smoke_runs(assets, tmp_path_factory) -> dict:
     """Every preset whose dataset exists, run at smoke scale in this process (imports paid once).
 
-    The grid is the preset's own (``smoke=tiny``) with one budget (two for budget_curves), so the whole suite
-    stays within its time budget; ``python run.py -m experiment=<preset> smoke=tiny`` runs all of them.
+    The grid is the preset's own (``smoke=tiny``) with one budget (two for budget_curves) and at most four of its
+    methods (full and the last three, the paper's own method last), so the whole suite stays within its time
+    budget; ``python run.py -m experiment=<preset> smoke=tiny`` runs all of them.
     """
     from omegaconf import OmegaConf
 
@@ -92,9 +93,12 @@ def smoke_runs(assets, tmp_path_factory) -> dict:
             continue
         budgets = y["grid"]["budgets"]
         budgets = [budgets[0], budgets[-1]] if f.stem == "budget_curves" else budgets[:1]
+        have = [m for m in y["grid"]["methods"] if (CONFIG_DIR / "method" / f"{m}.yaml").is_file()]
+        methods = have if len(have) <= 4 else have[:1] + have[-3:]  # full + the last three (the paper's own last)
         runs = root / f.stem
         for job in grid.expand([f"experiment={f.stem}", "smoke=tiny", f"budget={','.join(map(str, budgets))}",
-                                f"paths.runs={runs}", "max_new_tokens=2", "threads=1"]):
+                                f"method={','.join(methods)}", f"paths.runs={runs}", "max_new_tokens=2",
+                                "threads=1"]):
             run(job.config)
         out[f.stem] = runs
     return out
