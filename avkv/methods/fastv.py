@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from avkv.methods.base import TEXT, LayerView, Method, Selection, attention_rows, rank_positions
+from avkv.methods.base import MODALITIES, TEXT, LayerView, Method, Selection, attention_rows, rank_positions
 
 log = logging.getLogger("avkv")
 
@@ -67,7 +67,7 @@ class FastV(Method):
             log.warning("FastV: K=%d but the model has %d decoder layers; pruning before layer %d",
                         self.layer, len(layers), K)
         split = int(request.get("split", request.get("n_prompt")))
-        self._req = {"state": request["state"], "modality": request["modality"], "split": split, "K": K,
+        self._req = {"state": request["state"], "split": split, "K": K,
                      "n_keep": request.get("n_keep"), "num_layers": len(layers), "keep": None, "done": set()}
         for i in range(K, len(layers)):
             self._handles.append(layers[i].register_forward_pre_hook(self._pre_hook(i), with_kwargs=True))
@@ -89,7 +89,7 @@ class FastV(Method):
     def _rank(self, view: LayerView) -> None:
         req = self._req
         S = view.seq_len
-        codes = [i for i, m in enumerate(("text", "image", "video", "audio")) if m in self.modalities and i != TEXT]
+        codes = [i for i, m in enumerate(MODALITIES) if m in self.modalities and i != TEXT]
         mod = view.modality[:S].to(view.keys.device)
         media = torch.zeros(S, dtype=torch.bool, device=view.keys.device)
         for c in codes:

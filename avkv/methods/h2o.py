@@ -41,7 +41,10 @@ class H2O(ScoreMethod):
     decode_policy: str = "fixed"
 
     def protected(self, view: LayerView) -> int:
-        return int(round(self.recent_share * min(view.n_keep, view.seq_len)))
+        return self._recent(view.n_keep, view.seq_len)
+
+    def _recent(self, n_keep: int, seq_len: int) -> int:
+        return int(round(self.recent_share * min(n_keep, seq_len)))
 
     def score(self, view: LayerView) -> torch.Tensor:
         s = reduce_gqa(accumulated_scores(view, self.chunk), view.num_kv_heads, self.gqa)
@@ -53,7 +56,7 @@ class H2O(ScoreMethod):
     def keep(self, view: LayerView, scores: torch.Tensor, n_keep: int, recent: int | None = None) -> Selection:
         """Heavy hitters + recent window from ``scores`` [kvH, S]; remembers the scores for fixed decoding."""
         if recent is None:
-            recent = int(round(self.recent_share * min(n_keep, view.seq_len)))
+            recent = self._recent(n_keep, view.seq_len)
         idx = keep_topk(scores, n_keep, protect_last=recent)
         self.remember(view, scores, idx, recent)
         return self.select(view, idx)
@@ -76,8 +79,7 @@ class H2O(ScoreMethod):
         S = view.seq_len
         row = reduce_gqa(attention_rows(view, S - 1, S)[:, 0], view.num_kv_heads, self.gqa)      # [kvH, S]
         if st is None:                       # nothing from the prefill (e.g. it kept everything)
-            st = {"scores": row.new_zeros(row.shape[0], 0),
-                  "recent": int(round(self.recent_share * min(view.n_keep, S)))}
+            st = {"scores": row.new_zeros(row.shape[0], 0), "recent": self._recent(view.n_keep, S)}
         old = st["scores"]
         scores = torch.cat([old, old.new_zeros(old.shape[0], S - old.shape[1])], dim=1) + row
         if S <= view.n_keep:
