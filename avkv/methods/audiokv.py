@@ -1,0 +1,204 @@
+"""AudioKV (arXiv 2604.06694): audio-critical heads + Spectral Score Smoothing (SSS).
+
+Specification: ``shared/design/methods.md`` §5 (allocation equation and section structure [paper]; details [2nd]).
+
+From the paper [paper/2nd]:
+  * audio-critical heads are found offline on ASR data from how often a head's attention lands on the audio span of
+    the word being transcribed; the head scores S_{l,h} are computed once per model (``scripts/calibrate_audiokv.py``
+    writes them to a head-score file);
+  * head-wise budgets b_{l,h} = w + r + B_score · S_{l,h} / Σ S, with B_score the pool left after the window w and
+    the uniform base share r;
+  * SSS: an FFT low-pass of the per-token score sequence with an energy-based cutoff (γ) and residual mixing (α):
+    s' = α·lowpass(s) + (1−α)·s, plugged into a score-based eviction method.
+
+Our reading [ours] (each a field):
+  * w = ``window`` = 32, r = ``r_frac``·(B − w) with r_frac = 0.5, B_score = L·H_kv·(B − w − r) so the budgets sum to
+    L·H_kv·B; integer budgets by largest remainder, clipped to [w, n] with the excess shared among the other heads;
+  * token scores: SnapKV window scores (mean over the window queries, GQA mean), SSS instead of pooling;
+  * SSS on the audio positions only (``sss_scope='audio'``; concatenated in order when the audio is interleaved with
+    video), per head; DC excluded from the energy; α = 0.5, γ = 0.9 (values not published);
+  * head scores per KV head (mean of the query heads of the group) from the file; a file made for another
+    architecture (layer / head counts) is refused;
+  * ``head_scores=None``: the file is looked up as ``<model folder>/audiokv_head_scores.json`` from
+    ``request['model_path']`` at :meth:`begin`; ``allocation='uniform'`` runs SnapKV+SSS without a file.
+
+Per-head counts differ, so the selection is ragged (padded indices + ``valid``); the record carries the per-head
+budgets of each layer.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from avkv.methods.base import (AUDIO, LayerView, Method, Selection, allocate_integer, keep_topk, pad_ragged,
+                               reduce_gqa, window_scores)
+
+HEAD_SCORE_FILENAME = "audiokv_head_scores.json"
+
+
+def spectral_smooth(s: torch.Tensor, alpha: float = 0.5, gamma: float = 0.9) -> torch.Tensor:
+    """Spectral Score Smoothing of score sequences ``s`` [..., n] along the last axis.
+
+    z = rfft(s − mean); cutoff k_c = the smallest k ≥ 1 whose cumulated energy Σ_{1≤i≤k}|z_i|² reaches γ of the
+    total (DC excluded); frequencies above k_c are zeroed; s_low = irfft(z) + mean; returns α·s_low + (1−α)·s.
+    """
+    n = s.shape[-1]
+    if n < 3:
+        return s
+    x = s.double()
+    mean = x.mean(-1, keepdim=True)
+    z = torch.fft.rfft(x - mean, dim=-1)
+    e = z.abs() ** 2
+    e[..., 0] = 0
+    tot = e.sum(-1, keepdim=True)
+    cum = e.cumsum(-1)
+    kc = (cum < gamma * tot).sum(-1, keepdim=True)                      # index of the first k reaching γ·total
+    kc = kc.clamp(min=1)
+    k = torch.arange(z.shape[-1], device=s.device)
+    z = torch.where(k <= kc, z, torch.zeros_like(z))
+    low = torch.fft.irfft(z, n=n, dim=-1) + mean
+    low = torch.where(tot > 0, low, x)
+    return (alpha * low + (1 - alpha) * x).to(s.dtype)
+
+
+def load_head_scores(path: str | Path) -> dict:
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(f"AudioKV head-score file not found: {p}. Make it with "
+                                "`python scripts/calibrate_audiokv.py model=<model>` (or set allocation=uniform)")
+    d = json.loads(p.read_text())
+    for key in ("scores", "num_layers", "num_heads", "num_kv_heads"):
+        if key not in d:
+            raise ValueError(f"{p}: head-score file lacks {key!r}")
+    return d
+
+
+def kv_head_scores(scores: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """[L, H] query-head scores → [L, H_kv] by the mean within each GQA group."""
+    L, H = scores.shape
+    return scores.view(L, num_kv_heads, H // num_kv_heads).mean(-1)
+
+
+def head_budgets(S: torch.Tensor, B: int, n: int, window: int, r_frac: float) -> torch.Tensor:
+    """b_{l,h} = w + r + B_score · S_{l,h}/ΣS as integers summing to L·H_kv·B (within [w, n])."""
+    L, Hk = S.shape
+    B = min(B, n)
+    w = min(window, B)
+    r = r_frac * (B - w)
+    total = L * Hk * B
+    base = w + r
+    pool = total - L * Hk * base                                        # = B_score
+    weights = S.double().clamp_min(0)
+    if float(weights.sum()) <= 0:
+        weights = torch.ones_like(weights)
+    real = base + pool * weights / weights.sum()
+    return allocate_integer(real, total, lo=w, hi=n)
+
+
+@dataclass
+class AudioKV(Method):
+    """Head-wise budgets from offline audio-critical head scores + SnapKV scores smoothed by SSS.
+
+    Parameters
+    ----------
+    window : int
+        Observation window w (always kept, counts toward every head's budget) (32) [ours].
+    r_frac : float
+        Uniform base share r = r_frac·(B − w) (0.5) [ours].
+    allocation : str
+        ``head`` (from the head-score file) or ``uniform`` (every head B; SSS only).
+    head_scores : str | None
+        Path of the head-score JSON; None = ``<model folder>/audiokv_head_scores.json`` (from the request).
+    sss : bool
+        Spectral Score Smoothing on.
+    alpha : float
+        Residual mixing (0.5) [ours].
+    gamma : float
+        Energy kept by the cutoff (0.9) [ours].
+    sss_scope : str
+        ``audio`` (audio positions only) [ours] or ``all`` (the whole prefix).
+    gqa : str
+        Reduction of query-head scores within a KV group (``mean``).
+    """
+
+    name = "audiokv"
+    window: int = 32
+    r_frac: float = 0.5
+    allocation: str = "head"
+    head_scores: str | None = None
+    sss: bool = True
+    alpha: float = 0.5
+    gamma: float = 0.9
+    sss_scope: str = "audio"
+    gqa: str = "mean"
+
+    _scores: dict | None = field(default=None, init=False, repr=False, compare=False)
+    _scores_path: str | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.allocation not in ("head", "uniform"):
+            raise ValueError(f"allocation must be 'head' or 'uniform', got {self.allocation!r}")
+        if self.sss_scope not in ("audio", "all"):
+            raise ValueError(f"sss_scope must be 'audio' or 'all', got {self.sss_scope!r}")
+        if self.allocation == "head" and self.head_scores:
+            self._load(self.head_scores)
+
+    def _load(self, path) -> None:
+        if self._scores_path != str(path):
+            self._scores, self._scores_path = load_head_scores(path), str(path)
+
+    def begin(self, request: dict) -> None:
+        if self.allocation != "head" or self.head_scores:
+            return
+        mp = request.get("model_path")
+        if mp is None:
+            raise ValueError("AudioKV: no head_scores given and the request names no model_path to find "
+                             f"{HEAD_SCORE_FILENAME} in; pass method.head_scores=<file> or allocation=uniform")
+        self._load(Path(mp) / HEAD_SCORE_FILENAME)
+
+    # ------------------------------------------------------------------ pieces
+    def token_scores(self, view: LayerView) -> torch.Tensor:
+        """SnapKV window scores per KV head [kvH, S], SSS-smoothed over the audio span."""
+        s = reduce_gqa(window_scores(view, self.window, reduce="mean"), view.num_kv_heads, self.gqa)
+        if not self.sss:
+            return s
+        S = view.seq_len
+        if self.sss_scope == "all":
+            span = torch.arange(S - min(self.window, S), device=s.device)
+        else:
+            span = (view.modality.to(s.device) == AUDIO).nonzero().flatten()
+        if span.numel() >= 3:
+            s = s.clone()
+            s[:, span] = spectral_smooth(s[:, span], self.alpha, self.gamma)
+        return s
+
+    def layer_budgets(self, view: LayerView) -> torch.Tensor:
+        """Per-KV-head budgets of this layer [kvH] (computed once per request for all layers)."""
+        Hk, L, S = view.num_kv_heads, view.num_layers, view.seq_len
+        if self.allocation == "uniform":
+            return torch.full((Hk,), max(1, min(view.n_keep, S)), dtype=torch.long)
+        if self._scores is None:
+            raise RuntimeError("AudioKV: head scores not loaded (begin() was not called with a model_path, and "
+                               "no head_scores path was given)")
+        st = view.state.setdefault("audiokv", {})
+        key = (S, view.n_keep)
+        if st.get("key") != key:
+            d = self._scores
+            if int(d["num_layers"]) != L or int(d["num_kv_heads"]) != Hk or int(d["num_heads"]) != view.num_heads:
+                raise ValueError(f"AudioKV head scores {self._scores_path} are for L={d['num_layers']}, "
+                                 f"H={d['num_heads']}, H_kv={d['num_kv_heads']}; this model has L={L}, "
+                                 f"H={view.num_heads}, H_kv={Hk}")
+            sc = kv_head_scores(torch.tensor(d["scores"], dtype=torch.float64), Hk)
+            st["budgets"] = head_budgets(sc, view.n_keep, S, self.window, self.r_frac)
+            st["key"] = key
+        return st["budgets"][view.layer_idx]
+
+    def compress(self, view: LayerView) -> Selection:
+        s = self.token_scores(view)
+        b = self.layer_budgets(view)
+        per_head = [keep_topk(s[h:h + 1], int(b[h]), protect_last=self.window)[0] for h in range(view.num_kv_heads)]
+        idx, valid = pad_ragged(per_head)
+        return Selection(indices=idx, valid=valid, info={"head_budgets": b.tolist()})
