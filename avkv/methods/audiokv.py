@@ -202,3 +202,75 @@ class AudioKV(Method):
         per_head = [keep_topk(s[h:h + 1], int(b[h]), protect_last=self.window)[0] for h in range(view.num_kv_heads)]
         idx, valid = pad_ragged(per_head)
         return Selection(indices=idx, valid=valid, info={"head_budgets": b.tolist()})
+
+
+# ------------------------------------------------------------------------------------ offline head scoring
+# Used by scripts/calibrate_audiokv.py; kept here (model-free) so the scoring is unit-tested on synthetic attention.
+def normalize_word(w: str) -> str:
+    return "".join(ch for ch in w.lower() if ch.isalnum() or ch == "'")
+
+
+def word_audio_span(t_start: float, t_end: float, delta: float, n_audio: int) -> tuple[int, int]:
+    """Word time span [t_s, t_e] (s) → audio-token index span [⌊t_s/Δ⌋, ⌈t_e/Δ⌉] clipped to the audio tokens."""
+    import math
+    lo = max(0, min(n_audio - 1, int(math.floor(t_start / delta))))
+    hi = max(lo, min(n_audio - 1, int(math.ceil(t_end / delta))))
+    return lo, hi
+
+
+def proportional_word_times(words: list[str], start: float, end: float) -> list[tuple[float, float]]:
+    """Fallback word timing [ours] when no aligner output exists: the speech interval [start, end] split in
+    proportion to each word's character count (plus one for the gap). Marked as approximate in the file."""
+    lens = [len(w) + 1 for w in words]
+    tot = float(sum(lens)) or 1.0
+    out, t = [], start
+    for n in lens:
+        d = (end - start) * n / tot
+        out.append((t, t + d))
+        t += d
+    return out
+
+
+def step_word_index(prefix_texts: list[str]) -> list[int]:
+    """For each generation step t, the index of the generated word its token belongs to, from the decoded text of
+    tokens[:t+1]; -1 for a step that adds no alphanumeric character (whitespace, punctuation)."""
+    res, prev = [], ""
+    for text in prefix_texts:
+        added = text[len(prev):] if text.startswith(prev) else text
+        words = [w for w in (normalize_word(x) for x in text.split()) if w]
+        res.append(len(words) - 1 if words and any(ch.isalnum() for ch in added) else -1)
+        prev = text
+    return res
+
+
+def align_words(generated: list[str], reference: list[str]) -> dict[int, int]:
+    """Generated word index → reference word index for words that match after normalisation (difflib)."""
+    import difflib
+    g = [normalize_word(w) for w in generated]
+    r = [normalize_word(w) for w in reference]
+    sm = difflib.SequenceMatcher(a=g, b=r, autojunk=False)
+    out = {}
+    for blk in sm.get_matching_blocks():
+        for k in range(blk.size):
+            out[blk.a + k] = blk.b + k
+    return out
+
+
+class HeadHitCounter:
+    """Accumulates audio-span hits per (layer, query head): a step hits when the argmax of the head's attention
+    restricted to the audio tokens lies within the current word's span ± ``tolerance`` (top-1 rule [ours])."""
+
+    def __init__(self, num_layers: int, num_heads: int, tolerance: int = 1) -> None:
+        self.hits = torch.zeros(num_layers, num_heads, dtype=torch.float64)
+        self.steps = 0
+        self.tolerance = tolerance
+
+    def add(self, audio_attn: torch.Tensor, span: tuple[int, int]) -> None:
+        """``audio_attn`` [L, H, n_audio]: one generation step's attention over the audio tokens."""
+        am = audio_attn.argmax(-1)
+        lo, hi = span[0] - self.tolerance, span[1] + self.tolerance
+        self.hits += ((am >= lo) & (am <= hi)).to(torch.float64).cpu()
+        self.steps += 1
+
+    def scores(self) -> torch.Tensor:
+        return self.hits / max(self.steps, 1)
