@@ -78,7 +78,8 @@ class ModelAdapter:
     def prompt_position_ids(self, enc: Encoded) -> torch.Tensor:
         """Position ids of the whole prompt as ``generate`` computes them (1-D [1, n] or M-RoPE [4, 1, n])."""
         kwargs = {k: v for k, v in enc.inputs.items() if k != "input_ids"}
-        return self.model._prepare_position_ids_for_generation(enc.input_ids, dict(kwargs, input_ids=enc.input_ids))
+        kwargs.update(input_ids=enc.input_ids, attention_mask=torch.ones_like(enc.input_ids))
+        return self.model._prepare_position_ids_for_generation(enc.input_ids, kwargs)
 
     def continue_position_ids(self, prompt_pos: torch.Tensor, start: int, length: int) -> torch.Tensor:
         """Position ids for logical positions start..start+length-1 after the prompt (decode / suffix chunks)."""

@@ -5,6 +5,7 @@ here), turns a doc into a model-family-specific :class:`Prompt`, and scores the 
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -12,6 +13,47 @@ from typing import Any, Iterator
 
 class DatasetError(ValueError):
     """A malformed index file or a missing field: names the file, the item and the field."""
+
+
+def read_json(path: str | Path, what: str = "index file") -> Any:
+    """Parse a JSON file; a missing or malformed file raises :class:`DatasetError` naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"{what} not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DatasetError(f"{what} {path} is not valid JSON: {e}") from e
+
+
+def require(item: Any, key: str, file: str | Path, where: str, types: type | tuple[type, ...] | None = None) -> Any:
+    """``item[key]``, or a :class:`DatasetError` naming the file, the item and the field."""
+    if not isinstance(item, dict):
+        raise DatasetError(f"{file}: item {where} is a {type(item).__name__}, expected an object")
+    if key not in item or item[key] is None:
+        raise DatasetError(f"{file}: item {where} has no field '{key}'")
+    val = item[key]
+    if types is not None and (not isinstance(val, types) or (isinstance(val, bool) and bool not in
+                                                              (types if isinstance(types, tuple) else (types,)))):
+        names = "/".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
+        raise DatasetError(f"{file}: item {where} field '{key}' is {type(val).__name__} {val!r:.60}, expected {names}")
+    return val
+
+
+def record_field(record: dict, key: str) -> Any:
+    """A breakdown key from a results record: top level, then ``meta``, then ``scores`` (engine-agnostic)."""
+    if key in record:
+        return record[key]
+    for sub in ("meta", "scores", "score_info"):
+        d = record.get(sub)
+        if isinstance(d, dict) and key in d:
+            return d[key]
+    return None
+
+
+def is_failed(record: dict) -> bool:
+    return record.get("error") is not None
 
 
 @dataclass

@@ -1,0 +1,482 @@
+"""Prefill → compress → decode, with timing, memory and KV accounting per sample.
+
+Flow for one prompt of n tokens (batch size 1):
+
+1. position ids of the whole prompt come from the model itself (exactly what ``generate`` would use);
+2. the prefix ``[0, s)`` is prefilled with the method hooked on every decoder attention layer: at the end of each
+   layer's prefill the method sees that layer's cache (:class:`~avkv.methods.base.LayerView`) and the layer's
+   cache tensors are replaced by what it keeps — the cache physically shrinks;
+3. the rest of the prompt ``[s, n)`` (the assistant preamble, or the question) is fed on the compressed cache with
+   its original positions, so even the first answer token sees only the kept entries;
+4. greedy decoding continues at logical positions n, n+1, … (never at the pruned cache length).
+
+``compress_at`` picks s: ``question`` (default; s = start of the assistant preamble: query-aware),
+``context`` (s = start of the question: query-agnostic, kvpress's protocol) or ``prompt`` (s = n: the first token
+comes from the uncompressed prefill, as ``generate``-based implementations do).
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from avkv.methods.base import MODALITIES, LayerView, Method, Selection, as_record
+from avkv.models.base import Encoded, ModelAdapter
+
+COMPRESS_AT = ("question", "context", "prompt")
+MASKED_IMPL = "avkv_masked"
+
+
+class CompressionError(RuntimeError):
+    pass
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def kv_cache_bytes(cache: Any) -> int:
+    """Bytes actually held by a cache's key/value tensors (padding included)."""
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
+               if t is not None)
+
+
+# --------------------------------------------------------------------------------------- masked attention
+def _masked_attention(module, query, key, value, attention_mask, **kwargs):
+    """The base backend (sdpa/eager) plus a per-KV-head validity mask on cached entries.
+
+    Used only for decoder layers (it is set on the text config), when some heads keep fewer entries than others
+    (padded storage) or when an equivalence test masks instead of pruning.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    base = getattr(module, "_avkv_base_impl", "sdpa")
+    if base == "eager":
+        from transformers.models.qwen2.modeling_qwen2 import eager_attention_forward as fn
+    else:
+        fn = ALL_ATTENTION_FUNCTIONS.get(base, sdpa_attention_forward)
+    valid = getattr(module, "_avkv_valid", None)
+    q_len, k_len = query.shape[2], key.shape[2]
+    if valid is None:
+        if attention_mask is None and q_len > 1 and base == "eager":
+            causal = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)
+            attention_mask = torch.zeros(causal.shape, dtype=query.dtype, device=query.device).masked_fill(
+                ~causal, torch.finfo(query.dtype).min)[None, None]
+        return fn(module, query, key, value, attention_mask, **kwargs)
+    groups = query.shape[1] // valid.shape[0]
+    v = torch.cat([valid, valid.new_ones(valid.shape[0], k_len - valid.shape[1])], dim=-1)
+    allowed = v.repeat_interleave(groups, 0)[None, :, None, :]                           # [1, H, 1, k]
+    causal = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)[None, None]
+    allowed = allowed & causal
+    if attention_mask is not None:
+        am = attention_mask[..., -k_len:]
+        allowed = allowed & (am if am.dtype == torch.bool else am == 0)
+    bias = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device).masked_fill(
+        ~allowed, torch.finfo(query.dtype).min)
+    return fn(module, query, key, value, bias, **kwargs)
+
+
+def _register_masked_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    AttentionInterface.register(MASKED_IMPL, _masked_attention)
+    AttentionMaskInterface.register(MASKED_IMPL, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+
+
+# ------------------------------------------------------------------------------------------- measurement
+class PeakRSS:
+    """Peak resident memory of this process (bytes), sampled every ``interval`` s in a thread (CPU only).
+
+    It includes weights, activations and allocator slack, not only the KV cache: it is the process peak.
+    """
+
+    def __init__(self, interval: float = 0.002):
+        import psutil
+        self.proc, self.interval, self.peak = psutil.Process(), interval, 0
+        self._stop = threading.Event()
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self.peak = self.proc.memory_info().rss
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, self.proc.memory_info().rss)
+
+
+class Clock:
+    """Wall-clock sections: CUDA events on GPU, perf_counter on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def now(self):
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def elapsed(self, a, b) -> float:
+        if self.cuda:
+            b.synchronize()
+            return a.elapsed_time(b) / 1000.0
+        return b - a
+
+
+# ----------------------------------------------------------------------------------------------- hooks
+@dataclass
+class _Request:
+    modality: torch.Tensor                     # [n]
+    n_prompt: int
+    split: int
+    n_keep: int                                # per KV head, for the compressed chunk
+    generator: torch.Generator
+    layout: dict
+    state: dict = field(default_factory=dict)
+    kept: dict = field(default_factory=dict)   # layer -> [kvH] kept prompt-chunk entries
+    mod_kept: dict = field(default_factory=dict)   # layer -> {modality: count summed over heads}
+    info: dict = field(default_factory=dict)
+    compress_s: float = 0.0
+    padded: bool = False
+
+
+class Compressor:
+    """Installs the method on every decoder attention layer for one request (context manager)."""
+
+    def __init__(self, adapter: ModelAdapter, method: Method, request: _Request, mask_only: bool = False):
+        self.adapter, self.method, self.req, self.mask_only = adapter, method, request, mask_only
+        self.layers = adapter.decoder_layers()
+        self.num_layers = len(self.layers)
+        self.phase = "idle"
+        self.handles: list = []
+        self.attn_modules = [layer.self_attn for layer in self.layers]
+        self.text_config = adapter.text_config()
+        self.base_impl = self.text_config._attn_implementation or "eager"
+        self.clock = Clock(adapter.device)
+
+    def __enter__(self):
+        if self.method.requires_attentions and self.base_impl != "eager":
+            raise CompressionError(f"method {self.method.name!r} reads attention weights and needs "
+                                   f"model.attn_implementation=eager (got {self.base_impl!r})")
+        for i, m in enumerate(self.attn_modules):
+            m._avkv_layer = i
+            self.handles.append(m.register_forward_hook(self._hook, with_kwargs=True))
+        self.method.begin({"model": self.adapter.model, "adapter": self.adapter, "layers": self.layers,
+                           "modality": self.req.modality, "n_prompt": self.req.n_prompt, "split": self.req.split,
+                           "layout": self.req.layout, "state": self.req.state})
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+        for m in self.attn_modules:
+            for attr in ("_avkv_valid", "_avkv_base_impl", "_avkv_layer"):
+                if hasattr(m, attr):
+                    delattr(m, attr)
+        if self.text_config._attn_implementation == MASKED_IMPL:
+            self.text_config._attn_implementation = self.base_impl
+        self.method.end()
+
+    # ------------------------------------------------------------------------------------------------
+    def _use_masks(self):
+        if self.text_config._attn_implementation != MASKED_IMPL:
+            _register_masked_attention()
+            for m in self.attn_modules:
+                m._avkv_base_impl = self.base_impl
+            self.text_config._attn_implementation = MASKED_IMPL
+
+    def _view(self, module, kwargs, keys, values, modality, n_keep, attentions=None, decode=False) -> LayerView:
+        h = kwargs["hidden_states"]
+        cos, sin = kwargs["position_embeddings"]
+        S = keys.shape[1]
+
+        def query_fn(a: int, b: int) -> torch.Tensor:
+            if decode:                                  # only the newest positions exist in this forward
+                if b != S or b - a > h.shape[1]:
+                    raise CompressionError("during decode only the newest queries are available")
+                a, b = h.shape[1] - (b - a), h.shape[1]
+            x = h[:, a:b]
+            q = module.q_proj(x).view(1, b - a, -1, module.head_dim).transpose(1, 2)
+            if hasattr(module, "q_norm"):
+                q = module.q_norm(q)
+            c, s = cos[:, a:b].unsqueeze(1).to(q.dtype), sin[:, a:b].unsqueeze(1).to(q.dtype)
+            return (q * c + rotate_half(q) * s)[0]
+
+        idx = module._avkv_layer
+        return LayerView(layer_idx=idx, num_layers=self.num_layers, keys=keys, values=values, modality=modality,
+                         n_keep=n_keep, num_heads=module.config.num_attention_heads, scaling=module.scaling,
+                         state=self.req.state, generator=self.req.generator, query_fn=query_fn,
+                         attentions=attentions, layout=self.req.layout,
+                         value_norm_fn=lambda: values.float().norm(dim=-1))
+
+    @torch.no_grad()
+    def _hook(self, module, args, kwargs, output):
+        if self.phase not in ("prefill", "decode"):
+            return
+        if self.phase == "decode" and self.method.decode_policy != "fixed":
+            return
+        cache = kwargs.get("past_key_values")
+        if cache is None:
+            raise CompressionError("the decoder was called without a cache; the engine always passes one")
+        i = module._avkv_layer
+        layer = cache.layers[i]
+        t0 = self.clock.now()
+        attn = output[1][0] if isinstance(output, tuple) and len(output) > 1 and output[1] is not None else None
+        if self.phase == "prefill":
+            if i in self.req.kept:            # each layer is compressed once, at the end of its prefill chunk
+                return
+            positions = self.req.state.get("layer_positions", {}).get(i)
+            S = layer.keys.shape[2]
+            modality = self.req.modality[: S] if positions is None else self.req.modality[positions]
+            n_keep = min(self.req.n_keep, S)
+            view = self._view(module, kwargs, layer.keys[0], layer.values[0], modality, n_keep, attn)
+            sel = self.method.compress(view)
+            self._apply(module, layer, sel, modality, record=True)
+        else:
+            S = layer.keys.shape[2]
+            target = self.req.state.setdefault("decode_size", {}).setdefault(i, S - 1)
+            if S > target:
+                view = self._view(module, kwargs, layer.keys[0], layer.values[0],
+                                  torch.zeros(S, dtype=torch.long), target, attn, decode=True)
+                sel = self.method.decode_step(view)
+                if sel is not None:
+                    self._apply(module, layer, sel, None, record=False)
+        self.req.compress_s += self.clock.elapsed(t0, self.clock.now())
+
+    def _apply(self, module, layer, sel: Selection, modality, record: bool):
+        K, V = layer.keys[0], layer.values[0]
+        kvH, S, D = K.shape
+        idx = sel.indices.to(K.device).long()
+        if idx.dim() != 2 or idx.shape[0] != kvH:
+            raise CompressionError(f"{self.method.name}: Selection.indices must be [kv_heads={kvH}, k], "
+                                   f"got {tuple(idx.shape)}")
+        if (idx < 0).any() or (idx >= S).any():
+            raise CompressionError(f"{self.method.name}: Selection.indices out of range [0, {S})")
+        valid = sel.valid.to(K.device) if sel.valid is not None else None
+        if valid is not None and bool(valid.all()):
+            valid = None
+        g = idx.unsqueeze(-1).expand(-1, -1, D)
+        newK = sel.keys.to(K.dtype) if sel.keys is not None else K.gather(1, g)
+        newV = sel.values.to(V.dtype) if sel.values is not None else V.gather(1, g)
+        if self.mask_only:                  # keep every entry, mask what the method dropped (equivalence tests)
+            keep = torch.zeros(kvH, S, dtype=torch.bool, device=K.device)
+            keep.scatter_(1, idx, True if valid is None else valid)
+            layer.keys = K.scatter(1, g, newK)[None]
+            layer.values = V.scatter(1, g, newV)[None]
+            module._avkv_valid = keep
+            self._use_masks()
+        else:
+            layer.keys, layer.values = newK[None].contiguous(), newV[None].contiguous()
+            if valid is not None:
+                module._avkv_valid = valid
+                self.req.padded = True
+                self._use_masks()
+            elif hasattr(module, "_avkv_valid"):
+                del module._avkv_valid
+        if record:
+            i = module._avkv_layer
+            counts = valid.sum(-1) if valid is not None else torch.full((kvH,), idx.shape[1])
+            self.req.kept[i] = counts.tolist()
+            m = modality[idx] if valid is None else modality[idx][valid]
+            self.req.mod_kept[i] = {name: int((m == c).sum()) for c, name in enumerate(MODALITIES)}
+            if sel.info:
+                self.req.info[i] = as_record(sel.info)
+            self.req.state.setdefault("decode_size", {})[i] = idx.shape[1] + (self.req.n_prompt - self.req.split)
+
+
+# ----------------------------------------------------------------------------------------------- engine
+@dataclass
+class Generation:
+    token_ids: list[int]
+    text: str
+    first_logits: torch.Tensor
+    record: dict
+
+
+class Engine:
+    """Runs one method at one budget over encoded prompts. See the module docstring for the flow."""
+
+    def __init__(self, adapter: ModelAdapter, method: Method, budget: float = 0.2, budget_tokens: int | None = None,
+                 compress_at: str = "question", max_new_tokens: int = 16, mask_only: bool = False):
+        if compress_at not in COMPRESS_AT:
+            raise ValueError(f"compress_at must be one of {COMPRESS_AT}, got {compress_at!r}")
+        if budget_tokens is None and not (0 < budget <= 1):
+            raise ValueError(f"budget must be in (0, 1], got {budget}")
+        self.adapter, self.method = adapter, method
+        self.budget, self.budget_tokens = budget, budget_tokens
+        self.compress_at, self.max_new_tokens, self.mask_only = compress_at, max_new_tokens, mask_only
+        self.clock = Clock(adapter.device)
+
+    def split_point(self, enc: Encoded) -> int:
+        n = enc.input_ids.shape[1]
+        return {"question": enc.assistant_start, "context": enc.question_start, "prompt": n}[self.compress_at]
+
+    def target_kept(self, n: int) -> int:
+        """Prompt KV entries per head and layer the budget allows (the uncompressed suffix counts toward it)."""
+        if self.budget_tokens is not None:
+            return max(1, min(int(self.budget_tokens), n))
+        return max(1, min(n, int(round(self.budget * n))))
+
+    @torch.no_grad()
+    def generate(self, enc: Encoded, seed: int = 0, method: Method | None = None,
+                 max_new_tokens: int | None = None) -> Generation:
+        method = method or self.method
+        max_new = max_new_tokens or self.max_new_tokens
+        adapter, dev = self.adapter, self.adapter.device
+        input_ids = enc.input_ids.to(dev)
+        n = input_ids.shape[1]
+        s = self.split_point(enc)
+        target = self.target_kept(n)
+        n_keep = target - (n - s)
+        compress = not method.is_noop() and n_keep < s
+        if n_keep < 1 and compress:
+            raise CompressionError(f"budget keeps {target} of {n} prompt entries, fewer than the {n - s} "
+                                   f"uncompressed entries after the split (compress_at={self.compress_at})")
+        mm = {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in enc.inputs.items() if k != "input_ids"}
+        for k, v in mm.items():
+            if torch.is_tensor(v) and v.is_floating_point():
+                mm[k] = v.to(adapter.dtype)
+        pos = adapter.prompt_position_ids(enc).to(dev)
+        from transformers import DynamicCache
+        cache = DynamicCache(config=adapter.text_config())
+        gen = torch.Generator().manual_seed(int(seed))
+        req = _Request(modality=enc.modality.to(dev), n_prompt=n, split=s, n_keep=max(n_keep, 1), generator=gen,
+                       layout=enc.layout)
+        eos = set(adapter.eos_token_ids)
+        cm = Compressor(adapter, method, req, self.mask_only) if compress else contextlib.nullcontext()
+        mem = _memory_tracker(dev)
+        with mem, cm:
+            t0 = self.clock.now()
+            if compress:
+                cm.phase = "prefill"
+            logits = adapter.forward(input_ids[:, :s], cache, pos[..., :s], mm)
+            if compress:
+                cm.phase = "idle"
+            if s < n:
+                logits = adapter.forward(input_ids[:, s:], cache, pos[..., s:])
+            t1 = self.clock.now()
+            kv_kept = kv_cache_bytes(cache)
+            first_logits = logits[0, -1].float().cpu()
+            tok = int(logits[0, -1].argmax())
+            tokens = [tok]
+            if compress:
+                cm.phase = "decode"
+            t2 = self.clock.now()
+            steps = 0
+            while tok not in eos and len(tokens) < max_new:
+                p = adapter.continue_position_ids(pos, n + steps, 1)
+                logits = adapter.forward(torch.tensor([[tok]], device=dev), cache, p)
+                tok = int(logits[0, -1].argmax())
+                tokens.append(tok)
+                steps += 1
+            t3 = self.clock.now()
+        prefill_s = self.clock.elapsed(t0, t1)
+        decode_s = self.clock.elapsed(t2, t3)
+        out_ids = [t for t in tokens if t not in eos]
+        record = self._record(enc, cache, req if compress else None, n, s, kv_kept, method, compress)
+        record.update(prefill_s=prefill_s, compress_s=req.compress_s if compress else 0.0,
+                      decode_s_per_token=(decode_s / steps) if steps else None, decode_s=decode_s,
+                      new_tokens=len(tokens), peak_mem_bytes=mem.peak, peak_mem_kind=mem.kind,
+                      media_s=enc.media_s)
+        return Generation(token_ids=out_ids, text=adapter.decode(out_ids), first_logits=first_logits, record=record)
+
+    def _record(self, enc, cache, req, n, s, kv_kept, method, compressed) -> dict:
+        tc = self.adapter.text_config()
+        L = len(cache.layers)
+        kvH = cache.layers[0].keys.shape[1]
+        D = cache.layers[0].keys.shape[3]
+        el = cache.layers[0].keys.element_size()
+        kv_full = 2 * L * kvH * n * D * el
+        suffix = n - s
+        total = {name: int((enc.modality == c).sum()) for c, name in enumerate(MODALITIES)}
+        if req is None or not req.kept:
+            per_layer = [float(n)] * L
+            by_mod = {m: {"kept": float(total[m]), "total": total[m]} for m in MODALITIES if total[m]}
+            per_head = None
+        else:
+            per_layer = [sum(req.kept.get(i, [s] * kvH)) / kvH + suffix for i in range(L)]
+            by_mod = {}
+            suffix_mod = {name: int((enc.modality[s:] == c).sum()) for c, name in enumerate(MODALITIES)}
+            for c, m in enumerate(MODALITIES):
+                if not total[m]:
+                    continue
+                kept = [req.mod_kept[i][m] / kvH if i in req.mod_kept else total[m] - suffix_mod[m]
+                        for i in range(L)]
+                by_mod[m] = {"kept": sum(kept) / L + suffix_mod[m], "total": total[m]}
+            heads = [req.kept.get(i) for i in range(L)]
+            per_head = heads if any(h is not None and len(set(h)) > 1 for h in heads) else None
+        for v in by_mod.values():
+            v["ratio"] = v["kept"] / v["total"]
+        rec = {
+            "n_prompt": n, "split": s, "compress_at": self.compress_at, "compressed": compressed,
+            "kv_bytes_full": kv_full, "kv_bytes_kept": kv_kept, "kv_bytes_ratio": kv_kept / kv_full,
+            "kept_ratio": sum(per_layer) / (L * n), "kept_by_modality": by_mod,
+            "kept_per_layer": per_layer, "decode_policy": method.decode_policy,
+            "modalities_used": enc.modalities_used, "layers": L, "kv_heads": kvH,
+            "num_heads": tc.num_attention_heads,
+        }
+        if per_head is not None:
+            rec["kept_per_head"] = per_head
+        if req is not None and req.padded:
+            rec["kv_storage"] = "padded+mask"
+        if req is not None and req.info:
+            rec["method_info"] = {str(k): v for k, v in sorted(req.info.items())}
+        if req is not None and req.state.get("record"):
+            rec.update(as_record(req.state["record"]))
+        return rec
+
+    def fidelity(self, enc: Encoded, compressed: Generation, seed: int = 0, max_new_tokens: int | None = None) -> dict:
+        """Run the same input with the full cache: token agreement and KL(full ‖ compressed) of the first step."""
+        from avkv.methods.full import Full
+        ref = self.generate(enc, seed=seed, method=Full(), max_new_tokens=max_new_tokens)
+        a, b = compressed.token_ids, ref.token_ids
+        m = max(len(a), len(b), 1)
+        agree = sum(1 for x, y in zip(a, b) if x == y) / m
+        lp, lq = F.log_softmax(ref.first_logits, -1), F.log_softmax(compressed.first_logits, -1)
+        kl = float((lp.exp() * (lp - lq)).sum())
+        return {"fidelity_token_agreement": agree, "fidelity_first_kl": max(kl, 0.0),
+                "fidelity_full_prediction": ref.text}
+
+
+class _memory_tracker:
+    """Peak memory over a sample: CUDA ``max_memory_allocated`` on GPU, process peak RSS on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak = device, 0
+        self.kind = "cuda_max_allocated" if device.type == "cuda" else "cpu_process_peak_rss"
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self._rss = PeakRSS().__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = int(torch.cuda.max_memory_allocated(self.device))
+        else:
+            self._rss.__exit__(*exc)
+            self.peak = int(self._rss.peak)
+        return False
+
+
+__all__ = ["Engine", "Generation", "Compressor", "CompressionError", "kv_cache_bytes", "COMPRESS_AT"]

@@ -1,0 +1,182 @@
+"""One experiment = (model, method, budget, dataset) → a run directory of per-sample records and a summary.
+
+Data flows one way: task → model adapter → engine + method → scorer → results store → tracker.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+import traceback
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from avkv.config import ROOT, constructor_args, instantiate
+from avkv.engine import Engine
+from avkv.models.base import CheckpointMissing
+from avkv.results import RunStore, config_hash, efficiency_summary, environment_meta, run_name
+from avkv.tracking import make_tracker
+
+log = logging.getLogger("avkv")
+DEFAULT_MAX_NEW_TOKENS = 16
+
+
+def sample_seed(seed: int, sample_id: str) -> int:
+    return (int(seed) + int(hashlib.sha256(str(sample_id).encode()).hexdigest()[:8], 16)) % (2**31 - 1)
+
+
+def _make_hint(model_cfg: dict) -> str:
+    if model_cfg.get("tiny_builder"):
+        return "make assets  (or: python scripts/make_tiny_models.py)"
+    hub = model_cfg.get("hub_id")
+    return (f"download {hub} to a local folder and pass model.path=<folder>" if hub
+            else "pass model.path=<a local checkpoint folder>")
+
+
+def load_adapter(cfg: DictConfig):
+    mcfg = OmegaConf.to_container(cfg.model, resolve=True)
+    try:
+        return instantiate(cfg.model, device=cfg.device, make_hint=_make_hint(mcfg))
+    except Exception as e:  # hydra wraps constructor errors; surface ours unchanged
+        cause = e
+        while cause.__cause__ is not None and not isinstance(cause, CheckpointMissing):
+            cause = cause.__cause__
+        if isinstance(cause, CheckpointMissing):
+            raise cause from None
+        raise
+
+
+def _group_name(cfg: DictConfig, group: str) -> str:
+    """A config group's entry name: its ``name`` key, else Hydra's choice, else the target class."""
+    if cfg[group].get("name"):
+        return str(cfg[group].name)
+    from hydra.core.hydra_config import HydraConfig
+    if HydraConfig.initialized():
+        choice = HydraConfig.get().runtime.choices.get(group)
+        if choice:
+            return str(choice)
+    return str(cfg[group].get("_target_", group)).rsplit(".", 1)[-1].lower()
+
+
+def resolved(cfg: DictConfig) -> dict:
+    d = OmegaConf.to_container(cfg, resolve=True)
+    d.pop("hydra", None)
+    d["model_name"] = _group_name(cfg, "model")
+    d["dataset_name"] = _group_name(cfg, "dataset")
+    d["method_name"] = _group_name(cfg, "method")
+    return d
+
+
+def run(cfg: DictConfig) -> dict:
+    """Run (or resume) one experiment; returns the summary dict."""
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+    torch.manual_seed(int(cfg.seed))
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+    res = resolved(cfg)
+    h = config_hash(res)
+    method = instantiate(cfg.method)
+    res["method_name"] = getattr(method, "name", res["method_name"])
+    run_dir = Path(cfg.run_dir) if cfg.get("run_dir") else Path(cfg.paths.runs) / run_name(res, h)
+    store = RunStore(run_dir)
+    task = instantiate(cfg.dataset)
+    adapter = load_adapter(cfg)
+    engine = Engine(adapter, method, budget=float(cfg.budget), budget_tokens=cfg.get("budget_tokens"),
+                    compress_at=cfg.compress_at)
+    store.prepare(OmegaConf.to_yaml(OmegaConf.create(res)),
+                  dict(environment_meta(ROOT, str(cfg.device), int(cfg.seed)), config_hash=h,
+                       model=adapter.describe(), method=res["method_name"],
+                       decode_policy=getattr(method, "decode_policy", "grow")))
+    done = store.done_ids()
+    tracker = make_tracker(dict(OmegaConf.to_container(cfg.logger, resolve=True),
+                                run_config=res, dir=str(Path(cfg.paths.runs) / "wandb")),
+                           run_id=h[:32], name=run_dir.name,
+                           tags=[res["model_name"], res["method_name"], res["dataset_name"], f"budget={cfg.budget}"],
+                           group=cfg.get("experiment_name"))
+    docs = list(task.docs())
+    todo = [d for d in docs if str(d.id) not in done]
+    log.info("run dir %s: %d samples, %d done, %d to run", run_dir, len(docs), len(docs) - len(todo), len(todo))
+
+    records = store.records()
+    bar = _progress(todo, enabled=bool(cfg.get("progress", True)), desc=res["method_name"])
+    for doc in bar:
+        rec = run_sample(cfg, task, adapter, engine, doc)
+        store.append(rec)
+        tracker.log_sample(rec)
+        records.append(rec)
+        ok = [r for r in records if r.get("error") is None]
+        if ok and hasattr(bar, "set_postfix"):
+            sc = [r["score"] for r in ok if r.get("score") is not None]
+            bar.set_postfix(score=f"{sum(sc) / max(len(sc), 1):.3f}",
+                            kept=f"{sum(r['kept_ratio'] for r in ok) / len(ok):.3f}",
+                            failed=len(records) - len(ok))
+
+    summary = summarize(res, h, task, store.records(), run_dir)
+    store.write_summary(summary)
+    tracker.finish(summary)
+    return summary
+
+
+def run_sample(cfg: DictConfig, task, adapter, engine: Engine, doc) -> dict:
+    """One sample; any failure is recorded with its error and never stops the run."""
+    rec: dict = {"sample_id": str(doc.id), "target": doc.target, "prediction": None, "score": None, "error": None}
+    t0 = time.perf_counter()
+    try:
+        prompt = task.prompt(doc, adapter.family)
+        enc = adapter.encode(prompt)
+        max_new = cfg.get("max_new_tokens") or prompt.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
+        seed = sample_seed(int(cfg.seed), str(doc.id))
+        gen = engine.generate(enc, seed=seed, max_new_tokens=int(max_new))
+        rec["prediction"] = gen.text
+        rec.update(task.score(doc, gen.text))
+        rec.update(gen.record)
+        if cfg.get("fidelity"):
+            rec.update(engine.fidelity(enc, gen, seed=seed, max_new_tokens=int(max_new)))
+    except Exception as e:  # a broken sample is data, not a crash
+        rec["error"] = f"{type(e).__name__}: {e}"
+        rec["traceback"] = traceback.format_exc(limit=6)
+        log.warning("sample %s failed: %s", doc.id, rec["error"])
+    rec["wall_s"] = time.perf_counter() - t0
+    return rec
+
+
+def summarize(res: dict, h: str, task, records: list[dict], run_dir: Path) -> dict:
+    agg = task.aggregate(records)
+    eff = efficiency_summary(records)
+    return {"config_hash": h, "run_dir": str(run_dir), "model": res["model_name"], "dataset": res["dataset_name"],
+            "method": res["method_name"], "budget": res.get("budget"), "budget_tokens": res.get("budget_tokens"),
+            "compress_at": res.get("compress_at"), "metric": task.metric, "score": agg.get(task.metric),
+            "n": len(records), "n_failed": sum(1 for r in records if r.get("error")),
+            "task": agg, **eff}
+
+
+def _progress(items, enabled: bool, desc: str):
+    if not enabled:
+        return items
+    from tqdm.auto import tqdm
+    return tqdm(items, desc=desc, unit="sample", dynamic_ncols=True)
+
+
+def format_summary(s: dict) -> str:
+    def f(x, nd=3):
+        return "-" if x is None else (f"{x:.{nd}f}" if isinstance(x, float) else str(x))
+    pre = s.get("prefill_s") or {}
+    dec = s.get("decode_s_per_token") or {}
+    mem = s.get("peak_mem_bytes") or {}
+    lines = [f"run: {s['run_dir']}",
+             f"model={s['model']} dataset={s['dataset']} method={s['method']} budget={s['budget']} "
+             f"compress_at={s['compress_at']}",
+             f"{s['metric']}: {f(s['score'])}  (n={s['n']}, failed={s['n_failed']}, "
+             f"unparsed={s['task'].get('n_unparsed', 0)})",
+             f"kept ratio: {f(s['kept_ratio_mean'])}  KV bytes kept/full: {f(s['kv_bytes_kept_mean'], 0)}"
+             f"/{f(s['kv_bytes_full_mean'], 0)}  by modality: "
+             + ", ".join(f"{m}={v:.2f}" for m, v in (s.get('kept_ratio_by_modality') or {}).items()),
+             f"prefill: {f(pre.get('mean'), 4)} s (p90 {f(pre.get('p90'), 4)})  decode: "
+             f"{f(dec.get('mean'), 5)} s/token  peak mem: {f((mem.get('mean') or 0) / 2**20, 1)} MiB "
+             f"({s.get('peak_mem_kind')})"]
+    return "\n".join(lines)

@@ -1,0 +1,203 @@
+"""Text metrics shared by the tasks: multiple-choice letter extraction, exact match, ROUGE-L, WER/CER.
+
+Official-compatible variants reproduce the quirks of each benchmark's own script (MileBench ``match_choice``,
+VideoLLaMA2's upper-cased exact match, Qwen2-Audio / lmms-eval corpus WER after Whisper English
+normalisation); each is named after its source. Parse failures are returned as ``None`` and counted by the
+caller, never replaced by a random guess.
+"""
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+# ----------------------------------------------------------------------------------------------- option letters
+
+
+def option_letters(n: int) -> list[str]:
+    """Option keys: A..Z, then AA..AZ, BA.. (MileBench's scheme for more than 26 options)."""
+    out = []
+    for i in range(n):
+        if i < 26:
+            out.append(chr(65 + i))
+        else:
+            out.append(chr(65 + i // 26 - 1) + chr(65 + i % 26))
+    return out
+
+
+def render_options(choices: Sequence[str], style: str = "paren") -> str:
+    """``(A) red\\n(B) blue`` (``paren``) or ``A. red\\nB. blue`` (``dot``)."""
+    keys = option_letters(len(choices))
+    if style == "paren":
+        return "\n".join(f"({k}) {c}" for k, c in zip(keys, choices))
+    if style == "dot":
+        return "\n".join(f"{k}. {c}" for k, c in zip(keys, choices))
+    raise ValueError(style)
+
+
+# ------------------------------------------------------------------------------------ shared MC letter extractor
+
+_WS = re.compile(r"\s+")
+
+
+def extract_choice(text: str | None, choices: Sequence[str]) -> int | None:
+    """Index of the option a free-form answer picks, or ``None`` when it cannot be told (counted, not guessed).
+
+    Ranked rules (first that fires wins), for up to 26 options keyed A, B, ...:
+
+    1. the whole answer is a key, optionally bracketed / followed by ``.`` ``)`` ``:`` (``"B"``, ``"(B)"``, ``"B."``);
+    2. the answer starts with a bracketed key or a key followed by ``.`` ``)`` ``:`` ``,`` (``"B. red"``, ``"(B) red"``);
+    3. an explicit statement: ``answer is (B)``, ``answer: B``, ``option B``, ``choice (B)``, ``Best option: (B)``;
+    4. the first bracketed key anywhere (``"... it is (C) ..."``);
+    5. exactly one option text occurs in the answer (case-insensitive, word-bounded; the longest match wins
+       when one option text contains another);
+    6. exactly one distinct key occurs as a standalone capital letter (a leading article "A" before a lower-case
+       word does not count).
+    """
+    if text is None:
+        return None
+    n = len(choices)
+    if n == 0 or n > 26:
+        raise ValueError(f"extract_choice handles 1..26 options, got {n}")
+    keys = option_letters(n)
+    kc = "".join(keys)
+    s = _WS.sub(" ", str(text)).strip()
+    if not s:
+        return None
+    m = re.fullmatch(rf"[\(\[]?\s*([{kc}])\s*[\)\]]?\s*[\.\):]?", s, flags=re.IGNORECASE)
+    if m:
+        return keys.index(m.group(1).upper())
+    m = re.match(rf"^[\(\[]\s*([{kc}])\s*[\)\]]", s) or re.match(rf"^([{kc}])\s*[\.\):,](?!\d)", s)
+    if m:
+        return keys.index(m.group(1))
+    for m in re.finditer(rf"(?:answer|option|choice)(?:\s+is)?\s*[:：]?\s*(?:is\s*)?[\(\[]?\s*([{kc}])(?![\w'])",
+                         s, flags=re.IGNORECASE):
+        k, rest = m.group(1), s[m.end():]
+        if k.isupper() or re.match(r"\s*([\.\)\]:,]|$)", rest):      # a lower-case key only when it stands alone
+            if k.upper() == "A" and re.match(r"\s+(?!or\b|and\b)[a-z]", rest):
+                continue                                                   # "the answer is a red square"
+            return keys.index(k.upper())
+    m = re.search(rf"[\(\[]\s*([{kc}])\s*[\)\]]", s)
+    if m:
+        return keys.index(m.group(1))
+    low = s.lower()
+    hits = []
+    for i, c in enumerate(choices):
+        c = _WS.sub(" ", str(c)).strip().lower()
+        if c and re.search(rf"(?<![\w]){re.escape(c)}(?![\w])", low):
+            hits.append((i, c))
+    if hits:
+        hits = [h for h in hits if not any(h[1] != o[1] and h[1] in o[1] for o in hits)]
+        if len(hits) == 1:
+            return hits[0][0]
+    found = set()
+    for m in re.finditer(rf"(?<![\w'])([{kc}])(?![\w'])", s):
+        k = m.group(1)
+        if k == "A" and re.match(r"\s+(?!or\b|and\b)[a-z]", s[m.end():]):
+            continue                                              # the article "A red ..."
+        found.add(k)
+    if len(found) == 1:
+        return keys.index(found.pop())
+    return None
+
+
+# ------------------------------------------------------------------------------------------------- exact match
+
+
+def videollama2_exact_match(pred: str, answer: str) -> bool:
+    """VideoLLaMA2 AV eval (AVQA_music, ClothoAQA): ``pred.rstrip(' .').upper() == answer.upper()`` — strict."""
+    return str(pred).rstrip(" .").upper() == str(answer).upper()
+
+
+_ARTICLES = {"a", "an", "the"}
+
+
+def normalize_answer(s: str) -> str:
+    """A clean short-answer normaliser (SQuAD style): lower-case, drop punctuation and articles, squash spaces."""
+    s = str(s).lower()
+    s = re.sub(r"[^\w\s]", " ", s)
+    return " ".join(w for w in s.split() if w not in _ARTICLES)
+
+
+def exact_match(pred: str, answer: str) -> bool:
+    return normalize_answer(pred) == normalize_answer(answer)
+
+
+# ------------------------------------------------------------------------------------------------------ ROUGE-L
+
+
+def _lcs(a: Sequence[str], b: Sequence[str]) -> int:
+    if len(a) < len(b):
+        a, b = b, a
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    return prev[-1]
+
+
+def rouge_l(hyp: str, ref: str, beta: float = 1.0) -> float:
+    """Sentence-level ROUGE-L F on whitespace tokens: ``(1 + b²) P R / (R + b² P)`` with LCS precision/recall.
+
+    ``beta=1`` is the plain F1; ``beta=1.2`` is the COCO-caption variant the DSTC AVSD evaluation uses.
+    """
+    h, r = str(hyp).split(), str(ref).split()
+    if not h or not r:
+        return 0.0
+    lcs = _lcs(h, r)
+    if lcs == 0:
+        return 0.0
+    p, rec = lcs / len(h), lcs / len(r)
+    return ((1 + beta ** 2) * p * rec) / (rec + beta ** 2 * p)
+
+
+def _recon_lcs_words(x: list[str], y: list[str]) -> set[str]:
+    """The words of one LCS of x and y, reconstructed exactly as pltrdy ``rouge`` 1.0.1 ``_recon_lcs`` does."""
+    n, m = len(x), len(y)
+    table = [[0] * (m + 1) for _ in range(n + 1)]
+    for i in range(1, n + 1):
+        for j in range(1, m + 1):
+            table[i][j] = table[i - 1][j - 1] + 1 if x[i - 1] == y[j - 1] else max(table[i - 1][j], table[i][j - 1])
+    out: set[str] = set()
+    i, j = n, m
+    while i > 0 and j > 0:
+        if x[i - 1] == y[j - 1]:
+            out.add(x[i - 1])
+            i, j = i - 1, j - 1
+        elif table[i - 1][j] > table[i][j - 1]:
+            i -= 1
+        else:
+            j -= 1
+    return out
+
+
+def _rouge_sentences(text: str) -> list[str]:
+    return [" ".join(p.split()) for p in text.split(".") if len(p) > 0]
+
+
+def rouge_l_pltrdy(hyp: str, ref: str) -> float:
+    """ROUGE-L F exactly as ``Rouge().get_scores(hyp, ref)[0]['rouge-l']['f']`` of the ``rouge==1.0.1`` package
+    (pltrdy), which MileBench's ``evaluate.py`` uses.
+
+    Its quirks: the texts are split into sentences at every ``.``; it is *summary-level* (union of per-sentence
+    LCS); word counts and the LCS union are **sets** (``exclusive=True``: repeated words count once); and
+    ``F = 2PR / (P + R + 1e-8)``. It raises on an empty text (MileBench scores an empty prediction 0 before
+    calling it; here an empty hypothesis returns 0.0).
+    """
+    hs, rs = _rouge_sentences(str(hyp)), _rouge_sentences(str(ref))
+    if not hs or not rs:
+        return 0.0
+    h_words = [w for s in hs for w in s.split(" ")]
+    r_words = [w for s in rs for w in s.split(" ")]
+    m, n = len(set(r_words)), len(set(h_words))
+    union: set[str] = set()
+    llcs = 0
+    for r in rs:
+        prev = len(union)
+        rw = r.split(" ")
+        for h in hs:
+            union |= _recon_lcs_words(rw, h.split(" "))
+        llcs += len(union) - prev
+    r_lcs, p_lcs = llcs / m, llcs / n
+    return 2.0 * ((p_lcs * r_lcs) / (p_lcs + r_lcs + 1e-8))

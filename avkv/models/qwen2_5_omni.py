@@ -1,0 +1,114 @@
+"""Qwen2.5-Omni thinker (images, video, audio; a video's audio track is interleaved with its frames).
+
+Only the thinker (the text-generating part) is loaded; the talker and token2wav are irrelevant to KV work.
+Real checkpoints: ``Qwen/Qwen2.5-Omni-7B`` (the thinker's weights are read from the full checkpoint).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from avkv.models.qwen_common import QwenAdapter
+from avkv.models.video_processing import TorchQwenVideoProcessor, stock_video_processor_available
+from avkv.tasks.base import Media, Prompt
+
+
+class Qwen25OmniAdapter(QwenAdapter):
+    family = "qwen2_5_omni"
+    modalities = ("image", "video", "audio")
+    placeholder_tokens = {"image": "<|IMAGE|>", "video": "<|VIDEO|>", "audio": "<|AUDIO|>"}
+
+    def __init__(self, *args, use_audio_in_video: bool = True, **kwargs):
+        self.use_audio_in_video = use_audio_in_video
+        super().__init__(*args, **kwargs)
+
+    def _load(self):
+        from transformers import Qwen2_5OmniThinkerForConditionalGeneration
+        model = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(self.path, **self._from_pretrained_kwargs())
+        return model.to(self.device), load_processor(self.path, self.trust_remote_code, **self.processor_kwargs)
+
+    def _media_content(self, item: Media, dec: dict, media: dict) -> list[dict]:
+        if item.kind == "video":
+            media["videos"].append(dec["frames"])
+            wav = dec.get("audio")
+            if wav is not None and self.use_audio_in_video:
+                media["audio_from_video"].append((len(media["videos"]) - 1, len(media["audio"])))
+                media["audio"].append(wav)
+            return [{"type": "video"}]
+        if item.kind == "image":
+            media["images"].append(dec["image"])
+            return [{"type": "image"}]
+        media["audio"].append(dec["audio"])
+        media["standalone_audio"].append(len(media["audio"]) - 1)
+        return [{"type": "audio"}]
+
+    def _new_media_lists(self) -> dict[str, list]:
+        # two bookkeeping lists beside the media: which audio came from which video, which audio stands alone
+        return {"images": [], "videos": [], "audio": [], "audio_from_video": [], "standalone_audio": []}
+
+    def _processor_kwargs(self, media: dict) -> dict:
+        interleaved = media.pop("audio_from_video", [])
+        media.pop("standalone_audio", None)
+        kw = super()._processor_kwargs(media)
+        if interleaved:
+            # audio_from_video_indices: one slot per audio; the video index it came from, None if standalone
+            slots = [None] * len(media["audio"])
+            for vid, aud in interleaved:
+                slots[aud] = vid
+            kw.update(load_audio_from_video=True, audio_from_video_indices=slots)
+        return kw
+
+    def encode(self, prompt: Prompt):
+        enc = super().encode(prompt)
+        if "video_second_per_grid" in enc.inputs and "audio" in enc.modalities_used and self.use_audio_in_video:
+            enc.inputs["use_audio_in_video"] = True
+        return enc
+
+
+def load_processor(path: Path, trust_remote_code: bool = False, **kwargs):
+    from transformers import (AutoProcessor, AutoTokenizer, Qwen2_5OmniProcessor, Qwen2VLImageProcessorPil,
+                              WhisperFeatureExtractor)
+    if stock_video_processor_available():
+        return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
+    return Qwen2_5OmniProcessor(image_processor=Qwen2VLImageProcessorPil.from_pretrained(path, **kwargs),
+                                video_processor=TorchQwenVideoProcessor.from_pretrained(path, **kwargs),
+                                feature_extractor=WhisperFeatureExtractor.from_pretrained(path),
+                                tokenizer=AutoTokenizer.from_pretrained(path),
+                                chat_template=(Path(path) / "chat_template.jinja").read_text())
+
+
+def build_tiny(out_dir: str | Path, seed: int = 0) -> None:
+    """Tiny random Omni thinker: 2 text layers (hidden 64, 4 heads / 2 KV heads), small vision and audio towers."""
+    from transformers import (Qwen2_5OmniProcessor, Qwen2_5OmniThinkerConfig,
+                              Qwen2_5OmniThinkerForConditionalGeneration, Qwen2VLImageProcessorPil,
+                              WhisperFeatureExtractor)
+    from avkv.models.tiny import OMNI_TOKEN_ATTRS, atomic_dir, chat_template, hf_tokenizer, mrope_section
+    torch.manual_seed(seed)
+    template = chat_template("qwen2_5_omni")
+    tok = hf_tokenizer(template, extra_special_tokens=OMNI_TOKEN_ATTRS)
+    t = tok.convert_tokens_to_ids
+    cfg = Qwen2_5OmniThinkerConfig(
+        audio_config=dict(num_mel_bins=128, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64,
+                          d_model=32, max_source_positions=1500, n_window=50, output_dim=64),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                           fullatt_block_indexes=[1], window_size=56),
+        text_config=dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": mrope_section(16)},
+                         bos_token_id=t("<|endoftext|>"), eos_token_id=t("<|im_end|>"), pad_token_id=t("<|endoftext|>")),
+        audio_token_index=t("<|AUDIO|>"), image_token_index=t("<|IMAGE|>"), video_token_index=t("<|VIDEO|>"),
+        audio_start_token_id=t("<|audio_bos|>"), audio_end_token_id=t("<|audio_eos|>"),
+        # read by get_rope_index; real checkpoints carry them although the v5 dataclass does not declare them
+        vision_start_token_id=t("<|vision_bos|>"), vision_end_token_id=t("<|vision_eos|>"))
+    model = Qwen2_5OmniThinkerForConditionalGeneration(cfg).eval()
+    model.generation_config.eos_token_id = t("<|im_end|>")
+    pix = dict(min_pixels=56 * 56, max_pixels=112 * 112)
+    proc = Qwen2_5OmniProcessor(image_processor=Qwen2VLImageProcessorPil(**pix), video_processor=TorchQwenVideoProcessor(**pix),
+                                feature_extractor=WhisperFeatureExtractor(feature_size=128, sampling_rate=16000,
+                                                                          chunk_length=5),
+                                tokenizer=tok, chat_template=template)
+    with atomic_dir(out_dir) as d:
+        model.save_pretrained(d)
+        proc.save_pretrained(d)
+        proc.video_processor.save_pretrained(d)

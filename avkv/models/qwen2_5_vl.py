@@ -1,0 +1,70 @@
+"""Qwen2.5-VL (images and video; audio tracks are not heard). Real checkpoints: ``Qwen/Qwen2.5-VL-7B-Instruct``."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from avkv.models.qwen_common import QwenAdapter
+from avkv.models.video_processing import TorchQwenVideoProcessor, stock_video_processor_available
+from avkv.tasks.base import Media
+
+
+class Qwen25VLAdapter(QwenAdapter):
+    family = "qwen2_5_vl"
+    modalities = ("image", "video")
+    placeholder_tokens = {"image": "<|image_pad|>", "video": "<|video_pad|>"}
+
+    def _load(self):
+        from transformers import Qwen2_5_VLForConditionalGeneration
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(self.path, **self._from_pretrained_kwargs())
+        return model.to(self.device), load_processor(self.path, self.trust_remote_code, **self.processor_kwargs)
+
+    def _media_content(self, item: Media, dec: dict, media: dict) -> list[dict]:
+        if item.kind == "video":
+            media["videos"].append(dec["frames"])
+            return [{"type": "video"}]
+        if item.kind == "image":
+            media["images"].append(dec["image"])
+            return [{"type": "image"}]
+        return []          # audio-only items are not visible to this model
+
+
+def load_processor(path: Path, trust_remote_code: bool = False, **kwargs):
+    """The real Qwen2.5-VL processor; the torch-only video processor stands in where torchvision is missing."""
+    from transformers import AutoProcessor, AutoTokenizer, Qwen2_5_VLProcessor, Qwen2VLImageProcessorPil
+    if stock_video_processor_available():
+        return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
+    return Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessorPil.from_pretrained(path, **kwargs),
+                               tokenizer=AutoTokenizer.from_pretrained(path),
+                               video_processor=TorchQwenVideoProcessor.from_pretrained(path, **kwargs),
+                               chat_template=(Path(path) / "chat_template.jinja").read_text())
+
+
+def build_tiny(out_dir: str | Path, seed: int = 0) -> None:
+    """Tiny random Qwen2.5-VL: 2 text layers (hidden 64, 4 heads / 2 KV heads), 2-block vision tower."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, \
+        Qwen2VLImageProcessorPil
+    from avkv.models.tiny import atomic_dir, chat_template, hf_tokenizer, mrope_section
+    torch.manual_seed(seed)
+    template = chat_template("qwen2_5_vl")
+    tok = hf_tokenizer(template)
+    t = tok.convert_tokens_to_ids
+    cfg = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": mrope_section(16)},
+                         bos_token_id=t("<|endoftext|>"), eos_token_id=t("<|im_end|>"), pad_token_id=t("<|endoftext|>")),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                           window_size=56, fullatt_block_indexes=[1], tokens_per_second=2),
+        image_token_id=t("<|image_pad|>"), video_token_id=t("<|video_pad|>"),
+        vision_start_token_id=t("<|vision_start|>"), vision_end_token_id=t("<|vision_end|>"))
+    model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
+    model.generation_config.eos_token_id = t("<|im_end|>")
+    pix = dict(min_pixels=56 * 56, max_pixels=112 * 112)
+    proc = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessorPil(**pix), tokenizer=tok,
+                               video_processor=TorchQwenVideoProcessor(**pix), chat_template=template)
+    with atomic_dir(out_dir) as d:
+        model.save_pretrained(d)
+        proc.save_pretrained(d)
+        proc.video_processor.save_pretrained(d)

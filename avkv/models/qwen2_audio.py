@@ -1,0 +1,64 @@
+"""Qwen2-Audio (speech and sound; 1-D RoPE). Real checkpoints: ``Qwen/Qwen2-Audio-7B-Instruct``."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from avkv.models.qwen_common import QwenAdapter
+from avkv.tasks.base import Media
+
+
+class Qwen2AudioAdapter(QwenAdapter):
+    family = "qwen2_audio"
+    modalities = ("audio",)
+    placeholder_tokens = {"audio": "<|AUDIO|>"}
+
+    def _load(self):
+        from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
+        model = Qwen2AudioForConditionalGeneration.from_pretrained(self.path, **self._from_pretrained_kwargs())
+        proc = AutoProcessor.from_pretrained(self.path, trust_remote_code=self.trust_remote_code,
+                                             **self.processor_kwargs)
+        return model.to(self.device), proc
+
+    def _media_content(self, item: Media, dec: dict, media: dict) -> list[dict]:
+        if dec.get("audio") is None:          # a silent video or an image: nothing this model can hear
+            return []
+        media["audio"].append(self._fit(dec["audio"]))
+        return [{"type": "audio"}]
+
+    def _fit(self, wav):
+        """The encoder takes at most one feature-extractor chunk (30 s for the real model); longer audio is cut."""
+        fe = self.processor.feature_extractor
+        return wav[: fe.chunk_length * fe.sampling_rate]
+
+
+def build_tiny(out_dir: str | Path, seed: int = 0) -> None:
+    """Tiny random Qwen2-Audio: 2-layer Qwen2 decoder (hidden 64, 4 heads / 2 KV heads), 2-layer audio encoder.
+
+    The feature extractor's chunk is 5 s (the real model: 30 s), which keeps CPU tests fast.
+    """
+    from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor, \
+        WhisperFeatureExtractor
+    from avkv.models.tiny import atomic_dir, chat_template, hf_tokenizer
+    torch.manual_seed(seed)
+    template = chat_template("qwen2_audio")
+    tok = hf_tokenizer(template)
+    t = tok.convert_tokens_to_ids
+    chunk_s = 5
+    cfg = Qwen2AudioConfig(
+        audio_config=dict(model_type="qwen2_audio_encoder", num_mel_bins=128, encoder_layers=2,
+                          encoder_attention_heads=2, encoder_ffn_dim=64, d_model=32,
+                          max_source_positions=chunk_s * 100 // 2),
+        text_config=dict(model_type="qwen2", vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=4096, bos_token_id=t("<|endoftext|>"),
+                         eos_token_id=t("<|im_end|>"), pad_token_id=t("<|endoftext|>")),
+        audio_token_index=t("<|AUDIO|>"))
+    model = Qwen2AudioForConditionalGeneration(cfg).eval()
+    model.generation_config.eos_token_id = t("<|im_end|>")
+    fe = WhisperFeatureExtractor(feature_size=128, sampling_rate=16000, chunk_length=chunk_s)
+    proc = Qwen2AudioProcessor(feature_extractor=fe, tokenizer=tok, chat_template=template)
+    with atomic_dir(out_dir) as d:
+        model.save_pretrained(d)
+        proc.save_pretrained(d)

@@ -1,0 +1,124 @@
+"""What the three Qwen families share: chat-template rendering through the real processor, split points,
+modality per position and the video layout. Family files (``qwen2_5_vl.py``, ``qwen2_audio.py``,
+``qwen2_5_omni.py``) say how to load and which media each model takes.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from avkv.methods.base import VIDEO
+from avkv.models import media_io
+from avkv.models.base import Encoded, ModelAdapter
+from avkv.tasks.base import Media, Prompt
+
+
+class QwenAdapter(ModelAdapter):
+    #: placeholder token string per modality (looked up in the tokenizer)
+    placeholder_tokens: dict[str, str] = {}
+
+    def decoder_layers(self) -> list[torch.nn.Module]:
+        return list(self.model.model.language_model.layers)
+
+    def text_config(self) -> Any:
+        cfg = self.model.config
+        cfg = getattr(cfg, "thinker_config", cfg)
+        return cfg.get_text_config()
+
+    def _from_pretrained_kwargs(self) -> dict:
+        return dict(dtype=self.dtype, attn_implementation=self.attn_implementation,
+                    trust_remote_code=self.trust_remote_code)
+
+    # ---------------------------------------------------------------------------------------------- encode
+    def _messages(self, prompt: Prompt, decoded: list[dict]) -> tuple[list[dict], dict[str, list]]:
+        """Chat messages + the media lists for the processor. Media the model cannot take are left out."""
+        content: list[dict] = []
+        media = self._new_media_lists()
+        for item, dec in zip(prompt.context, decoded):
+            if isinstance(item, str):
+                content.append({"type": "text", "text": item})
+                continue
+            content.extend(self._media_content(item, dec, media))
+        content.append({"type": "text", "text": prompt.question})
+        messages = []
+        if prompt.system is not None:
+            messages.append({"role": "system", "content": [{"type": "text", "text": prompt.system}]})
+        messages.append({"role": "user", "content": content})
+        return messages, media
+
+    def _new_media_lists(self) -> dict[str, list]:
+        return {"images": [], "videos": [], "audio": []}
+
+    def _media_content(self, item: Media, dec: dict, media: dict[str, list]) -> list[dict]:  # pragma: no cover
+        raise NotImplementedError
+
+    def _processor_kwargs(self, media: dict[str, list]) -> dict:
+        kw = {k: v for k, v in media.items() if v}
+        if "audio" in kw:
+            kw["sampling_rate"] = media_io.SAMPLE_RATE
+        return kw
+
+    def encode(self, prompt: Prompt) -> Encoded:
+        t0 = time.perf_counter()
+        decoded = [None if isinstance(m, str) else
+                   media_io.load(m, num_frames=self.num_frames, fps=self.fps, max_audio_s=self.max_audio_s,
+                                 want_audio="audio" in self.modalities)
+                   for m in prompt.context]
+        media_s = time.perf_counter() - t0
+        messages, media = self._messages(prompt, decoded)
+        text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        inputs = dict(self.processor(text=[text], return_tensors="pt", **self._processor_kwargs(media)))
+        inputs.pop("attention_mask", None)          # batch size 1, no padding: the causal mask is implied
+        input_ids = inputs["input_ids"]
+        n = input_ids.shape[1]
+        ids = input_ids[0]
+        im_start = self.tokenizer.convert_tokens_to_ids("<|im_start|>")
+        assistant_start = int((ids == im_start).nonzero().max())
+        question_start = self._question_start(text, prompt.question, n)
+        modality = self.token_modality(input_ids, self.placeholder_ids())
+        used = sorted({name for name, key in (("image", "images"), ("video", "videos"), ("audio", "audio"))
+                       if media.get(key)})
+        return Encoded(inputs=inputs, input_ids=input_ids, modality=modality, question_start=question_start,
+                       assistant_start=assistant_start, media_s=media_s, modalities_used=used,
+                       layout=self._video_layout(inputs, modality))
+
+    def _question_start(self, text: str, question: str, n: int) -> int:
+        """Token index where the question text starts, counted on the un-expanded template text."""
+        cut = text.rfind(question)
+        if cut < 0:
+            raise ValueError("the rendered chat template does not contain the question text")
+        tok = self.tokenizer
+        n_text = len(tok(text, add_special_tokens=False)["input_ids"])
+        n_prefix = len(tok(text[:cut], add_special_tokens=False)["input_ids"])
+        return n_prefix + (n - n_text)
+
+    def placeholder_ids(self) -> dict[str, int | None]:
+        tok = self.tokenizer
+        out = {}
+        for name, s in self.placeholder_tokens.items():
+            tid = tok.convert_tokens_to_ids(s)
+            out[name] = tid if tid is not None and tid != tok.unk_token_id else None
+        return out
+
+    def _video_layout(self, inputs: dict, modality: torch.Tensor) -> dict:
+        """Frame (temporal patch) and spatial index of every video position, -1 elsewhere (PureKV's ST-SpAttn)."""
+        grids = inputs.get("video_grid_thw")
+        frame = torch.full_like(modality, -1)
+        spatial = torch.full_like(modality, -1)
+        if grids is None:
+            return {}
+        merge = getattr(self.processor.video_processor, "merge_size", 2)
+        fr, sp, offset = [], [], 0
+        for t, h, w in grids.tolist():
+            per = (h // merge) * (w // merge)
+            idx = torch.arange(t * per)
+            fr.append(idx // per + offset)
+            sp.append(idx % per)
+            offset += t
+        pos = (modality == VIDEO).nonzero().flatten()
+        fr_all, sp_all = torch.cat(fr), torch.cat(sp)
+        if len(pos) == len(fr_all):                 # video tokens appear in frame order (also when interleaved)
+            frame[pos], spatial[pos] = fr_all, sp_all
+        return {"video_frame": frame, "video_spatial": spatial}

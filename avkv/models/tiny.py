@@ -1,0 +1,95 @@
+"""Tiny offline checkpoints: a byte-level BPE tokenizer trained here, the families' special tokens and real chat
+templates, random weights from small configs. Each family module defines ``build_tiny(out_dir)`` using these
+helpers; ``scripts/make_tiny_models.py`` calls the builder named by each ``configs/model/tiny_*.yaml``.
+
+The checkpoints go through ``save_pretrained`` and are loaded back with ``from_pretrained`` by the same adapter
+code that loads real checkpoints, so the real loading path is the one tested.
+"""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+TEMPLATES = Path(__file__).parent / "templates"
+
+QWEN_SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>",
+    "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",   # Qwen-VL
+    "<|audio_bos|>", "<|audio_eos|>", "<|AUDIO|>",                                              # Qwen2-Audio / Omni
+    "<|IMAGE|>", "<|VIDEO|>", "<|vision_bos|>", "<|vision_eos|>",                               # Omni
+    "<|en|>",
+]
+
+OMNI_TOKEN_ATTRS = {
+    "image_token": "<|IMAGE|>", "video_token": "<|VIDEO|>", "audio_token": "<|AUDIO|>",
+    "vision_bos_token": "<|vision_bos|>", "vision_eos_token": "<|vision_eos|>",
+    "audio_bos_token": "<|audio_bos|>", "audio_eos_token": "<|audio_eos|>",
+}
+
+# A small English corpus: enough for a tokenizer whose ids cover the words our fixtures and prompts use.
+_WORDS = ("the a an is are what which how many colour color shape square circle moving left right up down red green "
+          "blue yellow black white beep beeps tone high low pitch sound audio video frame image picture heard seen "
+          "first second third answer with letter option options only one two three four five six seven eight nine "
+          "ten zero yes no choose best from given choices directly question describe happening where when why "
+          "come used for before next both visual speech transcribe english recognize text say says said word words "
+          "cat dog car bird music instrument playing plays violin piano flute guitar loud quiet object on in of to "
+          "and or it this that there you your please think about clip shown A B C D E").split()
+
+
+def train_tokenizer(vocab_size: int = 640, seed: int = 0, extra_specials: list[str] | None = None):
+    """Train a byte-level BPE tokenizer offline (seconds) and wrap it as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    rng = random.Random(seed)
+
+    def corpus():
+        for _ in range(4000):
+            yield " ".join(rng.choice(_WORDS) for _ in range(rng.randint(3, 14))) + rng.choice([".", "?", "!", ":"])
+        yield "system user assistant You are a helpful assistant. Audio 1: Picture Video (A) (B) (C) (D)\n"
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = QWEN_SPECIAL_TOKENS + list(extra_specials or [])
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus(), trainer)
+    return tok
+
+
+def hf_tokenizer(chat_template: str, extra_special_tokens: dict | None = None, vocab_size: int = 640):
+    from transformers import PreTrainedTokenizerFast
+    return PreTrainedTokenizerFast(tokenizer_object=train_tokenizer(vocab_size), eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>", chat_template=chat_template,
+                                   extra_special_tokens=extra_special_tokens or {})
+
+
+def chat_template(family: str) -> str:
+    return (TEMPLATES / f"{family}.jinja").read_text()
+
+
+def mrope_section(head_dim: int) -> list[int]:
+    """Qwen M-RoPE sections for a head dim (sum must be head_dim/2); the real 128-dim model uses [16, 24, 24]."""
+    half = head_dim // 2
+    t = half // 4
+    h = (half - t) // 2
+    return [t, h, half - t - h]
+
+
+@contextmanager
+def atomic_dir(out_dir: str | Path):
+    """Write a checkpoint into a temp folder and move it into place at the end (no half-written checkpoints)."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

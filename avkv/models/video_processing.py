@@ -1,0 +1,97 @@
+"""Qwen2-VL-style video processor in plain torch, for machines without torchvision.
+
+transformers' ``Qwen2VLVideoProcessor`` needs torchvision (there is no CPU build for our torch). This class
+reproduces its preprocessing (smart resize to a multiple of patch×merge, bicubic antialiased resize, CLIP
+normalisation, temporal padding, the same patch order) so the real ``Qwen2_5_VLProcessor`` /
+``Qwen2_5OmniProcessor`` can be assembled around it. Resizing is not bit-identical to torchvision's; where
+torchvision exists the adapters use the stock processor (:func:`stock_video_processor_available`).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import transformers
+import transformers.processing_utils as _processing_utils
+from transformers.feature_extraction_utils import BatchFeature
+from transformers.video_processing_utils import VideoProcessorMixin
+from transformers.video_utils import VideoMetadata
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# ProcessorMixin checks attribute classes against `transformers.VideoProcessorMixin`, which is only exported at
+# the top level when torchvision is importable (processing_utils looks it up on its own module handle).
+for _mod in (transformers, _processing_utils.transformers_module):
+    if "VideoProcessorMixin" not in vars(_mod):
+        setattr(_mod, "VideoProcessorMixin", VideoProcessorMixin)
+
+
+def stock_video_processor_available() -> bool:
+    try:
+        import torchvision  # noqa: F401
+        return True
+    except Exception:
+        return False
+
+
+def smart_resize(h: int, w: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    hb, wb = max(factor, round(h / factor) * factor), max(factor, round(w / factor) * factor)
+    if hb * wb > max_pixels:
+        beta = math.sqrt(h * w / max_pixels)
+        hb, wb = max(factor, math.floor(h / beta / factor) * factor), max(factor, math.floor(w / beta / factor) * factor)
+    elif hb * wb < min_pixels:
+        beta = math.sqrt(min_pixels / (h * w))
+        hb, wb = math.ceil(h * beta / factor) * factor, math.ceil(w * beta / factor) * factor
+    return hb, wb
+
+
+class TorchQwenVideoProcessor(VideoProcessorMixin):
+    """Accepts one video or a list of videos as uint8 arrays [T,H,W,3]; returns Qwen's patchified tensors."""
+
+    model_input_names = ["pixel_values_videos", "video_grid_thw"]
+
+    def __init__(self, patch_size: int = 14, temporal_patch_size: int = 2, merge_size: int = 2,
+                 min_pixels: int = 128 * 28 * 28, max_pixels: int = 768 * 28 * 28,
+                 image_mean=CLIP_MEAN, image_std=CLIP_STD, fps: float = 2.0, **kwargs):
+        for k in ("size", "do_resize", "resample", "do_rescale", "rescale_factor", "do_normalize",
+                  "do_convert_rgb", "video_processor_type", "processor_class"):
+            kwargs.pop(k, None)
+        super().__init__(**kwargs)
+        self.patch_size, self.temporal_patch_size, self.merge_size = patch_size, temporal_patch_size, merge_size
+        self.min_pixels, self.max_pixels = min_pixels, max_pixels
+        self.image_mean, self.image_std, self.fps = list(image_mean), list(image_std), fps
+
+    def _one(self, v) -> tuple[torch.Tensor, list[int], VideoMetadata]:
+        x = torch.as_tensor(np.asarray(v)).permute(0, 3, 1, 2).float()          # T,C,H,W
+        t, c, h, w = x.shape
+        if pad := -t % self.temporal_patch_size:
+            x = torch.cat([x, x[-1:].expand(pad, -1, -1, -1)])
+        t = x.shape[0]
+        p, tp, m = self.patch_size, self.temporal_patch_size, self.merge_size
+        rh, rw = smart_resize(h, w, p * m, self.min_pixels, self.max_pixels)
+        x = F.interpolate(x, size=(rh, rw), mode="bicubic", antialias=True, align_corners=False)
+        mean = torch.tensor(self.image_mean).view(1, 3, 1, 1)
+        std = torch.tensor(self.image_std).view(1, 3, 1, 1)
+        x = (x / 255.0 - mean) / std
+        gt, gh, gw = t // tp, rh // p, rw // p
+        x = x.view(gt, tp, c, gh // m, m, p, gw // m, m, p).permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+        meta = VideoMetadata(total_num_frames=t, fps=self.fps, frames_indices=list(range(t)))
+        return x.reshape(gt * gh * gw, c * tp * p * p), [gt, gh, gw], meta
+
+    def __call__(self, videos, return_tensors=None, **kwargs):
+        if isinstance(videos, (np.ndarray, torch.Tensor)) and np.ndim(videos) == 4:
+            videos = [videos]
+        outs = [self._one(v[0] if isinstance(v, (list, tuple)) and len(v) == 1 else v) for v in videos]
+        data = {"pixel_values_videos": torch.cat([o[0] for o in outs]),
+                "video_grid_thw": torch.tensor([o[1] for o in outs])}
+        if kwargs.get("return_metadata"):
+            data["video_metadata"] = [o[2] for o in outs]
+        return BatchFeature(data, tensor_type=return_tensors, skip_tensor_conversion=["video_metadata"])
+
+    def get_num_of_video_patches(self, num_frames, height, width, videos_kwargs=None):
+        rh, rw = smart_resize(height, width, self.patch_size * self.merge_size, self.min_pixels, self.max_pixels)
+        t = num_frames + (-num_frames % self.temporal_patch_size)
+        return t // self.temporal_patch_size * (rh // self.patch_size) * (rw // self.patch_size)

@@ -1,0 +1,66 @@
+"""Helpers shared by the task modules: MC prompts, MC scoring and aggregation with breakdowns."""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Iterable, Sequence
+
+from avkv.metrics.text import extract_choice, option_letters, render_options
+from avkv.tasks.base import is_failed, record_field
+
+FAMILIES = ("qwen2_5_vl", "qwen2_audio", "qwen2_5_omni", "videollama2")
+
+MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
+#: VideoLLaMA2's own MC suffix (eval_video_mcqa_mvbench.py)
+VIDEOLLAMA2_MC_INSTRUCTION = ("Answer with the option's letter from the given choices directly and only give the "
+                              "best option.")
+
+
+def check_family(family: str) -> None:
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; known: {', '.join(FAMILIES)}")
+
+
+def mc_question(question: str, choices: Sequence[str], family: str) -> str:
+    """The default multiple-choice rendering, with VideoLLaMA2's own wording for that family."""
+    check_family(family)
+    opts = render_options(choices, "paren")
+    if family == "videollama2":
+        return f"Question: {question}\nOptions:\n{opts}\n{VIDEOLLAMA2_MC_INSTRUCTION}"
+    return f"{question}\n{opts}\n{MC_INSTRUCTION}"
+
+
+def mc_score(prediction: str | None, choices: Sequence[str], target: int) -> dict:
+    idx = extract_choice(prediction, choices)
+    keys = option_letters(len(choices))
+    return {"score": float(idx is not None and idx == target), "parsed_ok": idx is not None,
+            "parsed": keys[idx] if idx is not None else None, "target_letter": keys[target]}
+
+
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def aggregate_with_breakdowns(records: list[dict], metric: str, breakdowns: Iterable[str] = (),
+                              value_key: str = "score") -> dict:
+    """Mean of ``value_key`` over scored records (unparsed ones count as scored 0), plus per-key breakdowns.
+
+    Failed samples (``error`` set: a missing or corrupt media file, ...) are left out of the means and counted
+    in ``n_failed``; unparseable outputs are counted in ``n_unparsed`` (and scored 0 by the task).
+    """
+    ok = [r for r in records if not is_failed(r) and r.get(value_key) is not None]
+    out: dict = {metric: _mean([float(r[value_key]) for r in ok]), "n": len(records),
+                 "n_scored": len(ok), "n_failed": sum(1 for r in records if is_failed(r)),
+                 "n_unparsed": sum(1 for r in records if not is_failed(r) and r.get("parsed_ok") is False)}
+    ok_ids = {id(r) for r in ok}
+    for key in breakdowns:
+        groups: dict[str, list[float]] = defaultdict(list)
+        counts: dict[str, int] = defaultdict(int)
+        for r in records:
+            g = record_field(r, key)
+            g = "unknown" if g is None else str(g)
+            counts[g] += 1
+            if id(r) in ok_ids:
+                groups[g].append(float(r[value_key]))
+        out[f"{metric}_by_{key}"] = {g: _mean(groups.get(g, [])) for g in sorted(counts)}
+        out[f"n_by_{key}"] = dict(sorted(counts.items()))
+    return out

@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny checkpoints and dataset fixtures in .cache/ (built once, reused; same as `make assets`)."""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import pytest
+
+from avkv.config import ROOT
+
+CACHE = ROOT / ".cache"
+FAMILIES = ("qwen2_5_vl", "qwen2_audio", "qwen2_5_omni")
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_model_dir(name: str) -> Path:
+    """Path of a tiny checkpoint, written on first use by the builder its config names."""
+    from hydra.utils import get_method
+    from omegaconf import OmegaConf
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+    out = CACHE / "models" / name
+    if not (out / "config.json").exists():
+        builder = OmegaConf.load(ROOT / "configs" / "model" / f"{name}.yaml").tiny_builder
+        get_method(builder)(out)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def fixtures_dir() -> Path:
+    from avkv.tasks import fixtures
+    out = CACHE / "fixtures"
+    fixtures.build(out)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def adapter(family: str, attn: str = "sdpa"):
+    """A loaded tiny adapter (cached per session; tests must not mutate its model)."""
+    from avkv.config import compose, instantiate
+    tiny_model_dir(f"tiny_{family}")
+    cfg = compose([f"model=tiny_{family}", f"model.attn_implementation={attn}"])
+    return instantiate(cfg.model, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def fixture_root() -> Path:
+    return fixtures_dir()
+
+
+def av_prompt(question: str = "What colour is the moving square? Answer with the letter."):
+    """A prompt on the first AVQA fixture video (video with its audio track)."""
+    from avkv.tasks.base import Media, Prompt
+    video = sorted((fixtures_dir() / "avqa" / "videos").glob("*.mp4"))[0]
+    return Prompt(context=[Media("video", str(video), with_audio=True)], question=question)

@@ -1,0 +1,33 @@
+"""Session fixtures: the generated dataset layouts (built once, idempotent, into .cache/fixtures)."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from avkv.tasks import fixtures
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def fixture_root() -> Path:
+    out = REPO / ".cache" / "fixtures"
+    fixtures.build(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def facts(fixture_root: Path) -> dict:
+    return fixtures.load_facts(fixture_root)
+
+
+@pytest.fixture
+def broken_copy(fixture_root: Path, tmp_path: Path):
+    """``broken_copy('avqa')`` → a writable copy of one family's layout to damage."""
+    def make(family: str) -> Path:
+        dst = tmp_path / family
+        shutil.copytree(fixture_root / family, dst)
+        return dst
+    return make

@@ -1,0 +1,140 @@
+"""run.py / experiment: records, summary, resume, errors, every config composing."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from avkv.config import CONFIG_DIR, ROOT, compose
+from avkv.experiment import run
+from tests.conftest import fixtures_dir, tiny_model_dir
+
+SAMPLE_FIELDS = ("sample_id", "prediction", "target", "score", "kv_bytes_full", "kv_bytes_kept", "kept_ratio",
+                 "kept_by_modality", "kept_per_layer", "prefill_s", "compress_s", "decode_s_per_token",
+                 "new_tokens", "peak_mem_bytes", "media_s", "error")
+
+
+def _cfg(tmp_path, *overrides):
+    fixtures_dir()
+    return compose([f"paths.runs={tmp_path}", "progress=false", "max_new_tokens=4", *overrides])
+
+
+def _records(summary):
+    lines = (Path(summary["run_dir"]) / "samples.jsonl").read_text().splitlines()
+    return [json.loads(x) for x in lines]
+
+
+def test_every_config_composes():
+    groups = {p.name: sorted(f.stem for f in p.glob("*.yaml")) for p in CONFIG_DIR.iterdir()
+              if p.is_dir() and p.name not in ("hydra", "local", "experiment")}
+    assert {"model", "method", "dataset", "logger"} <= set(groups)
+    for group, names in groups.items():
+        for name in names:
+            cfg = compose([f"{group}={name}"])
+            OmegaConf.to_container(cfg, resolve=True)       # every interpolation resolves
+            assert cfg[group] is not None
+
+
+def test_snapkv_run_records_every_field_and_keeps_the_budget(tmp_path):
+    tiny_model_dir("tiny_qwen2_5_vl")
+    s = run(_cfg(tmp_path, "model=tiny_qwen2_5_vl", "method=snapkv", "budget=0.2", "dataset.limit=3"))
+    recs = _records(s)
+    assert len(recs) == 3 and all(r["error"] is None for r in recs)
+    for r in recs:
+        for f in SAMPLE_FIELDS:
+            assert f in r, f
+        assert abs(r["kept_ratio"] - 0.2) <= 0.02
+        assert abs(r["kv_bytes_kept"] / r["kv_bytes_full"] - 0.2) <= 0.02
+        assert r["prefill_s"] > 0 and r["peak_mem_bytes"] > 0
+    d = Path(s["run_dir"])
+    assert {"config.yaml", "meta.json", "samples.jsonl", "summary.json"} <= {p.name for p in d.iterdir()}
+    meta = json.loads((d / "meta.json").read_text())
+    assert meta["packages"]["transformers"] and meta["config_hash"]
+    summary = json.loads((d / "summary.json").read_text())
+    assert summary["n"] == 3 and abs(summary["kept_ratio_mean"] - 0.2) <= 0.02
+    assert summary["prefill_s"]["mean"] > 0 and "p90" in summary["decode_s_per_token"]
+
+
+def test_budget_one_gives_the_predictions_of_full(tmp_path):
+    tiny_model_dir("tiny_qwen2_5_omni")
+    a = _records(run(_cfg(tmp_path, "method=snapkv", "budget=1.0", "dataset.limit=3")))
+    b = _records(run(_cfg(tmp_path, "method=full", "dataset.limit=3")))
+    assert [r["prediction"] for r in a] == [r["prediction"] for r in b]
+
+
+def test_resume_after_interrupt_runs_every_sample_once(tmp_path, monkeypatch):
+    import avkv.experiment as ex
+    tiny_model_dir("tiny_qwen2_audio")
+    cfg = _cfg(tmp_path, "model=tiny_qwen2_audio", "method=streamingllm", "dataset.limit=5")
+    real, calls = ex.run_sample, {"n": 0}
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise KeyboardInterrupt          # the job is killed after 2 samples
+        return real(*a, **k)
+
+    monkeypatch.setattr(ex, "run_sample", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg)
+    monkeypatch.setattr(ex, "run_sample", real)
+    runs = list(tmp_path.glob("tiny_qwen2_audio__*"))
+    assert len(runs) == 1
+    with open(runs[0] / "samples.jsonl", "a") as f:     # a kill in the middle of a write
+        f.write('{"sample_id": "trunc')
+    s = run(cfg)
+    ids = [r["sample_id"] for r in _records(s)]
+    assert len(ids) == 5 and len(set(ids)) == 5
+    assert s["n"] == 5
+
+
+def test_broken_sample_is_recorded_and_the_run_goes_on(tmp_path):
+    import shutil
+    tiny_model_dir("tiny_qwen2_5_vl")
+    root = tmp_path / "avqa"
+    shutil.copytree(fixtures_dir() / "avqa", root)
+    videos = sorted((root / "videos").glob("*.mp4"))
+    videos[0].unlink()                                   # missing media
+    videos[-1].write_bytes(b"not a video")               # corrupt media
+    s = run(_cfg(tmp_path, "model=tiny_qwen2_5_vl", "method=snapkv", f"dataset.root={root}"))
+    recs = _records(s)
+    n_docs = len(json.loads((root / "val_qa.json").read_text()))
+    assert len(recs) == n_docs
+    errors = [r["error"] for r in recs if r["error"]]
+    assert errors and s["n_failed"] == len(errors)
+    assert all(videos[0].name in e or videos[-1].name in e for e in errors)
+    assert any(videos[0].name in e for e in errors) and any(videos[-1].name in e for e in errors)
+    assert any(r["error"] is None for r in recs)
+
+
+def _run_py(*args):
+    return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], capture_output=True, text=True,
+                          cwd=str(ROOT), timeout=120)
+
+
+def test_unknown_names_list_the_available_ones():
+    for group, bad in (("method", "nosuchmethod"), ("model", "nosuchmodel"), ("dataset", "nosuchdata")):
+        p = _run_py(f"{group}={bad}")
+        assert p.returncode != 0
+        err = p.stderr + p.stdout
+        assert f"Could not find '{group}/{bad}'" in err and f"Available options in '{group}'" in err
+    assert "snapkv" in _run_py("method=nosuchmethod").stderr
+
+
+def test_missing_checkpoint_names_path_and_script(tmp_path):
+    p = _run_py(f"model.path={tmp_path}/absent", "dataset.limit=1", f"paths.runs={tmp_path}", "progress=false")
+    assert p.returncode != 0
+    assert f"{tmp_path}/absent" in p.stderr and "make_tiny_models.py" in p.stderr
+
+
+def test_wandb_offline_mirror_writes_no_secret(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_API_KEY", "local-secret-0123456789abcdef0123456789abcdef")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    tiny_model_dir("tiny_qwen2_5_vl")
+    s = run(_cfg(tmp_path, "model=tiny_qwen2_5_vl", "logger=wandb", "logger.mode=offline", "dataset.limit=2"))
+    assert list((tmp_path / "wandb").rglob("*.wandb")), "no offline W&B run written"
+    for p in Path(s["run_dir"]).rglob("*"):
+        if p.is_file():
+            assert "local-secret" not in p.read_text(errors="ignore")
