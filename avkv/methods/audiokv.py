@@ -20,7 +20,7 @@ Our reading [ours] (each a field):
   * head scores per KV head (mean of the query heads of the group) from the file; a file made for another
     architecture (layer / head counts) is refused;
   * ``head_scores=None``: the file is looked up as ``<model folder>/audiokv_head_scores.json`` from
-    ``request['model_path']`` at :meth:`begin`; ``allocation='uniform'`` runs SnapKV+SSS without a file.
+    the adapter's checkpoint folder at :meth:`begin`; ``allocation='uniform'`` runs SnapKV+SSS without a file.
 
 Per-head counts differ, so the selection is ragged (padded indices + ``valid``); the record carries the per-head
 budgets of each layer.
@@ -154,6 +154,8 @@ class AudioKV(Method):
         if self.allocation != "head" or self.head_scores:
             return
         mp = request.get("model_path")
+        if mp is None and request.get("adapter") is not None:
+            mp = getattr(request["adapter"], "path", None)
         if mp is None:
             raise ValueError("AudioKV: no head_scores given and the request names no model_path to find "
                              f"{HEAD_SCORE_FILENAME} in; pass method.head_scores=<file> or allocation=uniform")

@@ -136,7 +136,7 @@ class FlowMM(Method):
     def compress(self, view: LayerView) -> Selection:
         S, dev, kvH = view.seq_len, view.keys.device, view.num_kv_heads
         mod = view.modality.to(dev)
-        P = self.proxy_len(mod)
+        P = min(self.proxy_len(mod), max(1, view.n_keep - 1))                        # P counts toward the budget
         imp = reduce_gqa(window_scores(view, P, reduce="sum"), kvH, self.gqa)        # [kvH, S] I(i)
         k = max(P + 1, min(view.n_keep, S)) if S > P else S
         rho = self.cross_modal_ratio(view)

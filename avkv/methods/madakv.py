@@ -19,7 +19,7 @@ Our reading [ours] (each a field):
   * H counts KV heads (the cache's heads); query-head ψ is averaged within each KV group;
   * modalities: the notes have visual vs text; with several media modalities (audio + video) every present
     modality gets its own preference, demand and quota (the two-modality case is the paper's);
-  * ``proxy=32``, ``theta=0.9`` (the paper observes ~20% of tokens carry ~90% of attention), w_min = |P|;
+  * ``proxy=32`` (clipped to the per-head budget B, since P is always kept and counts toward it), ``theta=0.9`` (the paper observes ~20% of tokens carry ~90% of attention), w_min = |P|;
   * B = the per-head budget ``n_keep`` the engine gives the first compressed layer;
   * ablations: ``mode='mpa'`` (φ^l ≡ B, split by preference), ``mode='hcc'`` (modality-agnostic θ-coverage demand
     with compensation), ``mode='full'`` (both, default).
@@ -118,13 +118,14 @@ class MadaKV(Method):
     def compress(self, view: LayerView) -> Selection:
         S, dev, H, L, l = view.seq_len, view.keys.device, view.num_kv_heads, view.num_layers, view.layer_idx
         mod = view.modality.to(dev)
-        P = max(1, min(self.proxy, S))
+        st = view.state.setdefault("madakv", {})
+        B0 = st.get("B", max(1, min(view.n_keep, S)))
+        P = max(1, min(self.proxy, S, B0))                               # the proxy counts toward the budget
         w_min = max(P, min(S, self.w_min if self.w_min is not None else P))
         psi = reduce_gqa(window_scores(view, P, reduce="sum"), H, self.gqa).float()     # [kvH, S]
         cand = torch.ones(S, dtype=torch.bool, device=dev)
         cand[S - P:] = False
 
-        st = view.state.setdefault("madakv", {})
         if "B" not in st:
             B = max(1, min(view.n_keep, S))
             st.update(B=B, phi=float(B), total=L * H * B, spent=0, first=l)

@@ -23,10 +23,10 @@ Our reading [ours] (each a field):
     causal. Off in layers < ``st_dense_layers`` (2), so the source layer's scores stay comparable.
 
 ST-SpAttn needs the adapter's layout (``request['layout']['video_frame']``/``['video_spatial']``, -1 for non-video)
-and a model that dispatches attention to the registered ``avkv_st_spattn`` function: :meth:`PureKV.begin` switches
-``request['model']`` to it for the sample and :meth:`PureKV.end` restores the previous implementation. Any other
-attention call (decode, later chunks, non-causal vision/audio towers, dense layers) goes to that previous function
-unchanged. A missing layout, a missing model, or a prefill in which the function was never reached fails loudly.
+and routes the decoder's attention through the registered ``avkv_st_spattn`` function: :meth:`PureKV.begin` sets
+it on the text config of ``request['adapter']`` (or ``request['model']``) for the sample and :meth:`PureKV.end`
+restores the previous implementation; vision/audio towers are never touched. Any other attention call (decode,
+later prefill chunks, dense layers) goes to that previous function unchanged. A missing layout, a missing model, or a prefill in which the function was never reached fails loudly.
 """
 from __future__ import annotations
 
@@ -165,12 +165,15 @@ class PureKV(Method):
         if model is None:
             raise ValueError("PureKV with st_spattn=True needs request['model'] to route prefill attention "
                              f"through the registered '{ST_ATTENTION_NAME}' function")
-        register_st_attention()
-        prev = _attn_impl(model)
+        adapter = request.get("adapter")
+        cfg = adapter.text_config() if adapter is not None else _text_config(model)
+        prev = cfg._attn_implementation or "eager"
+        register_st_attention(prev)
+        n_layers = len(request.get("layers") or []) or None
         ctx = _STContext(frame=frame, spatial=spatial, dense_layers=self.st_dense_layers, radius=self.st_radius,
-                         max_prev=self.st_frames, prev_impl=prev, base=_resolve(prev), model=model)
-        if prev != ST_ATTENTION_NAME:
-            model.set_attn_implementation(ST_ATTENTION_NAME)
+                         max_prev=self.st_frames, prev_impl=prev, base=_resolve(prev), config=cfg,
+                         expected=bool((frame >= 0).any()) and (n_layers is None or n_layers > self.st_dense_layers))
+        cfg._attn_implementation = ST_ATTENTION_NAME          # decoder layers only; vision/audio towers untouched
         _ACTIVE.ctx = ctx
         self._ctx = ctx
 
@@ -179,9 +182,8 @@ class PureKV(Method):
         if ctx is None:
             return
         _ACTIVE.ctx = None
-        if ctx.prev_impl != ST_ATTENTION_NAME:
-            ctx.model.set_attn_implementation(ctx.prev_impl)
-        if bool((ctx.frame >= 0).any()) and ctx.calls == 0:
+        ctx.config._attn_implementation = ctx.prev_impl
+        if ctx.expected and ctx.calls == 0:
             raise RuntimeError("PureKV: ST-SpAttn was on for a prompt with video but the model never called the "
                                f"'{ST_ATTENTION_NAME}' attention function during prefill")
 
@@ -301,7 +303,8 @@ class _STContext:
     max_prev: int | None
     prev_impl: str
     base: Callable
-    model: Any
+    config: Any
+    expected: bool = True          # a prompt with video and at least one sparse layer: the function must be reached
     calls: int = 0
     used_layers: set = field(default_factory=set)
 
@@ -313,15 +316,10 @@ class _Active(threading.local):
 _ACTIVE = _Active()
 
 
-def _attn_impl(model) -> str:
-    cfg = getattr(model, "config", None)
-    impl = getattr(cfg, "_attn_implementation", None)
-    if impl is None:
-        for sub in ("text_config", "thinker_config"):
-            c = getattr(cfg, sub, None)
-            if c is not None and getattr(c, "_attn_implementation", None):
-                return c._attn_implementation
-    return impl or "sdpa"
+def _text_config(model) -> Any:
+    cfg = model.config
+    cfg = getattr(cfg, "thinker_config", cfg)
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
 
 
 def _resolve(impl: str) -> Callable:
@@ -330,7 +328,7 @@ def _resolve(impl: str) -> Callable:
         from transformers.models.qwen2.modeling_qwen2 import eager_attention_forward
         return eager_attention_forward
     if impl == ST_ATTENTION_NAME:
-        return ALL_ATTENTION_FUNCTIONS["sdpa"]
+        raise RuntimeError("PureKV: ST-SpAttn is already active on this model (nested begin without end)")
     return ALL_ATTENTION_FUNCTIONS[impl]
 
 
@@ -358,7 +356,11 @@ def st_spattn_attention(module, query, key, value, attention_mask, scaling=None,
     return out.transpose(0, 1).unsqueeze(0).contiguous(), None
 
 
-def register_st_attention() -> str:
+def register_st_attention(base_impl: str = "sdpa") -> str:
+    """Register ``avkv_st_spattn`` (attention + the mask function of ``base_impl``) with transformers."""
     from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
     AttentionInterface.register(ST_ATTENTION_NAME, st_spattn_attention)
+    mask_impl = base_impl if base_impl in ALL_MASK_ATTENTION_FUNCTIONS else "sdpa"
+    AttentionMaskInterface.register(ST_ATTENTION_NAME, ALL_MASK_ATTENTION_FUNCTIONS[mask_impl])
     return ST_ATTENTION_NAME

@@ -144,6 +144,8 @@ def test_registered_attention_routes_prefill_and_restores():
         m = PureKV(st_dense_layers=1)
         m.begin({"layout": {"video_frame": frame, "video_spatial": spatial}, "model": model})
         assert model.config._attn_implementation == "avkv_st_spattn"
+        with pytest.raises(RuntimeError, match="already active"):
+            PureKV().begin({"layout": {"video_frame": frame, "video_spatial": spatial}, "model": model})
         sparse = model(ids).logits
         assert m._ctx.used_layers == {1, 2, 3}
         m.end()
