@@ -24,10 +24,13 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
     done = fixtures.build(a.out, only=a.only, force=a.force)
-    built = [k for k, v in done.items() if v]
-    kept = [k for k, v in done.items() if not v]
+    built = [k for k, v in done.items() if v is True]
+    kept = [k for k, v in done.items() if v is False]
     print(f"fixtures in {a.out}: built {built or '-'}; already complete {kept or '-'} "
           f"({time.perf_counter() - t0:.2f}s)")
+    for k, v in done.items():
+        if isinstance(v, str):
+            print(f"  skipped {k}: {v}")
     return 0
 
 

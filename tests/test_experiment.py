@@ -138,3 +138,13 @@ def test_wandb_offline_mirror_writes_no_secret(tmp_path, monkeypatch):
     for p in Path(s["run_dir"]).rglob("*"):
         if p.is_file():
             assert "local-secret" not in p.read_text(errors="ignore")
+
+
+def test_fidelity_compares_with_the_full_cache(tmp_path):
+    tiny_model_dir("tiny_qwen2_5_vl")
+    full = _records(run(_cfg(tmp_path, "model=tiny_qwen2_5_vl", "method=full", "fidelity=true", "dataset.limit=2")))
+    assert all(r["fidelity_token_agreement"] == 1.0 and r["fidelity_first_kl"] < 1e-6 for r in full)
+    comp = _records(run(_cfg(tmp_path, "model=tiny_qwen2_5_vl", "method=streamingllm", "budget=0.1",
+                             "fidelity=true", "dataset.limit=2")))
+    assert all(0.0 <= r["fidelity_token_agreement"] <= 1.0 and r["fidelity_first_kl"] >= 0 for r in comp)
+    assert any(r["fidelity_first_kl"] > 1e-6 for r in comp)

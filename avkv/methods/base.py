@@ -108,6 +108,12 @@ class Method:
         """True when the method keeps everything (the engine then skips the hooks entirely)."""
         return False
 
+    def decode_step(self, view: LayerView) -> Selection | None:
+        """``decode_policy=fixed``: called after each decode step with the current cache of one layer (the new
+        token included, last); ``view.n_keep`` is the size to hold. Returns the entries to keep, or None to keep
+        the cache as it is. Methods without a fixed-size decode rule fail loudly instead of silently growing."""
+        raise NotImplementedError(f"{self.name} defines no decode_step: use decode_policy=grow")
+
 
 class ScoreMethod(Method):
     """A method defined by per-KV-head scores: keep the window plus the top ``n_keep - window`` others.
@@ -121,26 +127,43 @@ class ScoreMethod(Method):
     def score(self, view: LayerView) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def protected(self, view: LayerView) -> int:
+        """How many of the chunk's last positions are always kept (they count toward ``n_keep``).
+
+        ``window`` by default; methods whose recent window depends on the budget (H2O) override it. Allocation
+        wrappers read it, so every scorer composes with every wrapper.
+        """
+        return self.window
+
     def compress(self, view: LayerView) -> Selection:
         scores = self.score(view)
-        return Selection(indices=keep_topk(scores, view.n_keep, protect_last=self.window))
+        return Selection(indices=keep_topk(scores, view.n_keep, protect_last=self.protected(view)))
 
 
 # ---------------------------------------------------------------------------------------------- primitives
+def rank_positions(scores: torch.Tensor) -> torch.Tensor:
+    """Positions of each row of ``scores`` [R, S] from best to worst: [R, S].
+
+    Deterministic: equal scores are ranked by position, the later first (a stable sort of the reversed row),
+    so reruns are identical whatever the kernel's own ordering and no score is perturbed.
+    """
+    S = scores.shape[-1]
+    s = scores.detach().to(torch.float64)
+    return S - 1 - torch.sort(s.flip(-1), dim=-1, descending=True, stable=True).indices
+
+
 def keep_topk(scores: torch.Tensor, k: int, protect_last: int = 0) -> torch.Tensor:
     """Deterministic top-k per row of ``scores`` [R, S] → sorted indices [R, k].
 
     The last ``protect_last`` positions are always kept (they count toward k). Ties are broken by position
-    (the later position wins, so reruns are identical whatever the kernel's own ordering).
+    (the later position wins, :func:`rank_positions`).
     """
     R, S = scores.shape
     k = max(1, min(int(k), S))
     s = scores.detach().to(torch.float64).clone()
     if protect_last > 0:
         s[:, S - min(protect_last, S):] = math.inf
-    # tie-break: add a tiny position-dependent offset far below any real score difference
-    s = s + torch.arange(S, dtype=torch.float64, device=s.device) * 1e-12
-    return s.topk(k, dim=-1).indices.sort(dim=-1).values
+    return rank_positions(s)[:, :k].sort(dim=-1).values
 
 
 def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -155,16 +178,33 @@ def reduce_gqa(scores: torch.Tensor, num_kv_heads: int, how: str = "mean") -> to
     return {"mean": g.mean(1), "max": g.amax(1), "sum": g.sum(1)}[how]
 
 
+def _grouped_logits(view: LayerView, q: torch.Tensor, cols: int) -> torch.Tensor:
+    """Scaled logits of query heads ``q`` [H, r, D] against the first ``cols`` keys: [H, r, cols] (fp32).
+
+    Query heads are grouped onto their KV head by a reshape instead of repeating the keys (same head order as
+    transformers' ``repeat_kv``), so no [H, S, D] copy of the cache is made.
+    """
+    H, r, D = q.shape
+    kvH = view.num_kv_heads
+    k = view.keys[:, :cols].float()                                          # [kvH, cols, D]
+    qg = q.float().reshape(kvH, (H // kvH) * r, D)
+    return torch.bmm(qg, k.transpose(1, 2)).mul_(view.scaling).view(H, r, cols)
+
+
+def _causal_softmax_(logits: torch.Tensor, start: int) -> torch.Tensor:
+    """In-place causal mask + softmax of logits [H, r, C] for query rows start..start+r-1 (key j visible iff j ≤ i)."""
+    r, C = logits.shape[1], logits.shape[2]
+    if start < C - 1:                                   # some row sees fewer than all C keys
+        qpos = torch.arange(start, start + r, device=logits.device)[:, None]
+        kpos = torch.arange(C, device=logits.device)[None, :]
+        logits.masked_fill_(kpos > qpos, float("-inf"))
+    return logits.softmax(-1)
+
+
 def attention_rows(view: LayerView, start: int, end: int) -> torch.Tensor:
     """Causal softmax attention of prompt queries [start, end) over the chunk's keys: [H, end-start, S] (fp32)."""
-    q = view.queries(start, end).float()
-    k = repeat_kv(view.keys.float(), view.groups)
-    logits = torch.einsum("hqd,hkd->hqk", q, k) * view.scaling
-    S = view.seq_len
-    qpos = torch.arange(start, end, device=logits.device)[:, None]
-    kpos = torch.arange(S, device=logits.device)[None, :]
-    logits = logits.masked_fill(kpos > qpos, float("-inf"))
-    return logits.softmax(-1)
+    logits = _grouped_logits(view, view.queries(start, end), view.seq_len)
+    return _causal_softmax_(logits, start)
 
 
 def window_scores(view: LayerView, window: int, reduce: str = "mean") -> torch.Tensor:
@@ -178,17 +218,23 @@ def window_scores(view: LayerView, window: int, reduce: str = "mean") -> torch.T
     return a.mean(1) if reduce == "mean" else a.sum(1)
 
 
-def accumulated_scores(view: LayerView, chunk: int = 512, normalize: bool = False) -> torch.Tensor:
+def accumulated_scores(view: LayerView, chunk: int = 512, normalize: bool = False,
+                       max_elements: int = 1 << 26) -> torch.Tensor:
     """H2O accumulated attention: column sums of the causal softmax over *all* prompt queries, [H, S].
 
-    Computed in query chunks (each chunk's rows are normalised exactly, then summed), so no S×S matrix exists.
-    With ``normalize`` each column is divided by the number of rows that can see it (mean instead of sum).
+    Rows are processed in chunks. A chunk holds complete rows (each row over the keys it can see), so its
+    softmax normalisers are exact and one pass suffices; rows [s, e) only touch keys [0, e), so the work is the
+    causal half of the matrix. The chunk shrinks so that a chunk's logits stay under ``max_elements`` (64 Mi
+    floats = 256 MiB), so no S×S matrix exists and extra memory is O(H·chunk·S). With ``normalize`` each
+    column is divided by the number of rows that can see it (mean instead of sum).
     """
-    S = view.seq_len
-    out = torch.zeros(view.num_heads, S, dtype=torch.float32, device=view.keys.device)
+    S, H = view.seq_len, view.num_heads
+    chunk = max(1, min(chunk, max_elements // max(1, H * S)))
+    out = torch.zeros(H, S, dtype=torch.float32, device=view.keys.device)
     for start in range(0, S, chunk):
         end = min(S, start + chunk)
-        out += attention_rows(view, start, end).sum(1)
+        p = _causal_softmax_(_grouped_logits(view, view.queries(start, end), end), start)
+        out[:, :end] += p.sum(1)
     if normalize:
         out = out / torch.arange(S, 0, -1, device=out.device, dtype=out.dtype)
     return out
@@ -208,46 +254,68 @@ def pool_scores(scores: torch.Tensor, kernel: int, how: str = "max") -> torch.Te
     return y.squeeze(1)[..., : scores.shape[-1]]
 
 
+def complement(indices: torch.Tensor, size: int) -> torch.Tensor:
+    """Positions of [0, size) not in ``indices`` [R, k] (per row, sorted): [R, size - k]. Rows must be duplicate-free."""
+    R = indices.shape[0]
+    mask = torch.ones(R, size, dtype=torch.bool, device=indices.device)
+    mask.scatter_(1, indices, False)
+    return torch.nonzero(mask)[:, 1].view(R, -1)
+
+
 def merge_into_nearest(keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor, evicted: torch.Tensor,
-                       mode: str = "pivot", allowed: torch.Tensor | None = None
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge evicted entries into their most key-similar kept entry, for one KV head.
+                       mode: str = "pivot", allowed: torch.Tensor | None = None,
+                       min_similarity: float | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge evicted entries into their most key-similar kept entry.
 
-    keys/values: [S, D]; keep: [k] kept positions; evicted: [e] positions to merge; ``allowed``: optional
-    [e, k] bool — which kept entries each evicted entry may merge into (e.g. same modality only). An evicted
-    entry with no allowed target is dropped. Modes (LOOK-M / KVCache-Factory):
+    One KV head: keys/values [S, D], keep [k], evicted [e], ``allowed`` [e, k]. Several heads at once: add a
+    leading head dimension to all of them ([R, S, D], [R, k], [R, e], [R, e, k]). ``allowed`` says which kept
+    entries each evicted entry may merge into (e.g. same modality only); ``min_similarity`` (a float or a
+    broadcastable tensor) gates merging on the best cosine similarity. An evicted entry with no allowed target,
+    or below the gate, is dropped. Modes:
 
-    * ``avg``: contribution = x_e
-    * ``pivot``: contribution = (x_e + x_target) / 2
-    * ``weighted``: contribution = x_e scaled by (cos + 1) / 2
+    * ``avg``: contribution = x_e (plain average; conserves the summed mass)
+    * ``pivot``: contribution = (x_e + x_target) / 2 (LOOK-M default)
+    * ``weighted``: contribution = cos(k_e, k_target) · x_e (LOOK-M ``weighted``, D2O)
 
     The kept entry becomes the mean of itself and all contributions it receives (scatter-mean including
-    itself). Returns the new kept keys/values [k, D].
+    itself, as ``torch.scatter_reduce(..., reduce="mean", include_self=True)`` in the LOOK-M code). Returns the
+    new kept keys/values ([k, D] or [R, k, D]).
     """
-    Kk, Vk = keys[keep].float(), values[keep].float()
-    if evicted.numel() == 0:
-        return Kk.to(keys.dtype), Vk.to(values.dtype)
-    Ke, Ve = keys[evicted].float(), values[evicted].float()
-    sim = F.normalize(Ke, dim=-1) @ F.normalize(Kk, dim=-1).T           # [e, k]
-    if allowed is not None:
-        sim = sim.masked_fill(~allowed, float("-inf"))
-    best_sim, target = sim.max(dim=-1)
-    ok = torch.isfinite(best_sim)
-    Ke, Ve, target, best_sim = Ke[ok], Ve[ok], target[ok], best_sim[ok]
-    if mode == "avg":
-        ck, cv = Ke, Ve
-    elif mode == "pivot":
-        ck, cv = (Ke + Kk[target]) / 2, (Ve + Vk[target]) / 2
-    elif mode == "weighted":
-        w = ((best_sim + 1) / 2).unsqueeze(-1)
-        ck, cv = Ke * w, Ve * w
-    else:
+    single = keys.dim() == 2
+    if single:
+        keys, values, keep, evicted = keys[None], values[None], keep[None], evicted[None]
+        allowed = None if allowed is None else allowed[None]
+    R, _, D = keys.shape
+    Kk = keys.gather(1, keep[..., None].expand(-1, -1, D)).float()           # [R, k, D]
+    Vk = values.gather(1, keep[..., None].expand(-1, -1, D)).float()
+    if evicted.shape[-1] > 0:
+        Ke = keys.gather(1, evicted[..., None].expand(-1, -1, D)).float()    # [R, e, D]
+        Ve = values.gather(1, evicted[..., None].expand(-1, -1, D)).float()
+        sim = F.normalize(Ke, dim=-1) @ F.normalize(Kk, dim=-1).transpose(1, 2)   # [R, e, k]
+        if allowed is not None:
+            sim = sim.masked_fill(~allowed, float("-inf"))
+        best, target = sim.max(dim=-1)                                         # [R, e]
+        ok = torch.isfinite(best)
+        if min_similarity is not None:
+            ok &= best >= min_similarity
+        w = ok.to(Kk.dtype)[..., None]                                         # dropped entries contribute 0
+        tgt = target[..., None].expand(-1, -1, D)
+        if mode == "avg":
+            ck, cv = Ke, Ve
+        elif mode == "pivot":
+            ck, cv = (Ke + Kk.gather(1, tgt)) / 2, (Ve + Vk.gather(1, tgt)) / 2
+        elif mode == "weighted":
+            sw = torch.where(ok, best, torch.zeros_like(best))[..., None]
+            ck, cv = Ke * sw, Ve * sw
+        else:
+            raise ValueError(f"merge mode must be avg, pivot or weighted, got {mode!r}")
+        count = torch.ones(R, Kk.shape[1], 1, device=Kk.device).scatter_add_(1, target[..., None], w)
+        Kk = Kk.scatter_add(1, tgt, ck * w) / count
+        Vk = Vk.scatter_add(1, tgt, cv * w) / count
+    elif mode not in ("avg", "pivot", "weighted"):
         raise ValueError(f"merge mode must be avg, pivot or weighted, got {mode!r}")
-    count = torch.ones(Kk.shape[0], 1, device=Kk.device).index_add_(0, target, torch.ones(len(target), 1,
-                                                                                        device=Kk.device))
-    newK = Kk.clone().index_add_(0, target, ck) / count
-    newV = Vk.clone().index_add_(0, target, cv) / count
-    return newK.to(keys.dtype), newV.to(values.dtype)
+    Kk, Vk = Kk.to(keys.dtype), Vk.to(values.dtype)
+    return (Kk[0], Vk[0]) if single else (Kk, Vk)
 
 
 def modality_counts(modality: torch.Tensor, indices: torch.Tensor, valid: torch.Tensor | None = None) -> dict:

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from avkv.methods.base import LayerView, ScoreMethod
+from avkv.methods.base import LayerView, ScoreMethod, Selection
 
 
 @dataclass
@@ -16,9 +16,9 @@ class StreamingLLM(ScoreMethod):
     ----------
     sink : int
         Number of initial "attention sink" tokens kept (4 in the paper).
-
-    ``decode_policy`` is ``grow`` here (decode tokens are appended); the paper's rolling window corresponds to
-    ``fixed``, which the engine logs when set.
+    decode_policy : str
+        ``grow`` (default; decode tokens are appended) or ``fixed``: the paper's rolling window, where after each
+        decode step the sinks and the most recent ``n_keep - sink`` entries are kept.
     """
 
     name = "streamingllm"
@@ -31,3 +31,8 @@ class StreamingLLM(ScoreMethod):
         s = pos.clone()                     # recency
         s[: min(self.sink, S)] = S + 1.0    # sinks beat everything
         return s.expand(view.num_kv_heads, S)
+
+    def decode_step(self, view: LayerView) -> Selection | None:
+        """Rolling window: the cache keeps its order (sinks first, the new token last), so the same positional
+        score applies to the current cache."""
+        return None if view.seq_len <= view.n_keep else self.compress(view)

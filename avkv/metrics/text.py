@@ -100,6 +100,23 @@ def extract_choice(text: str | None, choices: Sequence[str]) -> int | None:
     return None
 
 
+def videollama2_mc_choice(text: str | None, n_choices: int) -> tuple[int, bool]:
+    """VideoLLaMA2 ``inference_video_mcqa_mvbench.py`` ``mvbench_dump``: the first match of
+    ``[\(,\ ]*[A-D][\),\ ]*`` (any capital key letter, even inside a word: "Based on" reads as B), stripped of
+    spaces and brackets. **Quirk:** when nothing matches, the official script predicts index 2 ("C").
+
+    Returns ``(index, parsed_ok)``; ``parsed_ok`` is False where the fallback was used, so the harness can count
+    it even in official-compatible scoring.
+    """
+    keys = option_letters(n_choices)
+    found = re.findall(rf"[\(,\ ]*[{keys[0]}-{keys[-1]}][\),\ ]*", str(text or ""))
+    if found:
+        k = found[0].strip().strip("()")
+        if k in keys:
+            return keys.index(k), True
+    return 2, False
+
+
 # ------------------------------------------------------------------------------------------------- exact match
 
 
@@ -120,6 +137,16 @@ def normalize_answer(s: str) -> str:
 
 def exact_match(pred: str, answer: str) -> bool:
     return normalize_answer(pred) == normalize_answer(answer)
+
+
+_NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
+
+
+def normalize_short_answer(s: str) -> str:
+    """:func:`normalize_answer` plus ``_`` → space and digits 0-10 → words ("2" → "two", "acoustic_guitar" →
+    "acoustic guitar"): a clean match for one-word vocabularies such as MUSIC-AVQA's."""
+    words = normalize_answer(str(s).replace("_", " ")).split()
+    return " ".join(_NUMBER_WORDS[int(w)] if w.isdigit() and int(w) <= 10 else w for w in words)
 
 
 # ------------------------------------------------------------------------------------------------------ ROUGE-L
@@ -201,3 +228,85 @@ def rouge_l_pltrdy(hyp: str, ref: str) -> float:
         llcs += len(union) - prev
     r_lcs, p_lcs = llcs / m, llcs / n
     return 2.0 * ((p_lcs * r_lcs) / (p_lcs + r_lcs + 1e-8))
+
+
+# ---------------------------------------------------------------------------------------------------- WER / CER
+# Qwen2-Audio ``eval_audio/evaluate_asr.py`` == lmms-eval ``asr_wer_utils``: remove special tokens, normalise
+# (English: Whisper EnglishTextNormalizer, then — an if/elif quirk — BasicTextNormalizer too), tokenise with
+# fairseq's EvaluationTokenizer (sacrebleu "none", lower-case, drop all-punctuation tokens), corpus-level
+# WER = sum of edit distances / sum of reference tokens. The normalisers are transformers' Whisper ones; the
+# British→American spelling map they need is openai/whisper's ``normalizers/english.json`` (MIT), vendored as
+# ``whisper_english_spelling.json`` because transformers ships it only inside Whisper checkpoints.
+
+_PUNCS = "!,.?;:"
+_NORMALIZERS: dict[str, object] = {}
+
+
+def remove_special_tokens(text: str, language: str = "en") -> str:
+    """Qwen2-Audio ``remove_sp``: ``<|...|>`` tokens → space, squash spaces, no space before ``!,.?;:``."""
+    s = re.sub(r"<\|.*?\|>", " ", str(text))
+    s = re.sub(r"\s+", " ", s)
+    s = re.sub(f" ?([{_PUNCS}])", r"\1", s)
+    s = s.lstrip(" ")
+    if language == "zh":
+        s = re.sub(r"\s+", "", s)
+    return s
+
+
+def _normalizer(kind: str):
+    if kind not in _NORMALIZERS:
+        from transformers.models.whisper.english_normalizer import BasicTextNormalizer, EnglishTextNormalizer
+        if kind == "en":
+            import json
+            from pathlib import Path
+            mapping = json.loads((Path(__file__).with_name("whisper_english_spelling.json")).read_text())
+            _NORMALIZERS[kind] = EnglishTextNormalizer(mapping)
+        else:
+            _NORMALIZERS[kind] = BasicTextNormalizer()
+    return _NORMALIZERS[kind]
+
+
+def normalize_asr(text: str, language: str = "en") -> str:
+    """The Qwen2-Audio / lmms-eval normalisation of one transcript (before tokenisation).
+
+    ``en``: EnglishTextNormalizer then BasicTextNormalizer; other languages: BasicTextNormalizer (Chinese needs
+    the speechio TextNorm, not supported here).
+    """
+    if language == "zh":
+        raise NotImplementedError("Chinese CER needs the speechio TextNorm normaliser, not vendored here")
+    s = remove_special_tokens(text, language)
+    if language == "en":
+        s = _normalizer("en")(s)
+    return _normalizer("basic")(s)
+
+
+def asr_tokens(text: str, language: str = "en", normalized: bool = False) -> list[str]:
+    """fairseq EvaluationTokenizer(tokenizer_type='none', lowercase, punctuation_removal); characters for yue."""
+    import unicodedata
+    s = text if normalized else normalize_asr(text, language)
+    s = " ".join(t for t in s.split(" ") if not all(unicodedata.category(c)[0] == "P" for c in t))
+    toks = s.lower().split()
+    if language in ("zh", "yue"):
+        toks = list("".join(toks))
+    return toks
+
+
+def edit_counts(ref: str, hyp: str, language: str = "en") -> tuple[int, int]:
+    """(word edit distance, reference length) after normalisation; the edit distance comes from jiwer."""
+    import jiwer
+    r, h = asr_tokens(ref, language), asr_tokens(hyp, language)
+    if not r:
+        return len(h), 0
+    out = jiwer.process_words(" ".join(r), " ".join(h))
+    return out.substitutions + out.deletions + out.insertions, len(r)
+
+
+def corpus_wer(refs: Sequence[str], hyps: Sequence[str], language: str = "en") -> float:
+    """Corpus WER (a fraction): sum of edit distances over the sum of reference tokens."""
+    if len(refs) != len(hyps):
+        raise ValueError(f"{len(refs)} references but {len(hyps)} hypotheses")
+    e = n = 0
+    for r, h in zip(refs, hyps):
+        de, dn = edit_counts(r, h, language)
+        e, n = e + de, n + dn
+    return e / n if n else 0.0

@@ -1,0 +1,319 @@
+"""Allocation wrappers: how many entries each layer, KV head or modality keeps, composed with any scorer.
+
+A wrapper takes a scorer (any :class:`~avkv.methods.base.ScoreMethod`; the per-layer wrapper takes any
+:class:`~avkv.methods.base.Method`) and decides only the counts; the scorer decides which entries. So
+PyramidKV is ``LayerAllocation(SnapKV)``, AdaKV is ``HeadAllocation(SnapKV)``, and the same wrappers give
+pyramid-H2O, AdaKV-H2O or per-modality SnapKV without copying any allocation code (kvpress-style wrappers,
+``shared/design/anchors.md`` §1).
+
+* :class:`LayerAllocation`: per-layer counts from a schedule (PyramidKV's linear pyramid, or fixed weights).
+* :class:`HeadAllocation`: AdaKV — a global top-k across the KV heads of a layer decides each head's share,
+  with a floor; heads keep different counts, so the selection is padded with a ``valid`` mask.
+* :class:`ModalityAllocation`: fixed shares of the budget per modality, or shares another method computed and
+  left in ``view.state``.
+
+The window (``scorer.protected(view)``) is always kept and counts toward every budget.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Sequence
+
+import torch
+
+from avkv.methods.base import MODALITIES, LayerView, Method, ScoreMethod, Selection, rank_positions
+
+
+# ------------------------------------------------------------------------------------------------ counting
+def round_preserving_sum(x: torch.Tensor) -> torch.Tensor:
+    """Round non-negative reals to integers whose sum is round(sum(x)) (largest remainder; ties to the first)."""
+    x = x.to(torch.float64)
+    floor = x.floor()
+    short = int(round(float(x.sum()))) - int(floor.sum())
+    if short > 0:
+        rem = x - floor
+        order = torch.sort(rem, descending=True, stable=True).indices[:short]
+        floor[order] += 1
+    return floor.long()
+
+
+def pyramid_budgets(n_keep: int, window: int, num_layers: int, seq_len: int, beta: float = 20.0) -> list[int]:
+    """PyramidKV per-layer kept counts (window included), ``shared/design/methods.md`` §6.
+
+    With B = ``n_keep`` (the per-layer average) and w the window: min = (B − w)/β, max = 2(B − w) − min, and
+    layer l keeps max − l·(max − min)/(L − 1) prefix entries plus w; if max ≥ n − w, max = n − w and
+    min = 2(B − w) − max. As in KVCache-Factory, a prompt shorter than 2(B − w) gets the uniform budget.
+
+    Difference from KVCache-Factory: it floors min and the step to integers, which makes the layers keep more
+    than B on average; here the schedule is real-valued and rounded with the sum preserved, so the mean over
+    layers is exactly B (the budget the run reports).
+    """
+    w = min(window, n_keep, seq_len)
+    base = n_keep - w
+    prefix = seq_len - w
+    L = num_layers
+    if L <= 1 or base <= 0 or seq_len < 2 * base:
+        return [n_keep] * L
+    lo = base / beta
+    hi = 2 * base - lo
+    if hi >= prefix:
+        hi = prefix
+        lo = 2 * base - hi
+    step = (hi - lo) / (L - 1)
+    counts = round_preserving_sum(torch.tensor([hi - l * step for l in range(L)]).clamp(0, prefix))
+    return [int(c) + w for c in counts]
+
+
+def adaptive_head_counts(scores: torch.Tensor, base: int, floor: float = 0.2) -> torch.Tensor:
+    """AdaKV per-head capacities (window excluded) from prefix scores [kvH, P].
+
+    All heads' scores are pooled and the global top ``kvH·base`` decides how many entries c_h each head wins;
+    the capacity is c_h·(1 − floor) + floor·base, so every head keeps at least ``floor·base``. KVCache-Factory
+    rounds each head independently and floors ``floor·base``; here the rounding preserves the layer total
+    kvH·base exactly. Ties between heads are broken deterministically (later position, then later head).
+    """
+    R, P = scores.shape
+    base = max(0, min(int(base), P))
+    flat = scores.detach().reshape(1, R * P)
+    top = rank_positions(flat)[0, : R * base]
+    won = torch.bincount(top // P, minlength=R).to(torch.float64)
+    cap = round_preserving_sum(won * (1 - floor) + floor * base)
+    return cap.clamp(max=P)
+
+
+def ragged_topk(scores: torch.Tensor, counts: torch.Tensor, protect_last: int = 0
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Row r keeps its top ``counts[r]`` positions among [0, S − protect_last) plus the last ``protect_last``.
+
+    Returns what :func:`mask_to_indices` returns for that keep mask.
+    """
+    R, S = scores.shape
+    w = min(protect_last, S)
+    P = S - w
+    counts = counts.to(device=scores.device, dtype=torch.long).clamp(0, P)
+    ranked = rank_positions(scores[:, :P])                                   # [R, P] best first
+    wins = torch.arange(P, device=scores.device)[None, :] < counts[:, None]
+    keep = torch.ones(R, S, dtype=torch.bool, device=scores.device)
+    keep[:, :P] = torch.zeros(R, P, dtype=torch.bool, device=scores.device).scatter_(1, ranked, wins)
+    return mask_to_indices(keep)
+
+
+def mask_to_indices(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Keep mask [R, S] → (``indices`` [R, kmax], ``valid`` [R, kmax] or None when all rows keep as many).
+
+    Each row lists its kept positions in order, then pads to the longest row by repeating its last kept
+    position (a harmless gather) with ``valid`` False.
+    """
+    R, S = keep.shape
+    n = keep.sum(1)
+    kmax = int(n.max()) if R else 0
+    pos = torch.arange(S, device=keep.device).expand(R, S)
+    idx = torch.where(keep, pos, pos + S).sort(dim=-1).values[:, :kmax]
+    if bool((n == kmax).all()):
+        return idx, None
+    valid = torch.arange(kmax, device=keep.device)[None, :] < n[:, None]
+    last = idx.gather(1, (n - 1).clamp(min=0)[:, None])
+    return torch.where(valid, idx, last), valid
+
+
+def modality_budgets(available: dict[str, int], shares: dict[str, float], total: int) -> dict[str, int]:
+    """Split ``total`` entries over modalities by ``shares``, never beyond what a modality has.
+
+    Water-filling: each modality gets its share of what is left; a modality that cannot use its share is capped
+    and the surplus goes to the others in proportion to their shares (then, if still short, to modalities with
+    no share, in proportion to what they have). Integer counts summing to min(total, Σ available).
+    """
+    names = [m for m in available if available[m] > 0]
+    total = min(int(total), sum(available[m] for m in names))
+    out = {m: 0 for m in available}
+    for weights in ({m: max(0.0, float(shares.get(m, 0.0))) for m in names},
+                    {m: float(available[m]) for m in names}):
+        while True:
+            left = total - sum(out.values())
+            open_ = [m for m in names if out[m] < available[m] and weights[m] > 0]
+            if left <= 0 or not open_:
+                break
+            wsum = sum(weights[m] for m in open_)
+            want = round_preserving_sum(torch.tensor([left * weights[m] / wsum for m in open_]))
+            moved = 0
+            for m, add in zip(open_, want.tolist()):
+                add = min(add, available[m] - out[m])
+                out[m] += add
+                moved += add
+            if moved == 0:                      # rounding gave nothing: hand out one by one, largest share first
+                for m in sorted(open_, key=lambda m: -weights[m])[:left]:
+                    out[m] += 1
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ wrappers
+class Wrapper(Method):
+    """Base of the allocation wrappers: everything but the counts is the scorer's."""
+
+    scorer: Method
+
+    @property
+    def requires_attentions(self) -> bool:  # type: ignore[override]
+        return self.scorer.requires_attentions
+
+    @property
+    def decode_policy(self) -> str:  # type: ignore[override]
+        return self.scorer.decode_policy
+
+    def begin(self, request: dict) -> None:
+        self.scorer.begin(request)
+
+    def end(self) -> None:
+        self.scorer.end()
+
+    def decode_step(self, view: LayerView) -> Selection | None:
+        return self.scorer.decode_step(view)
+
+    def _protected(self, view: LayerView) -> int:
+        """The scorer's always-kept window, never more than the budget."""
+        w = self.scorer.protected(view) if isinstance(self.scorer, ScoreMethod) else 0
+        return max(0, min(w, view.n_keep, view.seq_len))
+
+
+@dataclass
+class LayerAllocation(Wrapper):
+    """Per-layer budgets around any method: each layer's ``n_keep`` comes from a schedule, the mean stays B.
+
+    Parameters
+    ----------
+    scorer : Method
+        The method that selects within each layer (SnapKV for PyramidKV; any method composes).
+    schedule : str
+        ``pyramid`` (PyramidKV, :func:`pyramid_budgets`) or ``weights`` (counts ∝ ``weights``).
+    beta : float
+        PyramidKV's β: the last layer keeps (B − w)/β prefix entries (20 in KVCache-Factory).
+    weights : list of float, optional
+        Relative per-layer budgets for ``schedule=weights`` (normalised to mean 1).
+    """
+
+    scorer: Method
+    schedule: str = "pyramid"
+    beta: float = 20.0
+    weights: Sequence[float] | None = None
+
+    name = "layer_allocation"
+
+    def layer_budget(self, view: LayerView) -> int:
+        L, S = view.num_layers, view.seq_len
+        key = ("layer_allocation", id(self), view.n_keep, S)
+        cached = view.state.get(key)
+        if cached is None:
+            if self.schedule == "pyramid":
+                cached = pyramid_budgets(view.n_keep, self._protected(view), L, S, self.beta)
+            elif self.schedule == "weights":
+                if self.weights is None or len(self.weights) != L:
+                    raise ValueError(f"schedule=weights needs {L} per-layer weights, got {self.weights}")
+                w = torch.tensor([float(x) for x in self.weights], dtype=torch.float64)
+                cached = round_preserving_sum(w / w.mean() * view.n_keep).clamp(1, S).tolist()
+            else:
+                raise ValueError(f"schedule must be 'pyramid' or 'weights', got {self.schedule!r}")
+            view.state[key] = cached
+        return int(cached[view.layer_idx])
+
+    def compress(self, view: LayerView) -> Selection:
+        n = self.layer_budget(view)
+        sel = self.scorer.compress(replace(view, n_keep=n))
+        sel.info.setdefault("layer_budget", n)
+        return sel
+
+
+@dataclass
+class HeadAllocation(Wrapper):
+    """AdaKV's head-adaptive budgets around any scorer: heads of a layer compete for the layer's budget.
+
+    Parameters
+    ----------
+    scorer : ScoreMethod
+        Gives per-KV-head scores (SnapKV for AdaKV) and the protected window.
+    floor : float
+        α: every head keeps at least α·(B − w) prefix entries (KVCache-Factory default 0.2).
+
+    Heads keep different counts, so the selection is padded to the largest head with a ``valid`` mask; the
+    engine stores the padded layout and counts the allocated bytes (``kv_bytes_kept``) next to the logical
+    kept ratio.
+    """
+
+    scorer: ScoreMethod
+    floor: float = 0.2
+
+    name = "head_allocation"
+
+    def compress(self, view: LayerView) -> Selection:
+        if not isinstance(self.scorer, ScoreMethod):
+            raise TypeError(f"HeadAllocation needs a ScoreMethod scorer, got {type(self.scorer).__name__}")
+        scores = self.scorer.score(view)
+        S = view.seq_len
+        w = self._protected(view)
+        base = max(0, min(view.n_keep, S) - w)
+        counts = adaptive_head_counts(scores[:, : S - w], base, self.floor)
+        idx, valid = ragged_topk(scores, counts, w)
+        return Selection(indices=idx, valid=valid, info={"head_counts": (counts + w).tolist()})
+
+
+@dataclass
+class ModalityAllocation(Wrapper):
+    """Per-modality budgets around any scorer: each modality gets a share of the budget beyond the window.
+
+    Parameters
+    ----------
+    scorer : ScoreMethod
+        Ranks entries within each modality.
+    shares : dict, optional
+        Fixed shares, e.g. ``{text: 0.5, video: 0.25, audio: 0.25}`` (normalised). When None, shares are read
+        from ``view.state[state_key]`` (set by another method, either one dict or a per-layer list/dict of
+        dicts), else they are proportional to each modality's size (every modality compressed alike).
+    state_key : str
+        Where given shares live in the per-request state.
+
+    A modality with fewer entries than its share keeps all of them and the rest goes to the others
+    (:func:`modality_budgets`); every KV head keeps the same count of each modality.
+    """
+
+    scorer: ScoreMethod
+    shares: dict[str, float] | None = None
+    state_key: str = "modality_shares"
+
+    name = "modality_allocation"
+
+    def _shares(self, view: LayerView) -> dict[str, float] | None:
+        if self.shares is not None:
+            return dict(self.shares)
+        given: Any = view.state.get(self.state_key)
+        if isinstance(given, (list, tuple)):
+            given = given[view.layer_idx]
+        elif isinstance(given, dict) and view.layer_idx in given:
+            given = given[view.layer_idx]
+        return dict(given) if given else None
+
+    def compress(self, view: LayerView) -> Selection:
+        if not isinstance(self.scorer, ScoreMethod):
+            raise TypeError(f"ModalityAllocation needs a ScoreMethod scorer, got {type(self.scorer).__name__}")
+        scores = self.scorer.score(view)
+        S = view.seq_len
+        w = self._protected(view)
+        P = S - w
+        base = max(0, min(view.n_keep, S) - w)
+        mod = view.modality[:P].to(scores.device)
+        available = {name: int((mod == i).sum()) for i, name in enumerate(MODALITIES)}
+        shares = self._shares(view)
+        if shares is None:
+            shares = {m: float(c) for m, c in available.items()}
+        unknown = set(shares) - set(MODALITIES)
+        if unknown:
+            raise ValueError(f"unknown modalities in shares: {sorted(unknown)} (known: {MODALITIES})")
+        budget = modality_budgets(available, shares, base)
+        order = rank_positions(scores[:, :P])                                 # [R, P] best first
+        mo = mod[order]
+        wins = torch.zeros_like(order, dtype=torch.bool)
+        for i, name in enumerate(MODALITIES):
+            is_m = mo == i
+            wins |= is_m & (is_m.cumsum(-1) <= budget[name])
+        keep = torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
+        keep[:, :P] = torch.zeros_like(wins).scatter_(1, order, wins)
+        idx, _ = mask_to_indices(keep)
+        return Selection(indices=idx, info={"modality_budget": {m: c for m, c in budget.items() if c}})

@@ -1,0 +1,77 @@
+"""H2O, Heavy-Hitter Oracle (Zhang et al., NeurIPS 2023, arXiv 2306.14048): accumulated attention + recent tokens."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from avkv.methods.base import LayerView, ScoreMethod, Selection, accumulated_scores, attention_rows, keep_topk, \
+    reduce_gqa
+
+
+@dataclass
+class H2O(ScoreMethod):
+    """Keep the heavy hitters (largest attention accumulated over *all* prompt queries) plus the recent window.
+
+    Parameters
+    ----------
+    recent_share : float
+        Share of the budget that goes to the most recent positions; the rest goes to heavy hitters. 0.5 is the
+        MileBench/LOOK-M setting (heavy-hitter ratio 0.1 + recent ratio 0.1 of the prompt at a 20% budget).
+    gqa : str
+        Reduction of query-head scores within a KV group (``mean``, as KVCache-Factory).
+    chunk : int
+        Query rows per chunk of the accumulated-score pass (memory O(H·chunk·S), never S×S).
+    decode_policy : str
+        ``fixed`` (the original): after each decode step the new row's attention is added to the accumulated
+        scores and the lowest-scored non-recent entry is evicted, so the cache holds its post-prefill size.
+        ``grow``: decode tokens are appended and never evicted.
+
+    Needs the attention of every prompt query: computed from recomputed queries and cached keys in chunks
+    (:func:`~avkv.methods.base.accumulated_scores`), so it runs under SDPA too, at O(n²·d) extra cost.
+    """
+
+    name = "h2o"
+    recent_share: float = 0.5
+    gqa: str = "mean"
+    chunk: int = 512
+    decode_policy: str = "fixed"
+
+    def protected(self, view: LayerView) -> int:
+        return int(round(self.recent_share * min(view.n_keep, view.seq_len)))
+
+    def score(self, view: LayerView) -> torch.Tensor:
+        return reduce_gqa(accumulated_scores(view, self.chunk), view.num_kv_heads, self.gqa)
+
+    def compress(self, view: LayerView) -> Selection:
+        scores = self.score(view)
+        recent = self.protected(view)
+        idx = keep_topk(scores, view.n_keep, protect_last=recent)
+        if self.decode_policy == "fixed":
+            view.state[self._key(view)] = {"scores": scores.gather(1, idx), "recent": recent}
+        return self.select(view, idx)
+
+    def select(self, view: LayerView, idx: torch.Tensor) -> Selection:
+        """Turn kept indices into a Selection (eviction here; LOOK-M merges the evicted entries instead)."""
+        return Selection(indices=idx)
+
+    def decode_step(self, view: LayerView) -> Selection | None:
+        """One H2O decode step: accumulate the new token's attention, evict down to ``view.n_keep``."""
+        key = self._key(view)
+        st = view.state.get(key)
+        S = view.seq_len
+        row = reduce_gqa(attention_rows(view, S - 1, S)[:, 0], view.num_kv_heads, self.gqa)      # [kvH, S]
+        if st is None:                       # nothing from the prefill (e.g. it kept everything)
+            st = {"scores": row.new_zeros(row.shape[0], 0),
+                  "recent": int(round(self.recent_share * min(view.n_keep, S)))}
+        old = st["scores"]
+        scores = torch.cat([old, old.new_zeros(old.shape[0], S - old.shape[1])], dim=1) + row
+        if S <= view.n_keep:
+            view.state[key] = {"scores": scores, "recent": st["recent"]}
+            return None
+        idx = keep_topk(scores, view.n_keep, protect_last=st["recent"])
+        view.state[key] = {"scores": scores.gather(1, idx), "recent": st["recent"]}
+        return self.select(view, idx)
+
+    def _key(self, view: LayerView) -> tuple:
+        return (self.name, "scores", view.layer_idx)

@@ -1,0 +1,32 @@
+"""PyramidKV (Cai et al., 2024, arXiv 2406.02069): SnapKV scores with budgets that shrink linearly with depth."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from avkv.methods.allocation import LayerAllocation
+from avkv.methods.base import Method
+from avkv.methods.snapkv import SnapKV
+
+
+@dataclass
+class PyramidKV(LayerAllocation):
+    """Pyramidal information funnelling: lower layers keep more entries, higher layers fewer; the mean over
+    layers is the budget. Selection inside a layer is SnapKV's (window attention, pooled, top-k per KV head).
+
+    Parameters
+    ----------
+    scorer : Method
+        Per-layer selection; SnapKV with w=32, kernel 7, max pooling (the AdaKV-code defaults we use for the
+        whole SnapKV family, ``shared/design/methods.md`` §6). Any other method composes (e.g. H2O).
+    beta : float
+        The last layer keeps (B − w)/β prefix entries; 20 as in KVCache-Factory.
+
+    Needs only the window queries and the keys, so it runs under SDPA. The schedule is
+    :func:`~avkv.methods.allocation.pyramid_budgets` (mean exactly B; KVCache-Factory's integer flooring keeps
+    slightly more). Each record carries the layer's budget as ``layer_budget``.
+    """
+
+    name = "pyramidkv"
+    scorer: Method = field(default_factory=SnapKV)
+    schedule: str = "pyramid"
+    beta: float = 20.0

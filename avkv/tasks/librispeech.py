@@ -1,0 +1,212 @@
+"""LibriSpeech ASR (openslr 12): ``test-clean`` / ``test-other``, and the long-form variant (AudioKV's regime).
+
+Official layout (``root`` is the ``LibriSpeech`` folder)::
+
+    <split>/<speaker>/<chapter>/<speaker>-<chapter>-<utt:04d>.flac      16 kHz mono FLAC
+    <split>/<speaker>/<chapter>/<speaker>-<chapter>.trans.txt           lines "<utt-id> UPPER CASE TRANSCRIPT"
+    SPEAKERS.TXT  CHAPTERS.TXT  BOOKS.TXT
+
+Long form (``long_form=true``): each chapter's utterances, in order, are concatenated into segments of
+``min_s``..``max_s`` seconds (default 60-120 s, the LibriSpeech-long regime of AudioKV / Qwen2.5-Omni), with the
+transcripts joined by spaces. The concatenated FLACs are written once to ``long_dir`` (default: a
+``LibriSpeech-long/<split>-<min>-<max>s`` folder beside ``root``) and reused; ``scripts/prepare_librispeech.py``
+does the same ahead of a run. A leftover shorter than ``min_s`` at the end of a chapter is dropped.
+
+Scoring is Qwen2-Audio's ``evaluate_asr.py`` (== lmms-eval ``asr_wer_utils``): Whisper English normalisation,
+then corpus-level WER = sum of edit distances / sum of reference words, reported in percent, per ``source``
+(split) too, and AudioKV's ``max(100 - WER, 0)``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+from avkv.metrics.text import edit_counts
+from avkv.tasks.base import DatasetError, Doc, Media, Prompt, Task, is_failed, record_field
+from avkv.tasks.common import check_family
+
+#: per-family ASR instructions: Qwen2-Audio's own eval prompt; the Qwen2.5-Omni cookbook's; lmms-eval's default
+PROMPTS = {
+    "qwen2_audio": "Detect the language and recognize the speech: <|en|>",
+    "qwen2_5_omni": "Transcribe the English audio into text without any punctuation marks.",
+    "videollama2": "Please recognize the speech and only output the recognized content:",
+}
+WORDS_PER_S = 2.7          # duration estimate for an utterance whose FLAC header cannot be read
+
+
+class LibriSpeech(Task):
+    name = "librispeech"
+    metric = "wer"
+    higher_is_better = False
+
+    def __init__(self, root: str | Path, split: str | list[str] = "test-clean", limit: int | None = None,
+                 long_form: bool = False, min_s: float = 60.0, max_s: float = 120.0,
+                 long_dir: str | Path | None = None, language: str = "en", max_new_tokens: int | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(root, limit)
+        self.splits = [split] if isinstance(split, str) else list(split)
+        self.long_form = bool(long_form)
+        self.min_s, self.max_s = float(min_s), float(max_s)
+        if self.long_form and not 0 < self.min_s <= self.max_s:
+            raise ValueError(f"long form needs 0 < min_s <= max_s, got {min_s}, {max_s}")
+        self.long_dir = Path(long_dir) if long_dir else None
+        self.language = language
+        self.max_new_tokens = max_new_tokens or (1024 if self.long_form else 256)
+        if self.long_form:
+            self.name = "librispeech_long"
+
+    # ------------------------------------------------------------------------------------------- loading
+    def utterances(self, split: str) -> list[dict]:
+        """All utterances of one split in (speaker, chapter, utterance) order, from the trans.txt files."""
+        sdir = self.root / split
+        if not sdir.is_dir():
+            raise DatasetError(f"LibriSpeech split folder not found: {sdir} (root must be the LibriSpeech folder)")
+        out = []
+        for spk in sorted((p for p in sdir.iterdir() if p.is_dir()), key=lambda p: (len(p.name), p.name)):
+            for chap in sorted((p for p in spk.iterdir() if p.is_dir()), key=lambda p: (len(p.name), p.name)):
+                trans = chap / f"{spk.name}-{chap.name}.trans.txt"
+                if not trans.is_file():
+                    raise DatasetError(f"LibriSpeech chapter {chap} has no transcript file {trans.name}")
+                for ln, line in enumerate(trans.read_text(encoding="utf-8").splitlines(), 1):
+                    if not line.strip():
+                        continue
+                    uid, _, text = line.strip().partition(" ")
+                    if not text.strip():
+                        raise DatasetError(f"{trans}: line {ln} (item {uid!r}) has no field 'transcript'")
+                    if not uid.startswith(f"{spk.name}-{chap.name}-"):
+                        raise DatasetError(f"{trans}: line {ln} field 'utterance id' {uid!r} does not belong to "
+                                           f"speaker {spk.name} chapter {chap.name}")
+                    out.append({"id": uid, "path": chap / f"{uid}.flac", "text": text.strip(), "split": split,
+                                "speaker": spk.name, "chapter": chap.name})
+        if not out:
+            raise DatasetError(f"LibriSpeech split {sdir} holds no transcribed utterance")
+        return out
+
+    def docs(self) -> Iterator[Doc]:
+        n = 0
+        for split in self.splits:
+            utts = self.utterances(split)
+            items = self._long_docs(split, utts) if self.long_form else (
+                Doc(id=u["id"], media=[Media("audio", str(u["path"]))], question="", target=u["text"],
+                    meta={"source": split, "speaker": u["speaker"], "chapter": u["chapter"]}) for u in utts)
+            for d in items:
+                yield d
+                n += 1
+                if self.limit is not None and n >= self.limit:
+                    return
+
+    # ------------------------------------------------------------------------------------------- long form
+    def long_folder(self, split: str) -> Path:
+        base = self.long_dir or (self.root.parent / "LibriSpeech-long")
+        return base / f"{split}-{self.min_s:g}-{self.max_s:g}s"
+
+    @staticmethod
+    def _duration(path: Path) -> float | None:
+        import soundfile as sf
+        try:
+            return float(sf.info(str(path)).duration)
+        except Exception:                       # noqa: BLE001 - missing / corrupt: the sample fails later
+            return None
+
+    def segments(self, utts: list[dict]) -> list[list[dict]]:
+        """Group each chapter's consecutive utterances into segments of min_s..max_s seconds."""
+        groups: list[list[dict]] = []
+        by_chapter: dict[tuple, list[dict]] = {}
+        for u in utts:
+            by_chapter.setdefault((u["speaker"], u["chapter"]), []).append(u)
+        for chapter in by_chapter.values():
+            cur: list[dict] = []
+            dur = 0.0
+            for u in chapter:
+                d = self._duration(u["path"])
+                u["duration"] = d
+                d = d if d is not None else len(u["text"].split()) / WORDS_PER_S
+                if cur and dur + d > self.max_s:
+                    if dur >= self.min_s:
+                        groups.append(cur)
+                    cur, dur = [], 0.0
+                cur.append(u)
+                dur += d
+                if dur >= self.min_s:
+                    groups.append(cur)
+                    cur, dur = [], 0.0
+        return groups
+
+    def _long_docs(self, split: str, utts: list[dict]) -> Iterator[Doc]:
+        folder = self.long_folder(split)
+        for seg in self.segments(utts):
+            first, last = seg[0], seg[-1]
+            sid = f"{first['id']}-{last['id'].rsplit('-', 1)[1]}"
+            target = " ".join(u["text"] for u in seg)
+            broken = next((u for u in seg if u.get("duration") is None), None)
+            meta = {"source": split, "speaker": first["speaker"], "chapter": first["chapter"],
+                    "utterances": [u["id"] for u in seg]}
+            if broken is not None:
+                # the concatenation cannot be made: point at the unreadable part, whose decode error names it
+                path = broken["path"]
+                meta["seconds"] = None
+            else:
+                path = self._materialise(folder / f"{sid}.flac", seg)
+                meta["seconds"] = round(sum(u["duration"] for u in seg), 3)
+            yield Doc(id=sid, media=[Media("audio", str(path))], question="", target=target, meta=meta)
+
+    @staticmethod
+    def _materialise(out: Path, seg: list[dict]) -> Path:
+        import numpy as np
+        import soundfile as sf
+
+        parts = [str(u["path"]) for u in seg]
+        side = out.with_suffix(".json")
+        if out.is_file() and side.is_file():
+            try:
+                if json.loads(side.read_text()).get("parts") == parts:
+                    return out
+            except ValueError:
+                pass
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise DatasetError(f"cannot write the long-form LibriSpeech segments to {out.parent}: {e}; set "
+                               f"dataset.long_dir to a writable folder") from e
+        audio, sr = [], None
+        for p in parts:
+            a, r = sf.read(p, dtype="float32")
+            if sr is not None and r != sr:
+                raise DatasetError(f"{p}: sample rate {r} differs from {sr} in the same chapter")
+            sr = r
+            audio.append(a if a.ndim == 1 else a.mean(1))
+        tmp = out.with_suffix(".tmp.flac")
+        sf.write(str(tmp), np.concatenate(audio), sr, format="FLAC", subtype="PCM_16")
+        tmp.replace(out)
+        side.write_text(json.dumps({"parts": parts}))
+        return out
+
+    # ------------------------------------------------------------------------------------------- prompt / score
+    def prompt(self, doc: Doc, family: str) -> Prompt:
+        check_family(family)
+        if family not in PROMPTS:
+            raise ValueError(f"{self.name}: model family {family} cannot take audio input")
+        return Prompt(context=list(doc.media), question=PROMPTS[family], max_new_tokens=self.max_new_tokens)
+
+    def score(self, doc: Doc, prediction: str) -> dict:
+        errors, n = edit_counts(doc.target, prediction or "", self.language)
+        return {"score": 100.0 * errors / n if n else float(errors > 0) * 100.0, "parsed_ok": True,
+                "parsed": prediction, "errors": errors, "ref_words": n, "source": doc.meta.get("source")}
+
+    def aggregate(self, records: list[dict]) -> dict:
+        ok = [r for r in records if not is_failed(r) and record_field(r, "ref_words") is not None]
+
+        def wer(rs: list[dict]) -> float | None:
+            n = sum(int(record_field(r, "ref_words")) for r in rs)
+            return 100.0 * sum(int(record_field(r, "errors")) for r in rs) / n if n else None
+
+        total = wer(ok)
+        by: dict[str, list[dict]] = {}
+        for r in ok:
+            by.setdefault(str(record_field(r, "source")), []).append(r)
+        return {"wer": total, "acc_100_minus_wer": None if total is None else max(100.0 - total, 0.0),
+                "wer_by_source": {k: wer(v) for k, v in sorted(by.items())},
+                "n_by_source": {k: len(v) for k, v in sorted(by.items())},
+                "n": len(records), "n_scored": len(ok), "n_failed": sum(1 for r in records if is_failed(r)),
+                "n_unparsed": 0}

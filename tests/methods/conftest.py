@@ -1,0 +1,47 @@
+"""Seeded LayerViews for tensor-level method tests (no model needed)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from avkv.methods.base import LayerView
+
+
+def make_view(seed: int = 0, kv_heads: int = 2, groups: int = 2, seq: int = 64, dim: int = 8, n_keep: int = 20,
+              layer_idx: int = 0, num_layers: int = 4, modality: torch.Tensor | None = None,
+              state: dict | None = None, dtype: torch.dtype = torch.float32) -> LayerView:
+    """A LayerView over seeded q/k/v; ``query_fn`` slices the seeded queries (post-RoPE by construction)."""
+    g = torch.Generator().manual_seed(seed)
+    H = kv_heads * groups
+    q = torch.randn(H, seq, dim, generator=g).to(dtype)
+    k = torch.randn(kv_heads, seq, dim, generator=g).to(dtype)
+    v = torch.randn(kv_heads, seq, dim, generator=g).to(dtype)
+    mod = torch.zeros(seq, dtype=torch.long) if modality is None else modality
+    return LayerView(layer_idx=layer_idx, num_layers=num_layers, keys=k, values=v, modality=mod, n_keep=n_keep,
+                     num_heads=H, scaling=1 / math.sqrt(dim), state={} if state is None else state,
+                     generator=torch.Generator().manual_seed(seed + 1),
+                     query_fn=lambda s, e: q[:, s:e])
+
+
+def naive_attention(view: LayerView) -> torch.Tensor:
+    """Full causal softmax attention [H, S, S], written loop-style from the definition (no shared primitives)."""
+    q = view.queries(0, view.seq_len).double()
+    k, S, H = view.keys.double(), view.seq_len, view.num_heads
+    A = torch.zeros(H, S, S, dtype=torch.float64)
+    for h in range(H):
+        kh = k[h // view.groups]
+        for i in range(S):
+            logits = [float(q[h, i] @ kh[j]) * view.scaling for j in range(i + 1)]
+            m = max(logits)
+            e = [math.exp(x - m) for x in logits]
+            z = sum(e)
+            for j in range(i + 1):
+                A[h, i, j] = e[j] / z
+    return A
+
+
+@pytest.fixture
+def view():
+    return make_view()

@@ -1,0 +1,72 @@
+"""full / random / streamingllm / snapkv against short naive references on seeded tensors."""
+import math
+
+import torch
+
+from avkv.methods.base import keep_topk
+from avkv.methods.random import Random
+from avkv.methods.snapkv import SnapKV
+from avkv.methods.streamingllm import StreamingLLM
+from tests.methods.helpers import make_view
+
+
+def naive_snapkv(q, k, scaling, window, kernel, n_keep):
+    H, S, _ = q.shape
+    kvH = k.shape[0]
+    g = H // kvH
+    keep = []
+    for kv in range(kvH):
+        agg = [0.0] * S
+        for hq in range(kv * g, kv * g + g):
+            score = [0.0] * S
+            for i in range(S - window, S):
+                logits = [float(q[hq, i] @ k[kv, j]) * scaling if j <= i else -math.inf for j in range(S)]
+                m = max(logits)
+                e = [math.exp(x - m) for x in logits]
+                z = sum(e)
+                for j in range(S):
+                    score[j] += e[j] / z / window
+            pooled = [max(score[max(0, j - kernel // 2): j + kernel // 2 + 1]) for j in range(S)]
+            for j in range(S):
+                agg[j] += pooled[j] / g
+        prefix = sorted(range(S - window), key=lambda j: (-agg[j], -j))[: n_keep - window]
+        keep.append(sorted(prefix + list(range(S - window, S))))
+    return keep
+
+
+def test_snapkv_matches_naive_reference():
+    for seed in range(3):
+        view, q = make_view(S=37, n_keep=15, seed=seed)
+        sel = SnapKV(window=5, kernel=3).compress(view)
+        assert sel.indices.tolist() == naive_snapkv(q, view.keys, view.scaling, 5, 3, 15)
+
+
+def test_snapkv_keeps_exactly_the_budget_and_the_window():
+    view, _ = make_view(S=50, n_keep=20)
+    idx = SnapKV(window=8).compress(view).indices
+    assert idx.shape == (2, 20)
+    for row in idx.tolist():
+        assert set(range(42, 50)) <= set(row) and row == sorted(row) and len(set(row)) == 20
+
+
+def test_streamingllm_keeps_sinks_and_recent():
+    view, _ = make_view(S=30, n_keep=10)
+    idx = StreamingLLM(sink=4).compress(view).indices
+    assert idx.tolist() == [[0, 1, 2, 3, 24, 25, 26, 27, 28, 29]] * 2
+
+
+def test_random_is_seeded_per_sample_keeps_window_and_differs_per_head():
+    a = Random(window=4).compress(make_view(S=60, n_keep=12, seed=3)[0]).indices
+    b = Random(window=4).compress(make_view(S=60, n_keep=12, seed=3)[0]).indices
+    c = Random(window=4).compress(make_view(S=60, n_keep=12, seed=4)[0]).indices
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert not torch.equal(a[0], a[1])
+    for row in a.tolist():
+        assert set(range(56, 60)) <= set(row) and len(set(row)) == 12
+
+
+def test_keep_topk_is_deterministic_on_ties():
+    s = torch.zeros(2, 10)
+    assert keep_topk(s, 3).tolist() == [[7, 8, 9], [7, 8, 9]]
+    s[0, 2] = 1.0
+    assert keep_topk(s, 3, protect_last=1).tolist()[0] == [2, 8, 9]
