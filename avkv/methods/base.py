@@ -340,36 +340,39 @@ def as_record(obj: Any) -> Any:
 # ------------------------------------------------------------------------- primitives of the seed methods
 def attention_sums(view: LayerView, chunk: int = 512, row_weight: torch.Tensor | None = None,
                    col_weight: torch.Tensor | None = None,
-                   blocks: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
-                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One chunked pass over *all* prompt query rows of the causal softmax, with O(S) extra memory.
+                   blocks: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+                   max_elements: int = 1 << 26) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One chunked pass over *all* prompt query rows of the causal softmax, with O(H·chunk·S) extra memory.
 
     With Ã[i, j] = row_weight[i] · A[i, j] · col_weight[j] (weights default to 1) it returns
 
     * ``cols`` [H, S]: column sums Σ_i Ã[i, j] (H2O's accumulated score when both weights are 1);
     * ``block[name]`` [H]: Σ_{i ∈ rows, j ∈ cols} Ã[i, j] for every ``name: (rows [S] bool, cols [S] bool)``.
 
-    Used by AccKV (redistribution and text→modality focus) and FlowMM (cross-modal ratio ρ). Each chunk's rows
-    are normalised exactly (full key range per row), so the result equals the eager attention sums.
+    Used by AccKV (redistribution and text→modality focus) and FlowMM (cross-modal ratio ρ). Chunks hold complete
+    rows (exact normalisers, as :func:`accumulated_scores`), rows [s, e) only touch keys [0, e), and the chunk
+    shrinks so its logits stay under ``max_elements``; the result equals the eager attention sums.
     """
-    S = view.seq_len
+    S, H = view.seq_len, view.num_heads
     dev = view.keys.device
-    cols = torch.zeros(view.num_heads, S, dtype=torch.float32, device=dev)
+    chunk = max(1, min(chunk, max_elements // max(1, H * S)))
+    cols = torch.zeros(H, S, dtype=torch.float32, device=dev)
     blocks = blocks or {}
-    out = {name: torch.zeros(view.num_heads, dtype=torch.float32, device=dev) for name in blocks}
+    out = {name: torch.zeros(H, dtype=torch.float32, device=dev) for name in blocks}
     cw = None if col_weight is None else col_weight.to(dev, torch.float32)
+    bl = {name: (r.to(dev), c.to(dev)) for name, (r, c) in blocks.items()}
     for start in range(0, S, chunk):
         end = min(S, start + chunk)
-        a = attention_rows(view, start, end)                                  # [H, c, S]
+        a = _causal_softmax_(_grouped_logits(view, view.queries(start, end), end), start)   # [H, c, end]
         if row_weight is not None:
             a = a * row_weight[start:end].to(dev, torch.float32)[None, :, None]
         if cw is not None:
-            a = a * cw[None, None, :]
-        cols += a.sum(1)
-        for name, (rows, cmask) in blocks.items():
-            r = rows[start:end].to(dev)
+            a = a * cw[None, None, :end]
+        cols[:, :end] += a.sum(1)
+        for name, (rows, cmask) in bl.items():
+            r = rows[start:end]
             if bool(r.any()):
-                out[name] += a[:, r][:, :, cmask.to(dev)].sum((1, 2))
+                out[name] += a[:, r][:, :, cmask[:end]].sum((1, 2))
     return cols, out
 
 
