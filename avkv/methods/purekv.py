@@ -207,34 +207,56 @@ def st_allowed_mask(frame: torch.Tensor, spatial: torch.Tensor, radius: int = 0,
     return allowed & causal
 
 
+def _attend_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float,
+                fused: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention with an additive bias that also returns the row log-sum-exp: q [B, H, L, D], k/v [B, H, S, D],
+    bias [B, 1, L, S] → (out [B, H, L, D], lse [B, H, L] fp32).
+
+    On CPU the fused flash kernel behind SDPA returns the log-sum-exp itself
+    (``aten._scaled_dot_product_flash_attention_for_cpu``); elsewhere, or when ``fused=False``, it is computed
+    explicitly (fp32 logits). Both paths are tested equal.
+    """
+    if fused and q.device.type == "cpu":
+        op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+        if op is not None:
+            out, lse = op(q, k, v, 0.0, False, attn_mask=bias.to(q.dtype), scale=scale)
+            return out, lse.float()
+    logits = torch.matmul(q, k.transpose(-1, -2)).float().mul_(scale).add_(bias.float())
+    lse = logits.logsumexp(-1)
+    out = torch.matmul((logits - lse[..., None]).exp_().to(v.dtype), v)
+    return out, lse
+
+
 def st_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, frame: torch.Tensor,
                         spatial: torch.Tensor, scaling: float, radius: int = 0, max_prev: int | None = None,
-                        max_elems: int = 1 << 27) -> torch.Tensor:
+                        max_elems: int = 1 << 27, fused: bool = True) -> torch.Tensor:
     """Prefill attention with the ST-SpAttn pattern, computed sparsely: [H, n, D] queries, [kvH, n, D] keys.
 
-    Non-video query rows run dense causal SDPA. Video query rows of frame t attend to the non-video keys
-    (causal) plus the keys of frame t (causal) in one batched block, and to the keys at the same spatial index
-    (± radius) of earlier frames in a second gathered block; both share one softmax. Cost for T frames of N tokens
-    and M other tokens: O(T·N·(M+N) + T²·N·(2r+1)) instead of O((T·N + M)²). Equals SDPA with
-    :func:`st_allowed_mask` (tested).
+    * non-video query rows: dense causal SDPA;
+    * video query rows, block A (batched over frames): the non-video keys before them and their own frame's keys
+      (causal) — one SDPA call per chunk of frames, which also yields each row's log-sum-exp;
+    * video query rows, block B: the keys at the same spatial index (± radius) in earlier frames, gathered per
+      query (T·(2r+1) keys each) and computed explicitly;
+    * A and B are merged exactly through their log-sum-exps (one softmax over the union of the two key sets).
+
+    Cost for T frames of P tokens and M other tokens: O(T·P·(M+P) + T²·P·(2r+1)) instead of O((T·P + M)²).
+    Equals dense SDPA with :func:`st_allowed_mask` (tested).
     """
     H, n, D = q.shape
     G = H // k.shape[0]
-    k = k.repeat_interleave(G, 0) if G > 1 else k
-    v = v.repeat_interleave(G, 0) if G > 1 else v
     dev = q.device
     frame, spatial = frame[:n].to(dev), spatial[:n].to(dev)
     isv = frame >= 0
+    if not bool(isv.any()):
+        return F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, scale=scaling,
+                                              enable_gqa=G > 1)[0]
     out = torch.empty_like(q)
     pos = torch.arange(n, device=dev)
-    if not bool(isv.any()):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling)
-
     nv = (~isv).nonzero().flatten()                                       # non-video positions (M)
     if nv.numel():
-        rows = nv
-        mask = pos[None, :] <= rows[:, None]
-        out[:, rows] = F.scaled_dot_product_attention(q[:, rows], k, v, attn_mask=mask[None], scale=scaling)
+        mask = pos[None, :] <= nv[:, None]
+        out[:, nv] = F.scaled_dot_product_attention(q[None, :, nv], k[None], v[None], attn_mask=mask[None, None],
+                                                    scale=scaling, enable_gqa=G > 1)[0]
 
     # grid of video positions: [T, P] (frame × spatial index), -1 where a (frame, spatial) pair is absent
     frames = torch.unique(frame[isv])                                     # sorted frame ids
@@ -250,45 +272,54 @@ def st_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, frame
         raise ValueError("ST-SpAttn: two video positions share one (frame, spatial) index")
     valid = grid >= 0
     gpos = grid.clamp_min(0)
+    last_q = torch.where(valid, grid, torch.full_like(grid, -1)).amax(1)  # last video position of each frame
 
-    M = nv.numel()
-    kA_nv, vA_nv = k[:, nv], v[:, nv]                                     # [H, M, D]
-    offsets = list(range(-radius, radius + 1))
-    tk = torch.arange(T, device=dev)
-    # temporal keys of query (t, p): grid[s, p + o] for s < t (within max_prev), o in offsets
-    cols = torch.arange(P, device=dev)[:, None] + torch.tensor(offsets, device=dev)[None, :]     # [P, O]
+    kvH = k.shape[0]
+    qg = q.view(kvH, G, n, D)                                             # query heads grouped by KV head (GQA)
+    offsets = torch.arange(-radius, radius + 1, device=dev)
+    O = offsets.numel()
+    cols = torch.arange(P, device=dev)[:, None] + offsets[None, :]       # [P, O] spatial neighbours
     col_ok = (cols >= 0) & (cols < P)
     cols = cols.clamp(0, P - 1)
-    fpc = max(1, int(max_elems // max(1, H * P * (M + P + T * len(offsets)))))  # frames per chunk (memory bound)
+    kpB = gpos[:, cols].permute(1, 2, 0).reshape(P, O * T)                # [P, O*T] key positions per spatial p
+    okB = (valid[:, cols] & col_ok[None]).permute(1, 2, 0).reshape(P, O * T)
+    tsB = torch.arange(T, device=dev).repeat(O)                           # frame of each temporal key slot
+    kB_all, vB_all = k[:, kpB], v[:, kpB]                                 # [kvH, P, O*T, D]
+    per_frame = H * P * (nv.numel() + P + O * T)
+    fpc = max(1, int(max_elems // max(1, per_frame)))                     # frames per chunk (memory bound)
     for t0 in range(0, T, fpc):
         t1 = min(T, t0 + fpc)
-        qpos = gpos[t0:t1]                                                 # [tt, P]
-        qv = q[:, qpos]                                                    # [H, tt, P, D]
-        # block A: non-video keys before the query + the query's own frame (causal)
-        lA_nv = torch.einsum("htpd,hmd->htpm", qv, kA_nv) * scaling         # [H, tt, P, M]
-        mA_nv = nv[None, None, :] <= qpos[:, :, None]
-        kf, vf = k[:, qpos], v[:, qpos]                                    # [H, tt, P, D]
-        lA_f = torch.einsum("htpd,htmd->htpm", qv, kf) * scaling            # [H, tt, P, P]
-        mA_f = (qpos[:, None, :] <= qpos[:, :, None]) & valid[t0:t1, None, :]
-        # block B: same spatial index (± radius) in earlier frames, flattened over (offset, frame)
-        kp = gpos[:, cols]                                                 # [T, P, O]
-        kp = kp.permute(1, 2, 0).reshape(P, -1)                            # [P, O*T] key positions per spatial p
-        okB = (valid[:, cols] & col_ok[None]).permute(1, 2, 0).reshape(P, -1)          # [P, O*T]
-        ts = tk.repeat(len(offsets))                                       # frame of each key slot [O*T]
-        tq = torch.arange(t0, t1, device=dev)[:, None, None]
-        mB = okB[None] & (ts[None, None, :] < tq) & valid[t0:t1, :, None]
-        if max_prev is not None:
-            mB &= (tq - ts[None, None, :]) <= max_prev
-        kb, vb = k[:, kp], v[:, kp]                                        # [H, P, O*T, D]
-        lB = torch.einsum("htpd,hpsd->htps", qv, kb) * scaling             # [H, tt, P, O*T]
-        logits = torch.cat([lA_nv, lA_f, lB], -1).float()
-        mask = torch.cat([mA_nv, mA_f, mB], -1)
-        logits = logits.masked_fill(~mask[None], float("-inf"))
-        pr = logits.softmax(-1).nan_to_num(0.0).to(q.dtype)
-        o = (torch.einsum("htpm,hmd->htpd", pr[..., :M], vA_nv)
-             + torch.einsum("htpm,htmd->htpd", pr[..., M:M + P], vf)
-             + torch.einsum("htps,hpsd->htpd", pr[..., M + P:], vb))
+        tt = t1 - t0
+        qpos = gpos[t0:t1]                                                # [tt, P]
         vq = valid[t0:t1]
+        nvc = nv[nv < int(last_q[t0:t1].max())]                            # non-video keys some query here can see
+        M = nvc.numel()
+        qv = qg[:, :, qpos]                                               # [kvH, G, tt, P, D]
+        # block A: per frame, the G·P queries of a KV group over [M non-video + P own-frame] keys, causal bias
+        kidx = torch.cat([nvc[None].expand(tt, -1), qpos], 1)             # [tt, M+P]
+        qa = qv.permute(2, 0, 1, 3, 4).reshape(tt, kvH, G * P, D)
+        ka, va = k[:, kidx].transpose(0, 1), v[:, kidx].transpose(0, 1)   # [tt, kvH, M+P, D]
+        allowA = (kidx[:, None, :] <= qpos[:, :, None]) & torch.cat(
+            [torch.ones(tt, 1, M, dtype=torch.bool, device=dev), vq[:, None, :]], 2)
+        allowA |= ~vq[:, :, None]                                         # padded query rows: anything (discarded)
+        biasA = torch.zeros(allowA.shape, dtype=torch.float32, device=dev).masked_fill_(~allowA, float("-inf"))
+        biasA = biasA[:, None].expand(tt, G, P, M + P).reshape(tt, 1, G * P, M + P)
+        oA, lseA = _attend_lse(qa, ka, va, biasA, scaling, fused)         # [tt, kvH, G*P, D], [tt, kvH, G*P]
+        oA = oA.view(tt, kvH, G, P, D).permute(1, 2, 0, 3, 4)             # [kvH, G, tt, P, D]
+        lseA = lseA.view(tt, kvH, G, P).permute(1, 2, 0, 3)               # [kvH, G, tt, P]
+        # block B: same spatial index (± radius) in earlier frames
+        tq = torch.arange(t0, t1, device=dev)[:, None, None]
+        okb = okB[None] & (tsB[None, None, :] < tq) & vq[:, :, None]      # [tt, P, O*T]
+        if max_prev is not None:
+            okb &= (tq - tsB[None, None, :]) <= max_prev
+        lB = torch.einsum("kgtpd,kpsd->kgtps", qv, kB_all).float().mul_(scaling)      # [kvH, G, tt, P, O*T]
+        lB = lB.masked_fill_(~okb, float("-inf"))
+        lseB = lB.logsumexp(-1)                                           # -inf where no temporal key
+        # merge exactly: out = (e^{lseA}·oA + Σ_B e^{l}·v) / (e^{lseA} + e^{lseB})
+        lse = torch.logaddexp(lseA, lseB)
+        wA = (lseA - lse).exp_()[..., None].to(q.dtype)
+        pB = (lB - lse[..., None]).exp_().to(q.dtype)                     # normalised by the joint lse
+        o = (wA * oA + torch.einsum("kgtps,kpsd->kgtpd", pB, vB_all)).reshape(H, tt, P, D)
         out[:, qpos[vq]] = o[:, vq]
     return out
 

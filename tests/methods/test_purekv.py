@@ -102,8 +102,9 @@ def test_st_sparse_attention_equals_masked_dense(radius, max_prev):
     mask = st_allowed_mask(frame, spatial, radius, max_prev)
     ref = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 0), v.repeat_interleave(2, 0), attn_mask=mask,
                                          scale=D ** -0.5)
-    out = st_sparse_attention(q, k, v, frame, spatial, D ** -0.5, radius, max_prev, max_elems=500)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for fused in (True, False):
+        out = st_sparse_attention(q, k, v, frame, spatial, D ** -0.5, radius, max_prev, max_elems=500, fused=fused)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_st_mask_pattern():
