@@ -49,10 +49,14 @@ def kv_cache_bytes(cache: Any) -> int:
 
 # --------------------------------------------------------------------------------------- masked attention
 def _masked_attention(module, query, key, value, attention_mask, **kwargs):
-    """The base backend (sdpa/eager) plus a per-KV-head validity mask on cached entries.
+    """The base backend (sdpa/eager) with an explicit mask: causal (bottom-right aligned) plus a per-KV-head
+    validity mask on cached entries.
 
-    Used only for decoder layers (it is set on the text config), when some heads keep fewer entries than others
-    (padded storage) or when an equivalence test masks instead of pruning.
+    Used only for decoder layers (it is set on the text config) once layers hold caches of different lengths
+    (per-layer budgets, FastV) or some heads keep fewer entries than others (padded storage), or when an
+    equivalence test masks instead of pruning. The model's own mask is sized for one layer's cache, so the
+    mask is built here per layer from this layer's key length (the model passes None, see
+    :func:`_register_masked_attention`).
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -63,18 +67,14 @@ def _masked_attention(module, query, key, value, attention_mask, **kwargs):
         fn = ALL_ATTENTION_FUNCTIONS.get(base, sdpa_attention_forward)
     valid = getattr(module, "_avkv_valid", None)
     q_len, k_len = query.shape[2], key.shape[2]
-    if valid is None:
-        if attention_mask is None and q_len > 1 and base == "eager":
-            causal = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)
-            attention_mask = torch.zeros(causal.shape, dtype=query.dtype, device=query.device).masked_fill(
-                ~causal, torch.finfo(query.dtype).min)[None, None]
-        return fn(module, query, key, value, attention_mask, **kwargs)
-    groups = query.shape[1] // valid.shape[0]
-    v = torch.cat([valid, valid.new_ones(valid.shape[0], k_len - valid.shape[1])], dim=-1)
-    allowed = v.repeat_interleave(groups, 0)[None, :, None, :]                           # [1, H, 1, k]
-    causal = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)[None, None]
-    allowed = allowed & causal
-    if attention_mask is not None:
+    if valid is None and q_len == 1 and attention_mask is None:
+        return fn(module, query, key, value, None, **kwargs)
+    allowed = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)[None, None]
+    if valid is not None:
+        groups = query.shape[1] // valid.shape[0]
+        v = torch.cat([valid, valid.new_ones(valid.shape[0], k_len - valid.shape[1])], dim=-1)
+        allowed = allowed & v.repeat_interleave(groups, 0)[None, :, None, :]                 # [1, H, q, k]
+    if attention_mask is not None and attention_mask.shape[-1] >= k_len and attention_mask.shape[-2] == q_len:
         am = attention_mask[..., -k_len:]
         allowed = allowed & (am if am.dtype == torch.bool else am == 0)
     bias = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device).masked_fill(
@@ -82,11 +82,16 @@ def _masked_attention(module, query, key, value, attention_mask, **kwargs):
     return fn(module, query, key, value, bias, **kwargs)
 
 
+def _no_model_mask(*args, **kwargs):
+    """Mask function of the masked backend: none from the model; :func:`_masked_attention` builds it per layer."""
+    return None
+
+
 def _register_masked_attention() -> None:
     from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.masking_utils import AttentionMaskInterface
     AttentionInterface.register(MASKED_IMPL, _masked_attention)
-    AttentionMaskInterface.register(MASKED_IMPL, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    AttentionMaskInterface.register(MASKED_IMPL, _no_model_mask)
 
 
 # ------------------------------------------------------------------------------------------- measurement
@@ -194,6 +199,12 @@ class Compressor:
         self.method.end()
 
     # ------------------------------------------------------------------------------------------------
+    def end_prefill(self, cache) -> None:
+        """After the compressed chunk: layers whose caches now differ in length need per-layer masks."""
+        lengths = {layer.keys.shape[2] for layer in cache.layers if layer.keys is not None and layer.keys.numel()}
+        if len(lengths) > 1:
+            self._use_masks()
+
     def _use_masks(self):
         if self.text_config._attn_implementation != MASKED_IMPL:
             _register_masked_attention()
@@ -368,6 +379,7 @@ class Engine:
             logits = adapter.forward(input_ids[:, :s], cache, pos[..., :s], mm)
             if compress:
                 cm.phase = "idle"
+                cm.end_prefill(cache)
             if s < n:
                 logits = adapter.forward(input_ids[:, s:], cache, pos[..., s:])
             t1 = self.clock.now()
