@@ -16,6 +16,8 @@ META_KEYS = ("name", "tiny_builder", "hub_id", "families", "notes")
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("avkv_root"):
         OmegaConf.register_new_resolver("avkv_root", lambda: str(ROOT))
+    from avkv.grid import register_resolvers as _sweep_resolvers  # ${avkv.sweep:...} in experiment presets
+    _sweep_resolvers()
 
 
 def constructor_args(node: DictConfig | dict) -> dict:

@@ -168,6 +168,7 @@ class Compressor:
         self.layers = adapter.decoder_layers()
         self.num_layers = len(self.layers)
         self.phase = "idle"
+        self.pending: dict = {}                # deferred methods: layer -> (module, modality, n_keep)
         self.handles: list = []
         self.attn_modules = [layer.self_attn for layer in self.layers]
         self.text_config = adapter.text_config()
@@ -183,7 +184,7 @@ class Compressor:
             self.handles.append(m.register_forward_hook(self._hook, with_kwargs=True))
         self.method.begin({"model": self.adapter.model, "adapter": self.adapter, "layers": self.layers,
                            "modality": self.req.modality, "n_prompt": self.req.n_prompt, "split": self.req.split,
-                           "layout": self.req.layout, "state": self.req.state})
+                           "layout": self.req.layout, "state": self.req.state, "n_keep": self.req.n_keep})
         return self
 
     def __exit__(self, *exc):
@@ -200,7 +201,17 @@ class Compressor:
 
     # ------------------------------------------------------------------------------------------------
     def end_prefill(self, cache) -> None:
-        """After the compressed chunk: layers whose caches now differ in length need per-layer masks."""
+        """After the compressed chunk: run deferred compressions (methods that allocate across layers see every
+        layer first), then give layers whose caches now differ in length per-layer masks."""
+        if self.pending:
+            t0 = self.clock.now()
+            for i in sorted(self.pending):
+                module, modality, n_keep = self.pending[i]
+                layer = cache.layers[i]
+                view = self._view(module, None, layer.keys[0], layer.values[0], modality, n_keep)
+                self._apply(module, layer, self.method.compress(view), modality, record=True)
+            self.pending = {}
+            self.req.compress_s += self.clock.elapsed(t0, self.clock.now())
         lengths = {layer.keys.shape[2] for layer in cache.layers if layer.keys is not None and layer.keys.numel()}
         if len(lengths) > 1:
             self._use_masks()
@@ -213,11 +224,14 @@ class Compressor:
             self.text_config._attn_implementation = MASKED_IMPL
 
     def _view(self, module, kwargs, keys, values, modality, n_keep, attentions=None, decode=False) -> LayerView:
-        h = kwargs["hidden_states"]
-        cos, sin = kwargs["position_embeddings"]
+        """``kwargs`` None: a deferred compression after the forward, where no hidden states (queries) remain."""
+        h = kwargs["hidden_states"] if kwargs is not None else None
+        cos, sin = kwargs["position_embeddings"] if kwargs is not None else (None, None)
         S = keys.shape[1]
 
         def query_fn(a: int, b: int) -> torch.Tensor:
+            if h is None:
+                raise CompressionError("deferred compression has no queries: compute scores in observe()")
             if decode:                                  # only the newest positions exist in this forward
                 if b != S or b - a > h.shape[1]:
                     raise CompressionError("during decode only the newest queries are available")
@@ -250,15 +264,19 @@ class Compressor:
         t0 = self.clock.now()
         attn = output[1][0] if isinstance(output, tuple) and len(output) > 1 and output[1] is not None else None
         if self.phase == "prefill":
-            if i in self.req.kept:            # each layer is compressed once, at the end of its prefill chunk
+            if i in self.req.kept or i in self.pending:   # each layer is compressed once, at the end of its chunk
                 return
             positions = self.req.state.get("layer_positions", {}).get(i)
             S = layer.keys.shape[2]
             modality = self.req.modality[: S] if positions is None else self.req.modality[positions]
             n_keep = min(self.req.n_keep, S)
             view = self._view(module, kwargs, layer.keys[0], layer.values[0], modality, n_keep, attn)
-            sel = self.method.compress(view)
-            self._apply(module, layer, sel, modality, record=True)
+            if self.method.deferred:          # scores now, selection once every layer has been seen
+                self.method.observe(view)
+                self.pending[i] = (module, modality, n_keep)
+            else:
+                sel = self.method.compress(view)
+                self._apply(module, layer, sel, modality, record=True)
         else:
             S = layer.keys.shape[2]
             target = self.req.state.setdefault("decode_size", {}).setdefault(i, S - 1)
@@ -440,7 +458,7 @@ class Engine:
             "kv_bytes_full": kv_full, "kv_bytes_kept": kv_kept, "kv_bytes_ratio": kv_kept / kv_full,
             "kept_ratio": sum(per_layer) / (L * n), "kept_by_modality": by_mod,
             "kept_per_layer": per_layer, "decode_policy": method.decode_policy,
-            "modalities_used": enc.modalities_used, "layers": L, "kv_heads": kvH,
+            "modalities_used": enc.modalities_used, "input_notes": enc.notes, "layers": L, "kv_heads": kvH,
             "num_heads": tc.num_attention_heads,
         }
         if per_head is not None:

@@ -69,6 +69,22 @@ def resolved(cfg: DictConfig) -> dict:
     return d
 
 
+def shard_docs(docs: list, shard: int = 0, num_shards: int = 1) -> list:
+    """Shard ``shard`` of ``num_shards`` (round-robin over the dataset order, after ``limit``). Each shard is its
+    own run directory (the keys are in the config hash); ``avkv report`` merges them back."""
+    shard, num_shards = int(shard), int(num_shards)
+    if num_shards < 1 or not 0 <= shard < num_shards:
+        raise ValueError(f"shard={shard} num_shards={num_shards}: need 0 <= shard < num_shards")
+    return docs[shard::num_shards]
+
+
+def run_dir_of(cfg: DictConfig) -> Path:
+    """The run directory ``run(cfg)`` writes (also used by ``avkv missing`` to check a grid without running it)."""
+    res = resolved(cfg)
+    res["method_name"] = getattr(instantiate(cfg.method), "name", res["method_name"])
+    return Path(cfg.run_dir) if cfg.get("run_dir") else Path(cfg.paths.runs) / run_name(res, config_hash(res))
+
+
 def run(cfg: DictConfig) -> dict:
     """Run (or resume) one experiment; returns the summary dict."""
     if cfg.get("threads"):
@@ -98,7 +114,7 @@ def run(cfg: DictConfig) -> dict:
                            run_id=h[:32], name=run_dir.name,
                            tags=[res["model_name"], res["method_name"], res["dataset_name"], f"budget={cfg.budget}"],
                            group=cfg.get("experiment_name"))
-    docs = list(task.docs())
+    docs = shard_docs(list(task.docs()), cfg.get("shard", 0), cfg.get("num_shards", 1))
     todo = [d for d in docs if str(d.id) not in done]
     log.info("run dir %s: %d samples, %d done, %d to run", run_dir, len(docs), len(docs) - len(todo), len(todo))
 
@@ -118,7 +134,7 @@ def run(cfg: DictConfig) -> dict:
 
     summary = summarize(res, h, task, store.records(), run_dir)
     store.write_summary(summary)
-    tracker.finish(summary)
+    tracker.finish(summary, records=store.records())
     return summary
 
 

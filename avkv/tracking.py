@@ -23,7 +23,7 @@ class NullTracker:
     def log_sample(self, record: dict) -> None:
         pass
 
-    def finish(self, summary: dict) -> None:
+    def finish(self, summary: dict, records: list[dict] | None = None) -> None:
         pass
 
 
@@ -46,7 +46,16 @@ class WandbTracker:
         self.rows.append([str(record.get(c)) if c in ("prediction", "target", "error", "sample_id")
                           else record.get(c) for c in self.columns])
 
-    def finish(self, summary: dict) -> None:
+    def finish(self, summary: dict, records: list[dict] | None = None) -> None:
+        """Summary scalars (also as ``<dataset>/<metric>``, lmms-eval style) and the per-sample table.
+
+        ``records`` are all the run's samples from the store: a resumed run (requeued job) logs the complete
+        table, not only the samples this process computed.
+        """
+        if records is not None:
+            self.rows = []
+            for r in records:
+                self.log_sample(r)
         flat = {}
         for k, v in summary.items():
             if isinstance(v, dict):
@@ -57,6 +66,8 @@ class WandbTracker:
                         flat[f"{k}/{k2}"] = v2["mean"]
             elif isinstance(v, (int, float)):
                 flat[k] = v
+        if summary.get("dataset") and summary.get("metric") and isinstance(summary.get("score"), (int, float)):
+            flat[f"{summary['dataset']}/{summary['metric']}"] = summary["score"]
         self.run.summary.update(flat)
         self.run.log({"samples": self.wandb.Table(columns=self.columns, data=self.rows)})
         self.run.finish()

@@ -9,8 +9,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from omegaconf import OmegaConf  # noqa: E402
-
 from avkv.config import CONFIG_DIR  # noqa: E402
 
 
@@ -20,23 +18,17 @@ def main() -> None:
     ap.add_argument("--force", action="store_true")
     ap.add_argument("names", nargs="*", help="config names (default: every configs/model/tiny_*.yaml)")
     a = ap.parse_args()
-    from hydra.utils import get_method
     from transformers.utils import logging as hf_logging
+
+    from avkv.models.tiny import ensure_tiny
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     for f in sorted((CONFIG_DIR / "model").glob("tiny_*.yaml")):
         if a.names and f.stem not in a.names:
             continue
-        builder = OmegaConf.load(f).get("tiny_builder")
-        if not builder:
-            continue
-        out = Path(a.out) / f.stem
-        if (out / "config.json").exists() and not a.force:
-            print(f"{f.stem}: present ({out})")
-            continue
         t0 = time.perf_counter()
-        get_method(builder)(out)
-        print(f"{f.stem}: written to {out} in {time.perf_counter() - t0:.1f}s")
+        out, built = ensure_tiny(f, a.out, force=a.force)
+        print(f"{f.stem}: " + (f"written to {out} in {time.perf_counter() - t0:.1f}s" if built else f"up to date ({out})"))
 
 
 if __name__ == "__main__":

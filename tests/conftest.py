@@ -15,15 +15,11 @@ FAMILIES = ("qwen2_5_vl", "qwen2_audio", "qwen2_5_omni")
 @functools.lru_cache(maxsize=None)
 def tiny_model_dir(name: str) -> Path:
     """Path of a tiny checkpoint, written on first use by the builder its config names."""
-    from hydra.utils import get_method
-    from omegaconf import OmegaConf
     from transformers.utils import logging as hf_logging
+
+    from avkv.models.tiny import ensure_tiny
     hf_logging.disable_progress_bar()
-    out = CACHE / "models" / name
-    if not (out / "config.json").exists():
-        builder = OmegaConf.load(ROOT / "configs" / "model" / f"{name}.yaml").tiny_builder
-        get_method(builder)(out)
-    return out
+    return ensure_tiny(ROOT / "configs" / "model" / f"{name}.yaml", CACHE / "models")[0]
 
 
 @functools.lru_cache(maxsize=None)

@@ -160,6 +160,13 @@ class Wrapper(Method):
     def decode_policy(self) -> str:  # type: ignore[override]
         return self.scorer.decode_policy
 
+    @property
+    def deferred(self) -> bool:  # type: ignore[override]
+        return self.scorer.deferred
+
+    def observe(self, view: LayerView) -> None:
+        self.scorer.observe(view)
+
     def begin(self, request: dict) -> None:
         self.scorer.begin(request)
 

@@ -94,9 +94,15 @@ class Method:
     requires_attentions: ClassVar[bool] = False
     #: ``grow``: decode tokens are appended; ``fixed``: the engine calls :meth:`decode_step` to hold the size
     decode_policy: str = "grow"
+    #: the method allocates across layers (D2O): the engine calls :meth:`observe` in each layer's prefill (queries
+    #: available) and :meth:`compress` for every layer after the chunk's forward (no queries then)
+    deferred: ClassVar[bool] = False
 
     def compress(self, view: LayerView) -> Selection:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def observe(self, view: LayerView) -> None:
+        """Deferred methods: compute what :meth:`compress` will need (scores) while the queries exist."""
 
     def begin(self, request: dict) -> None:
         """Called before each sample's prefill (request holds modality ids, prompt length, layout)."""
@@ -264,13 +270,15 @@ def complement(indices: torch.Tensor, size: int) -> torch.Tensor:
 
 def merge_into_nearest(keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor, evicted: torch.Tensor,
                        mode: str = "pivot", allowed: torch.Tensor | None = None,
-                       min_similarity: float | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       min_similarity: float | torch.Tensor | Callable[[torch.Tensor], Any] | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge evicted entries into their most key-similar kept entry.
 
     One KV head: keys/values [S, D], keep [k], evicted [e], ``allowed`` [e, k]. Several heads at once: add a
     leading head dimension to all of them ([R, S, D], [R, k], [R, e], [R, e, k]). ``allowed`` says which kept
-    entries each evicted entry may merge into (e.g. same modality only); ``min_similarity`` (a float or a
-    broadcastable tensor) gates merging on the best cosine similarity. An evicted entry with no allowed target,
+    entries each evicted entry may merge into (e.g. same modality only); ``min_similarity`` gates merging on
+    the best cosine similarity: a float, a broadcastable tensor, or a callable that receives the best
+    similarities [R, e] and returns the gate (D2O's running threshold). An evicted entry with no allowed target,
     or below the gate, is dropped. Modes:
 
     * ``avg``: contribution = x_e (plain average; conserves the summed mass)
@@ -297,7 +305,8 @@ def merge_into_nearest(keys: torch.Tensor, values: torch.Tensor, keep: torch.Ten
         best, target = sim.max(dim=-1)                                         # [R, e]
         ok = torch.isfinite(best)
         if min_similarity is not None:
-            ok &= best >= min_similarity
+            gate = min_similarity(best.masked_fill(~ok, float("nan"))) if callable(min_similarity) else min_similarity
+            ok &= best >= gate
         w = ok.to(Kk.dtype)[..., None]                                         # dropped entries contribute 0
         tgt = target[..., None].expand(-1, -1, D)
         if mode == "avg":

@@ -15,6 +15,8 @@ class H2O(ScoreMethod):
 
     Parameters
     ----------
+    sink : int
+        First positions always kept (0 in H2O; D2O's code keeps 4).
     recent_share : float
         Share of the budget that goes to the most recent positions; the rest goes to heavy hitters. 0.5 is the
         MileBench/LOOK-M setting (heavy-hitter ratio 0.1 + recent ratio 0.1 of the prompt at a 20% budget).
@@ -32,6 +34,7 @@ class H2O(ScoreMethod):
     """
 
     name = "h2o"
+    sink: int = 0
     recent_share: float = 0.5
     gqa: str = "mean"
     chunk: int = 512
@@ -41,12 +44,17 @@ class H2O(ScoreMethod):
         return int(round(self.recent_share * min(view.n_keep, view.seq_len)))
 
     def score(self, view: LayerView) -> torch.Tensor:
-        return reduce_gqa(accumulated_scores(view, self.chunk), view.num_kv_heads, self.gqa)
+        s = reduce_gqa(accumulated_scores(view, self.chunk), view.num_kv_heads, self.gqa)
+        return self._sinks(s)
 
     def compress(self, view: LayerView) -> Selection:
-        scores = self.score(view)
-        recent = self.protected(view)
-        idx = keep_topk(scores, view.n_keep, protect_last=recent)
+        return self.keep(view, self.score(view), view.n_keep)
+
+    def keep(self, view: LayerView, scores: torch.Tensor, n_keep: int, recent: int | None = None) -> Selection:
+        """Heavy hitters + recent window from ``scores`` [kvH, S]; remembers the scores for fixed decoding."""
+        if recent is None:
+            recent = int(round(self.recent_share * min(n_keep, view.seq_len)))
+        idx = keep_topk(scores, n_keep, protect_last=recent)
         if self.decode_policy == "fixed":
             view.state[self._key(view)] = {"scores": scores.gather(1, idx), "recent": recent}
         return self.select(view, idx)
@@ -69,9 +77,16 @@ class H2O(ScoreMethod):
         if S <= view.n_keep:
             view.state[key] = {"scores": scores, "recent": st["recent"]}
             return None
-        idx = keep_topk(scores, view.n_keep, protect_last=st["recent"])
+        idx = keep_topk(self._sinks(scores), view.n_keep, protect_last=st["recent"])
         view.state[key] = {"scores": scores.gather(1, idx), "recent": st["recent"]}
         return self.select(view, idx)
+
+    def _sinks(self, scores: torch.Tensor) -> torch.Tensor:
+        if self.sink <= 0:
+            return scores
+        s = scores.clone()
+        s[:, : self.sink] = float("inf")
+        return s
 
     def _key(self, view: LayerView) -> tuple:
         return (self.name, "scores", view.layer_idx)

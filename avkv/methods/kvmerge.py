@@ -54,12 +54,13 @@ class KVMerge(ScoreMethod):
 
     def compress(self, view: LayerView) -> Selection:
         S = view.seq_len
-        w = min(self.window, S)
+        n = min(view.n_keep, S)
+        w = min(self.window, n)
         P = S - w
-        m = max(1, min(view.n_keep, S) - w)                # sets in the prefix
+        m = n - w                                          # merging sets in the prefix
         R, _, D = view.keys.shape
-        if m >= P:
-            return Selection(indices=torch.arange(S, device=view.keys.device).expand(R, S))
+        if m >= P or m == 0:                               # nothing to merge, or only the window fits
+            return Selection(indices=torch.arange(S - n, S, device=view.keys.device).expand(R, n))
         K = view.keys[:, :P].float()
         V = view.values[:, :P].float()
         seg = segment_ids(K, m)                                                  # [R, P] in 0..m-1

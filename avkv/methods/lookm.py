@@ -1,7 +1,7 @@
 """LOOK-M (Wan et al., EMNLP Findings 2024, arXiv 2406.18139): text-prior H2O eviction + merging of evicted KV."""
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -58,10 +58,11 @@ class LookM(H2O):
         return s
 
     def compress(self, view: LayerView) -> Selection:
-        if self.keep_all_text:
-            n_text = int(self._text(view, view.seq_len)[: view.seq_len - self.protected(view)].sum())
-            view = replace(view, n_keep=max(view.n_keep, n_text + self.protected(view)))
-        return super().compress(view)
+        if not self.keep_all_text:
+            return super().compress(view)
+        recent = self.protected(view)
+        n_text = int(self._text(view, view.seq_len)[: view.seq_len - recent].sum())
+        return self.keep(view, self.score(view), max(view.n_keep, n_text + recent), recent)
 
     def select(self, view: LayerView, idx: torch.Tensor) -> Selection:
         evicted = complement(idx, view.seq_len)

@@ -45,7 +45,8 @@ def extract_choice(text: str | None, choices: Sequence[str]) -> int | None:
     Ranked rules (first that fires wins), for up to 26 options keyed A, B, ...:
 
     1. the whole answer is a key, optionally bracketed / followed by ``.`` ``)`` ``:`` (``"B"``, ``"(B)"``, ``"B."``);
-    2. the answer starts with a bracketed key or a key followed by ``.`` ``)`` ``:`` ``,`` (``"B. red"``, ``"(B) red"``);
+    2. the answer starts with a bracketed key or a key followed by ``.`` ``)`` ``:`` ``,`` (``"B. red"``,
+       ``"(B) red"``);
     3. an explicit statement: ``answer is (B)``, ``answer: B``, ``option B``, ``choice (B)``, ``Best option: (B)``;
     4. the first bracketed key anywhere (``"... it is (C) ..."``);
     5. exactly one option text occurs in the answer (case-insensitive, word-bounded; the longest match wins
@@ -176,6 +177,33 @@ def rouge_l(hyp: str, ref: str, beta: float = 1.0) -> float:
     if lcs == 0:
         return 0.0
     p, rec = lcs / len(h), lcs / len(r)
+    return ((1 + beta ** 2) * p * rec) / (rec + beta ** 2 * p)
+
+
+_PTB_TOKEN = re.compile(r"n't|'(?:s|re|ve|d|ll|m)\b|[a-z0-9]+(?:[-./'][a-z0-9]+)*(?=n't)|[a-z0-9]+(?:[-./][a-z0-9]+)*")
+
+
+def ptb_tokenize(text: str) -> list[str]:
+    """An approximation of coco-caption's ``PTBTokenizer`` (Stanford PTB tokenizer, lower-cased, punctuation
+    tokens dropped) without Java: contractions split off (``don't`` → ``do n't``, ``he's`` → ``he 's``),
+    hyphenated words and decimals kept whole, every other punctuation mark removed."""
+    return _PTB_TOKEN.findall(str(text).lower())
+
+
+def rouge_l_coco(candidate: str, references: Sequence[str], beta: float = 1.2) -> float:
+    """coco-caption ``Rouge`` (used by the DSTC AVSD evaluation): LCS precision and recall against each
+    reference, the *maximum* precision and the maximum recall taken separately, then
+    ``F = (1 + b²) P R / (R + b² P)`` with ``b = 1.2``; on :func:`ptb_tokenize` tokens."""
+    c = ptb_tokenize(candidate)
+    precs, recs = [], []
+    for ref in references:
+        r = ptb_tokenize(ref)
+        lcs = _lcs(c, r) if c and r else 0
+        precs.append(lcs / len(c) if c else 0.0)
+        recs.append(lcs / len(r) if r else 0.0)
+    p, rec = max(precs, default=0.0), max(recs, default=0.0)
+    if p == 0 or rec == 0:
+        return 0.0
     return ((1 + beta ** 2) * p * rec) / (rec + beta ** 2 * p)
 
 
@@ -310,3 +338,102 @@ def corpus_wer(refs: Sequence[str], hyps: Sequence[str], language: str = "en") -
         de, dn = edit_counts(r, h, language)
         e, n = e + de, n + dn
     return e / n if n else 0.0
+
+
+# ----------------------------------------------------------------------------------------------- MileBench
+# Re-implementation of MileBench ``evaluate.py`` (class ``Eval``) with its quirks kept on purpose; each quirk is
+# named where it happens. Differences from it would change the numbers the KV papers report.
+
+_MB_PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?",
+             "!"]
+_MB_COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
+# quirk: the official pattern is "(?!<=\d)(\.)(?!\d)" — a look-*ahead* for "<=\d", not a look-behind — so every
+# period not followed by a digit is removed, even after a digit
+_MB_PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
+
+
+def milebench_process(text: str) -> str:
+    """MileBench ``Eval.process``: newlines/tabs → spaces, VQA-style punctuation handling, quotes stripped,
+    lower-cased.
+
+    Quirks kept: a punctuation mark is *deleted* (not replaced by a space) when it is anywhere followed or
+    preceded by a space, or when the text has a digit-comma-digit; the period removal passes ``re.UNICODE`` (32)
+    as the ``count`` argument of ``sub``, so at most 32 periods go.
+    """
+    s = str(text).replace("\n", " ").replace("\t", " ").strip()
+    out = s
+    for p in _MB_PUNCT:
+        if (p + " " in s or " " + p in s) or _MB_COMMA_STRIP.search(s) is not None:
+            out = out.replace(p, "")
+        else:
+            out = out.replace(p, " ")
+    out = _MB_PERIOD_STRIP.sub("", out, 32)
+    return out.strip("'").strip('"').strip().lower()
+
+
+_MB_REGEX_SPECIAL = ["\\", ".", "^", "$", "*", "+", "?", "{", "}", "[", "]", "|", "(", ")"]
+
+
+def _mb_option_pattern(option: str) -> str:
+    s = milebench_process(option)
+    for ch in _MB_REGEX_SPECIAL:                 # escaped one character class after the other, as upstream
+        if ch in s:
+            s = s.replace(ch, "\\" + ch)
+    return s
+
+
+def milebench_match_choice(text: str, options: dict[str, str]) -> str:
+    """MileBench ``Eval.match_choice`` on an already-processed prediction; returns the picked key(s).
+
+    Order: (1) the first ``"<key> <option text>"`` found anywhere (so "a red" inside "this is a red square"
+    reads as A); (2) the first option text found with all spaces removed; (3) a one-character answer that is a
+    key; (4) otherwise every character of the text that is a key, upper-cased and concatenated (rarely a single
+    valid key). **Empty text returns 'C'.** A regex error returns the text itself.
+    """
+    if text == "":
+        return "C"
+    try:
+        pat = "|".join(_mb_option_pattern(f"{k} {v}") for k, v in options.items())
+        m = re.search(rf"({pat})", text, re.S)
+        if m:
+            return m.group(0)[0].upper()
+        pats = {k: _mb_option_pattern(v).replace(" ", "") for k, v in options.items()}
+        m = re.search(rf"({'|'.join(pats.values())})", text.replace(" ", ""), re.S)
+        if m:
+            for k, p in pats.items():
+                if m[0].strip() == p:
+                    return k.upper()
+        if len(text) == 1 and text.upper() in options:
+            return text.upper()
+    except Exception:                                              # noqa: BLE001 - upstream returns the text
+        return text
+    return "".join(ch.upper() for ch in text if ch.upper() in options)
+
+
+def milebench_score_mc(pred: str, gold: str, choices: Sequence[str]) -> tuple[float, str, bool]:
+    """``judge_multi_choice`` after ``process_sample``: (score, picked key(s), parsed_ok).
+
+    Keys are ``chr(65 + i)`` as upstream (past 26 options they run into ``[``, ``\\``, ... — GPR1200's quirk).
+    ``parsed_ok`` is False for the empty-answer 'C' and for a pick that is not exactly one key.
+    """
+    p = milebench_process(pred)
+    g = milebench_process(gold)
+    ch = [milebench_process(c) for c in choices]
+    if g not in ch:
+        raise ValueError(f"gold answer {gold!r} is not among the choices")
+    options = {chr(65 + i): c for i, c in enumerate(ch)}
+    picked = milebench_match_choice(p, options)
+    return float(picked == chr(65 + ch.index(g))), picked, p != "" and picked in options
+
+
+def milebench_score_open(pred: str, gold: str) -> float:
+    """Open-ended MileBench datasets: ROUGE-L F (``rouge==1.0.1``) of the processed texts; empty prediction → 0."""
+    p, g = milebench_process(pred), milebench_process(gold)
+    return 0.0 if p == "" else rouge_l_pltrdy(p, g)
+
+
+def milebench_score_needle(pred: str, gold: str, whole_token: bool = True) -> float:
+    """Needle datasets: processed gold is one of the whitespace tokens of the processed prediction
+    (``whole_token``), or — MMCoQA — a substring of it."""
+    p, g = milebench_process(pred), milebench_process(gold)
+    return float(g in p.split()) if whole_token else float(g in p)

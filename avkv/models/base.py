@@ -34,6 +34,7 @@ class Encoded:
     media_s: float = 0.0                   # time spent decoding media files (kept out of prefill time)
     layout: dict = field(default_factory=dict)   # extras for methods (video frame/spatial index per position)
     modalities_used: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)   # what the adapter changed about the input (recorded)
 
 
 class ModelAdapter:

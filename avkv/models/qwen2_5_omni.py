@@ -33,13 +33,14 @@ class Qwen25OmniAdapter(QwenAdapter):
             media["videos"].append(dec["frames"])
             wav = dec.get("audio")
             if wav is not None and self.use_audio_in_video:
+                wav = self.fit_audio(wav)
                 media["audio_from_video"].append((len(media["videos"]) - 1, len(media["audio"])))
                 media["audio"].append(wav)
             return [{"type": "video"}]
         if item.kind == "image":
             media["images"].append(dec["image"])
             return [{"type": "image"}]
-        media["audio"].append(dec["audio"])
+        media["audio"].append(self.fit_audio(dec["audio"]))
         media["standalone_audio"].append(len(media["audio"]) - 1)
         return [{"type": "audio"}]
 
@@ -106,7 +107,7 @@ def build_tiny(out_dir: str | Path, seed: int = 0) -> None:
     pix = dict(min_pixels=56 * 56, max_pixels=112 * 112)
     proc = Qwen2_5OmniProcessor(image_processor=Qwen2VLImageProcessorPil(**pix), video_processor=TorchQwenVideoProcessor(**pix),
                                 feature_extractor=WhisperFeatureExtractor(feature_size=128, sampling_rate=16000,
-                                                                          chunk_length=5),
+                                                                          chunk_length=30),
                                 tokenizer=tok, chat_template=template)
     with atomic_dir(out_dir) as d:
         model.save_pretrained(d)

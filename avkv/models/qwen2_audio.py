@@ -24,13 +24,8 @@ class Qwen2AudioAdapter(QwenAdapter):
     def _media_content(self, item: Media, dec: dict, media: dict) -> list[dict]:
         if dec.get("audio") is None:          # a silent video or an image: nothing this model can hear
             return []
-        media["audio"].append(self._fit(dec["audio"]))
+        media["audio"].append(self.fit_audio(dec["audio"]))
         return [{"type": "audio"}]
-
-    def _fit(self, wav):
-        """The encoder takes at most one feature-extractor chunk (30 s for the real model); longer audio is cut."""
-        fe = self.processor.feature_extractor
-        return wav[: fe.chunk_length * fe.sampling_rate]
 
 
 def build_tiny(out_dir: str | Path, seed: int = 0) -> None:

@@ -54,6 +54,15 @@ class QwenAdapter(ModelAdapter):
     def _media_content(self, item: Media, dec: dict, media: dict[str, list]) -> list[dict]:  # pragma: no cover
         raise NotImplementedError
 
+    def fit_audio(self, wav):
+        """The feature extractor pads or cuts audio to its window (30 s for Qwen2-Audio); a cut is recorded."""
+        fe = self.processor.feature_extractor
+        limit = int(fe.chunk_length * fe.sampling_rate)
+        if len(wav) > limit:
+            self._notes.append(f"audio cut from {len(wav) / fe.sampling_rate:.1f}s to the feature extractor's "
+                               f"{fe.chunk_length}s window")
+        return wav[:limit]
+
     def _processor_kwargs(self, media: dict[str, list]) -> dict:
         kw = {k: v for k, v in media.items() if v}
         if "audio" in kw:
@@ -67,6 +76,7 @@ class QwenAdapter(ModelAdapter):
                                  want_audio="audio" in self.modalities)
                    for m in prompt.context]
         media_s = time.perf_counter() - t0
+        self._notes: list[str] = []
         messages, media = self._messages(prompt, decoded)
         text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         inputs = dict(self.processor(text=[text], return_tensors="pt", **self._processor_kwargs(media)))
@@ -81,7 +91,7 @@ class QwenAdapter(ModelAdapter):
         used = sorted({name for name, key in (("image", "images"), ("video", "videos"), ("audio", "audio"))
                        if media.get(key)})
         return Encoded(inputs=inputs, input_ids=input_ids, modality=modality, question_start=question_start,
-                       assistant_start=assistant_start, media_s=media_s, modalities_used=used,
+                       assistant_start=assistant_start, media_s=media_s, modalities_used=used, notes=self._notes,
                        layout=self._video_layout(inputs, modality))
 
     def _question_start(self, text: str, question: str, n: int) -> int:

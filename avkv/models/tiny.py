@@ -93,3 +93,33 @@ def atomic_dir(out_dir: str | Path):
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def builder_fingerprint(builder: str) -> str:
+    """Hash of the source file defining a tiny builder: a checkpoint made by older code is rebuilt."""
+    import hashlib
+    import importlib
+    import inspect
+    module = importlib.import_module(builder.rsplit(".", 1)[0])
+    src = inspect.getsource(module) + inspect.getsource(importlib.import_module(__name__))
+    return hashlib.sha256(src.encode()).hexdigest()[:16]
+
+
+def ensure_tiny(config_path: str | Path, out_root: str | Path, force: bool = False) -> tuple[Path, bool]:
+    """Write the tiny checkpoint a ``configs/model/tiny_*.yaml`` names, unless an up-to-date one exists.
+
+    Returns (folder, built).
+    """
+    from hydra.utils import get_method
+    from omegaconf import OmegaConf
+    builder = OmegaConf.load(config_path).get("tiny_builder")
+    if not builder:
+        raise ValueError(f"{config_path} names no tiny_builder")
+    out = Path(out_root) / Path(config_path).stem
+    stamp = out / "avkv_builder.txt"
+    fp = builder_fingerprint(builder)
+    if not force and (out / "config.json").exists() and stamp.exists() and stamp.read_text().strip() == fp:
+        return out, False
+    get_method(builder)(out)
+    stamp.write_text(fp + "\n")
+    return out, True

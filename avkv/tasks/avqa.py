@@ -56,10 +56,11 @@ class AVQA(Task):
             if qid in seen:
                 raise DatasetError(f"{self.index}: item {where} field 'id' duplicates an earlier id {qid}")
             seen.add(qid)
-            docs.append(Doc(id=qid, media=[Media("video", str(self.video_dir / f"{name}.mp4"), with_audio=True)],
+            video = Media("video", str(self.video_dir / f"{name}.mp4"), with_audio=True)
+            docs.append(self.remember(Doc(id=qid, media=[video],
                             question=q, target=ans, choices=list(choices),
                             meta={"question_relation": rel, "question_type": qtype, "video_name": name,
-                                  "video_id": item.get("video_id")}))
+                                  "video_id": item.get("video_id")}), question_relation=rel, question_type=qtype))
             if self.limit is not None and len(docs) >= self.limit:
                 break
         yield from docs
@@ -81,4 +82,4 @@ class AVQA(Task):
         return out
 
     def aggregate(self, records: list[dict]) -> dict:
-        return aggregate_with_breakdowns(records, self.metric, ("question_relation", "question_type"))
+        return aggregate_with_breakdowns(records, self.metric, ("question_relation", "question_type"), task=self)

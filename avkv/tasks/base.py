@@ -120,6 +120,19 @@ class Task:
         """Per-sample scoring. Must return at least ``score`` (float) and ``parsed_ok`` (bool)."""
         raise NotImplementedError
 
+    def remember(self, doc: Doc, **keys: Any) -> Doc:
+        """Keep a doc's breakdown keys by id, so ``aggregate`` can place a *failed* record (which carries no
+        score fields) in its breakdown groups. Returns the doc."""
+        self.__dict__.setdefault("_remembered", {})[str(doc.id)] = keys
+        return doc
+
+    def field(self, record: dict, key: str) -> Any:
+        """A breakdown key of a record: from the record itself, else from what ``remember`` kept for its id."""
+        v = record_field(record, key)
+        if v is None:
+            v = self.__dict__.get("_remembered", {}).get(str(record.get("sample_id")), {}).get(key)
+        return v
+
     def aggregate(self, records: list[dict]) -> dict:
         """Dataset-level metrics from the per-sample records (the default: mean score + parse failures)."""
         ok = [r for r in records if r.get("error") is None]

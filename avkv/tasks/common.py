@@ -41,11 +41,12 @@ def _mean(xs: list[float]) -> float | None:
 
 
 def aggregate_with_breakdowns(records: list[dict], metric: str, breakdowns: Iterable[str] = (),
-                              value_key: str = "score") -> dict:
+                              value_key: str = "score", task=None) -> dict:
     """Mean of ``value_key`` over scored records (unparsed ones count as scored 0), plus per-key breakdowns.
 
     Failed samples (``error`` set: a missing or corrupt media file, ...) are left out of the means and counted
-    in ``n_failed``; unparseable outputs are counted in ``n_unparsed`` (and scored 0 by the task).
+    in ``n_failed`` (and in their group's ``n_by_*`` when ``task`` remembers their keys); unparseable outputs are
+    counted in ``n_unparsed`` (and scored 0 by the task).
     """
     ok = [r for r in records if not is_failed(r) and r.get(value_key) is not None]
     out: dict = {metric: _mean([float(r[value_key]) for r in ok]), "n": len(records),
@@ -56,7 +57,7 @@ def aggregate_with_breakdowns(records: list[dict], metric: str, breakdowns: Iter
         groups: dict[str, list[float]] = defaultdict(list)
         counts: dict[str, int] = defaultdict(int)
         for r in records:
-            g = record_field(r, key)
+            g = task.field(r, key) if task is not None else record_field(r, key)
             g = "unknown" if g is None else str(g)
             counts[g] += 1
             if id(r) in ok_ids:

@@ -11,6 +11,8 @@ Long form (``long_form=true``): each chapter's utterances, in order, are concate
 transcripts joined by spaces. The concatenated FLACs are written once to ``long_dir`` (default: a
 ``LibriSpeech-long/<split>-<min>-<max>s`` folder beside ``root``) and reused; ``scripts/prepare_librispeech.py``
 does the same ahead of a run. A leftover shorter than ``min_s`` at the end of a chapter is dropped.
+``chunk_s`` (e.g. 30, the Whisper-style encoders' window) gives a long segment to the model as consecutive audio
+clips of at most that length instead of one clip the adapter would cut to its window.
 
 Scoring is Qwen2-Audio's ``evaluate_asr.py`` (== lmms-eval ``asr_wer_utils``): Whisper English normalisation,
 then corpus-level WER = sum of edit distances / sum of reference words, reported in percent, per ``source``
@@ -43,7 +45,7 @@ class LibriSpeech(Task):
     def __init__(self, root: str | Path, split: str | list[str] = "test-clean", limit: int | None = None,
                  long_form: bool = False, min_s: float = 60.0, max_s: float = 120.0,
                  long_dir: str | Path | None = None, language: str = "en", max_new_tokens: int | None = None,
-                 **kwargs: Any) -> None:
+                 chunk_s: float | None = None, **kwargs: Any) -> None:
         super().__init__(root, limit)
         self.splits = [split] if isinstance(split, str) else list(split)
         self.long_form = bool(long_form)
@@ -53,6 +55,7 @@ class LibriSpeech(Task):
         self.long_dir = Path(long_dir) if long_dir else None
         self.language = language
         self.max_new_tokens = max_new_tokens or (1024 if self.long_form else 256)
+        self.chunk_s = float(chunk_s) if chunk_s else None
         if self.long_form:
             self.name = "librispeech_long"
 
@@ -91,7 +94,7 @@ class LibriSpeech(Task):
                 Doc(id=u["id"], media=[Media("audio", str(u["path"]))], question="", target=u["text"],
                     meta={"source": split, "speaker": u["speaker"], "chapter": u["chapter"]}) for u in utts)
             for d in items:
-                yield d
+                yield self.remember(d, source=split)
                 n += 1
                 if self.limit is not None and n >= self.limit:
                     return
@@ -135,7 +138,14 @@ class LibriSpeech(Task):
 
     def _long_docs(self, split: str, utts: list[dict]) -> Iterator[Doc]:
         folder = self.long_folder(split)
-        for seg in self.segments(utts):
+        segments = self.segments(utts)
+        if not segments:
+            longest = max(sum((u["duration"] or 0.0) for u in utts if (u["speaker"], u["chapter"]) == key)
+                          for key in {(u["speaker"], u["chapter"]) for u in utts})
+            raise DatasetError(f"LibriSpeech {self.root / split}: no chapter reaches min_s={self.min_s:g} s for the "
+                               f"long form (longest chapter {longest:.1f} s); lower dataset.min_s/max_s "
+                               f"(the fixture's chapters are ~15 s: min_s=6 max_s=12)")
+        for seg in segments:
             first, last = seg[0], seg[-1]
             sid = f"{first['id']}-{last['id'].rsplit('-', 1)[1]}"
             target = " ".join(u["text"] for u in seg)
@@ -187,7 +197,14 @@ class LibriSpeech(Task):
         check_family(family)
         if family not in PROMPTS:
             raise ValueError(f"{self.name}: model family {family} cannot take audio input")
-        return Prompt(context=list(doc.media), question=PROMPTS[family], max_new_tokens=self.max_new_tokens)
+        media = list(doc.media)
+        secs = doc.meta.get("seconds")
+        if self.chunk_s and secs and secs > self.chunk_s and len(media) == 1:
+            # consecutive clips of at most chunk_s seconds (e.g. 30 s, Qwen2-Audio's encoder window), in order
+            n = int(-(-secs // self.chunk_s))
+            media = [Media("audio", media[0].path, start=k * self.chunk_s,
+                           end=min((k + 1) * self.chunk_s, secs) if k < n - 1 else None) for k in range(n)]
+        return Prompt(context=media, question=PROMPTS[family], max_new_tokens=self.max_new_tokens)
 
     def score(self, doc: Doc, prediction: str) -> dict:
         errors, n = edit_counts(doc.target, prediction or "", self.language)
@@ -204,9 +221,13 @@ class LibriSpeech(Task):
         total = wer(ok)
         by: dict[str, list[dict]] = {}
         for r in ok:
-            by.setdefault(str(record_field(r, "source")), []).append(r)
+            by.setdefault(str(self.field(r, "source")), []).append(r)
+        n_by: dict[str, int] = {}
+        for r in records:
+            k = str(self.field(r, "source"))
+            n_by[k] = n_by.get(k, 0) + 1
         return {"wer": total, "acc_100_minus_wer": None if total is None else max(100.0 - total, 0.0),
-                "wer_by_source": {k: wer(v) for k, v in sorted(by.items())},
-                "n_by_source": {k: len(v) for k, v in sorted(by.items())},
+                "wer_by_source": {k: wer(by.get(k, [])) for k in sorted(n_by)},
+                "n_by_source": dict(sorted(n_by.items())),
                 "n": len(records), "n_scored": len(ok), "n_failed": sum(1 for r in records if is_failed(r)),
                 "n_unparsed": 0}

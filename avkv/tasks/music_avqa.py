@@ -89,9 +89,11 @@ class MusicAVQA(Task):
                 question = fill_question(template, [str(v) for v in values])
             except IndexError as e:
                 raise DatasetError(f"{self.index}: item {where} field 'templ_values': {e}") from e
-            yield Doc(id=str(qid), media=[Media("video", str(self.video_dir / f"{vid}.mp4"), with_audio=True)],
-                      question=question, target=answer,
-                      meta={"type": f"{typ[0]}/{typ[1]}", "modality": typ[0], "video_id": str(vid)})
+            yield self.remember(Doc(id=str(qid), media=[Media("video", str(self.video_dir / f"{vid}.mp4"),
+                                                              with_audio=True)],
+                                    question=question, target=answer,
+                                    meta={"type": f"{typ[0]}/{typ[1]}", "modality": typ[0], "video_id": str(vid)}),
+                                type=f"{typ[0]}/{typ[1]}", modality=typ[0])
             n += 1
             if self.limit is not None and n >= self.limit:
                 return
@@ -112,9 +114,9 @@ class MusicAVQA(Task):
                 "type": doc.meta.get("type"), "modality": doc.meta.get("modality")}
 
     def aggregate(self, records: list[dict]) -> dict:
-        out = aggregate_with_breakdowns(records, "accuracy", ("type", "modality"))
+        out = aggregate_with_breakdowns(records, "accuracy", ("type", "modality"), task=self)
         vl = aggregate_with_breakdowns(records, "accuracy_videollama2", ("type", "modality"),
-                                       value_key="score_videollama2")
+                                       value_key="score_videollama2", task=self)
         for k in ("accuracy_videollama2", "accuracy_videollama2_by_type", "accuracy_videollama2_by_modality"):
             out[k] = vl[k]
         return out

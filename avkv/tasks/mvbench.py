@@ -113,8 +113,8 @@ class MVBench(Task):
                 if dtype == "frame":
                     meta["frame_fps"] = FRAME_FPS
                     meta["first_frame"] = 1
-                yield Doc(id=f"{stem}/{i}", media=[media], question=q, target=cands.index(ans), choices=list(cands),
-                          meta=meta)
+                yield self.remember(Doc(id=f"{stem}/{i}", media=[media], question=q, target=cands.index(ans),
+                                        choices=list(cands), meta=meta), task=stem)
                 n += 1
                 if self.limit is not None and n >= self.limit:
                     return
@@ -140,8 +140,9 @@ class MVBench(Task):
                 "task": doc.meta.get("task")}
 
     def aggregate(self, records: list[dict]) -> dict:
-        out = aggregate_with_breakdowns(records, "accuracy", ("task",))
-        vl = aggregate_with_breakdowns(records, "accuracy_videollama2", ("task",), value_key="score_videollama2")
+        out = aggregate_with_breakdowns(records, "accuracy", ("task",), task=self)
+        vl = aggregate_with_breakdowns(records, "accuracy_videollama2", ("task",), value_key="score_videollama2",
+                                       task=self)
         out["accuracy_videollama2"] = vl["accuracy_videollama2"]
         out["accuracy_videollama2_by_task"] = vl["accuracy_videollama2_by_task"]
         out["n_fallback_videollama2"] = sum(1 for r in records if not is_failed(r)

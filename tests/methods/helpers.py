@@ -1,22 +1,62 @@
-"""Seeded LayerView builders for tensor-level method tests (no model needed)."""
+"""Seeded LayerViews and loop-style references for tensor-level method tests (no model needed).
+
+The references are written from the definitions with Python loops, independently of ``avkv.methods.base``."""
 from __future__ import annotations
+
+import math
 
 import torch
 
 from avkv.methods.base import LayerView
 
 
-def make_view(S: int = 40, kvH: int = 2, groups: int = 2, D: int = 8, n_keep: int = 10, seed: int = 0,
-              modality: torch.Tensor | None = None, layer_idx: int = 0, num_layers: int = 2,
-              state: dict | None = None) -> tuple[LayerView, torch.Tensor]:
-    """A view over random post-RoPE q/k/v; returns (view, all queries [H, S, D])."""
+def make_view(seed: int = 0, kv_heads: int = 2, groups: int = 2, seq: int = 64, dim: int = 8, n_keep: int = 20,
+              layer_idx: int = 0, num_layers: int = 4, modality: torch.Tensor | None = None,
+              state: dict | None = None, dtype: torch.dtype = torch.float32) -> LayerView:
+    """A LayerView over seeded q/k/v; ``query_fn`` slices the seeded queries (post-RoPE by construction)."""
     g = torch.Generator().manual_seed(seed)
-    H = kvH * groups
-    q = torch.randn(H, S, D, generator=g)
-    k = torch.randn(kvH, S, D, generator=g)
-    v = torch.randn(kvH, S, D, generator=g)
-    mod = modality if modality is not None else torch.zeros(S, dtype=torch.long)
-    view = LayerView(layer_idx=layer_idx, num_layers=num_layers, keys=k, values=v, modality=mod, n_keep=n_keep,
-                     num_heads=H, scaling=D ** -0.5, state=state if state is not None else {},
-                     generator=torch.Generator().manual_seed(seed + 1), query_fn=lambda a, b: q[:, a:b])
-    return view, q
+    H = kv_heads * groups
+    q = torch.randn(H, seq, dim, generator=g).to(dtype)
+    k = torch.randn(kv_heads, seq, dim, generator=g).to(dtype)
+    v = torch.randn(kv_heads, seq, dim, generator=g).to(dtype)
+    mod = torch.zeros(seq, dtype=torch.long) if modality is None else modality
+    return LayerView(layer_idx=layer_idx, num_layers=num_layers, keys=k, values=v, modality=mod, n_keep=n_keep,
+                     num_heads=H, scaling=1 / math.sqrt(dim), state={} if state is None else state,
+                     generator=torch.Generator().manual_seed(seed + 1),
+                     query_fn=lambda s, e: q[:, s:e])
+
+
+def naive_attention(view: LayerView) -> torch.Tensor:
+    """Full causal softmax attention [H, S, S], written loop-style from the definition (no shared primitives)."""
+    q = view.queries(0, view.seq_len).double()
+    k, S, H = view.keys.double(), view.seq_len, view.num_heads
+    A = torch.zeros(H, S, S, dtype=torch.float64)
+    for h in range(H):
+        kh = k[h // view.groups]
+        for i in range(S):
+            logits = [float(q[h, i] @ kh[j]) * view.scaling for j in range(i + 1)]
+            m = max(logits)
+            e = [math.exp(x - m) for x in logits]
+            z = sum(e)
+            for j in range(i + 1):
+                A[h, i, j] = e[j] / z
+    return A
+
+
+def naive_topk(scores, k: int, protect_last: int = 0) -> list[int]:
+    """Sorted positions: the last ``protect_last`` plus the best others (ties: later position first)."""
+    S = len(scores)
+    protect = list(range(S - min(protect_last, S), S))
+    rest = sorted(range(S - len(protect)), key=lambda j: (-float(scores[j]), -j))
+    if len(protect) >= k:
+        return sorted(protect[len(protect) - k:])
+    return sorted(protect + rest[: k - len(protect)])
+
+
+def naive_gqa_mean(scores_h: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    H = scores_h.shape[0]
+    g = H // kv_heads
+    out = torch.zeros(kv_heads, scores_h.shape[1], dtype=scores_h.dtype)
+    for h in range(H):
+        out[h // g] += scores_h[h] / g
+    return out

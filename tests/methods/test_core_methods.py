@@ -36,13 +36,14 @@ def naive_snapkv(q, k, scaling, window, kernel, n_keep):
 
 def test_snapkv_matches_naive_reference():
     for seed in range(3):
-        view, q = make_view(S=37, n_keep=15, seed=seed)
+        view = make_view(seq=37, n_keep=15, seed=seed)
+        q = view.queries(0, 37)
         sel = SnapKV(window=5, kernel=3).compress(view)
         assert sel.indices.tolist() == naive_snapkv(q, view.keys, view.scaling, 5, 3, 15)
 
 
 def test_snapkv_keeps_exactly_the_budget_and_the_window():
-    view, _ = make_view(S=50, n_keep=20)
+    view = make_view(seq=50, n_keep=20)
     idx = SnapKV(window=8).compress(view).indices
     assert idx.shape == (2, 20)
     for row in idx.tolist():
@@ -50,15 +51,15 @@ def test_snapkv_keeps_exactly_the_budget_and_the_window():
 
 
 def test_streamingllm_keeps_sinks_and_recent():
-    view, _ = make_view(S=30, n_keep=10)
+    view = make_view(seq=30, n_keep=10)
     idx = StreamingLLM(sink=4).compress(view).indices
     assert idx.tolist() == [[0, 1, 2, 3, 24, 25, 26, 27, 28, 29]] * 2
 
 
 def test_random_is_seeded_per_sample_keeps_window_and_differs_per_head():
-    a = Random(window=4).compress(make_view(S=60, n_keep=12, seed=3)[0]).indices
-    b = Random(window=4).compress(make_view(S=60, n_keep=12, seed=3)[0]).indices
-    c = Random(window=4).compress(make_view(S=60, n_keep=12, seed=4)[0]).indices
+    a = Random(window=4).compress(make_view(seq=60, n_keep=12, seed=3)).indices
+    b = Random(window=4).compress(make_view(seq=60, n_keep=12, seed=3)).indices
+    c = Random(window=4).compress(make_view(seq=60, n_keep=12, seed=4)).indices
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert not torch.equal(a[0], a[1])
     for row in a.tolist():

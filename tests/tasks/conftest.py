@@ -1,4 +1,4 @@
-"""Session fixtures: the generated dataset layouts (built once, idempotent, into .cache/fixtures)."""
+"""Task-test fixtures: the content facts sidecar and writable broken copies of a layout."""
 from __future__ import annotations
 
 import shutil
@@ -8,14 +8,7 @@ import pytest
 
 from avkv.tasks import fixtures
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="session")
-def fixture_root() -> Path:
-    out = REPO / ".cache" / "fixtures"
-    fixtures.build(out)
-    return out
+# ``fixture_root`` (the built .cache/fixtures) comes from tests/conftest.py
 
 
 @pytest.fixture(scope="session")

@@ -58,7 +58,8 @@ def test_media_carry_the_answers(fixture_root, facts):
             want = {"left_to_right": dx > 20, "right_to_left": dx < -20, "top_to_bottom": dy > 20,
                     "bottom_to_top": dy < -20}[s["direction"]]
             assert want, (name, s, dx, dy)
-            seg_events = [e for e in events if k * f["seconds"] / len(segs) <= e[0] < (k + 1) * f["seconds"] / len(segs)]
+            lo, hi = k * f["seconds"] / len(segs), (k + 1) * f["seconds"] / len(segs)
+            seg_events = [e for e in events if lo <= e[0] < hi]
             assert len(seg_events) == s["beeps"]
             assert all(abs(hz - s["freq_hz"]) < 30 for _, hz in seg_events)
 
@@ -109,20 +110,23 @@ def test_prompt_unknown_family(fixture_root):
 
 def test_score_and_aggregate(fixture_root):
     t = AVQA(fixture_root / "avqa")
-    docs = list(t.docs())[:4]          # targets D, C, ... (see snapshot)
+    all_docs = list(t.docs())
+    docs = all_docs[:4]          # targets D, C, ... (see snapshot)
     preds = ["(D)", "The answer is C.", "", "I cannot tell"]
     recs = [dict(t.score(d, p), sample_id=d.id, error=None) for d, p in zip(docs, preds)]
     assert recs[0]["score"] == 1.0 and recs[0]["parsed"] == "D"
     assert recs[1]["parsed"] == "C" and recs[1]["score"] == (1.0 if docs[1].target == 2 else 0.0)
     assert recs[2]["parsed_ok"] is False and recs[2]["score"] == 0.0 and recs[2]["parsed"] is None
-    recs.append({"sample_id": "x", "error": "cannot decode /x.mp4", "question_relation": "Both",
-                 "question_type": "Which"})
+    both = next(d for d in all_docs if d.meta["question_relation"] == "Both")
+    # a failed record carries no score fields: the task places it by its id
+    recs.append({"sample_id": both.id, "error": "MediaError: media file not found: /x.mp4", "score": None})
     agg = t.aggregate(recs)
     assert agg["n"] == 5 and agg["n_failed"] == 1 and agg["n_unparsed"] == 2 and agg["n_scored"] == 4
     exp = sum(r["score"] for r in recs[:4]) / 4
     assert agg["accuracy"] == pytest.approx(exp)
     assert set(agg["accuracy_by_question_relation"]) == {"Visual", "Audio", "Both"}
     assert agg["accuracy_by_question_relation"]["Both"] is None     # its only record failed
+    assert agg["n_by_question_relation"]["Both"] == 1
     assert "accuracy_by_question_type" in agg
 
 

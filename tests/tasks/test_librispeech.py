@@ -60,7 +60,8 @@ def test_long_form(ls_root, tmp_path, facts):
 def test_long_form_default_is_paper_regime(ls_root):
     t = LibriSpeech(ls_root, long_form=True)
     assert (t.min_s, t.max_s) == (60.0, 120.0) and t.max_new_tokens == 1024
-    assert list(t.docs()) == []              # the fixture's chapters are ~15 s: nothing reaches 60 s
+    with pytest.raises(DatasetError, match="no chapter reaches min_s=60"):   # the fixture's chapters are ~15 s
+        list(t.docs())
 
 
 @pytest.mark.parametrize("family,text", [
@@ -125,3 +126,15 @@ def test_missing_or_corrupt_audio_is_per_sample(broken_copy, tmp_path):
     # a segment with an unreadable part points at that part, so the decode error names the real file
     assert any(p.endswith("1001-2002-0001.flac") for p in bad.values())
     assert any(p.endswith("1002-2003-0001.flac") for p in bad.values())
+
+
+def test_long_form_chunks_for_30s_encoders(ls_root, tmp_path):
+    t = LibriSpeech(ls_root, long_form=True, min_s=6, max_s=12, long_dir=tmp_path, chunk_s=4)
+    d = next(iter(t.docs()))
+    p = t.prompt(d, "qwen2_audio")
+    secs = d.meta["seconds"]
+    assert len(p.context) == -(-secs // 4) and all(m.path == d.media[0].path for m in p.context)
+    assert [m.start for m in p.context] == [4.0 * k for k in range(len(p.context))]
+    assert p.context[-1].end is None and p.context[0].end == 4.0
+    assert LibriSpeech(ls_root, long_form=True, min_s=6, max_s=12, long_dir=tmp_path).prompt(d, "qwen2_audio") \
+        .context == d.media

@@ -111,3 +111,9 @@ def test_broken_copies(broken_copy):
         list(MVBench(root, tasks=["moving_direction"]).docs())
     (root / "video" / "scene_qa" / "video" / "fx_scene_0.mp4").unlink()        # costs that sample at decode only
     assert len(list(MVBench(root, tasks=["scene_transition"]).docs())) == 2
+
+
+def test_prompt_refuses_audio_only_family(mv_root):
+    t = MVBench(mv_root, tasks=["action_count"])
+    with pytest.raises(ValueError, match="cannot see video"):
+        t.prompt(next(iter(t.docs())), "qwen2_audio")

@@ -1,0 +1,273 @@
+"""Sweep grids: expand a Hydra multirun exactly as the basic sweeper does, find what is missing, resubmit only that.
+
+``avkv missing experiment=flowmm_table1 smoke=tiny`` (the same overrides as the ``python run.py -m`` that
+launched the sweep; or a sweep folder holding Hydra's ``multirun.yaml``) composes every job of the grid, computes
+the run directory its config maps to (config hash, ``avkv.results``), and sorts the jobs into
+
+* **complete**: ``summary.json`` written;
+* **partial**: ``samples.jsonl`` has some samples but the run never finished (killed, preempted, timed out);
+  rerunning it resumes at the first unfinished sample;
+* **missing**: no run directory.
+
+It prints the grid and the shortest ``python run.py -m ...`` commands that cover exactly the partial and missing
+jobs (jobs that differ in one key are merged into one comma list), so a cluster user resubmits only those.
+
+This module also registers the OmegaConf resolvers the experiment presets use in ``hydra.sweeper.params``:
+
+* ``${avkv.sweep:${grid.methods}}`` joins a list into Hydra's sweep syntax (``full,snapkv,h2o``);
+* ``${avkv.available:${grid.methods},method}`` keeps only names that have a config in ``configs/method/`` (the
+  smoke override uses it, so a preset naming methods that are not written yet still runs the ones that are, and
+  picks up the others as they land).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+# ------------------------------------------------------------------------------------------------ resolvers
+def _as_list(x: Any) -> list:
+    if isinstance(x, (ListConfig, list, tuple)):
+        return list(x)
+    if isinstance(x, str):
+        return [s.strip() for s in x.split(",") if s.strip()]
+    return [x]
+
+
+def sweep_string(values: Any) -> str:
+    """``[a, b, 0.2]`` → ``"a,b,0.2"`` (Hydra's sweep syntax; a single value stays a plain override)."""
+    items = _as_list(values)
+    if not items:
+        raise ValueError("an empty sweep list")
+    return ",".join(str(v) for v in items)
+
+
+def available(values: Any, group: str = "method", config_dir: str | Path | None = None) -> str:
+    """The names in ``values`` that have a config in group ``group``, as a sweep string (in the given order).
+
+    Asks the running Hydra's config repository (every config source, as composition would); outside Hydra, or
+    with ``config_dir``, looks for ``<config_dir>/<group>/<name>.yaml``.
+    """
+    names = _as_list(values)
+    options = None
+    if config_dir is None:
+        from hydra.core.global_hydra import GlobalHydra
+
+        if GlobalHydra.instance().is_initialized():
+            options = set(GlobalHydra.instance().config_loader().get_group_options(group))
+    if options is None:
+        root = Path(config_dir) if config_dir else CONFIG_DIR
+        options = {p.stem for p in (root / group).glob("*.yaml")}
+    items = [v for v in names if str(v) in options]
+    if not items:
+        raise ValueError(f"none of {names} has a config in group {group!r}")
+    return ",".join(str(v) for v in items)
+
+
+def register_resolvers() -> None:
+    """Idempotent; called by ``run.py`` at import (before Hydra composes) and by :func:`expand`."""
+    for name, fn in (("avkv.sweep", sweep_string), ("avkv.available", available)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
+
+
+# ------------------------------------------------------------------------------------------------ expansion
+@dataclass
+class Job:
+    overrides: list[str]                     # ``key=value`` strings, one per swept or fixed key, in sweep order
+    config: DictConfig | None = None         # the job's task config (hydra node removed)
+    run_dir: Path | None = None
+    status: str = "unknown"                  # complete | partial | missing
+    samples: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {"overrides": self.overrides, "run_dir": str(self.run_dir) if self.run_dir else None,
+                "status": self.status, "samples": self.samples}
+
+
+def expand(overrides: Sequence[str], config_dir: str | Path | None = None, config_name: str = "config",
+           compose_jobs: bool = True) -> list[Job]:
+    """Every job of ``python run.py -m <overrides>``: ``hydra.sweeper.params`` from the composed config first,
+    then the command line (a key given on the command line replaces the preset's values), crossed as Hydra's
+    basic sweeper crosses them. With ``compose_jobs`` each job's config is composed too (as the launcher would).
+    """
+    from hydra import initialize_config_dir
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.types import RunMode
+
+    from avkv.config import register_resolvers as _all_resolvers  # avkv_root and ours
+
+    _all_resolvers()
+    config_dir = str(Path(config_dir or CONFIG_DIR).resolve())
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=config_dir, version_base="1.3", job_name="avkv_missing"):
+        loader = GlobalHydra.instance().config_loader()
+        cfg = loader.load_configuration(config_name, list(overrides), run_mode=RunMode.MULTIRUN)
+        params = cfg.hydra.sweeper.get("params") or {}
+        params = OmegaConf.to_container(params, resolve=True) if isinstance(params, DictConfig) else dict(params)
+        args = [f"{k}={v}" for k, v in params.items()] + list(overrides)
+        parser = OverridesParser.create(config_loader=loader)
+        batches = BasicSweeper.split_arguments(parser.parse_overrides(args), None)
+        jobs = [Job(list(o)) for batch in batches for o in batch]
+        if compose_jobs:
+            for num, job in enumerate(jobs):
+                sweep_cfg = loader.load_sweep_config(cfg, job.overrides)
+                with open_dict(sweep_cfg):
+                    sweep_cfg.hydra.job.num = num
+                    sweep_cfg.hydra.job.id = f"missing_{num}"
+                HydraConfig.instance().set_config(sweep_cfg)
+                task_cfg = OmegaConf.create(OmegaConf.to_container(sweep_cfg, resolve=False))
+                with open_dict(task_cfg):
+                    del task_cfg["hydra"]
+                # resolve now, while this job's HydraConfig is current (``${hydra:...}`` interpolations)
+                job.config = OmegaConf.create(OmegaConf.to_container(task_cfg, resolve=True))
+    GlobalHydra.instance().clear()
+    return jobs
+
+
+def open_dict(cfg: DictConfig):
+    from omegaconf import open_dict as _od
+
+    return _od(cfg)
+
+
+# ------------------------------------------------------------------------------------------------ status
+def default_run_dir(cfg: DictConfig) -> Path:
+    """The run directory ``avkv.experiment.run`` writes for ``cfg`` (delegates to the results store)."""
+    from avkv.experiment import run_dir_of
+
+    return Path(run_dir_of(cfg))
+
+
+def job_status(run_dir: Path) -> tuple[str, int]:
+    from avkv.report import SAMPLES, SUMMARY, read_samples
+
+    if (run_dir / SUMMARY).is_file():
+        return "complete", len(read_samples(run_dir / SAMPLES))
+    if (run_dir / SAMPLES).is_file() or run_dir.is_dir():
+        return "partial", len(read_samples(run_dir / SAMPLES))
+    return "missing", 0
+
+
+def check(jobs: list[Job], run_dir_of: Callable[[DictConfig], Path] = default_run_dir) -> list[Job]:
+    for job in jobs:
+        job.run_dir = Path(run_dir_of(job.config))
+        job.status, job.samples = job_status(job.run_dir)
+    return jobs
+
+
+# ------------------------------------------------------------------------------------------------ resubmission
+def _split(o: str) -> tuple[str, str]:
+    k, _, v = o.partition("=")
+    return k, v
+
+
+def cover(jobs: Iterable[Job]) -> list[list[str]]:
+    """Few cartesian boxes covering exactly ``jobs``: override lists with comma sweeps where jobs differ in one key.
+
+    Greedy: two boxes equal on every key but one are merged, until no pair can be. Every box is a product of
+    value sets, so ``python run.py -m <box>`` runs exactly the jobs it came from.
+    """
+    boxes: list[dict[str, list[str]]] = []
+    order: list[str] = []
+    for job in jobs:
+        box = {}
+        for o in job.overrides:
+            k, v = _split(o)
+            box[k] = [v]
+            if k not in order:
+                order.append(k)
+        boxes.append(box)
+    merged = True
+    while merged:
+        merged = False
+        for i in range(len(boxes)):
+            for j in range(i + 1, len(boxes)):
+                a, b = boxes[i], boxes[j]
+                if a.keys() != b.keys():
+                    continue
+                diff = [k for k in a if sorted(a[k]) != sorted(b[k])]
+                if len(diff) == 1:
+                    k = diff[0]
+                    a[k] = a[k] + [v for v in b[k] if v not in a[k]]
+                    del boxes[j]
+                    merged = True
+                    break
+            if merged:
+                break
+    return [[f"{k}={','.join(box[k])}" for k in order if k in box] for box in boxes]
+
+
+def resubmit_commands(jobs: Iterable[Job], prefix: str = "python run.py -m") -> list[str]:
+    todo = [j for j in jobs if j.status != "complete"]
+    return [" ".join([prefix, *(shlex.quote(o) for o in box)]) for box in cover(todo)]
+
+
+def format_jobs(jobs: list[Job]) -> str:
+    keys: list[str] = []
+    for j in jobs:
+        for o in j.overrides:
+            k = _split(o)[0]
+            if k not in keys:
+                keys.append(k)
+    varying = [k for k in keys if len({dict(map(_split, j.overrides)).get(k) for j in jobs}) > 1] or keys
+    head = ["status", "samples", *varying, "run_dir"]
+    rows = [[j.status, str(j.samples), *(dict(map(_split, j.overrides)).get(k, "") for k in varying),
+             str(j.run_dir)] for j in jobs]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
+    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
+    return "\n".join([line(head), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+def overrides_from_sweep_dir(path: Path) -> list[str]:
+    """The command-line overrides of the multirun whose sweep folder (``multirun.yaml``) is ``path``."""
+    f = path / "multirun.yaml" if path.is_dir() else path
+    cfg = OmegaConf.load(f)
+    hydra_overrides = [o for o in (cfg.hydra.overrides.get("hydra") or []) if not o.startswith("hydra.mode=")]
+    return [*hydra_overrides, *cfg.hydra.overrides.task]  # the launcher and its settings, then the task's
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="avkv missing",
+        description="List the grid points of a sweep that are missing or incomplete and print the commands that "
+                    "resubmit only those. Give the overrides of the original `python run.py -m ...` "
+                    "(e.g. experiment=flowmm_table1 smoke=tiny) or --sweep-dir with its multirun.yaml.")
+    ap.add_argument("overrides", nargs="*", help="the multirun's overrides")
+    ap.add_argument("--sweep-dir", type=Path, default=None, help="a Hydra sweep folder (holds multirun.yaml)")
+    ap.add_argument("--config-dir", type=Path, default=None, help="Hydra config folder (default: configs/)")
+    ap.add_argument("--json", action="store_true", help="print the jobs as JSON")
+    ap.add_argument("--prefix", default="python run.py -m", help="command the resubmission lines start with")
+    a = ap.parse_args(argv)
+    overrides = list(a.overrides)
+    if a.sweep_dir is not None:
+        overrides = overrides_from_sweep_dir(a.sweep_dir) + overrides
+    jobs = check(expand(overrides, config_dir=a.config_dir))
+    if a.json:
+        print(json.dumps([j.as_dict() for j in jobs], indent=1))
+        return 0
+    n = {s: sum(j.status == s for j in jobs) for s in ("complete", "partial", "missing")}
+    print(format_jobs(jobs))
+    print(f"\n{len(jobs)} jobs: {n['complete']} complete, {n['partial']} partial, {n['missing']} missing")
+    cmds = resubmit_commands(jobs, prefix=a.prefix)
+    if cmds:
+        print("\nresubmit only these (partial jobs resume at their first unfinished sample):")
+        print("\n".join(cmds))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

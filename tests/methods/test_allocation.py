@@ -1,0 +1,164 @@
+"""Allocation wrappers: counts against loop references, and composition with several scorers."""
+import pytest
+import torch
+
+from avkv.methods.adakv import AdaKV
+from avkv.methods.allocation import (HeadAllocation, LayerAllocation, ModalityAllocation, adaptive_head_counts,
+                                     mask_to_indices, modality_budgets, pyramid_budgets, ragged_topk,
+                                     round_preserving_sum)
+from avkv.methods.base import AUDIO, MODALITIES, TEXT, VIDEO
+from avkv.methods.h2o import H2O
+from avkv.methods.pyramidkv import PyramidKV
+from avkv.methods.random import Random
+from avkv.methods.snapkv import SnapKV
+from tests.methods.helpers import make_view, naive_topk
+
+
+def naive_pyramid(B, w, L, n, beta):
+    """methods.md §6 formula, real-valued."""
+    lo = (B - w) / beta
+    hi = 2 * (B - w) - lo
+    if hi >= n - w:
+        hi = n - w
+        lo = 2 * (B - w) - hi
+    step = (hi - lo) / (L - 1)
+    return [hi - l * step + w for l in range(L)]
+
+
+@pytest.mark.parametrize("B,w,L,n", [(200, 32, 8, 1000), (100, 8, 28, 700), (60, 32, 5, 100)])
+def test_pyramid_budgets_follow_formula_and_keep_the_mean(B, w, L, n):
+    got = pyramid_budgets(B, w, L, n, beta=20)
+    ref = naive_pyramid(B, w, L, n, 20)
+    assert sum(got) == L * B                                        # the mean is exactly the budget
+    assert all(abs(g - r) <= 1 for g, r in zip(got, ref))
+    assert got == sorted(got, reverse=True)
+
+
+def test_pyramid_budgets_uniform_when_prompt_short_or_single_layer():
+    assert pyramid_budgets(80, 8, 4, 100) == [80] * 4                 # n < 2(B - w): KVCache-Factory's fallback
+    assert pyramid_budgets(30, 8, 1, 1000) == [30]
+
+
+def test_round_preserving_sum():
+    x = torch.tensor([1.5, 2.5, 3.0, 0.4, 0.6])
+    r = round_preserving_sum(x)
+    assert int(r.sum()) == 8 and (r - x).abs().max() < 1
+
+
+def naive_adakv_counts(scores, base, floor):
+    R, P = len(scores), len(scores[0])
+    flat = sorted(((float(scores[h][j]), j, h) for h in range(R) for j in range(P)), key=lambda t: (-t[0], -t[1], -t[2]))
+    won = [0] * R
+    for _, _, h in flat[: R * base]:
+        won[h] += 1
+    return [c * (1 - floor) + floor * base for c in won]
+
+
+def test_adaptive_head_counts_match_global_topk():
+    g = torch.Generator().manual_seed(1)
+    scores = torch.rand(4, 50, generator=g) ** torch.tensor([[1.0], [3.0], [0.3], [1.0]])   # heads differ
+    for base, floor in [(10, 0.2), (25, 0.5), (50, 0.0)]:
+        got = adaptive_head_counts(scores, base, floor)
+        ref = naive_adakv_counts(scores.tolist(), base, floor)
+        assert int(got.sum()) == 4 * base
+        assert all(abs(a - b) < 1 for a, b in zip(got.tolist(), ref))
+        assert int(got.min()) >= int(floor * base)
+
+
+def test_ragged_topk_keeps_each_heads_best_and_pads_with_a_mask():
+    g = torch.Generator().manual_seed(2)
+    s = torch.rand(3, 20, generator=g)
+    counts = torch.tensor([2, 6, 0])
+    idx, valid = ragged_topk(s, counts, protect_last=3)
+    assert idx.shape == (3, 9) and valid.sum(1).tolist() == [5, 9, 3]
+    for r in range(3):
+        real = idx[r][valid[r]].tolist()
+        assert real == naive_topk(s[r].tolist(), int(counts[r]) + 3, 3)
+        assert (idx[r][~valid[r]] == real[-1]).all()                  # padding repeats the last real entry
+    same, none = ragged_topk(s, torch.tensor([4, 4, 4]), protect_last=2)
+    assert none is None and same.shape == (3, 6)
+
+
+def test_mask_to_indices():
+    keep = torch.tensor([[True, False, True, True], [False, True, False, False]])
+    idx, valid = mask_to_indices(keep)
+    assert idx.tolist() == [[0, 2, 3], [1, 1, 1]] and valid.tolist() == [[True] * 3, [True, False, False]]
+
+
+def test_modality_budgets_cap_and_redistribute():
+    avail = {"text": 10, "image": 0, "video": 100, "audio": 5}
+    b = modality_budgets(avail, {"text": 0.5, "video": 0.25, "audio": 0.25}, 40)
+    assert b == {"text": 10, "image": 0, "video": 25, "audio": 5}
+    b = modality_budgets(avail, {"text": 1.0}, 30)                  # unshared modalities fill what is left
+    assert sum(b.values()) == 30 and b["text"] == 10
+    assert sum(modality_budgets(avail, {"video": 1.0}, 500).values()) == 115
+
+
+# ------------------------------------------------------------------------------------------ composition
+SCORERS = [SnapKV(window=4), H2O(decode_policy="grow"), Random(window=4)]
+
+
+@pytest.mark.parametrize("scorer", SCORERS, ids=lambda s: s.name)
+def test_layer_allocation_composes(scorer):
+    state = {}
+    sizes = []
+    for layer in range(4):
+        v = make_view(seq=80, n_keep=30, layer_idx=layer, num_layers=4, state=state)
+        sel = LayerAllocation(scorer).compress(v)
+        sizes.append(sel.indices.shape[1])
+        assert sel.info["layer_budget"] == sizes[-1]
+        inner = scorer.compress(make_view(seq=80, n_keep=sizes[-1], layer_idx=layer, num_layers=4))
+        assert torch.equal(sel.indices, inner.indices)                # the scorer decides which entries
+    assert sum(sizes) == 4 * 30 and sizes == sorted(sizes, reverse=True) and sizes[0] > sizes[-1]
+
+
+@pytest.mark.parametrize("scorer", SCORERS, ids=lambda s: s.name)
+def test_head_allocation_composes(scorer):
+    v = make_view(kv_heads=4, groups=2, seq=60, n_keep=20)
+    sel = HeadAllocation(scorer, floor=0.2).compress(v)
+    w = min(scorer.protected(v), 20)
+    counts = sel.valid.sum(1) if sel.valid is not None else torch.full((4,), sel.indices.shape[1])
+    assert int(counts.sum()) == 4 * 20                                 # the layer's budget, split over heads
+    scores = scorer.score(make_view(kv_heads=4, groups=2, seq=60, n_keep=20))   # fresh generator (Random)
+    for h in range(4):
+        kept = sel.indices[h] if sel.valid is None else sel.indices[h][sel.valid[h]]
+        assert kept.tolist() == naive_topk(scores[h].tolist(), int(counts[h]), w)
+        assert set(range(60 - w, 60)) <= set(kept.tolist())
+
+
+@pytest.mark.parametrize("scorer", SCORERS, ids=lambda s: s.name)
+def test_modality_allocation_composes(scorer):
+    mod = torch.full((90,), TEXT)
+    mod[10:60] = VIDEO
+    mod[60:75] = AUDIO
+    v = make_view(seq=90, n_keep=30, modality=mod)
+    sel = ModalityAllocation(scorer, shares={"text": 0.2, "video": 0.6, "audio": 0.2}).compress(v)
+    w = min(scorer.protected(v), 30)
+    assert sel.indices.shape == (2, 30)
+    budget = sel.info["modality_budget"]
+    assert sum(budget.values()) == 30 - w
+    scores = scorer.score(make_view(seq=90, n_keep=30, modality=mod))        # fresh generator (Random)
+    for h in range(2):
+        prefix = [j for j in sel.indices[h].tolist() if j < 90 - w]
+        for c, name in enumerate(MODALITIES):
+            got = [j for j in prefix if int(mod[j]) == c]
+            assert len(got) == budget.get(name, 0)
+            pool = [j for j in range(90 - w) if int(mod[j]) == c]
+            best = sorted(pool, key=lambda j: (-float(scores[h, j]), -j))[: len(got)]
+            assert sorted(got) == sorted(best)
+
+
+def test_modality_allocation_reads_given_shares_from_state():
+    mod = torch.full((50,), TEXT)
+    mod[:30] = VIDEO
+    v = make_view(seq=50, n_keep=14, modality=mod, state={"modality_shares": {0: {"video": 1.0}}})
+    sel = ModalityAllocation(SnapKV(window=4)).compress(v)
+    assert sel.info["modality_budget"] == {"video": 10}
+
+
+def test_pyramidkv_and_adakv_are_wrapped_snapkv():
+    assert isinstance(PyramidKV().scorer, SnapKV) and isinstance(AdaKV().scorer, SnapKV)
+    v = make_view(kv_heads=4, seq=100, n_keep=40)
+    sel = AdaKV().compress(v)
+    assert sel.valid is None or int(sel.valid.sum()) == 4 * 40
+    assert AdaKV(scorer=H2O()).decode_policy == "fixed"             # wrappers report their scorer's policy

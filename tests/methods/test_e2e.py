@@ -1,0 +1,110 @@
+"""Every method end to end through the engine on the tiny models (configs instantiated as `run.py` does)."""
+import pytest
+import torch
+
+from avkv.config import compose, instantiate
+from avkv.engine import Engine
+from avkv.methods.fastv import FastV
+from avkv.methods.full import Full
+from avkv.methods.h2o import H2O
+from tests.conftest import adapter, av_prompt
+
+METHODS = ["full", "random", "streamingllm", "snapkv", "h2o", "pyramidkv", "adakv", "lookm", "fastv", "d2o",
+           "kvmerge"]
+
+
+def method(name: str, **overrides):
+    cfg = compose([f"method={name}"] + [f"method.{k}={v}" for k, v in overrides.items()])
+    return instantiate(cfg.method)
+
+
+@pytest.fixture(scope="module")
+def omni():
+    ad = adapter("qwen2_5_omni")
+    return ad, ad.encode(av_prompt())
+
+
+def check_record(r: dict, name: str, budget: float) -> None:
+    assert r["kv_bytes_kept"] <= r["kv_bytes_full"]
+    assert r["decode_policy"] in ("grow", "fixed")
+    if name == "full":
+        assert r["kept_ratio"] == 1.0
+    elif name == "fastv":                               # 2-layer model: the budget cannot be met, the record says
+        assert r["hidden_state_pruning"] is True and r["kept_ratio"] < 1.0
+        assert r["kept_per_layer"][0] == r["n_prompt"] > r["kept_per_layer"][1]
+    else:
+        assert r["kept_ratio"] == pytest.approx(budget, abs=0.02)
+        assert r["kv_bytes_kept"] < r["kv_bytes_full"]
+    if r.get("kv_storage") == "padded+mask":            # ragged heads: allocated bytes ≥ logical kept entries
+        assert r["kv_bytes_ratio"] >= r["kept_ratio"] and "kept_per_head" in r
+    else:
+        assert r["kv_bytes_ratio"] == pytest.approx(r["kept_ratio"], abs=1e-9)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_every_method_on_tiny_omni_sdpa(omni, name):
+    ad, enc = omni
+    g = Engine(ad, method(name), budget=0.2, max_new_tokens=4).generate(enc)
+    assert g.record["new_tokens"] >= 1
+    check_record(g.record, name, 0.2)
+
+
+@pytest.mark.parametrize("name", ["h2o", "pyramidkv", "adakv", "fastv", "d2o"])
+def test_methods_under_eager(omni, name):
+    ad = adapter("qwen2_5_omni", "eager")
+    enc = ad.encode(av_prompt())
+    r = Engine(ad, method(name), budget=0.3, compress_at="context", max_new_tokens=3).generate(enc).record
+    check_record(r, name, 0.3)
+
+
+@pytest.mark.parametrize("family,name", [("qwen2_5_vl", "adakv"), ("qwen2_5_vl", "fastv"),
+                                         ("qwen2_audio", "lookm"), ("qwen2_audio", "pyramidkv")])
+def test_other_families(family, name):
+    ad = adapter(family)
+    r = Engine(ad, method(name), budget=0.2, max_new_tokens=3).generate(ad.encode(av_prompt())).record
+    check_record(r, name, 0.2)
+
+
+def test_fixed_decode_holds_the_cache_size(omni):
+    ad, enc = omni
+    seen = []
+
+    class Spy(H2O):
+        def decode_step(self, view):
+            out = super().decode_step(view)
+            seen.append((view.layer_idx, view.seq_len, view.n_keep, None if out is None else out.indices.shape[1]))
+            return out
+
+    g = Engine(ad, Spy(), budget=0.2, max_new_tokens=5).generate(enc)
+    assert g.record["decode_policy"] == "fixed" and len(seen) >= 2 * 2
+    for _, S, n_keep, kept in seen:
+        assert S == n_keep + 1 and kept == n_keep                    # one new entry in, one evicted
+
+
+def test_fastv_equals_masking_the_pruned_tokens_in_later_layers():
+    """Dropping tokens from the hidden states before layer K gives, for every kept token, the same computation
+    as keeping them but hiding them from attention in layers ≥ K: the last logits must agree."""
+    ad = adapter("qwen2_5_omni", "eager")
+    enc = ad.encode(av_prompt())
+    fv = FastV(layer=1, ratio=0.5)
+    got = Engine(ad, fv, budget=0.5, compress_at="prompt", max_new_tokens=1).generate(enc)
+    assert got.record["fastv_pruned_tokens"] > 0
+    keep = fv._req["keep"].cpu()
+    n = enc.input_ids.shape[1]
+    allowed = torch.ones(n, n, dtype=torch.bool).tril()
+    allowed[:, ~torch.isin(torch.arange(n), keep)] = False
+    allowed |= torch.eye(n, dtype=torch.bool)                          # pruned rows: anything finite
+    bias = torch.zeros(n, n).masked_fill(~allowed, torch.finfo(torch.float32).min)[None, None]
+
+    def pre(module, args, kwargs):
+        kwargs = dict(kwargs, attention_mask=bias)
+        return args, kwargs
+
+    layers = ad.decoder_layers()
+    hs = [layers[i].register_forward_pre_hook(pre, with_kwargs=True) for i in range(1, len(layers))]
+    try:                       # the engine's own prefill (generate's positions), the full cache, masked columns
+        ref = Engine(ad, Full(), compress_at="prompt", max_new_tokens=1).generate(enc).first_logits
+    finally:
+        for h in hs:
+            h.remove()
+    assert torch.allclose(got.first_logits, ref, atol=1e-5)

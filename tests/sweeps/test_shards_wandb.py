@@ -1,0 +1,89 @@
+"""Sharding (separate run dirs, merged by the report) and the W&B mirror (group, tags, id = config hash)."""
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from avkv import grid, report
+from avkv.experiment import run, run_dir_of, shard_docs
+
+
+def test_shard_docs_partition():
+    docs = list(range(7))
+    parts = [shard_docs(docs, i, 3) for i in range(3)]
+    assert sorted(sum(parts, [])) == docs and all(parts)
+    assert shard_docs(docs, 0, 1) == docs
+    with pytest.raises(ValueError):
+        shard_docs(docs, 3, 3)
+
+
+@pytest.mark.slow
+def test_shards_run_apart_and_merge_in_the_report(assets, tmp_path):
+    jobs = grid.expand(["model=tiny_qwen2_5_vl", "method=snapkv", "dataset.limit=3", "max_new_tokens=2",
+                        "shard=0,1", "num_shards=2", f"paths.runs={tmp_path}", "progress=false", "threads=1"])
+    dirs = {run_dir_of(j.config) for j in jobs}
+    assert len(dirs) == 2  # the shard keys are in the config hash
+    summaries = [run(j.config) for j in jobs]
+    assert {Path(s["run_dir"]) for s in summaries} == dirs
+    ids = [json.loads(l)["sample_id"] for d in dirs for l in (d / "samples.jsonl").read_text().splitlines()]
+    assert len(ids) == len(set(ids)) == 3
+    pts = report.aggregate(report.collect([tmp_path]), n_boot=50)
+    assert len(pts) == 1
+    p = pts.iloc[0]
+    assert p.score_n == 3 and p.runs == 2 and p.num_shards == 2 and p.complete
+
+
+class FakeRun:
+    def __init__(self, **kw):
+        self.kw, self.summary, self.logged, self.finished = kw, {}, [], False
+
+    def log(self, d):
+        self.logged.append(d)
+
+    def finish(self):
+        self.finished = True
+
+
+def test_wandb_conventions(monkeypatch, tmp_path):
+    """group = experiment, tags model/method/dataset/budget, id = config hash, resume='allow', the full table."""
+    runs = []
+    fake = types.SimpleNamespace(
+        init=lambda **kw: runs.append(FakeRun(**kw)) or runs[-1],
+        Table=lambda columns, data: {"columns": columns, "data": data},
+        Settings=lambda **kw: kw)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    from avkv.tracking import make_tracker
+
+    t = make_tracker({"name": "wandb", "mode": "offline", "project": "avkv", "dir": str(tmp_path)},
+                     run_id="abc123", name="run", tags=["tiny", "snapkv", "avqa", "budget=0.2"], group="flowmm")
+    t.log_sample({"sample_id": "3", "score": 1.0})
+    t.finish({"dataset": "avqa", "metric": "accuracy", "score": 0.5, "prefill_s": {"mean": 0.1}},
+             records=[{"sample_id": "1", "score": 0.0}, {"sample_id": "2", "score": 1.0}])
+    r = runs[0]
+    assert r.kw["id"] == "abc123" and r.kw["resume"] == "allow" and r.kw["group"] == "flowmm"
+    assert r.kw["tags"] == ["tiny", "snapkv", "avqa", "budget=0.2"] and r.kw["mode"] == "offline"
+    assert r.summary["avqa/accuracy"] == 0.5 and r.summary["prefill_s/mean"] == 0.1
+    table = r.logged[-1]["samples"]
+    assert [row[0] for row in table["data"]] == ["1", "2"]  # every stored sample, as after a requeue
+    assert r.finished
+
+
+@pytest.mark.slow
+def test_wandb_offline_run_resumes_same_id(assets, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    (job,) = grid.expand(["model=tiny_qwen2_5_vl", "method=snapkv", "dataset.limit=1", "max_new_tokens=2",
+                          "logger=wandb", "logger.mode=offline", "experiment_name=wbtest", f"paths.runs={tmp_path}",
+                          "progress=false", "threads=1"])
+    s1 = run(job.config)
+    s2 = run(job.config)  # a requeued job: same config, nothing left to compute, same W&B run
+    offline = sorted((tmp_path / "wandb" / "wandb").glob("offline-run-*"))
+    assert len(offline) >= 1
+    assert {p.name.rsplit("-", 1)[-1] for p in offline} == {s1["config_hash"][:32]} == {s2["config_hash"][:32]}
+    text = "".join(p.read_text(errors="ignore") for p in (tmp_path).rglob("*") if p.is_file()
+                   and p.suffix in (".json", ".yaml", ".jsonl", ".log"))
+    assert "WANDB_API_KEY" not in text
