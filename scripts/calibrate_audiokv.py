@@ -13,8 +13,8 @@ For every ASR utterance (``shared/design/methods.md`` §5, offline head identifi
 4. for every step whose token belongs to an aligned word (confidence ≥ ``--min-confidence`` when the manifest has
    confidences) and every (layer, head), a *hit* is counted when the argmax of the head's attention restricted to
    the audio tokens lies in the word's audio-token span ± ``--tolerance`` [ours: top-1 rule];
-5. S_{l,h} = hits / steps, written with the model's shape to ``<model folder>/audiokv_head_scores.json`` (default),
-   where :class:`avkv.methods.audiokv.AudioKV` finds it.
+5. S_{l,h} = hits / steps, written with the model's shape to ``<paths.cache>/audiokv/<model folder name>.json``
+   (default), where :class:`avkv.methods.audiokv.AudioKV` finds it.
 
 Word timings: a manifest may carry aligner output (WhisperX / MFA: ``words: [[word, start_s, end_s, conf], ...]``);
 without it the utterance is split in proportion to word lengths [ours, approximate; the file records
@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from avkv.methods.audiokv import (HEAD_SCORE_FILENAME, HeadHitCounter, align_words, proportional_word_times,  # noqa
+from avkv.methods.audiokv import (HeadHitCounter, align_words, proportional_word_times,  # noqa
                                   step_word_index, word_audio_span)
 from avkv.methods.base import AUDIO  # noqa: E402
 
@@ -198,6 +198,10 @@ def calibrate(adapter, samples: list[dict], delta: float = 0.04, tolerance: int 
             "min_confidence": min_confidence, "rule": "top1-argmax-in-word-span", "seconds": time.perf_counter() - t0}
 
 
+def default_out(cfg) -> Path:
+    return Path(cfg.paths.cache) / "audiokv" / f"{Path(cfg.model.path).name}.json"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True, help="model config name (configs/model/<name>.yaml)")
@@ -207,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--librispeech", help="a LibriSpeech split folder (official layout)")
     src.add_argument("--synthetic", type=int, help="N synthetic tone-burst utterances (tiny models only)")
     ap.add_argument("--max-samples", type=int, default=200, help="calibration size (200, [ours])")
-    ap.add_argument("--out", help=f"output JSON (default <model folder>/{HEAD_SCORE_FILENAME})")
+    ap.add_argument("--out", help="output JSON (default <paths.cache>/audiokv/<model folder name>.json)")
     ap.add_argument("--teacher-forcing", action="store_true", help="feed the reference transcript [ours]")
     ap.add_argument("--delta", type=float, default=0.04, help="seconds per audio token (0.04)")
     ap.add_argument("--tolerance", type=int, default=1, help="± audio tokens around the word span (1)")
@@ -226,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         over.append(f"model.dtype={a.dtype}")
     cfg = compose(over)
     if a.skip_existing:
-        target = Path(a.out) if a.out else Path(cfg.model.path) / HEAD_SCORE_FILENAME
+        target = Path(a.out) if a.out else default_out(cfg)
         if target.exists():
             print(f"head scores already there: {target}")
             return 0
@@ -239,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         samples = read_librispeech(a.librispeech, a.max_samples)
     result = calibrate(adapter, samples, a.delta, a.tolerance, a.teacher_forcing, a.max_new_tokens,
                        a.min_confidence)
-    out = Path(a.out) if a.out else adapter.path / HEAD_SCORE_FILENAME
+    out = Path(a.out) if a.out else default_out(cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1))

@@ -20,7 +20,8 @@ Our reading [ours] (each is a field, so a run's config records it):
   * merging: each evicted audio/video token is averaged into its most key-similar kept token of the *same*
     modality (LOOK-M-style nearest neighbour, scatter-mean including the target: ``merge_mode='avg'``);
   * calibration runs after merging, on the merged keys, per KV head then averaged over heads; freed slots are not
-    refilled, so the achieved ratio can fall below the budget (the record shows it);
+    refilled, so the achieved ratio can fall below the budget (the record shows it); when no high-priority token
+    was kept there is nothing to align with and the low-priority tokens stay;
   * ``tau=0.6`` (the lower of the two values tried);
   * image tokens (absent in audio-video models) are ranked with video and merged only among images;
   * all-query statistics are computed in query chunks (``chunk``), never as an n×n matrix, so SDPA works.
@@ -162,21 +163,16 @@ class AccKV(Method):
             lo_m = ((km == lo) | ((km == IMAGE) & (lo == VIDEO))) & ~window_mask[keep]
             hi_m = (km == hi) | ((km == IMAGE) & (hi == VIDEO))
             kn = F.normalize(keys_out.float(), dim=-1)
+            # no kept high-priority token: nothing to align with, the low-priority tokens stay [ours]
             if self.per_head:
                 for h in range(kvH):
                     if bool(hi_m[h].any()) and bool(lo_m[h].any()):
                         c = kn[h] @ kn[h][hi_m[h]].mean(0)                                # mean cosine to K_hi
                         keep_col[h] &= ~(lo_m[h] & (c < self.tau))
-                    elif bool(lo_m[h].any()):
-                        keep_col[h] &= ~lo_m[h]
-            else:
+            elif bool(hi_m[0].any()):
                 # shared index set: per-head mean cosine, averaged over heads
-                if bool(hi_m[0].any()):
-                    c = torch.stack([kn[h] @ kn[h][hi_m[h]].mean(0) for h in range(kvH)]).mean(0)   # [k]
-                    drop = lo_m[0] & (c < self.tau)
-                else:
-                    drop = lo_m[0]
-                keep_col &= ~drop[None, :]
+                c = torch.stack([kn[h] @ kn[h][hi_m[h]].mean(0) for h in range(kvH)]).mean(0)       # [k]
+                keep_col &= ~(lo_m[0] & (c < self.tau))[None, :]
             calib_out = int((~keep_col).sum())                                           # summed over heads
 
         if bool(keep_col.all()):

@@ -19,8 +19,10 @@ Our reading [ours] (each a field):
     video), per head; DC excluded from the energy; α = 0.5, γ = 0.9 (values not published);
   * head scores per KV head (mean of the query heads of the group) from the file; a file made for another
     architecture (layer / head counts) is refused;
-  * ``head_scores=None``: the file is looked up as ``<model folder>/audiokv_head_scores.json`` from
-    the adapter's checkpoint folder at :meth:`begin`; ``allocation='uniform'`` runs SnapKV+SSS without a file.
+  * ``head_scores=None``: at :meth:`begin` the file is looked up as ``<head_scores_dir>/<model folder name>.json``
+    (config default ``${paths.cache}/audiokv``, where ``scripts/calibrate_audiokv.py`` writes), then as
+    ``<model folder>/audiokv_head_scores.json``; checkpoint folders may be read-only and tiny ones are rebuilt, so
+    the scores live apart from them; ``allocation='uniform'`` runs SnapKV+SSS without a file.
 
 Per-head counts differ, so the selection is ragged (padded indices + ``valid``); the record carries the per-head
 budgets of each layer.
@@ -68,7 +70,8 @@ def load_head_scores(path: str | Path) -> dict:
     p = Path(path).expanduser()
     if not p.exists():
         raise FileNotFoundError(f"AudioKV head-score file not found: {p}. Make it with "
-                                "`python scripts/calibrate_audiokv.py model=<model>` (or set allocation=uniform)")
+                                "`python scripts/calibrate_audiokv.py --model <model config> ...` "
+                                "(or set method.allocation=uniform)")
     d = json.loads(p.read_text())
     for key in ("scores", "num_layers", "num_heads", "num_kv_heads"):
         if key not in d:
@@ -111,7 +114,9 @@ class AudioKV(Method):
     allocation : str
         ``head`` (from the head-score file) or ``uniform`` (every head B; SSS only).
     head_scores : str | None
-        Path of the head-score JSON; None = ``<model folder>/audiokv_head_scores.json`` (from the request).
+        Path of the head-score JSON; None = look it up for the request's model (see ``head_scores_dir``).
+    head_scores_dir : str | None
+        Folder of per-model head-score files ``<model folder name>.json`` (config: ``${paths.cache}/audiokv``).
     sss : bool
         Spectral Score Smoothing on.
     alpha : float
@@ -129,6 +134,7 @@ class AudioKV(Method):
     r_frac: float = 0.5
     allocation: str = "head"
     head_scores: str | None = None
+    head_scores_dir: str | None = None
     sss: bool = True
     alpha: float = 0.5
     gamma: float = 0.9
@@ -150,6 +156,12 @@ class AudioKV(Method):
         if self._scores_path != str(path):
             self._scores, self._scores_path = load_head_scores(path), str(path)
 
+    def candidates(self, model_path: str | Path) -> list[Path]:
+        """Where the head scores of the model in ``model_path`` are looked up, in order."""
+        mp = Path(model_path)
+        out = [Path(self.head_scores_dir).expanduser() / f"{mp.name}.json"] if self.head_scores_dir else []
+        return out + [mp / HEAD_SCORE_FILENAME]
+
     def begin(self, request: dict) -> None:
         if self.allocation != "head" or self.head_scores:
             return
@@ -157,9 +169,15 @@ class AudioKV(Method):
         if mp is None and request.get("adapter") is not None:
             mp = getattr(request["adapter"], "path", None)
         if mp is None:
-            raise ValueError("AudioKV: no head_scores given and the request names no model_path to find "
-                             f"{HEAD_SCORE_FILENAME} in; pass method.head_scores=<file> or allocation=uniform")
-        self._load(Path(mp) / HEAD_SCORE_FILENAME)
+            raise ValueError("AudioKV: no head_scores given and the request names no model folder to find the "
+                             "head scores for; pass method.head_scores=<file> or allocation=uniform")
+        tried = self.candidates(mp)
+        found = next((p for p in tried if p.exists()), None)
+        if found is None:
+            raise FileNotFoundError("AudioKV head-score file not found (tried " + ", ".join(map(str, tried)) +
+                                    "). Make it with `python scripts/calibrate_audiokv.py --model <model config> "
+                                    "...` (or set method.allocation=uniform)")
+        self._load(found)
 
     # ------------------------------------------------------------------ pieces
     def token_scores(self, view: LayerView) -> torch.Tensor:
@@ -183,7 +201,7 @@ class AudioKV(Method):
         if self.allocation == "uniform":
             return torch.full((Hk,), max(1, min(view.n_keep, S)), dtype=torch.long)
         if self._scores is None:
-            raise RuntimeError("AudioKV: head scores not loaded (begin() was not called with a model_path, and "
+            raise RuntimeError("AudioKV: head scores not loaded (begin() was not called with the model, and "
                                "no head_scores path was given)")
         st = view.state.setdefault("audiokv", {})
         key = (S, view.n_keep)

@@ -78,8 +78,11 @@ class MadaKV(Method):
         tot = float(psi.sum())
         if tot <= 0:
             return 0
+        if theta <= 0:
+            return 0
         c = psi.sort(descending=True).values.double().cumsum(0)
-        return int(torch.searchsorted(c, torch.tensor([theta * tot], dtype=c.dtype)).item()) + 1 if theta > 0 else 0
+        n = int(torch.searchsorted(c, torch.tensor([theta * float(c[-1])], dtype=c.dtype)).item()) + 1
+        return min(n, psi.numel())
 
     def demand(self, psi: torch.Tensor, mod: torch.Tensor, cand: torch.Tensor) -> int:
         """Tokens (outside P) a head needs: Σ_m k_m (full) or the modality-agnostic coverage (hcc)."""

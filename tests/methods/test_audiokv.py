@@ -112,14 +112,23 @@ def test_head_score_file_errors(tmp_path):
     f = write_scores(tmp_path / "hs.json", torch.rand(3, 4), L=3)
     with pytest.raises(ValueError, match="L=3"):
         AudioKV(head_scores=f).compress(make_view(modality_ids(SPEC), 30))
-    with pytest.raises(ValueError, match="model_path"):
+    with pytest.raises(ValueError, match="model folder"):
         AudioKV().begin({})
-    d = tmp_path / "model"
-    d.mkdir()
-    write_scores(d / "audiokv_head_scores.json", torch.rand(4, 4))
-    m = AudioKV()
+    d = tmp_path / "models" / "tiny_x"
+    d.mkdir(parents=True)
+    cache = tmp_path / "audiokv"
+    with pytest.raises(FileNotFoundError, match="calibrate_audiokv"):
+        AudioKV(head_scores_dir=str(cache)).begin({"model_path": str(d)})
+    write_scores(d / "audiokv_head_scores.json", torch.rand(4, 4))          # next to the checkpoint
+    m = AudioKV(head_scores_dir=str(cache))
     m.begin({"model_path": str(d)})
+    assert m._scores_path == str(d / "audiokv_head_scores.json")
     assert m.compress(make_view(modality_ids(SPEC), 30)).indices.shape[0] == 2
+    cache.mkdir()
+    write_scores(cache / "tiny_x.json", torch.rand(4, 4))                    # the cache folder comes first
+    m = AudioKV(head_scores_dir=str(cache))
+    m.begin({"model_path": str(d)})
+    assert m._scores_path == str(cache / "tiny_x.json")
 
 
 def test_uniform_allocation_needs_no_file():

@@ -166,3 +166,27 @@ def test_end_fails_loudly_when_prefill_never_reached_the_function():
     with pytest.raises(RuntimeError, match="never called"):
         m.end()
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_clie_scope_all_uses_accumulated_attention():
+    mod = modality_ids(SPEC)
+    res = run_layers(PureKV(window=8, source_layer=1, clie_scope="all", st_spattn=False), mod)
+    src_view = res[1][0]
+    acc = naive_attention(src_view).sum(1).mean(0, keepdim=True)          # all-query column sums, head mean
+    s_src = pool_scores(acc, 5, "avg")[0]
+    for view, sel in res[2:]:
+        assert torch.equal(sel.indices, topk_with_window(s_src[None] * view.values.norm(dim=-1), 24, 8))
+
+
+def test_st_sparse_attention_with_uneven_frames():
+    frame, spatial = video_layout(frames=3, per_frame=6, pre=4, gap=2, post=5)
+    keep = ~((frame == 2) & (spatial >= 4))                                 # the last frame is shorter
+    frame, spatial = frame[keep], spatial[keep]
+    n, H, kvH, D = frame.numel(), 4, 1, 8
+    g = torch.Generator().manual_seed(1)
+    q, k, v = torch.randn(H, n, D, generator=g), torch.randn(kvH, n, D, generator=g), torch.randn(kvH, n, D,
+                                                                                                generator=g)
+    ref = F.scaled_dot_product_attention(q, k.expand(H, -1, -1), v.expand(H, -1, -1),
+                                         attn_mask=st_allowed_mask(frame, spatial, 1), scale=D ** -0.5)
+    torch.testing.assert_close(st_sparse_attention(q, k, v, frame, spatial, D ** -0.5, radius=1), ref,
+                               rtol=1e-5, atol=1e-5)
