@@ -282,10 +282,12 @@ def collect(paths: Iterable[str | Path]) -> pd.DataFrame:
         if not samples:  # a run that has not finished its first sample still shows as a point (n=0)
             rows.append({**info, "sample_id": None})
         for rec in samples:
-            flat = _flatten(rec)
+            flat = {(f"sample_{k}" if k in RUN_COLUMNS else k): v for k, v in _flatten(rec).items()}
             row = {**info, **flat}
-            if rec.get("task") not in (None, ""):  # a multi-task run labels each sample
-                row["task"] = rec["task"]
+            # a multi-task run labels each sample: MVBench ``task``, MileBench ``dataset`` (one of its 29)
+            label = rec.get("task") if rec.get("task") not in (None, "") else rec.get("dataset")
+            if isinstance(label, str) and label:
+                row["task"] = label
             row["sample_id"] = None if rec.get("sample_id") is None else str(rec["sample_id"])
             rows.append(row)
     if not rows:

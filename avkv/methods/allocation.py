@@ -250,6 +250,11 @@ class HeadAllocation(Wrapper):
 
     name = "head_allocation"
 
+    def __post_init__(self) -> None:
+        if self.scorer.decode_policy == "fixed":
+            raise ValueError("per-head budgets leave a padded cache, and fixed-size decoding over it is not "
+                             "implemented: give the scorer decode_policy=grow")
+
     def compress(self, view: LayerView) -> Selection:
         if not isinstance(self.scorer, ScoreMethod):
             raise TypeError(f"HeadAllocation needs a ScoreMethod scorer, got {type(self.scorer).__name__}")
@@ -323,4 +328,5 @@ class ModalityAllocation(Wrapper):
         keep = torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
         keep[:, :P] = torch.zeros_like(wins).scatter_(1, order, wins)
         idx, _ = mask_to_indices(keep)
+        self.scorer.remember(view, scores, idx)
         return Selection(indices=idx, info={"modality_budget": {m: c for m, c in budget.items() if c}})

@@ -141,9 +141,15 @@ class ScoreMethod(Method):
         """
         return self.window
 
+    def remember(self, view: LayerView, scores: torch.Tensor, indices: torch.Tensor) -> None:
+        """Called with this scorer's scores and the kept indices whenever a selection is made from them (by the
+        scorer or by an allocation wrapper); H2O keeps them for fixed-size decoding."""
+
     def compress(self, view: LayerView) -> Selection:
         scores = self.score(view)
-        return Selection(indices=keep_topk(scores, view.n_keep, protect_last=self.protected(view)))
+        idx = keep_topk(scores, view.n_keep, protect_last=self.protected(view))
+        self.remember(view, scores, idx)
+        return Selection(indices=idx)
 
 
 # ---------------------------------------------------------------------------------------------- primitives
@@ -225,25 +231,98 @@ def window_scores(view: LayerView, window: int, reduce: str = "mean") -> torch.T
 
 
 def accumulated_scores(view: LayerView, chunk: int = 512, normalize: bool = False,
-                       max_elements: int = 1 << 26) -> torch.Tensor:
+                       max_elements: int = 1 << 26, fused: bool | None = None) -> torch.Tensor:
     """H2O accumulated attention: column sums of the causal softmax over *all* prompt queries, [H, S].
 
-    Rows are processed in chunks. A chunk holds complete rows (each row over the keys it can see), so its
-    softmax normalisers are exact and one pass suffices; rows [s, e) only touch keys [0, e), so the work is the
-    causal half of the matrix. The chunk shrinks so that a chunk's logits stay under ``max_elements`` (64 Mi
-    floats = 256 MiB), so no S×S matrix exists and extra memory is O(H·chunk·S). With ``normalize`` each
-    column is divided by the number of rows that can see it (mean instead of sum).
+    No S×S matrix ever exists. Two exact ways, same result:
+
+    * ``fused`` (default when the device has a fused attention kernel that returns log-sum-exps): a row pass
+      gets every query's normaliser lse_i; then the column sums are themselves log-sum-exps of a second,
+      "transposed" causal attention in which the keys query the queries:
+      Σ_{i≥j} exp(q_i·k_j·s − lse_i) = exp(LSE_j) with queries [k_j, 1], keys [s·q_i, −lse_i], on reversed
+      positions so that i ≥ j becomes the causal mask. Two fused kernel calls, O(S) memory.
+    * chunked: rows in chunks; a chunk holds complete rows (each over the keys it can see), so its softmax
+      normalisers are exact in one pass; rows [s, e) only touch keys [0, e). The chunk shrinks so that its
+      logits stay under ``max_elements`` (64 Mi floats), so extra memory is O(H·chunk·S).
+
+    With ``normalize`` each column is divided by the number of rows that can see it (mean instead of sum).
     """
     S, H = view.seq_len, view.num_heads
-    chunk = max(1, min(chunk, max_elements // max(1, H * S)))
-    out = torch.zeros(H, S, dtype=torch.float32, device=view.keys.device)
-    for start in range(0, S, chunk):
-        end = min(S, start + chunk)
-        p = _causal_softmax_(_grouped_logits(view, view.queries(start, end), end), start)
-        out[:, :end] += p.sum(1)
+    out = _fused_accumulated(view) if fused is not False else None
+    if out is None:
+        if fused:
+            raise RuntimeError("no fused attention kernel with log-sum-exp output on this device")
+        chunk = max(1, min(chunk, max_elements // max(1, H * S)))
+        out = torch.zeros(H, S, dtype=torch.float32, device=view.keys.device)
+        for start in range(0, S, chunk):
+            end = min(S, start + chunk)
+            p = _causal_softmax_(_grouped_logits(view, view.queries(start, end), end), start)
+            out[:, :end] += p.sum(1)
     if normalize:
         out = out / torch.arange(S, 0, -1, device=out.device, dtype=out.dtype)
     return out
+
+
+def _causal_lse(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor | None:
+    """Log-sum-exp of each row of the causal attention of q [H, S, P] over k [H, S, P] (fp32) with a fused
+    kernel, or None when the device offers none (the caller then computes exactly in chunks)."""
+    v = torch.zeros_like(q)
+    try:
+        if q.device.type == "cpu":
+            _, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                q[None], k[None], v[None], 0.0, True, scale=scale)
+        elif q.device.type == "cuda":
+            _, lse, *_ = torch.ops.aten._scaled_dot_product_efficient_attention(
+                q[None], k[None], v[None], None, True, 0.0, True, scale=scale)
+        else:
+            return None
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return None
+    return lse[0, :, : q.shape[1]].float()
+
+
+def _column_sums_fused(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor | None:
+    """Causal attention column sums of q [H, S, D] over k [H, S, D] with two fused kernel passes (or None)."""
+    H, S, D = q.shape
+    lse = _causal_lse(q, k, scale)
+    if lse is None:
+        return None
+    P = (D + 1 + 7) // 8 * 8                                                 # one extra coordinate, aligned
+    qa = q.new_zeros(H, S, P)
+    qa[..., :D] = q * scale
+    qa[..., D] = -lse
+    ka = q.new_zeros(H, S, P)
+    ka[..., :D] = k
+    ka[..., D] = 1.0
+    col = _causal_lse(ka.flip(1), qa.flip(1), 1.0)                           # keys query the queries
+    return None if col is None else col.flip(-1).exp()
+
+
+_FUSED_OK: dict[str, bool] = {}
+
+
+def _fused_available(device: torch.device) -> bool:
+    """Once per device type: does the fused route exist here and agree with the exact one on a small problem?
+    (The kernels are private ATen ops; a wrong result must never pass silently.)"""
+    key = device.type
+    if key not in _FUSED_OK:
+        g = torch.Generator().manual_seed(0)
+        q, k = torch.randn(2, 96, 16, generator=g).to(device), torch.randn(2, 96, 16, generator=g).to(device)
+        got = _column_sums_fused(q, k, 0.25)
+        if got is None:
+            _FUSED_OK[key] = False
+        else:
+            logits = (q @ k.transpose(1, 2) * 0.25).masked_fill(
+                torch.ones(96, 96, dtype=torch.bool, device=device).triu(1), float("-inf"))
+            _FUSED_OK[key] = bool(torch.allclose(got, logits.softmax(-1).sum(1), rtol=1e-3, atol=1e-4))
+    return _FUSED_OK[key]
+
+
+def _fused_accumulated(view: LayerView) -> torch.Tensor | None:
+    if not _fused_available(view.keys.device):
+        return None
+    S = view.seq_len
+    return _column_sums_fused(view.queries(0, S).float(), repeat_kv(view.keys.float(), view.groups), view.scaling)
 
 
 def pool_scores(scores: torch.Tensor, kernel: int, how: str = "max") -> torch.Tensor:
@@ -289,6 +368,8 @@ def merge_into_nearest(keys: torch.Tensor, values: torch.Tensor, keep: torch.Ten
     itself, as ``torch.scatter_reduce(..., reduce="mean", include_self=True)`` in the LOOK-M code). Returns the
     new kept keys/values ([k, D] or [R, k, D]).
     """
+    if mode not in ("avg", "pivot", "weighted"):
+        raise ValueError(f"merge mode must be avg, pivot or weighted, got {mode!r}")
     single = keys.dim() == 2
     if single:
         keys, values, keep, evicted = keys[None], values[None], keep[None], evicted[None]
@@ -313,16 +394,12 @@ def merge_into_nearest(keys: torch.Tensor, values: torch.Tensor, keep: torch.Ten
             ck, cv = Ke, Ve
         elif mode == "pivot":
             ck, cv = (Ke + Kk.gather(1, tgt)) / 2, (Ve + Vk.gather(1, tgt)) / 2
-        elif mode == "weighted":
+        else:
             sw = torch.where(ok, best, torch.zeros_like(best))[..., None]
             ck, cv = Ke * sw, Ve * sw
-        else:
-            raise ValueError(f"merge mode must be avg, pivot or weighted, got {mode!r}")
         count = torch.ones(R, Kk.shape[1], 1, device=Kk.device).scatter_add_(1, target[..., None], w)
         Kk = Kk.scatter_add(1, tgt, ck * w) / count
         Vk = Vk.scatter_add(1, tgt, cv * w) / count
-    elif mode not in ("avg", "pivot", "weighted"):
-        raise ValueError(f"merge mode must be avg, pivot or weighted, got {mode!r}")
     Kk, Vk = Kk.to(keys.dtype), Vk.to(values.dtype)
     return (Kk[0], Vk[0]) if single else (Kk, Vk)
 

@@ -55,9 +55,15 @@ class H2O(ScoreMethod):
         if recent is None:
             recent = int(round(self.recent_share * min(n_keep, view.seq_len)))
         idx = keep_topk(scores, n_keep, protect_last=recent)
-        if self.decode_policy == "fixed":
-            view.state[self._key(view)] = {"scores": scores.gather(1, idx), "recent": recent}
+        self.remember(view, scores, idx, recent)
         return self.select(view, idx)
+
+    def remember(self, view: LayerView, scores: torch.Tensor, indices: torch.Tensor, recent: int | None = None
+                 ) -> None:
+        if self.decode_policy == "fixed":
+            if recent is None:
+                recent = self.protected(view)
+            view.state[self._key(view)] = {"scores": scores.gather(1, indices), "recent": recent}
 
     def select(self, view: LayerView, idx: torch.Tensor) -> Selection:
         """Turn kept indices into a Selection (eviction here; LOOK-M merges the evicted entries instead)."""

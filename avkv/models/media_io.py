@@ -26,9 +26,28 @@ def _open(path: str):
         raise MediaError(f"cannot open media file {p}: {e}") from e
 
 
-def load_video_frames(path: str, num_frames: int | None = 8, fps: float | None = None,
-                      start: float | None = None, end: float | None = None) -> tuple[np.ndarray, float]:
-    """Decode frames uniformly spread over [start, end] (or sampled at ``fps``): uint8 [T,H,W,3] and sampled fps."""
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+def _frames_from_folder(path: Path, frame_rate: float | None, start: float | None, end: float | None):
+    """A video stored as a folder of frame images (MVBench's frame tasks): sorted names, ``frame_rate`` fps."""
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise MediaError(f"no frame images in video folder {path}")
+    rate = float(frame_rate or 1.0)
+    frames, times = [], []
+    for i, f in enumerate(files):
+        t = i / rate
+        if start is not None and t < start:
+            continue
+        if end is not None and t > end:
+            break
+        frames.append(np.asarray(load_image(str(f))))
+        times.append(t)
+    return frames, times
+
+
+def _frames_from_file(path: str, start: float | None, end: float | None):
     with _open(path) as c:
         if not c.streams.video:
             raise MediaError(f"no video stream in {path}")
@@ -46,6 +65,21 @@ def load_video_frames(path: str, num_frames: int | None = 8, fps: float | None =
             raise
         except Exception as e:
             raise MediaError(f"corrupt video {path}: {e}") from e
+    return frames, times
+
+
+def load_video_frames(path: str, num_frames: int | None = 8, fps: float | None = None,
+                      start: float | None = None, end: float | None = None,
+                      frame_rate: float | None = None) -> tuple[np.ndarray, float]:
+    """Decode frames uniformly spread over [start, end] (or sampled at ``fps``): uint8 [T,H,W,3] and sampled fps.
+
+    ``path`` is a video file, or a folder of frame images played at ``frame_rate``.
+    """
+    p = Path(path)
+    if p.is_dir():
+        frames, times = _frames_from_folder(p, frame_rate, start, end)
+    else:
+        frames, times = _frames_from_file(path, start, end)
     if not frames:
         raise MediaError(f"no decodable frames in {path} (clip {start}-{end})")
     times_a = np.asarray(times)
@@ -108,8 +142,9 @@ def load(media, num_frames: int | None = 8, fps: float | None = None, sr: int = 
     """Decode one :class:`~avkv.tasks.base.Media` into ``frames``/``fps``, ``audio`` and/or ``image``."""
     out: dict = {}
     if media.kind == "video":
-        out["frames"], out["fps"] = load_video_frames(media.path, num_frames, fps, media.start, media.end)
-        if media.with_audio and want_audio:
+        out["frames"], out["fps"] = load_video_frames(media.path, num_frames, fps, media.start, media.end,
+                                                      getattr(media, "frame_rate", None))
+        if media.with_audio and want_audio and not Path(media.path).is_dir():
             out["audio"] = load_audio(media.path, sr, media.start, media.end, max_audio_s, required=False)
     elif media.kind == "audio":
         out["audio"] = load_audio(media.path, sr, media.start, media.end, max_audio_s)

@@ -61,7 +61,8 @@ class Media:
     """One media item of a prompt. ``kind`` is ``video``, ``audio`` or ``image``.
 
     For a video, ``with_audio`` says its audio track belongs to the prompt too (a model that hears gets it;
-    Qwen2.5-Omni interleaves it with the frames). ``start``/``end`` clip the file in seconds.
+    Qwen2.5-Omni interleaves it with the frames). ``start``/``end`` clip the file in seconds. A video may also
+    be a folder of frame images (sorted by name) sampled at ``frame_rate`` frames per second.
     """
 
     kind: str
@@ -69,6 +70,7 @@ class Media:
     start: float | None = None
     end: float | None = None
     with_audio: bool = False
+    frame_rate: float | None = None
 
 
 @dataclass

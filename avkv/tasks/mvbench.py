@@ -108,7 +108,7 @@ class MVBench(Task):
                     start = float(require(item, "start", path, where, (int, float)))
                     end = float(require(item, "end", path, where, (int, float)))
                 media = Media("video", str(self.video_dir / folder / video), start=start, end=end,
-                              with_audio=stem in ACCKV_TASKS)
+                              with_audio=stem in ACCKV_TASKS, frame_rate=FRAME_FPS if dtype == "frame" else None)
                 meta = {"task": stem, "task_name": name, "data_type": dtype}
                 if dtype == "frame":
                     meta["frame_fps"] = FRAME_FPS

@@ -161,4 +161,28 @@ def test_pyramidkv_and_adakv_are_wrapped_snapkv():
     v = make_view(kv_heads=4, seq=100, n_keep=40)
     sel = AdaKV().compress(v)
     assert sel.valid is None or int(sel.valid.sum()) == 4 * 40
-    assert AdaKV(scorer=H2O()).decode_policy == "fixed"             # wrappers report their scorer's policy
+    assert LayerAllocation(H2O()).decode_policy == "fixed"          # wrappers report their scorer's policy
+    with pytest.raises(ValueError):
+        AdaKV(scorer=H2O())                                          # ragged heads + fixed decode: refused
+
+
+def test_layer_allocation_fixed_weights():
+    state = {}
+    wrap = LayerAllocation(SnapKV(window=4), schedule="weights", weights=[3, 1, 1, 1])
+    sizes = [wrap.compress(make_view(seq=80, n_keep=20, layer_idx=i, num_layers=4, state=state)).indices.shape[1]
+             for i in range(4)]
+    assert sizes == [40, 14, 13, 13]                                    # mean 20, remainders to the first
+    with pytest.raises(ValueError):
+        LayerAllocation(SnapKV(), schedule="weights", weights=[1, 2]).compress(make_view(num_layers=4))
+
+
+def test_wrapped_h2o_keeps_its_scores_for_fixed_decoding():
+    mod = torch.full((60,), TEXT)
+    mod[:30] = VIDEO
+    for wrap in (ModalityAllocation(H2O(), shares={"text": 0.5, "video": 0.5}), LayerAllocation(H2O())):
+        state = {}
+        v = make_view(seq=60, n_keep=20, modality=mod, state=state)
+        sel = wrap.compress(v)
+        st = state[("h2o", "scores", 0)]
+        assert st["scores"].shape == sel.indices.shape
+        assert torch.allclose(st["scores"], H2O().score(v).gather(1, sel.indices))

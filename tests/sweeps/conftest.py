@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-TINY = ("tiny_qwen2_5_omni", "tiny_qwen2_5_vl")
+TINY = ("tiny_qwen2_5_omni", "tiny_qwen2_5_vl", "tiny_videollama2_av")
 
 
 @pytest.fixture(scope="session")
@@ -30,14 +30,32 @@ def assets() -> Path:
     return REPO / ".cache"
 
 
-def run_py(*args: str, timeout: float = 240, check: bool = True) -> subprocess.CompletedProcess:
+def run_py(*args: str, timeout: float = 240, check: bool = True, env: dict | None = None
+           ) -> subprocess.CompletedProcess:
     """``python run.py ARGS`` from the repo root (logger off, no progress bars)."""
-    env = dict(os.environ, WANDB_MODE="offline", HYDRA_FULL_ERROR="1")
+    env = dict(os.environ, WANDB_MODE="offline", HYDRA_FULL_ERROR="1", **(env or {}))
     p = subprocess.run([sys.executable, "run.py", *args, "progress=false"], cwd=REPO, env=env, timeout=timeout,
                        capture_output=True, text=True)
     if check and p.returncode != 0:
         raise AssertionError(f"run.py {' '.join(args)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
     return p
+
+
+def run_py_here(*args: str) -> None:
+    """``python run.py ARGS`` in this process (the imports are paid once per test session)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    sys.path.insert(0, str(REPO))
+    import run as entry
+
+    argv = sys.argv
+    sys.argv = ["run.py", *args, "progress=false"]
+    GlobalHydra.instance().clear()
+    try:
+        entry.main()
+    finally:
+        sys.argv = argv
+        GlobalHydra.instance().clear()
 
 
 def popen_run_py(*args: str) -> subprocess.Popen:
@@ -59,8 +77,9 @@ def kill_group(p: subprocess.Popen) -> None:
 def smoke_runs(assets, tmp_path_factory) -> dict:
     """Every preset whose dataset exists, run at smoke scale in this process (imports paid once).
 
-    The grid is the preset's own (``smoke=tiny``) with one budget (two for budget_curves), so the whole suite
-    stays within its time budget; ``python run.py -m experiment=<preset> smoke=tiny`` runs all of them.
+    The grid is the preset's own (``smoke=tiny``) with one budget (two for budget_curves) and at most four of its
+    methods (full and the last three, the paper's own method last), so the whole suite stays within its time
+    budget; ``python run.py -m experiment=<preset> smoke=tiny`` runs all of them.
     """
     from omegaconf import OmegaConf
 
@@ -78,9 +97,12 @@ def smoke_runs(assets, tmp_path_factory) -> dict:
             continue
         budgets = y["grid"]["budgets"]
         budgets = [budgets[0], budgets[-1]] if f.stem == "budget_curves" else budgets[:1]
+        have = [m for m in y["grid"]["methods"] if (CONFIG_DIR / "method" / f"{m}.yaml").is_file()]
+        methods = have if len(have) <= 4 else have[:1] + have[-3:]  # full + the last three (the paper's own last)
         runs = root / f.stem
         for job in grid.expand([f"experiment={f.stem}", "smoke=tiny", f"budget={','.join(map(str, budgets))}",
-                                f"paths.runs={runs}", "max_new_tokens=2", "threads=1"]):
+                                f"method={','.join(methods)}", f"paths.runs={runs}", "max_new_tokens=2",
+                                "threads=1"]):
             run(job.config)
         out[f.stem] = runs
     return out

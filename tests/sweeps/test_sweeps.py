@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from avkv import grid, report
-from tests.sweeps.conftest import kill_group, popen_run_py, run_py
+from tests.sweeps.conftest import kill_group, popen_run_py, run_py, run_py_here
 
 pytestmark = pytest.mark.slow
 COMMON = ["model=tiny_qwen2_5_omni", "max_new_tokens=2", "experiment_name=sweeptest", "threads=1"]
@@ -83,7 +83,7 @@ def test_interrupted_multirun_resumes_without_duplicates(assets, tmp_path):
     method_of = lambda j: dict(o.split("=", 1) for o in j.overrides)["method"]  # noqa: E731
     assert resubmitted == {method_of(j) for j in jobs if j.status != "complete"}  # only what is left
 
-    run_py("-m", *args, f"hydra.sweep.dir={sweep}-2")
+    run_py_here("-m", *args, f"hydra.sweep.dir={sweep}-2")
     dirs = list(runs.glob("*__*"))
     assert len(dirs) == 3
     for d in dirs:
@@ -95,3 +95,32 @@ def test_interrupted_multirun_resumes_without_duplicates(assets, tmp_path):
             assert (d / "samples.jsonl").read_bytes() == before[d.name]
     assert [r["sample_id"] for r in lines(part / "samples.jsonl")][:len(partial_ids)] == partial_ids
     assert Counter(j.status for j in grid.check(grid.expand(args)))["complete"] == 3
+
+
+def test_slurm_launcher_array_requeue_resume(assets, tmp_path):
+    """``hydra/launcher=slurm`` against a stand-in SLURM (tests/sweeps/fake_slurm): one array task per grid point
+    with the cluster settings in the script; task 0 gets SLURM's warning signal after its first sample, submitit
+    checkpoints and asks ``scontrol requeue`` (a time-limit requeue, allowed by max_num_timeout), and the requeued
+    task resumes its run directory: every sample once."""
+    fake = Path(__file__).parent / "fake_slurm"
+    state, runs, sweep = tmp_path / "slurm", tmp_path / "runs", tmp_path / "sweep"
+    import os
+    import sys
+
+    env = {"PATH": f"{fake / 'bin'}{os.pathsep}{os.environ['PATH']}", "FAKE_SLURM_STATE": str(state),
+           "FAKE_SLURM_PREEMPT": str(runs / "*__b0.2__*"), "FAKE_SLURM_PYTHON": sys.executable}
+    run_py("-m", "hydra/launcher=slurm", "hydra.launcher.partition=testpart", "hydra.launcher.account=proj",
+           "hydra.launcher.timeout_min=1", "method=snapkv", "budget=0.2,0.5", "model=tiny_qwen2_5_vl", "dataset.limit=3",
+           "max_new_tokens=4", "threads=1", f"paths.runs={runs}", f"hydra.sweep.dir={sweep}", env=env, timeout=300)
+    events = (state / "events.log").read_text()
+    assert "--array=0-1%" in events and "--partition=testpart" in events and "--account=proj" in events
+    assert "signal 1000_0 USR2" in events and "scontrol requeue 1000_0" in events
+    assert "start 1000_0 attempt 1" in events and "start 1000_1 attempt 0" in events
+    assert "start 1000_1 attempt 1" not in events
+    dirs = [d for d in runs.glob("*__*")]
+    assert len(dirs) == 2
+    for d in dirs:
+        ids = [r["sample_id"] for r in lines(d / "samples.jsonl")]
+        assert len(ids) == len(set(ids)) == 3 and (d / "summary.json").is_file(), (d.name, ids)
+    meta = json.loads(next(d for d in dirs if "__b0.2__" in d.name).joinpath("meta.json").read_text())
+    assert meta.get("resumed")  # the requeued task found its run directory and went on from there

@@ -117,3 +117,16 @@ def test_prompt_refuses_audio_only_family(mv_root):
     t = MVBench(mv_root, tasks=["action_count"])
     with pytest.raises(ValueError, match="cannot see video"):
         t.prompt(next(iter(t.docs())), "qwen2_audio")
+
+
+def test_frame_folder_task_decodes_through_the_adapter(mv_root):
+    """A video stored as a folder of JPEGs (3 fps) is read by the shared media reader, clipped to start/end."""
+    from avkv.models import media_io
+    d = next(iter(MVBench(mv_root, tasks=["episodic_reasoning"]).docs()))
+    m = d.media[0]
+    out = media_io.load(m, num_frames=4)
+    assert out["frames"].ndim == 4 and out["frames"].shape[0] == 4 and out["frames"].dtype.name == "uint8"
+    n_files = len(list(__import__("pathlib").Path(m.path).glob("*.jpg")))
+    clipped = media_io.load_video_frames(m.path, num_frames=None, start=m.start, end=m.end, frame_rate=m.frame_rate)[0]
+    expected = sum(1 for i in range(n_files) if (m.start or 0) <= i / m.frame_rate <= m.end)
+    assert 0 < len(clipped) == expected
