@@ -26,6 +26,9 @@ apt:
 assets: venv apt
 	$(PY) scripts/make_tiny_models.py --out $(CACHE)/models
 	$(PY) scripts/make_fixtures.py --out $(CACHE)/fixtures
+	@# AudioKV head scores for the tiny audio models (synthetic utterances; plumbing only)
+	$(PY) scripts/calibrate_audiokv.py --model tiny_qwen2_5_omni --synthetic 2 --teacher-forcing --skip-existing
+	$(PY) scripts/calibrate_audiokv.py --model tiny_qwen2_audio --synthetic 2 --teacher-forcing --skip-existing
 
 setup: assets
 

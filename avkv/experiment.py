@@ -78,11 +78,19 @@ def shard_docs(docs: list, shard: int = 0, num_shards: int = 1) -> list:
     return docs[shard::num_shards]
 
 
+def identity(cfg: DictConfig, method=None) -> tuple[dict, str, Path]:
+    """(resolved config, config hash, run directory) of an experiment; one rule for ``run`` and ``avkv missing``."""
+    res = resolved(cfg)
+    h = config_hash(res)
+    method = method if method is not None else instantiate(cfg.method)
+    res["method_name"] = getattr(method, "name", res["method_name"])
+    run_dir = Path(cfg.run_dir) if cfg.get("run_dir") else Path(cfg.paths.runs) / run_name(res, h)
+    return res, h, run_dir
+
+
 def run_dir_of(cfg: DictConfig) -> Path:
     """The run directory ``run(cfg)`` writes (also used by ``avkv missing`` to check a grid without running it)."""
-    res = resolved(cfg)
-    res["method_name"] = getattr(instantiate(cfg.method), "name", res["method_name"])
-    return Path(cfg.run_dir) if cfg.get("run_dir") else Path(cfg.paths.runs) / run_name(res, config_hash(res))
+    return identity(cfg)[2]
 
 
 def run(cfg: DictConfig) -> dict:
@@ -94,11 +102,8 @@ def run(cfg: DictConfig) -> dict:
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
 
-    res = resolved(cfg)
-    h = config_hash(res)
     method = instantiate(cfg.method)
-    res["method_name"] = getattr(method, "name", res["method_name"])
-    run_dir = Path(cfg.run_dir) if cfg.get("run_dir") else Path(cfg.paths.runs) / run_name(res, h)
+    res, h, run_dir = identity(cfg, method)
     store = RunStore(run_dir)
     task = instantiate(cfg.dataset)
     adapter = load_adapter(cfg)

@@ -788,12 +788,15 @@ def build(paths: Sequence[str | Path], out: Path | None = None, scale: float = 1
         if not quiet:
             print(res["markdown"])
         return res
-    if paper is None:
-        named = [p for p in points.get("paper", pd.Series(dtype=object)).dropna().unique() if p]
-        paper = named[0] if len(named) == 1 else None
-        if paper and paper_model is None:
-            models = [m for m in points.loc[points["paper"] == paper, "paper_model"].dropna().unique() if m]
-            paper_model = models[0] if models else None
+    # which paper tables to print beside ours: the one asked for, else each paper the runs' presets name
+    if paper is not None:
+        sides = [(paper, paper_model, points, avg)]
+    else:
+        sides = []
+        for p_name, pe in points[points["paper"].notna()].groupby("paper", sort=False) if "paper" in points else []:
+            models = [m for m in pe["paper_model"].dropna().unique() if m] if "paper_model" in pe else []
+            ae = avg[avg["experiment"].isin(pe["experiment"].unique())] if not avg.empty else avg
+            sides.append((p_name, paper_model or (models[0] if models else None), pe, ae))
     md_parts, tex_parts = [], []
     for exp, pe in points.groupby("experiment", sort=False):
         ae = avg[avg["experiment"] == exp] if not avg.empty else avg
@@ -807,17 +810,18 @@ def build(paths: Sequence[str | Path], out: Path | None = None, scale: float = 1
     if len(incomplete):
         md_parts.append("**Incomplete points** (rerun the same command to resume them):\n\n" + to_markdown(
             incomplete[["model", "method", "budget", "task", "score_n", "shards_seen", "num_shards"]]))
-    if paper:
+    for p_name, p_model, p_points, p_avg in sides:
         try:
-            pn = paper_numbers(paper)
-            side = beside_paper(points, avg, pn, paper_model=paper_model)
-            ref = ", ".join(sorted(set(pn["ref"])))
-            shown = paper_model or pn["model"].iloc[0]
-            md_parts.append(f"### beside the paper ({paper}: {ref}; paper model {shown}; cells: ours ± CI (paper))\n\n"
-                            + to_markdown(side))
-            res["beside_paper"] = side
+            pn = paper_numbers(p_name)
         except FileNotFoundError as e:
             md_parts.append(f"_paper numbers not found: {e}_\n")
+            continue
+        side = beside_paper(p_points, p_avg, pn, paper_model=p_model)
+        ref = ", ".join(sorted(set(pn["ref"])))
+        shown = p_model or pn["model"].iloc[0]
+        md_parts.append(f"### beside the paper ({p_name}: {ref}; paper model {shown}; cells: ours ± CI (paper))\n\n"
+                        + to_markdown(side))
+        res.setdefault("beside_paper", {})[p_name] = side
     res["markdown"] = "\n".join(md_parts)
     res["latex"] = "\n".join(tex_parts)
     if out is not None:

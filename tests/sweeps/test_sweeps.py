@@ -102,16 +102,27 @@ def test_slurm_launcher_array_requeue_resume(assets, tmp_path):
     with the cluster settings in the script; task 0 gets SLURM's warning signal after its first sample, submitit
     checkpoints and asks ``scontrol requeue`` (a time-limit requeue, allowed by max_num_timeout), and the requeued
     task resumes its run directory: every sample once."""
-    fake = Path(__file__).parent / "fake_slurm"
-    state, runs, sweep = tmp_path / "slurm", tmp_path / "runs", tmp_path / "sweep"
     import os
     import sys
 
+    fake = Path(__file__).parent / "fake_slurm"
+    state, runs, sweep = tmp_path / "slurm", tmp_path / "runs", tmp_path / "sweep"
+
     env = {"PATH": f"{fake / 'bin'}{os.pathsep}{os.environ['PATH']}", "FAKE_SLURM_STATE": str(state),
            "FAKE_SLURM_PREEMPT": str(runs / "*__b0.2__*"), "FAKE_SLURM_PYTHON": sys.executable}
-    run_py("-m", "hydra/launcher=slurm", "hydra.launcher.partition=testpart", "hydra.launcher.account=proj",
-           "hydra.launcher.timeout_min=1", "method=snapkv", "budget=0.2,0.5", "model=tiny_qwen2_5_vl", "dataset.limit=3",
-           "max_new_tokens=4", "threads=1", f"paths.runs={runs}", f"hydra.sweep.dir={sweep}", env=env, timeout=300)
+    try:
+        run_py("-m", "hydra/launcher=slurm", "hydra.launcher.partition=testpart", "hydra.launcher.account=proj",
+               "hydra.launcher.timeout_min=1", "method=snapkv", "budget=0.2,0.5", "model=tiny_qwen2_5_vl",
+               "dataset.limit=3", "max_new_tokens=4", "threads=1", f"paths.runs={runs}", f"hydra.sweep.dir={sweep}",
+               env=env, timeout=300)
+    finally:  # the stand-in's runner outlives a failed sweep: end it (and the tasks it started) by its id
+        import signal
+
+        for pid_file in state.glob("runner_*.pid"):
+            try:
+                os.killpg(int(pid_file.read_text()), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
     events = (state / "events.log").read_text()
     assert "--array=0-1%" in events and "--partition=testpart" in events and "--account=proj" in events
     assert "signal 1000_0 USR2" in events and "scontrol requeue 1000_0" in events

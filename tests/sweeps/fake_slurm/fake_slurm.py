@@ -39,8 +39,9 @@ def sbatch(args: list[str]) -> None:
     (STATE / f"{jid}.sh").write_text(text)
     log(f"sbatch {jid} array={n} " + " ".join(l for l in text.splitlines() if l.startswith("#SBATCH")))
     with open(STATE / "runner.log", "a") as out:
-        subprocess.Popen([sys.executable, __file__, "_run", str(jid), str(n), str(int(bool(m)))], stdout=out, stderr=out,
-                         stdin=subprocess.DEVNULL, start_new_session=True)
+        runner = subprocess.Popen([sys.executable, __file__, "_run", str(jid), str(n), str(int(bool(m)))],
+                                  stdout=out, stderr=out, stdin=subprocess.DEVNULL, start_new_session=True)
+    (STATE / f"runner_{jid}.pid").write_text(str(runner.pid))  # its own session: the test can end it by id
     print(f"Submitted batch job {jid}")
 
 

@@ -1,0 +1,204 @@
+"""AccKV (arXiv 2511.11106, AAAI 2026): adaptive focusing + cross-calibration for audio-video LLMs.
+
+Specification: ``shared/design/methods.md`` §1. No public code exists (``hua-zi/AccKV`` is announced, not
+released) and the full text was not seen; the algorithm comes from a detailed secondary summary.
+
+From the paper (via the summary) [2nd]:
+  * attention redistribution Ã[i, j] = A[i, j]·(i+1)/(n−j) over *all* prompt query rows, score S_j = Σ_i Ã[i, j];
+  * adaptive focusing: W_v, W_a from the mean text→video and text→audio attention, video scores × W_v, audio
+    scores × W_a; the layer's high-priority modality is argmax(W_v, W_a);
+  * intra-modal average merging, never across modalities (the paper's Table 2: direct audio+video merging drops
+    accuracy from 0.70 to 0.17);
+  * cross-calibration: a kept low-priority token survives only if its mean key cosine with the kept
+    high-priority tokens is ≥ τ (0.9 and 0.6 were tried).
+
+Our reading [ours] (each is a field, so a run's config records it):
+  * ``redistributed_focus``: the focusing means use Ã (not raw A);
+  * ``per_head=False``: scores are averaged over all heads of the layer and one index set is kept per layer;
+  * budget split: keep all text tokens and the last ``window``=32 positions, rank audio ∪ video jointly by the
+    weighted score and keep the top rest; if text alone exceeds the budget, rank all tokens instead;
+  * merging: each evicted audio/video token is averaged into its most key-similar kept token of the *same*
+    modality (LOOK-M-style nearest neighbour, scatter-mean including the target: ``merge_mode='avg'``);
+  * calibration runs after merging, on the merged keys, per KV head then averaged over heads; freed slots are not
+    refilled, so the achieved ratio can fall below the budget (the record shows it); when no high-priority token
+    was kept there is nothing to align with and the low-priority tokens stay;
+  * ``tau=0.6`` (the lower of the two values tried);
+  * image tokens (absent in audio-video models) are ranked with video and merged only among images;
+  * all-query statistics are computed in query chunks (``chunk``), never as an n×n matrix, so SDPA works.
+
+The record (``Selection.info``) carries the layer's high-priority modality, W_v / W_a, the kept
+audio/video/text counts and the entries cross-calibration evicted (all counts summed over KV heads).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from avkv.methods.base import (AUDIO, IMAGE, TEXT, VIDEO, LayerView, Method, Selection, attention_sums, keep_topk,
+                               merge_into_nearest, modality_counts, pad_ragged, reduce_gqa)
+
+
+@dataclass
+class AccKV(Method):
+    """Attention redistribution + adaptive focusing + intra-modal merging + cross-calibration.
+
+    Parameters
+    ----------
+    window : int
+        Last prompt positions always kept (32) [ours].
+    tau : float
+        Cross-calibration threshold on the mean key cosine to the kept high-priority tokens (0.6; 0.9 also tried).
+    redistribution : bool
+        Use Ã = A·(i+1)/(n−j) (paper's A-R); ``False`` uses raw accumulated attention (ablation).
+    focusing : bool
+        Weight video/audio scores by W_v/W_a (paper's A-F); ``False`` leaves scores unweighted (ablation).
+    calibration : bool
+        Cross-calibration (paper's C-C); ``False`` skips it (ablation).
+    merge : bool
+        Intra-modal merging of evicted audio/video tokens.
+    merge_mode : str
+        ``avg`` (evicted x averaged into the target, scatter-mean with the target) [ours]; ``pivot``/``weighted``.
+    redistributed_focus : bool
+        Compute W_v/W_a from Ã rather than A [ours].
+    per_head : bool
+        ``False``: one index set per layer from head-averaged scores [ours]; ``True``: one set per KV head.
+    chunk : int
+        Query rows per chunk of the all-query pass.
+    """
+
+    name = "acckv"
+    window: int = 32
+    tau: float = 0.6
+    redistribution: bool = True
+    focusing: bool = True
+    calibration: bool = True
+    merge: bool = True
+    merge_mode: str = "avg"
+    redistributed_focus: bool = True
+    per_head: bool = False
+    chunk: int = 512
+
+    # ------------------------------------------------------------------ scoring
+    def layer_statistics(self, view: LayerView) -> tuple[torch.Tensor, float, float]:
+        """Per-head scores [H, S] and the head-averaged text→video / text→audio means (S̄_v, S̄_a)."""
+        S, dev = view.seq_len, view.keys.device
+        mod = view.modality.to(dev)
+        pos = torch.arange(S, device=dev, dtype=torch.float32)
+        roww = (pos + 1) if self.redistribution else None
+        colw = 1.0 / (S - pos) if self.redistribution else None
+        text, vid, aud = mod == TEXT, (mod == VIDEO) | (mod == IMAGE), mod == AUDIO
+        blocks = {"tv": (text, vid), "ta": (text, aud)}
+        if self.redistribution == self.redistributed_focus:
+            cols, b = attention_sums(view, self.chunk, roww, colw, blocks)
+        else:  # focus statistics from the other variant: a second pass only for them
+            cols, _ = attention_sums(view, self.chunk, roww, colw)
+            fr = (pos + 1) if self.redistributed_focus else None
+            fc = 1.0 / (S - pos) if self.redistributed_focus else None
+            _, b = attention_sums(view, self.chunk, fr, fc, blocks)
+        nt = int(text.sum())
+        sv = float(b["tv"].mean()) / max(nt * int(vid.sum()), 1)
+        sa = float(b["ta"].mean()) / max(nt * int(aud.sum()), 1)
+        return cols, sv, sa
+
+    def focus_weights(self, sv: float, sa: float, has_v: bool, has_a: bool) -> tuple[float, float]:
+        if not (has_v and has_a):
+            return float(has_v), float(has_a)
+        tot = sv + sa
+        return (0.5, 0.5) if tot <= 0 else (sv / tot, sa / tot)
+
+    # ------------------------------------------------------------------ selection
+    def compress(self, view: LayerView) -> Selection:
+        S, dev, kvH = view.seq_len, view.keys.device, view.num_kv_heads
+        mod = view.modality.to(dev)
+        w = min(self.window, S)
+        vid, aud = (mod == VIDEO) | (mod == IMAGE), mod == AUDIO
+        has_v, has_a = bool(vid.any()), bool(aud.any())
+
+        cols, sv, sa = self.layer_statistics(view)
+        wv, wa = self.focus_weights(sv, sa, has_v, has_a) if self.focusing else (1.0, 1.0)
+        scores = reduce_gqa(cols, kvH, "mean") if self.per_head else cols.mean(0, keepdim=True)   # [R, S]
+        weight = torch.ones(S, device=dev)
+        weight[vid], weight[aud] = wv, wa
+        scores = scores * weight
+        hi, lo = (VIDEO, AUDIO) if wv >= wa else (AUDIO, VIDEO)
+        if not (has_v and has_a):
+            hi, lo = (VIDEO if has_v else AUDIO if has_a else None), None
+
+        # budget split: text ∪ window always; audio ∪ video ranked jointly for the rest
+        protected = mod == TEXT
+        protected[S - w:] = True
+        n_prot = int(protected.sum())
+        k = max(1, min(view.n_keep, S))
+        if k >= n_prot:
+            s = scores.masked_fill(protected, float("inf"))
+            keep = keep_topk(s, k)                                                        # [R, k]
+        else:                                                                             # text alone exceeds the budget
+            keep = keep_topk(scores, k, protect_last=w)
+        if keep.shape[0] == 1:
+            keep = keep.expand(kvH, -1)
+
+        calib_out = 0
+        window_mask = torch.zeros(S, dtype=torch.bool, device=dev)
+        window_mask[S - w:] = True
+        keys_out, vals_out = [], []
+        for h in range(kvH):
+            kh = keep[h]
+            kept_mask = torch.zeros(S, dtype=torch.bool, device=dev)
+            kept_mask[kh] = True
+            if self.merge:
+                evicted = (~kept_mask & (vid | aud)).nonzero().flatten()
+                allowed = mod[evicted][:, None] == mod[kh][None, :]
+                Kh, Vh = merge_into_nearest(view.keys[h], view.values[h], kh, evicted, self.merge_mode, allowed)
+            else:
+                Kh, Vh = view.keys[h, kh], view.values[h, kh]
+            keys_out.append(Kh)
+            vals_out.append(Vh)
+        keys_out, vals_out = torch.stack(keys_out), torch.stack(vals_out)                # [kvH, k, D]
+
+        keep_col = torch.ones(keep.shape, dtype=torch.bool, device=dev)                   # [kvH, k]
+        if self.calibration and lo is not None:
+            km = mod[keep]                                                                # [kvH, k]
+            lo_m = ((km == lo) | ((km == IMAGE) & (lo == VIDEO))) & ~window_mask[keep]
+            hi_m = (km == hi) | ((km == IMAGE) & (hi == VIDEO))
+            kn = F.normalize(keys_out.float(), dim=-1)
+            # no kept high-priority token: nothing to align with, the low-priority tokens stay [ours]
+            if self.per_head:
+                for h in range(kvH):
+                    if bool(hi_m[h].any()) and bool(lo_m[h].any()):
+                        c = kn[h] @ kn[h][hi_m[h]].mean(0)                                # mean cosine to K_hi
+                        keep_col[h] &= ~(lo_m[h] & (c < self.tau))
+            elif bool(hi_m[0].any()):
+                # shared index set: per-head mean cosine, averaged over heads
+                c = torch.stack([kn[h] @ kn[h][hi_m[h]].mean(0) for h in range(kvH)]).mean(0)       # [k]
+                keep_col &= ~(lo_m[0] & (c < self.tau))[None, :]
+            calib_out = int((~keep_col).sum())                                           # summed over heads
+
+        if bool(keep_col.all()):
+            sel = Selection(indices=keep, keys=keys_out, values=vals_out)
+        else:
+            idx_list = [keep[h][keep_col[h]] for h in range(kvH)]
+            idx, valid = pad_ragged(idx_list)
+            # gather the surviving merged entries in the same (sorted) order as idx
+            K2, V2 = [], []
+            for h in range(kvH):
+                K2.append(_pad_rows(keys_out[h][keep_col[h]], idx.shape[1]))
+                V2.append(_pad_rows(vals_out[h][keep_col[h]], idx.shape[1]))
+            sel = Selection(indices=idx, keys=torch.stack(K2), values=torch.stack(V2), valid=valid)
+
+        counts = modality_counts(mod, sel.indices, sel.valid)
+        sel.info = {
+            "high_priority": None if hi is None else ("video" if hi == VIDEO else "audio"),
+            "w_video": round(wv, 6), "w_audio": round(wa, 6),
+            "kept_text": counts["text"], "kept_video": counts["video"] + counts["image"],
+            "kept_audio": counts["audio"], "calibration_evicted": calib_out,
+        }
+        return sel
+
+
+def _pad_rows(x: torch.Tensor, k: int) -> torch.Tensor:
+    """[n, D] → [k, D] repeating the last row (padding entries are masked out by ``valid``)."""
+    if x.shape[0] == k:
+        return x
+    return torch.cat([x, x[-1:].expand(k - x.shape[0], -1)], 0)

@@ -1,0 +1,397 @@
+"""PureKV (arXiv 2510.25600): cross-layer importance estimation (CLIE) + spatial-temporal sparse prefill attention.
+
+Specification: ``shared/design/methods.md`` §2. No code exists and the full text was not seen (abstract and four
+ICLR-2026 reviews only), so most details are our reconstruction; treat results as "PureKV (our reading)".
+
+From the paper [paper/2nd]:
+  * importance is computed only at a low *source* layer; higher (*target*) layers reuse it, re-weighted by their
+    own value norms: s^{l,h}_j = S^{src}_j · ‖v^{l,h}_j‖₂ ("V-weighted scoring"), so target layers need no
+    attention scores and run FlashAttention/SDPA;
+  * ST-SpAttn: spatial + temporal sparsity of video-token attention during prefill ("purified" video KV, faster
+    prefill).
+
+Our reading [ours] (each a field):
+  * ``source_layer=2`` feeds every deeper layer (``mapping='single'``); ``mapping='groups'`` uses groups of
+    ``group_size`` consecutive layers, each fed by its first layer;
+  * source score: window attention of the last ``window``=32 queries summed over the window, averaged over heads,
+    avg-pooled with kernel 5 (``clie_scope='window'``); ``clie_scope='all'`` uses accumulated attention over all
+    queries (chunked);
+  * layers up to and including a source layer select with their own window scores per KV head (plain SnapKV);
+  * ST-SpAttn pattern, for *video query tokens only* during prefill: a video token at (frame t, spatial p) sees
+    (a) every non-video token before it, (b) the tokens of its own frame (causal), (c) the tokens at spatial index
+    within ±``st_radius`` (0) in the previous ``st_frames`` frames (``None``: all). Other queries stay dense and
+    causal. Off in layers < ``st_dense_layers`` (2), so the source layer's scores stay comparable.
+
+ST-SpAttn needs the adapter's layout (``request['layout']['video_frame']``/``['video_spatial']``, -1 for non-video)
+and routes the decoder's attention through the registered ``avkv_st_spattn`` function: :meth:`PureKV.begin` sets
+it on the text config of ``request['adapter']`` (or ``request['model']``) for the sample and :meth:`PureKV.end`
+restores the previous implementation; vision/audio towers are never touched. Any other attention call (decode,
+later prefill chunks, dense layers) goes to that previous function unchanged. A missing layout, a missing model, or a prefill in which the function was never reached fails loudly.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from avkv.methods.base import (LayerView, Method, Selection, accumulated_scores, keep_topk, pool_scores, reduce_gqa,
+                               window_scores)
+
+ST_ATTENTION_NAME = "avkv_st_spattn"
+
+
+@dataclass
+class PureKV(Method):
+    """CLIE (source-layer scores × target-layer value norms) and ST-SpAttn during prefill.
+
+    Parameters
+    ----------
+    source_layer : int
+        The single source layer l_s (2) [ours]; layers ≤ l_s score themselves.
+    mapping : str
+        ``single`` (one source layer feeds all deeper layers) or ``groups`` (each block of ``group_size`` layers is
+        fed by its first layer) [ours].
+    group_size : int
+        Layers per group for ``mapping='groups'`` (4) [ours].
+    window : int
+        Observation window (last prompt positions; always kept) (32) [ours].
+    kernel : int
+        Avg-pooling kernel of the source scores (5) [ours].
+    pooling : str
+        ``avg`` (5) [ours] or ``max``.
+    clie_scope : str
+        ``window`` (window queries) [ours] or ``all`` (accumulated attention over all queries, chunked) [2nd].
+    chunk : int
+        Query rows per chunk for ``clie_scope='all'``.
+    st_spattn : bool
+        Spatial-temporal sparse attention for video queries during prefill [paper]; pattern [ours].
+    st_dense_layers : int
+        Layers 0 .. st_dense_layers-1 keep dense prefill attention (2) [ours].
+    st_radius : int
+        Temporal keys at spatial index within ±radius (0) [ours].
+    st_frames : int | None
+        Previous frames a video token sees at its spatial index (None = all previous) [ours].
+    """
+
+    name = "purekv"
+    source_layer: int = 2
+    mapping: str = "single"
+    group_size: int = 4
+    window: int = 32
+    kernel: int = 5
+    pooling: str = "avg"
+    clie_scope: str = "window"
+    chunk: int = 512
+    gqa: str = "mean"
+    st_spattn: bool = True
+    st_dense_layers: int = 2
+    st_radius: int = 0
+    st_frames: int | None = None
+
+    _ctx: Any = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.mapping not in ("single", "groups"):
+            raise ValueError(f"mapping must be 'single' or 'groups', got {self.mapping!r}")
+        if self.clie_scope not in ("window", "all"):
+            raise ValueError(f"clie_scope must be 'window' or 'all', got {self.clie_scope!r}")
+
+    # ------------------------------------------------------------------ CLIE
+    def source_of(self, layer: int) -> int | None:
+        """The source layer feeding ``layer``, or ``None`` when the layer scores itself."""
+        if self.mapping == "single":
+            return None if layer <= self.source_layer else self.source_layer
+        first = (layer // self.group_size) * self.group_size
+        return None if layer == first else first
+
+    def is_source(self, layer: int, num_layers: int) -> bool:
+        if self.mapping == "single":
+            return layer == self.source_layer
+        return layer % self.group_size == 0
+
+    def source_scores(self, view: LayerView) -> torch.Tensor:
+        """S^{src}_j [S]: head-averaged (window or all-query) attention, pooled."""
+        if self.clie_scope == "window":
+            s = window_scores(view, self.window, reduce="sum")                  # [H, S]
+        else:
+            s = accumulated_scores(view, self.chunk)
+        return pool_scores(s.mean(0, keepdim=True), self.kernel, self.pooling)[0]
+
+    def compress(self, view: LayerView) -> Selection:
+        l, S = view.layer_idx, view.seq_len
+        st = view.state.setdefault("purekv", {})
+        src = self.source_of(l)
+        if src is None:                                                           # a scoring layer: plain SnapKV
+            s = window_scores(view, self.window, reduce="sum")
+            own = reduce_gqa(pool_scores(s, self.kernel, self.pooling), view.num_kv_heads, self.gqa)
+            if self.is_source(l, view.num_layers):
+                st[l] = (S, self.source_scores(view) if self.clie_scope == "all" else
+                         pool_scores(s.mean(0, keepdim=True), self.kernel, self.pooling)[0])
+            idx = keep_topk(own, view.n_keep, protect_last=self.window)
+            info = {"clie": "self"}
+        else:                                                                     # a target layer: no attention at all
+            if src not in st:
+                raise RuntimeError(f"PureKV: layer {l} needs the scores of source layer {src}, which was not "
+                                   "compressed before it (compress every layer in order)")
+            n_src, s_src = st[src]
+            if n_src != S:
+                raise RuntimeError(f"PureKV: source layer {src} scored {n_src} positions, layer {l} holds {S}")
+            vnorm = view.value_norm_fn() if view.value_norm_fn is not None else \
+                torch.linalg.vector_norm(view.values.float(), dim=-1)             # [kvH, S]
+            score = s_src.to(vnorm.device)[None, :] * vnorm
+            idx = keep_topk(score, view.n_keep, protect_last=self.window)
+            info = {"clie": f"from_layer_{src}"}
+        ctx = self._ctx
+        if ctx is not None:
+            info["st_spattn"] = l in ctx.used_layers
+        return Selection(indices=idx, info=info)
+
+    # ------------------------------------------------------------------ ST-SpAttn lifecycle
+    def begin(self, request: dict) -> None:
+        self._ctx = None
+        if not self.st_spattn:
+            return
+        layout = request.get("layout") or {}
+        if "video_frame" not in layout or "video_spatial" not in layout:
+            raise ValueError("PureKV with st_spattn=True needs the adapter's video layout: request['layout'] must "
+                             "hold 'video_frame' and 'video_spatial' (LongTensor[n], -1 for non-video); set "
+                             "st_spattn=false to run CLIE alone")
+        frame = torch.as_tensor(layout["video_frame"]).long().flatten()
+        spatial = torch.as_tensor(layout["video_spatial"]).long().flatten()
+        model = request.get("model")
+        if model is None:
+            raise ValueError("PureKV with st_spattn=True needs request['model'] to route prefill attention "
+                             f"through the registered '{ST_ATTENTION_NAME}' function")
+        adapter = request.get("adapter")
+        cfg = adapter.text_config() if adapter is not None else _text_config(model)
+        prev = cfg._attn_implementation or "eager"
+        register_st_attention(prev)
+        n_layers = len(request.get("layers") or []) or None
+        ctx = _STContext(frame=frame, spatial=spatial, dense_layers=self.st_dense_layers, radius=self.st_radius,
+                         max_prev=self.st_frames, prev_impl=prev, base=_resolve(prev), config=cfg,
+                         expected=bool((frame >= 0).any()) and (n_layers is None or n_layers > self.st_dense_layers))
+        cfg._attn_implementation = ST_ATTENTION_NAME          # decoder layers only; vision/audio towers untouched
+        _ACTIVE.ctx = ctx
+        self._ctx = ctx
+
+    def end(self) -> None:
+        ctx, self._ctx = self._ctx, None
+        if ctx is None:
+            return
+        _ACTIVE.ctx = None
+        ctx.config._attn_implementation = ctx.prev_impl
+        if ctx.expected and ctx.calls == 0:
+            raise RuntimeError("PureKV: ST-SpAttn was on for a prompt with video but the model never called the "
+                               f"'{ST_ATTENTION_NAME}' attention function during prefill")
+
+
+# ---------------------------------------------------------------------------------------- ST-SpAttn kernel
+def st_allowed_mask(frame: torch.Tensor, spatial: torch.Tensor, radius: int = 0,
+                    max_prev: int | None = None) -> torch.Tensor:
+    """The ST-SpAttn pattern as a dense boolean [n, n] mask (True = may attend). For references and small inputs."""
+    n = frame.numel()
+    pos = torch.arange(n)
+    causal = pos[None, :] <= pos[:, None]
+    isv = frame >= 0
+    fq, fk = frame[:, None], frame[None, :]
+    same_frame = (fq == fk) & isv[:, None] & isv[None, :]
+    dt = fq - fk
+    temporal = isv[:, None] & isv[None, :] & (dt > 0) & ((spatial[:, None] - spatial[None, :]).abs() <= radius)
+    if max_prev is not None:
+        temporal &= dt <= max_prev
+    video_row = (~isv[None, :]) | same_frame | temporal
+    allowed = torch.where(isv[:, None], video_row, torch.ones_like(causal))
+    return allowed & causal
+
+
+def _attend_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float,
+                fused: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention with an additive bias that also returns the row log-sum-exp: q [B, H, L, D], k/v [B, H, S, D],
+    bias [B, 1, L, S] → (out [B, H, L, D], lse [B, H, L] fp32).
+
+    On CPU the fused flash kernel behind SDPA returns the log-sum-exp itself
+    (``aten._scaled_dot_product_flash_attention_for_cpu``); elsewhere, or when ``fused=False``, it is computed
+    explicitly (fp32 logits). Both paths are tested equal.
+    """
+    if fused and q.device.type == "cpu":
+        op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+        if op is not None:
+            out, lse = op(q, k, v, 0.0, False, attn_mask=bias.to(q.dtype), scale=scale)
+            return out, lse.float()
+    logits = torch.matmul(q, k.transpose(-1, -2)).float().mul_(scale).add_(bias.float())
+    lse = logits.logsumexp(-1)
+    out = torch.matmul((logits - lse[..., None]).exp_().to(v.dtype), v)
+    return out, lse
+
+
+def st_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, frame: torch.Tensor,
+                        spatial: torch.Tensor, scaling: float, radius: int = 0, max_prev: int | None = None,
+                        max_elems: int = 1 << 27, fused: bool = True) -> torch.Tensor:
+    """Prefill attention with the ST-SpAttn pattern, computed sparsely: [H, n, D] queries, [kvH, n, D] keys.
+
+    * non-video query rows: dense causal SDPA;
+    * video query rows, block A (batched over frames): the non-video keys before them and their own frame's keys
+      (causal) — one SDPA call per chunk of frames, which also yields each row's log-sum-exp;
+    * video query rows, block B: the keys at the same spatial index (± radius) in earlier frames, gathered per
+      query (T·(2r+1) keys each) and computed explicitly;
+    * A and B are merged exactly through their log-sum-exps (one softmax over the union of the two key sets).
+
+    Cost for T frames of P tokens and M other tokens: O(T·P·(M+P) + T²·P·(2r+1)) instead of O((T·P + M)²).
+    Equals dense SDPA with :func:`st_allowed_mask` (tested).
+    """
+    H, n, D = q.shape
+    G = H // k.shape[0]
+    dev = q.device
+    frame, spatial = frame[:n].to(dev), spatial[:n].to(dev)
+    isv = frame >= 0
+    if not bool(isv.any()):
+        return F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, scale=scaling,
+                                              enable_gqa=G > 1)[0]
+    out = torch.empty_like(q)
+    pos = torch.arange(n, device=dev)
+    nv = (~isv).nonzero().flatten()                                       # non-video positions (M)
+    if nv.numel():
+        mask = pos[None, :] <= nv[:, None]
+        out[:, nv] = F.scaled_dot_product_attention(q[None, :, nv], k[None], v[None], attn_mask=mask[None, None],
+                                                    scale=scaling, enable_gqa=G > 1)[0]
+
+    # grid of video positions: [T, P] (frame × spatial index), -1 where a (frame, spatial) pair is absent
+    frames = torch.unique(frame[isv])                                     # sorted frame ids
+    T = frames.numel()
+    vpos = isv.nonzero().flatten()
+    t_of, sp = torch.searchsorted(frames, frame[vpos]), spatial[vpos]
+    if bool((sp < 0).any()):
+        raise ValueError("ST-SpAttn: video positions need a spatial index >= 0")
+    P = int(sp.max()) + 1
+    grid = torch.full((T, P), -1, dtype=torch.long, device=dev)
+    grid[t_of, sp] = vpos
+    if int((grid >= 0).sum()) != vpos.numel():
+        raise ValueError("ST-SpAttn: two video positions share one (frame, spatial) index")
+    valid = grid >= 0
+    gpos = grid.clamp_min(0)
+    last_q = torch.where(valid, grid, torch.full_like(grid, -1)).amax(1)  # last video position of each frame
+
+    kvH = k.shape[0]
+    qg = q.view(kvH, G, n, D)                                             # query heads grouped by KV head (GQA)
+    offsets = torch.arange(-radius, radius + 1, device=dev)
+    O = offsets.numel()
+    cols = torch.arange(P, device=dev)[:, None] + offsets[None, :]       # [P, O] spatial neighbours
+    col_ok = (cols >= 0) & (cols < P)
+    cols = cols.clamp(0, P - 1)
+    kpB = gpos[:, cols].permute(1, 2, 0).reshape(P, O * T)                # [P, O*T] key positions per spatial p
+    okB = (valid[:, cols] & col_ok[None]).permute(1, 2, 0).reshape(P, O * T)
+    tsB = torch.arange(T, device=dev).repeat(O)                           # frame of each temporal key slot
+    kB_all, vB_all = k[:, kpB], v[:, kpB]                                 # [kvH, P, O*T, D]
+    per_frame = H * P * (nv.numel() + P + O * T)
+    fpc = max(1, int(max_elems // max(1, per_frame)))                     # frames per chunk (memory bound)
+    for t0 in range(0, T, fpc):
+        t1 = min(T, t0 + fpc)
+        tt = t1 - t0
+        qpos = gpos[t0:t1]                                                # [tt, P]
+        vq = valid[t0:t1]
+        nvc = nv[nv < int(last_q[t0:t1].max())]                            # non-video keys some query here can see
+        M = nvc.numel()
+        qv = qg[:, :, qpos]                                               # [kvH, G, tt, P, D]
+        # block A: per frame, the G·P queries of a KV group over [M non-video + P own-frame] keys, causal bias
+        kidx = torch.cat([nvc[None].expand(tt, -1), qpos], 1)             # [tt, M+P]
+        qa = qv.permute(2, 0, 1, 3, 4).reshape(tt, kvH, G * P, D)
+        ka, va = k[:, kidx].transpose(0, 1), v[:, kidx].transpose(0, 1)   # [tt, kvH, M+P, D]
+        allowA = (kidx[:, None, :] <= qpos[:, :, None]) & torch.cat(
+            [torch.ones(tt, 1, M, dtype=torch.bool, device=dev), vq[:, None, :]], 2)
+        allowA |= ~vq[:, :, None]                                         # padded query rows: anything (discarded)
+        biasA = torch.zeros(allowA.shape, dtype=torch.float32, device=dev).masked_fill_(~allowA, float("-inf"))
+        biasA = biasA[:, None].expand(tt, G, P, M + P).reshape(tt, 1, G * P, M + P)
+        oA, lseA = _attend_lse(qa, ka, va, biasA, scaling, fused)         # [tt, kvH, G*P, D], [tt, kvH, G*P]
+        oA = oA.view(tt, kvH, G, P, D).permute(1, 2, 0, 3, 4)             # [kvH, G, tt, P, D]
+        lseA = lseA.view(tt, kvH, G, P).permute(1, 2, 0, 3)               # [kvH, G, tt, P]
+        # block B: same spatial index (± radius) in earlier frames
+        tq = torch.arange(t0, t1, device=dev)[:, None, None]
+        okb = okB[None] & (tsB[None, None, :] < tq) & vq[:, :, None]      # [tt, P, O*T]
+        if max_prev is not None:
+            okb &= (tq - tsB[None, None, :]) <= max_prev
+        lB = torch.einsum("kgtpd,kpsd->kgtps", qv, kB_all).float().mul_(scaling)      # [kvH, G, tt, P, O*T]
+        lB = lB.masked_fill_(~okb, float("-inf"))
+        lseB = lB.logsumexp(-1)                                           # -inf where no temporal key
+        # merge exactly: out = (e^{lseA}·oA + Σ_B e^{l}·v) / (e^{lseA} + e^{lseB})
+        lse = torch.logaddexp(lseA, lseB)
+        wA = (lseA - lse).exp_()[..., None].to(q.dtype)
+        pB = (lB - lse[..., None]).exp_().to(q.dtype)                     # normalised by the joint lse
+        o = (wA * oA + torch.einsum("kgtps,kpsd->kgtpd", pB, vB_all)).reshape(H, tt, P, D)
+        out[:, qpos[vq]] = o[:, vq]
+    return out
+
+
+# ---------------------------------------------------------------------------------- registered attention
+@dataclass
+class _STContext:
+    frame: torch.Tensor
+    spatial: torch.Tensor
+    dense_layers: int
+    radius: int
+    max_prev: int | None
+    prev_impl: str
+    base: Callable
+    config: Any
+    expected: bool = True          # a prompt with video and at least one sparse layer: the function must be reached
+    calls: int = 0
+    used_layers: set = field(default_factory=set)
+
+
+class _Active(threading.local):
+    ctx: _STContext | None = None
+
+
+_ACTIVE = _Active()
+
+
+def _text_config(model) -> Any:
+    cfg = model.config
+    cfg = getattr(cfg, "thinker_config", cfg)
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+def _resolve(impl: str) -> Callable:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    if impl == "eager":
+        from transformers.models.qwen2.modeling_qwen2 import eager_attention_forward
+        return eager_attention_forward
+    if impl == ST_ATTENTION_NAME:
+        raise RuntimeError("PureKV: ST-SpAttn is already active on this model (nested begin without end)")
+    return ALL_ATTENTION_FUNCTIONS[impl]
+
+
+def st_spattn_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Attention function registered as ``avkv_st_spattn`` (transformers ``AttentionInterface`` signature).
+
+    Applies ST-SpAttn to the first prefill chunk of causal decoder layers ≥ ``st_dense_layers`` while a PureKV
+    sample is active; everything else goes to the implementation the model used before.
+    """
+    ctx = _ACTIVE.ctx
+    if ctx is None:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+        return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, scaling=scaling,
+                                               dropout=dropout, **kwargs)
+    layer = getattr(module, "layer_idx", None)
+    q_len, k_len = query.shape[2], key.shape[2]
+    if (not getattr(module, "is_causal", False) or layer is None or layer < ctx.dense_layers or query.shape[0] != 1
+            or q_len != k_len or q_len <= 1 or q_len > ctx.frame.numel() or not bool((ctx.frame[:q_len] >= 0).any())):
+        return ctx.base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    sc = scaling if scaling is not None else query.shape[-1] ** -0.5
+    out = st_sparse_attention(query[0], key[0], value[0], ctx.frame[:q_len], ctx.spatial[:q_len], sc,
+                              ctx.radius, ctx.max_prev)
+    ctx.calls += 1
+    ctx.used_layers.add(int(layer))
+    return out.transpose(0, 1).unsqueeze(0).contiguous(), None
+
+
+def register_st_attention(base_impl: str = "sdpa") -> str:
+    """Register ``avkv_st_spattn`` (attention + the mask function of ``base_impl``) with transformers."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    AttentionInterface.register(ST_ATTENTION_NAME, st_spattn_attention)
+    mask_impl = base_impl if base_impl in ALL_MASK_ATTENTION_FUNCTIONS else "sdpa"
+    AttentionMaskInterface.register(ST_ATTENTION_NAME, ALL_MASK_ATTENTION_FUNCTIONS[mask_impl])
+    return ST_ATTENTION_NAME
