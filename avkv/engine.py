@@ -377,10 +377,7 @@ class Engine:
         if n_keep < 1 and compress:
             raise CompressionError(f"budget keeps {target} of {n} prompt entries, fewer than the {n - s} "
                                    f"uncompressed entries after the split (compress_at={self.compress_at})")
-        mm = {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in enc.inputs.items() if k != "input_ids"}
-        for k, v in mm.items():
-            if torch.is_tensor(v) and v.is_floating_point():
-                mm[k] = v.to(adapter.dtype)
+        mm = adapter.media_inputs(enc)
         pos = adapter.prompt_position_ids(enc).to(dev)
         from transformers import DynamicCache
         cache = DynamicCache(config=adapter.text_config())

@@ -133,10 +133,7 @@ def score_sample(adapter, sample: dict, counter: HeadHitCounter, delta: float, t
     ref_words = [r[0] for r in ref]
     spans = [word_audio_span(a, b, delta, n_audio) for _, a, b, _ in ref]
 
-    mm = {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in enc.inputs.items() if k != "input_ids"}
-    for k, v in mm.items():
-        if torch.is_tensor(v) and v.is_floating_point():
-            mm[k] = v.to(adapter.dtype)
+    mm = adapter.media_inputs(enc)
     pos = adapter.prompt_position_ids(enc).to(dev)
     cache = DynamicCache(config=adapter.text_config())
     model = adapter.model

@@ -82,6 +82,20 @@ class ModelAdapter:
         kwargs.update(input_ids=enc.input_ids, attention_mask=torch.ones_like(enc.input_ids))
         return self.model._prepare_position_ids_for_generation(enc.input_ids, kwargs)
 
+    def media_inputs(self, enc: Encoded) -> dict:
+        """The processor outputs other than ``input_ids`` (pixel values, audio features, grids), on the model's
+        device, floating tensors in the model's dtype: the extra kwargs of the prefill forward."""
+        out = {}
+        for k, v in enc.inputs.items():
+            if k == "input_ids":
+                continue
+            if torch.is_tensor(v):
+                v = v.to(self.device)
+                if v.is_floating_point():
+                    v = v.to(self.dtype)
+            out[k] = v
+        return out
+
     def continue_position_ids(self, prompt_pos: torch.Tensor, start: int, length: int) -> torch.Tensor:
         """Position ids for logical positions start..start+length-1 after the prompt (decode / suffix chunks)."""
         n = prompt_pos.shape[-1]
