@@ -49,14 +49,10 @@ def load_adapter(cfg: DictConfig):
 
 
 def _group_name(cfg: DictConfig, group: str) -> str:
-    """A config group's entry name: its ``name`` key, else Hydra's choice, else the target class."""
+    """A config group entry's name: its ``name`` key, else the target class (never global Hydra state, so the
+    same config gets the same name inside a Hydra app and in ``compose``)."""
     if cfg[group].get("name"):
         return str(cfg[group].name)
-    from hydra.core.hydra_config import HydraConfig
-    if HydraConfig.initialized():
-        choice = HydraConfig.get().runtime.choices.get(group)
-        if choice:
-            return str(choice)
     return str(cfg[group].get("_target_", group)).rsplit(".", 1)[-1].lower()
 
 
@@ -81,9 +77,9 @@ def shard_docs(docs: list, shard: int = 0, num_shards: int = 1) -> list:
 def identity(cfg: DictConfig, method=None) -> tuple[dict, str, Path]:
     """(resolved config, config hash, run directory) of an experiment; one rule for ``run`` and ``avkv missing``."""
     res = resolved(cfg)
-    h = config_hash(res)
     method = method if method is not None else instantiate(cfg.method)
     res["method_name"] = getattr(method, "name", res["method_name"])
+    h = config_hash(res)
     run_dir = Path(cfg.run_dir) if cfg.get("run_dir") else Path(cfg.paths.runs) / run_name(res, h)
     return res, h, run_dir
 
