@@ -66,7 +66,11 @@ class QwenAdapter(ModelAdapter):
                    media_io.load(m, num_frames=self.num_frames, fps=self.fps, max_audio_s=self.max_audio_s,
                                  want_audio="audio" in self.modalities)
                    for m in prompt.context]
-        media_s = time.perf_counter() - t0
+        return self.encode_decoded(prompt, decoded, media_s=time.perf_counter() - t0)
+
+    def encode_decoded(self, prompt: Prompt, decoded: list[dict | None], media_s: float = 0.0) -> Encoded:
+        """:meth:`encode` on media already decoded (``media_io.load``'s dicts, None for text pieces); the
+        proxy training stream feeds generated arrays through here, the same path as evaluation."""
         messages, media = self._messages(prompt, decoded)
         text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         inputs = dict(self.processor(text=[text], return_tensors="pt", **self._processor_kwargs(media)))
