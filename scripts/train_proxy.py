@@ -82,7 +82,8 @@ class Stream(torch.utils.data.IterableDataset):
         tok = adapter.tokenizer
         letters = [tok.convert_tokens_to_ids(c) for c in "ABCD"]
         eos = tok.convert_tokens_to_ids("<|im_end|>")
-        rng = np.random.default_rng([self.seed, list(tasks.SPECS).index(self.name)])
+        info = torch.utils.data.get_worker_info()          # each data worker draws its own items
+        rng = np.random.default_rng([self.seed, list(tasks.SPECS).index(self.name), info.id if info else 0])
         k = 0
         while True:
             qtype = p.spec.types[k % len(p.spec.types)]
@@ -104,6 +105,8 @@ def held_out_accuracy(name: str, ckpt: Path, fixtures: Path, run_dir: Path, thre
     from avkv.experiment import run
     from avkv.tasks import fixtures as fx
     fx.build(fixtures, only=[f"proxy_{name}"])
+    if run_dir.exists():               # never resume: the weights changed since the last evaluation
+        shutil.rmtree(run_dir)
     cfg = compose([f"model=proxy_{name}", f"model.path={ckpt}", f"dataset=proxy_{name}",
                    f"paths.fixtures={fixtures}", "method=full", "budget=1.0", f"run_dir={run_dir}",
                    "progress=false", f"threads={threads}"])
@@ -141,7 +144,9 @@ def main() -> None:
                     help="share of batches made of shorter clips (avkv.tasks.fixtures.proxy.SHORT): cheaper steps")
     ap.add_argument("--seed", type=int, default=0, help="weight init seed")
     ap.add_argument("--data-seed", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads; 1 is fastest for these tiny models (and far faster on a loaded machine)")
+    ap.add_argument("--workers", type=int, default=2, help="data worker processes (one thread each)")
     ap.add_argument("--converged-steps", type=int, default=8,
                     help="stop early when every type was 100%% right on its last N batches")
     ap.add_argument("--out", type=Path, default=None, help="checkpoint folder (default: the committed one)")
@@ -183,7 +188,7 @@ def main() -> None:
     model = adapter.model
     n_params = sum(x.numel() for x in model.parameters())
     dl = torch.utils.data.DataLoader(Stream(args.proxy, init_dir, args.batch, args.data_seed, args.short_frac), batch_size=None,
-                                     num_workers=1, prefetch_factor=4)
+                                     num_workers=args.workers, prefetch_factor=4)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     model.train()
     budget = args.minutes * 60
@@ -205,7 +210,8 @@ def main() -> None:
         lr = args.lr * min(1.0, (step + 1) / args.warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, el / budget))))
         for g in opt.param_groups:
             g["lr"] = lr
-        logits = model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=3, **inputs).logits
+        # Qwen2-Audio and the Omni thinker ignore logits_to_keep (all positions come back): index from the end
+        logits = model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=3, **inputs).logits[:, -3:]
         loss = (torch.nn.functional.cross_entropy(logits[:, 0], answer)
                 + torch.nn.functional.cross_entropy(logits[:, 1], torch.full_like(answer, eos)))
         opt.zero_grad(set_to_none=True)
@@ -227,7 +233,11 @@ def main() -> None:
             save(model, adapter, work / "ckpt")
             (work / "ckpt" / "PROGRESS.json").write_text(json.dumps(     # lets --init-from continue the record
                 {"proxy": args.proxy, "steps": step, "batch": args.batch, "train_s": round(time.time() - t0, 1),
-                 "lr": args.lr, "short_frac": args.short_frac, "data_seed": args.data_seed, "log": log}, indent=1))
+                 "lr": args.lr, "short_frac": args.short_frac, "data_seed": args.data_seed, "log": log,
+                 **({"phases": (previous.get("phases", []) + [{k: v for k, v in previous.items() if k != "phases"}]),
+                     "steps_total": step + previous.get("steps_total", previous["steps"]),
+                     "train_s_total": round(time.time() - t0 + previous.get("train_s_total", previous["train_s"]), 1)}
+                    if previous else {})}, indent=1))
             last_save = time.time()
         if (len(recent) == len(p.spec.types) and all(len(d) == d.maxlen and min(d) == 1.0 for d in recent.values())):
             stop = f"converged (every type 100% on its last {args.converged_steps} batches)"

@@ -44,7 +44,6 @@ def test_checkpoint_loads_and_reaches_its_recorded_accuracy(proxy, tmp_path):
     s = _run(tmp_path, proxy, "full", 1.0, SLICE)
     assert s["n"] == SLICE and s["n_failed"] == 0
     assert s["score"] >= rec["held_out"]["slice"]["accuracy"] - TOLERANCE - 1e-9, (s["score"], rec["held_out"])
-    assert s["score"] >= 0.9
     from avkv.experiment import load_adapter
     adapter = load_adapter(compose([f"model=proxy_{proxy}"]))
     assert type(adapter.model) is getattr(transformers, rec["class"])       # the real transformers class
