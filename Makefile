@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 CACHE  := .cache
 
-.PHONY: venv setup assets run test clean apt
+.PHONY: venv setup assets run test clean apt proxies proxy-table
 
 $(STAMP): requirements/cpu.lock.txt pyproject.toml
 	@test -x $(PY) || $(PY_SYS) -m venv $(VENV)
@@ -37,6 +37,13 @@ run: setup
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Retrain the committed proxy checkpoints (CPU, minutes each) and regenerate their reference table.
+proxies: setup
+	for p in video audio av; do nice -n 5 $(PY) scripts/train_proxy.py --proxy $$p || exit 1; done
+
+proxy-table: setup
+	$(PY) scripts/proxy_table.py $(ARGS)
 
 clean:
 	rm -rf $(CACHE) outputs multirun runs

@@ -124,7 +124,8 @@ def test_unknown_names_list_the_available_ones():
 
 
 def test_missing_checkpoint_names_path_and_script(tmp_path):
-    p = _run_py(f"model.path={tmp_path}/absent", "dataset.limit=1", f"paths.runs={tmp_path}", "progress=false")
+    p = _run_py("model=tiny_qwen2_5_omni", f"model.path={tmp_path}/absent", "dataset.limit=1", f"paths.runs={tmp_path}",
+                "progress=false")
     assert p.returncode != 0
     assert f"{tmp_path}/absent" in p.stderr and "make_tiny_models.py" in p.stderr
 

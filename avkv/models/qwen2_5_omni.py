@@ -60,8 +60,8 @@ class Qwen25OmniAdapter(QwenAdapter):
             kw.update(load_audio_from_video=True, audio_from_video_indices=slots)
         return kw
 
-    def encode(self, prompt: Prompt):
-        enc = super().encode(prompt)
+    def encode_decoded(self, prompt: Prompt, decoded: list, media_s: float = 0.0):
+        enc = super().encode_decoded(prompt, decoded, media_s)
         if "video_second_per_grid" in enc.inputs and "audio" in enc.modalities_used and self.use_audio_in_video:
             enc.inputs["use_audio_in_video"] = True
         return enc
@@ -79,24 +79,32 @@ def load_processor(path: Path, trust_remote_code: bool = False, **kwargs):
                                 chat_template=(Path(path) / "chat_template.jinja").read_text())
 
 
-def build_tiny(out_dir: str | Path, seed: int = 0) -> None:
-    """Tiny random Omni thinker: 2 text layers (hidden 64, 4 heads / 2 KV heads), small vision and audio towers."""
+def build_tiny(out_dir: str | Path, seed: int = 0, hidden: int = 64, vision_hidden: int = 32, vision_depth: int = 2, audio_hidden: int = 32,
+               texts: list[str] | None = None, min_pixels: int = 56 * 56, max_pixels: int = 112 * 112,
+               chunk_s: int = 30) -> None:
+    """Tiny random Omni thinker: 2 text layers (hidden 64, 4 heads / 2 KV heads), small vision and audio towers.
+
+    The sizes, the tokenizer's extra corpus (``texts``), the video pixel range and the audio chunk are
+    parameters so the trained proxies (``avkv/models/proxy.py``) start from the same builder.
+    """
     from transformers import (Qwen2_5OmniProcessor, Qwen2_5OmniThinkerConfig,
                               Qwen2_5OmniThinkerForConditionalGeneration, Qwen2VLImageProcessorPil,
                               WhisperFeatureExtractor)
     from avkv.models.tiny import OMNI_TOKEN_ATTRS, atomic_dir, chat_template, hf_tokenizer, mrope_section
     torch.manual_seed(seed)
     template = chat_template("qwen2_5_omni")
-    tok = hf_tokenizer(template, extra_special_tokens=OMNI_TOKEN_ATTRS)
+    tok = hf_tokenizer(template, extra_special_tokens=OMNI_TOKEN_ATTRS, texts=texts)
     t = tok.convert_tokens_to_ids
     cfg = Qwen2_5OmniThinkerConfig(
-        audio_config=dict(num_mel_bins=128, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64,
-                          d_model=32, max_source_positions=1500, n_window=50, output_dim=64),
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-                           fullatt_block_indexes=[1], window_size=56),
-        text_config=dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        audio_config=dict(num_mel_bins=128, encoder_layers=2, encoder_attention_heads=2,
+                          encoder_ffn_dim=2 * audio_hidden, d_model=audio_hidden, max_source_positions=1500,
+                          n_window=50, output_dim=hidden),
+        vision_config=dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_heads=2,
+                           out_hidden_size=hidden, fullatt_block_indexes=[vision_depth - 1], window_size=56),
+        text_config=dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": mrope_section(16)},
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                                          "mrope_section": mrope_section(hidden // 4)},
                          bos_token_id=t("<|endoftext|>"), eos_token_id=t("<|im_end|>"), pad_token_id=t("<|endoftext|>")),
         audio_token_index=t("<|AUDIO|>"), image_token_index=t("<|IMAGE|>"), video_token_index=t("<|VIDEO|>"),
         audio_start_token_id=t("<|audio_bos|>"), audio_end_token_id=t("<|audio_eos|>"),
@@ -104,10 +112,10 @@ def build_tiny(out_dir: str | Path, seed: int = 0) -> None:
         vision_start_token_id=t("<|vision_bos|>"), vision_end_token_id=t("<|vision_eos|>"))
     model = Qwen2_5OmniThinkerForConditionalGeneration(cfg).eval()
     model.generation_config.eos_token_id = t("<|im_end|>")
-    pix = dict(min_pixels=56 * 56, max_pixels=112 * 112)
+    pix = dict(min_pixels=min_pixels, max_pixels=max_pixels)
     proc = Qwen2_5OmniProcessor(image_processor=Qwen2VLImageProcessorPil(**pix), video_processor=TorchQwenVideoProcessor(**pix),
                                 feature_extractor=WhisperFeatureExtractor(feature_size=128, sampling_rate=16000,
-                                                                          chunk_length=30),
+                                                                          chunk_length=chunk_s),
                                 tokenizer=tok, chat_template=template)
     with atomic_dir(out_dir) as d:
         model.save_pretrained(d)

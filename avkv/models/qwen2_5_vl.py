@@ -41,27 +41,32 @@ def load_processor(path: Path, trust_remote_code: bool = False, **kwargs):
                                chat_template=(Path(path) / "chat_template.jinja").read_text())
 
 
-def build_tiny(out_dir: str | Path, seed: int = 0) -> None:
-    """Tiny random Qwen2.5-VL: 2 text layers (hidden 64, 4 heads / 2 KV heads), 2-block vision tower."""
+def build_tiny(out_dir: str | Path, seed: int = 0, hidden: int = 64, vision_hidden: int = 32, vision_depth: int = 2,
+               texts: list[str] | None = None, min_pixels: int = 56 * 56, max_pixels: int = 112 * 112) -> None:
+    """Tiny random Qwen2.5-VL: 2 text layers (hidden 64, 4 heads / 2 KV heads), 2-block vision tower.
+
+    Sizes, the tokenizer's extra corpus and the pixel range are parameters (the trained proxies use them)."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, \
         Qwen2VLImageProcessorPil
     from avkv.models.tiny import atomic_dir, chat_template, hf_tokenizer, mrope_section
     torch.manual_seed(seed)
     template = chat_template("qwen2_5_vl")
-    tok = hf_tokenizer(template)
+    tok = hf_tokenizer(template, texts=texts)
     t = tok.convert_tokens_to_ids
     cfg = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        text_config=dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": mrope_section(16)},
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                                          "mrope_section": mrope_section(hidden // 4)},
                          bos_token_id=t("<|endoftext|>"), eos_token_id=t("<|im_end|>"), pad_token_id=t("<|endoftext|>")),
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-                           window_size=56, fullatt_block_indexes=[1], tokens_per_second=2),
+        vision_config=dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_heads=2,
+                           out_hidden_size=hidden,
+                           window_size=56, fullatt_block_indexes=[vision_depth - 1], tokens_per_second=2),
         image_token_id=t("<|image_pad|>"), video_token_id=t("<|video_pad|>"),
         vision_start_token_id=t("<|vision_start|>"), vision_end_token_id=t("<|vision_end|>"))
     model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
     model.generation_config.eos_token_id = t("<|im_end|>")
-    pix = dict(min_pixels=56 * 56, max_pixels=112 * 112)
+    pix = dict(min_pixels=min_pixels, max_pixels=max_pixels)
     proc = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessorPil(**pix), tokenizer=tok,
                                video_processor=TorchQwenVideoProcessor(**pix), chat_template=template)
     with atomic_dir(out_dir) as d:

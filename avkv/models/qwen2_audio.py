@@ -28,24 +28,25 @@ class Qwen2AudioAdapter(QwenAdapter):
         return [{"type": "audio"}]
 
 
-def build_tiny(out_dir: str | Path, seed: int = 0) -> None:
+def build_tiny(out_dir: str | Path, seed: int = 0, hidden: int = 64, audio_hidden: int = 32,
+               texts: list[str] | None = None, chunk_s: int = 5) -> None:
     """Tiny random Qwen2-Audio: 2-layer Qwen2 decoder (hidden 64, 4 heads / 2 KV heads), 2-layer audio encoder.
 
-    The feature extractor's chunk is 5 s (the real model: 30 s), which keeps CPU tests fast.
+    The feature extractor's chunk is 5 s (the real model: 30 s), which keeps CPU tests fast. Sizes, the
+    tokenizer's extra corpus and the chunk are parameters (the trained proxies use them).
     """
     from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor, \
         WhisperFeatureExtractor
     from avkv.models.tiny import atomic_dir, chat_template, hf_tokenizer
     torch.manual_seed(seed)
     template = chat_template("qwen2_audio")
-    tok = hf_tokenizer(template)
+    tok = hf_tokenizer(template, texts=texts)
     t = tok.convert_tokens_to_ids
-    chunk_s = 5
     cfg = Qwen2AudioConfig(
         audio_config=dict(model_type="qwen2_audio_encoder", num_mel_bins=128, encoder_layers=2,
-                          encoder_attention_heads=2, encoder_ffn_dim=64, d_model=32,
+                          encoder_attention_heads=2, encoder_ffn_dim=2 * audio_hidden, d_model=audio_hidden,
                           max_source_positions=chunk_s * 100 // 2),
-        text_config=dict(model_type="qwen2", vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+        text_config=dict(model_type="qwen2", vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=4096, bos_token_id=t("<|endoftext|>"),
                          eos_token_id=t("<|im_end|>"), pad_token_id=t("<|endoftext|>")),

@@ -75,7 +75,11 @@ class QwenAdapter(ModelAdapter):
                    media_io.load(m, num_frames=self.num_frames, fps=self.fps, max_audio_s=self.max_audio_s,
                                  want_audio="audio" in self.modalities)
                    for m in prompt.context]
-        media_s = time.perf_counter() - t0
+        return self.encode_decoded(prompt, decoded, media_s=time.perf_counter() - t0)
+
+    def encode_decoded(self, prompt: Prompt, decoded: list[dict | None], media_s: float = 0.0) -> Encoded:
+        """:meth:`encode` on media already decoded (``media_io.load``'s dicts, None for text pieces); the
+        proxy training stream feeds generated arrays through here, the same path as evaluation."""
         self._notes: list[str] = []
         messages, media = self._messages(prompt, decoded)
         text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

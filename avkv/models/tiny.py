@@ -40,8 +40,12 @@ _WORDS = ("the a an is are what which how many colour color shape square circle 
           "and or it this that there you your please think about clip shown A B C D E").split()
 
 
-def train_tokenizer(vocab_size: int = 640, seed: int = 0, extra_specials: list[str] | None = None):
-    """Train a byte-level BPE tokenizer offline (seconds) and wrap it as a transformers fast tokenizer."""
+def train_tokenizer(vocab_size: int = 640, seed: int = 0, extra_specials: list[str] | None = None,
+                    texts: list[str] | None = None):
+    """Train a byte-level BPE tokenizer offline (seconds) and wrap it as a transformers fast tokenizer.
+
+    ``texts`` are added to the corpus (200 times each), so the words a trained proxy reads become few tokens.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     rng = random.Random(seed)
 
@@ -49,6 +53,9 @@ def train_tokenizer(vocab_size: int = 640, seed: int = 0, extra_specials: list[s
         for _ in range(4000):
             yield " ".join(rng.choice(_WORDS) for _ in range(rng.randint(3, 14))) + rng.choice([".", "?", "!", ":"])
         yield "system user assistant You are a helpful assistant. Audio 1: Picture Video (A) (B) (C) (D)\n"
+        for t in texts or ():
+            for _ in range(200):
+                yield t
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -60,9 +67,10 @@ def train_tokenizer(vocab_size: int = 640, seed: int = 0, extra_specials: list[s
     return tok
 
 
-def hf_tokenizer(chat_template: str, extra_special_tokens: dict | None = None, vocab_size: int = 640):
+def hf_tokenizer(chat_template: str, extra_special_tokens: dict | None = None, vocab_size: int = 640,
+                 texts: list[str] | None = None):
     from transformers import PreTrainedTokenizerFast
-    return PreTrainedTokenizerFast(tokenizer_object=train_tokenizer(vocab_size), eos_token="<|im_end|>",
+    return PreTrainedTokenizerFast(tokenizer_object=train_tokenizer(vocab_size, texts=texts), eos_token="<|im_end|>",
                                    pad_token="<|endoftext|>", chat_template=chat_template,
                                    extra_special_tokens=extra_special_tokens or {})
 

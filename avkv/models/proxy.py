@@ -1,0 +1,83 @@
+"""Trained proxy checkpoints: tiny models of the real classes, trained on CPU on the synthetic AVQA-layout tasks
+of :mod:`avkv.tasks.fixtures.proxy`, so CPU runs have an accuracy that KV compression really changes.
+
+===========  ==========================================  ==============================================
+proxy        class                                       checkpoint (committed)
+===========  ==========================================  ==============================================
+``video``    ``Qwen2_5_VLForConditionalGeneration``      ``avkv/models/proxy_checkpoints/proxy_video``
+``audio``    ``Qwen2AudioForConditionalGeneration``      ``avkv/models/proxy_checkpoints/proxy_audio``
+``av``       ``Qwen2_5OmniThinkerForConditionalGeneration``  ``avkv/models/proxy_checkpoints/proxy_av``
+===========  ==========================================  ==============================================
+
+Each starts from its family's tiny builder (``build_tiny``) at proxy sizes: 2 decoder layers, hidden 64,
+4 query / 2 KV heads, small towers (a 1-block vision tower of width 32, a 2-layer audio encoder of width 32), a BPE tokenizer whose corpus includes the proxy prompts, and a
+processor whose pixel range and audio chunk fit the clips exactly. ``scripts/train_proxy.py`` trains them;
+``configs/model/proxy_<name>.yaml`` loads them with ``from_pretrained`` through the ordinary adapters.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from avkv.tasks.common import MC_INSTRUCTION
+from avkv.tasks.fixtures import proxy as tasks
+
+CHECKPOINTS = Path(__file__).parent / "proxy_checkpoints"
+SYSTEM_PROMPTS = ["You are a helpful assistant.",
+                  "You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of perceiving "
+                  "auditory and visual inputs, as well as generating text and speech."]
+
+
+@dataclass(frozen=True)
+class Proxy:
+    name: str
+    family: str
+    adapter: str              # adapter class path (as in configs/model)
+    builder: str              # the family's tiny builder
+    build_kwargs: dict
+
+    @property
+    def spec(self) -> tasks.ProxySpec:
+        return tasks.SPECS[self.name]
+
+    @property
+    def checkpoint(self) -> Path:
+        return CHECKPOINTS / f"proxy_{self.name}"
+
+
+def _pixels(spec: tasks.ProxySpec) -> dict:
+    n = spec.height * spec.width
+    return {"min_pixels": n, "max_pixels": n}
+
+
+PROXIES = {
+    "video": Proxy("video", "qwen2_5_vl", "avkv.models.qwen2_5_vl.Qwen25VLAdapter", "avkv.models.qwen2_5_vl.build_tiny",
+                   dict(hidden=64, vision_hidden=32, vision_depth=1, **_pixels(tasks.SPECS["video"]))),
+    "audio": Proxy("audio", "qwen2_audio", "avkv.models.qwen2_audio.Qwen2AudioAdapter",
+                   "avkv.models.qwen2_audio.build_tiny",
+                   dict(hidden=64, audio_hidden=32, chunk_s=int(tasks.SPECS["audio"].audio_s))),
+    "av": Proxy("av", "qwen2_5_omni", "avkv.models.qwen2_5_omni.Qwen25OmniAdapter",
+                "avkv.models.qwen2_5_omni.build_tiny",
+                dict(hidden=64, vision_hidden=32, vision_depth=1, audio_hidden=32, chunk_s=int(tasks.SPECS["av"].audio_s),
+                     **_pixels(tasks.SPECS["av"]))),
+}
+
+
+def tokenizer_texts() -> list[str]:
+    """Every string the proxies read, so the tokenizer spends few tokens on them."""
+    from avkv.metrics.text import render_options
+    rng = __import__("numpy").random.default_rng(0)
+    texts = set(SYSTEM_PROMPTS) | {MC_INSTRUCTION}
+    for name in tasks.SPECS:
+        for qtype in tasks.SPECS[name].types:
+            it = tasks.make_item(rng, name, qtype)
+            texts.add(it["question"])
+            texts.add(render_options(it["choices"], "paren"))
+    return sorted(texts)
+
+
+def build_init(name: str, out_dir: str | Path, seed: int = 0) -> None:
+    """The untrained proxy (random weights), written with ``save_pretrained`` like every checkpoint."""
+    from hydra.utils import get_method
+    p = PROXIES[name]
+    get_method(p.builder)(out_dir, seed=seed, texts=tokenizer_texts(), **p.build_kwargs)

@@ -1,0 +1,274 @@
+"""Train one proxy checkpoint on CPU: ``python scripts/train_proxy.py --proxy {video,audio,av}``.
+
+The model starts from its family's tiny builder at proxy sizes (``avkv/models/proxy.py``) and is trained on an
+endless stream of synthetic clips from ``avkv.tasks.fixtures.proxy.make_item`` (seeded), rendered exactly as the
+evaluation renders them: the AVQA task's prompt for the family, then the adapter's ``encode_decoded`` (chat
+template, the real processor, placeholder expansion) and its position ids. The loss is cross-entropy on the
+answer letter and the ``<|im_end|>`` after it. Each batch holds one question type (same length, no padding);
+types take turns.
+
+Training stops at the time budget, or earlier once every question type has been right on all of the last
+``--converged-steps`` batches of its type. The checkpoint is written with ``save_pretrained`` (weights, tokenizer,
+processor) into ``avkv/models/proxy_checkpoints/proxy_<name>/``; then the held-out set (the dataset config
+``proxy_<name>``, decoded from its mp4 files through ``avkv.experiment``) is scored with the full cache and
+``TRAINING.json`` records steps, wall time, seeds and the held-out accuracy per question type.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from collections import defaultdict, deque
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from avkv.models.proxy import PROXIES, build_init  # noqa: E402
+from avkv.tasks.fixtures import proxy as tasks  # noqa: E402
+
+
+def make_adapter(name: str, path: Path):
+    from hydra.utils import get_class
+    p = PROXIES[name]
+    return get_class(p.adapter)(path, dtype="float32", num_frames=p.spec.frames or 8)
+
+
+def encode_item(adapter, task, family: str, spec, item: dict) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """One generated item through the evaluation path: AVQA prompt → adapter → (inputs, input_ids, positions of
+    the prompt and of the two answer tokens)."""
+    from avkv.tasks.base import Doc, Media
+    doc = Doc(id="train", media=[Media("video", "<generated>", with_audio=True)], question=item["question"],
+              target=item["answer"], choices=item["choices"])
+    prompt = task.prompt(doc, family)
+    frames = item["frames"] if item["frames"] is not None else tasks.blank_frames(spec)
+    enc = adapter.encode_decoded(prompt, [{"frames": frames, "fps": float(spec.fps), "audio": item["audio"]}])
+    pos = adapter.prompt_position_ids(enc)
+    n = enc.input_ids.shape[1]        # + the answer letter and <|im_end|>, positioned as decoding positions them
+    return enc.inputs, enc.input_ids, torch.cat([pos, adapter.continue_position_ids(pos, n, 2)], -1)
+
+
+def collate(parts: list[tuple[dict, torch.Tensor, torch.Tensor]]) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    ids = torch.cat([p[1] for p in parts])
+    pos = torch.cat([p[2] for p in parts], dim=-2)
+    inputs = {}
+    for k, v in parts[0][0].items():
+        if k == "input_ids":
+            continue
+        inputs[k] = torch.cat([p[0][k] for p in parts]) if torch.is_tensor(v) else v
+    return inputs, ids, pos
+
+
+class Stream(torch.utils.data.IterableDataset):
+    """Batches of one question type each, types in turn; seeded by (seed, proxy)."""
+
+    def __init__(self, name: str, init_dir: Path, batch: int, seed: int, short_frac: float = 0.0):
+        self.name, self.init_dir, self.batch, self.seed = name, init_dir, batch, seed
+        self.short_frac = short_frac
+
+    def __iter__(self):
+        from avkv.tasks.avqa import AVQA
+        torch.set_num_threads(1)
+        p = PROXIES[self.name]
+        adapter = make_adapter(self.name, self.init_dir)
+        task = AVQA(root=self.init_dir)          # only its prompt() is used
+        tok = adapter.tokenizer
+        letters = [tok.convert_tokens_to_ids(c) for c in "ABCD"]
+        eos = tok.convert_tokens_to_ids("<|im_end|>")
+        info = torch.utils.data.get_worker_info()          # each data worker draws its own items
+        rng = np.random.default_rng([self.seed, list(tasks.SPECS).index(self.name), info.id if info else 0])
+        k = 0
+        while True:
+            qtype = p.spec.types[k % len(p.spec.types)]
+            spec = tasks.SHORT[self.name] if rng.random() < self.short_frac else p.spec
+            items = [tasks.make_item(rng, self.name, qtype, spec) for _ in range(self.batch)]
+            inputs, ids, pos = collate([encode_item(adapter, task, p.family, spec, it) for it in items])
+            answer = torch.tensor([letters[it["answer"]] for it in items])
+            tail = torch.stack([answer, torch.full_like(answer, eos)], 1)       # prompt + letter + <|im_end|>
+            yield inputs, torch.cat([ids, tail], 1), pos, answer, eos, "/".join(qtype)
+            k += 1
+
+
+SLICE = 24       # tests/proxies checks the committed checkpoint reaches its accuracy on this held-out prefix
+
+
+def held_out_accuracy(name: str, ckpt: Path, fixtures: Path, run_dir: Path, threads: int) -> dict:
+    """Full-cache accuracy on the held-out set, through avkv.experiment (mp4 decoding included)."""
+    from avkv.config import compose
+    from avkv.experiment import run
+    from avkv.tasks import fixtures as fx
+    fx.build(fixtures, only=[f"proxy_{name}"])
+    if run_dir.exists():               # never resume: the weights changed since the last evaluation
+        shutil.rmtree(run_dir)
+    cfg = compose([f"model=proxy_{name}", f"model.path={ckpt}", f"dataset=proxy_{name}",
+                   f"paths.fixtures={fixtures}", "method=full", "budget=1.0", f"run_dir={run_dir}",
+                   "progress=false", f"threads={threads}"])
+    s = run(cfg)
+    order = [str(d["id"]) for d in json.loads((fixtures / f"proxy_{name}" / "val_qa.json").read_text())]
+    score = {r["sample_id"]: r["score"] for r in map(json.loads, (run_dir / "samples.jsonl").read_text().splitlines())}
+    head = [score[i] for i in order[:SLICE]]
+    agg = s["task"]
+    return {"accuracy": s["score"], "n": s["n"], "n_failed": s["n_failed"],
+            "by_relation": agg.get("accuracy_by_question_relation"), "by_type": agg.get("accuracy_by_question_type"),
+            "slice": {"first": SLICE, "accuracy": sum(head) / len(head)}}
+
+
+def save(model, adapter, path: Path) -> None:
+    """``save_pretrained`` of the weights, tokenizer and processor (the video processor's own file too)."""
+    was_training = model.training
+    model.eval()
+    if path.exists():
+        shutil.rmtree(path)
+    model.save_pretrained(path)
+    adapter.processor.save_pretrained(path)
+    if hasattr(adapter.processor, "video_processor"):
+        adapter.processor.video_processor.save_pretrained(path)
+    model.train(was_training)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--proxy", required=True, choices=sorted(PROXIES))
+    ap.add_argument("--minutes", type=float, default=15.0, help="time budget (cosine schedule over it)")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--short-frac", type=float, default=0.75,
+                    help="share of batches made of shorter clips (avkv.tasks.fixtures.proxy.SHORT): cheaper steps")
+    ap.add_argument("--seed", type=int, default=0, help="weight init seed")
+    ap.add_argument("--data-seed", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads; 1 is fastest for these tiny models (and far faster on a loaded machine)")
+    ap.add_argument("--workers", type=int, default=2, help="data worker processes (one thread each)")
+    ap.add_argument("--converged-steps", type=int, default=8,
+                    help="stop early when every type was 100%% right on its last N batches")
+    ap.add_argument("--out", type=Path, default=None, help="checkpoint folder (default: the committed one)")
+    ap.add_argument("--work", type=Path, default=Path(".cache/proxy_train"))
+    ap.add_argument("--fixtures", type=Path, default=Path(".cache/fixtures"))
+    ap.add_argument("--init-from", type=Path, default=None,
+                    help="start from this checkpoint's weights (a second phase; TRAINING.json keeps both)")
+    ap.add_argument("--save-every", type=float, default=180.0, help="seconds between checkpoints during training")
+    ap.add_argument("--evaluate-only", action="store_true",
+                    help="score the existing checkpoint on the held-out set and update its TRAINING.json")
+    args = ap.parse_args()
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    p = PROXIES[args.proxy]
+    out = args.out or p.checkpoint
+    work = args.work / args.proxy
+    if args.evaluate_only:
+        record = json.loads((out / "TRAINING.json").read_text())
+        record["held_out"].update(held_out_accuracy(args.proxy, out.resolve(), args.fixtures.resolve(),
+                                                    (work / "held_out_committed").resolve(), args.threads))
+        (out / "TRAINING.json").write_text(json.dumps(record, indent=1))
+        print("held-out (full cache):", json.dumps(record["held_out"]), flush=True)
+        return
+    init_dir = work / "init"
+    if init_dir.exists():
+        shutil.rmtree(init_dir)
+    build_init(args.proxy, init_dir, seed=args.seed)
+    previous = None
+    if args.init_from:                 # continue training a checkpoint (same builder, so same tokenizer/processor)
+        found = [args.init_from / f for f in ("TRAINING.json", "PROGRESS.json") if (args.init_from / f).exists()]
+        previous = json.loads(found[0].read_text()) if found else None
+        for f in args.init_from.glob("model*.safetensors"):
+            shutil.copy(f, init_dir / f.name)
+    adapter = make_adapter(args.proxy, init_dir)
+    model = adapter.model
+    n_params = sum(x.numel() for x in model.parameters())
+    dl = torch.utils.data.DataLoader(Stream(args.proxy, init_dir, args.batch, args.data_seed, args.short_frac), batch_size=None,
+                                     num_workers=args.workers, prefetch_factor=4)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    model.train()
+    budget = args.minutes * 60
+    recent: dict[str, deque] = defaultdict(lambda: deque(maxlen=args.converged_steps))
+    window: dict[str, list] = defaultdict(list)
+    log, step, t0 = [], 0, time.time()
+    last_save = t0
+    stop = "time budget"
+    print(f"proxy {args.proxy}: {type(model).__name__}, {n_params} params, batch {args.batch}", flush=True)
+    stop_requested = []
+    signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))   # kill <pid>: stop, save, evaluate
+    for inputs, ids, pos, answer, eos, qtype in dl:
+        el = time.time() - t0
+        if el > budget:
+            break
+        if stop_requested:
+            stop = "stopped by SIGTERM"
+            break
+        lr = args.lr * min(1.0, (step + 1) / args.warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, el / budget))))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        # Qwen2-Audio and the Omni thinker ignore logits_to_keep (all positions come back): index from the end
+        logits = model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=3, **inputs).logits[:, -3:]
+        loss = (torch.nn.functional.cross_entropy(logits[:, 0], answer)
+                + torch.nn.functional.cross_entropy(logits[:, 1], torch.full_like(answer, eos)))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        acc = float((logits[:, 0].argmax(-1) == answer).float().mean())
+        recent[qtype].append(acc)
+        window[qtype].append((float(loss), acc))
+        step += 1
+        if step % 15 == 0:
+            rec = {"step": step, "t": round(time.time() - t0, 1), "lr": round(lr, 6),
+                   **{f"acc[{k}]": round(float(np.mean([a for _, a in v])), 3) for k, v in sorted(window.items())},
+                   "loss": round(float(np.mean([l for v in window.values() for l, _ in v])), 4)}
+            log.append(rec)
+            window.clear()
+            print(json.dumps(rec), flush=True)
+        if time.time() - last_save > args.save_every:
+            save(model, adapter, work / "ckpt")
+            (work / "ckpt" / "PROGRESS.json").write_text(json.dumps(     # lets --init-from continue the record
+                {"proxy": args.proxy, "steps": step, "batch": args.batch, "train_s": round(time.time() - t0, 1),
+                 "lr": args.lr, "short_frac": args.short_frac, "data_seed": args.data_seed, "log": log,
+                 **({"phases": (previous.get("phases", []) + [{k: v for k, v in previous.items() if k != "phases"}]),
+                     "steps_total": step + previous.get("steps_total", previous["steps"]),
+                     "train_s_total": round(time.time() - t0 + previous.get("train_s_total", previous["train_s"]), 1)}
+                    if previous else {})}, indent=1))
+            last_save = time.time()
+        if (len(recent) == len(p.spec.types) and all(len(d) == d.maxlen and min(d) == 1.0 for d in recent.values())):
+            stop = f"converged (every type 100% on its last {args.converged_steps} batches)"
+            break
+    train_s = time.time() - t0
+    tmp = work / "ckpt"
+    save(model, adapter, tmp)
+    print(f"stopped: {stop}; {step} steps, {step * args.batch} samples, {train_s:.0f} s", flush=True)
+    held = held_out_accuracy(args.proxy, tmp.resolve(), args.fixtures.resolve(), (work / "held_out").resolve(),
+                             args.threads)
+    print("held-out (full cache):", json.dumps(held), flush=True)
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(tmp, out)
+    record = {"proxy": args.proxy, "class": type(model).__name__, "params": n_params, "steps": step,
+              "batch": args.batch, "samples": step * args.batch, "train_s": round(train_s, 1), "stopped": stop,
+              "lr": args.lr, "warmup": args.warmup, "short_frac": args.short_frac, "init_seed": args.seed, "data_seed": args.data_seed,
+              "threads": args.threads, "held_out": {"dataset": f"proxy_{args.proxy}", "seed": tasks.HELD_OUT_SEED,
+                                                    "generator": tasks.VERSION, **held},
+              "command": f"python scripts/train_proxy.py --proxy {args.proxy} --minutes {args.minutes:g} "
+                         f"--batch {args.batch} --lr {args.lr:g} --short-frac {args.short_frac:g} --seed {args.seed} "
+                         f"--data-seed {args.data_seed}" + (f" --init-from {args.init_from}" if args.init_from else ""),
+              "log": log}
+    if previous:                       # a continuation: the earlier phase(s) stay on record
+        record["phases"] = previous.get("phases", []) + [{k: v for k, v in previous.items() if k != "phases"}]
+        record["steps_total"] = step + previous.get("steps_total", previous["steps"])
+        record["train_s_total"] = round(train_s + previous.get("train_s_total", previous["train_s"]), 1)
+    (out / "TRAINING.json").write_text(json.dumps(record, indent=1))
+    print(f"wrote {out}", flush=True)
+    os._exit(0)          # the data worker never ends by itself
+
+
+if __name__ == "__main__":
+    main()
