@@ -12,7 +12,7 @@ from avkv import grid, report
 from tests.sweeps.conftest import kill_group, popen_run_py, run_py, run_py_here
 
 pytestmark = pytest.mark.slow
-COMMON = ["model=tiny_qwen2_5_omni", "max_new_tokens=2", "experiment_name=sweeptest", "threads=1"]
+COMMON = ["model=tiny_qwen2_5_omni", "dataset=avqa", "max_new_tokens=2", "experiment_name=sweeptest", "threads=1"]
 
 
 def lines(p: Path) -> list[dict]:
