@@ -6,8 +6,8 @@ import torch
 from avkv.engine import Compressor, Engine, _Request, kv_cache_bytes
 from avkv.methods.full import Full
 from avkv.methods.snapkv import SnapKV
-from avkv.methods.streamingllm import StreamingLLM
 from tests.conftest import FAMILIES, adapter, av_prompt
+from tests.engine_checks import check_budget_one_equals_no_compression, check_split_prefill_equals_one_forward
 
 MAX_NEW = 6
 
@@ -44,23 +44,11 @@ def test_full_engine_equals_generate(fam):
 
 
 def test_budget_one_equals_no_compression(fam):
-    ad, enc = fam
-    full = Engine(ad, Full(), max_new_tokens=MAX_NEW).generate(enc)
-    for method in (SnapKV(window=8), StreamingLLM()):
-        b1 = Engine(ad, method, budget=1.0, max_new_tokens=MAX_NEW).generate(enc)
-        assert b1.token_ids == full.token_ids
-        assert torch.allclose(b1.first_logits, full.first_logits, atol=1e-5)
-        assert b1.record["kv_bytes_kept"] == b1.record["kv_bytes_full"]
+    check_budget_one_equals_no_compression(*fam, MAX_NEW)
 
 
 def test_split_prefill_equals_one_forward(fam):
-    ad, enc = fam
-    one = Engine(ad, Full(), compress_at="prompt", max_new_tokens=MAX_NEW).generate(enc)
-    for at in ("question", "context"):
-        split = Engine(ad, Full(), compress_at=at, max_new_tokens=MAX_NEW).generate(enc)
-        assert split.record["split"] < enc.input_ids.shape[1]
-        assert torch.allclose(split.first_logits, one.first_logits, atol=1e-5)
-        assert split.token_ids == one.token_ids
+    check_split_prefill_equals_one_forward(*fam, MAX_NEW)
 
 
 @pytest.mark.parametrize("budget", [0.2, 0.5])

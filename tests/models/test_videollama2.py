@@ -15,11 +15,11 @@ from avkv.engine import Engine
 from avkv.methods.base import AUDIO, IMAGE, TEXT, VIDEO
 from avkv.methods.full import Full
 from avkv.methods.snapkv import SnapKV
-from avkv.methods.streamingllm import StreamingLLM
 from avkv.models.videollama2 import CheckpointKeyError, VideoLLaMA2Config, build_tiny, from_pretrained
 from avkv.models.videollama2.modeling import build_model, official_key_groups, official_state_dict
 from avkv.tasks.base import Media, Prompt
 from tests.conftest import adapter, av_prompt, fixtures_dir, tiny_model_dir
+from tests.engine_checks import check_budget_one_equals_no_compression, check_split_prefill_equals_one_forward
 
 MAX_NEW = 6
 FAMILY = "videollama2_av"
@@ -138,23 +138,11 @@ def test_full_engine_equals_model_generate(av):
 
 
 def test_budget_one_equals_no_compression(av):
-    ad, enc = av
-    full = Engine(ad, Full(), max_new_tokens=MAX_NEW).generate(enc)
-    for method in (SnapKV(window=8), StreamingLLM()):
-        b1 = Engine(ad, method, budget=1.0, max_new_tokens=MAX_NEW).generate(enc)
-        assert b1.token_ids == full.token_ids
-        assert torch.allclose(b1.first_logits, full.first_logits, atol=1e-5)
-        assert b1.record["kv_bytes_kept"] == b1.record["kv_bytes_full"]
+    check_budget_one_equals_no_compression(*av, MAX_NEW)
 
 
 def test_split_prefill_equals_one_forward(av):
-    ad, enc = av
-    one = Engine(ad, Full(), compress_at="prompt", max_new_tokens=MAX_NEW).generate(enc)
-    for at in ("question", "context"):
-        split = Engine(ad, Full(), compress_at=at, max_new_tokens=MAX_NEW).generate(enc)
-        assert split.record["split"] < enc.input_ids.shape[1]
-        assert torch.allclose(split.first_logits, one.first_logits, atol=1e-5)
-        assert split.token_ids == one.token_ids
+    check_split_prefill_equals_one_forward(*av, MAX_NEW)
 
 
 def test_snapkv_shrinks_the_cache_and_keeps_audio_and_video(av):
