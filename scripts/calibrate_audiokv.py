@@ -195,6 +195,18 @@ def calibrate(adapter, samples: list[dict], delta: float = 0.04, tolerance: int 
             "min_confidence": min_confidence, "rule": "top1-argmax-in-word-span", "seconds": time.perf_counter() - t0}
 
 
+def weights_digest(model_path: str | Path) -> str:
+    """sha256 over the checkpoint's safetensors files: head scores belong to one set of weights."""
+    import hashlib
+    h = hashlib.sha256()
+    for f in sorted(Path(model_path).glob("*.safetensors")):
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
 def default_out(cfg) -> Path:
     return Path(cfg.paths.cache) / "audiokv" / f"{Path(cfg.model.path).name}.json"
 
@@ -229,8 +241,14 @@ def main(argv: list[str] | None = None) -> int:
     if a.skip_existing:
         target = Path(a.out) if a.out else default_out(cfg)
         if target.exists():
-            print(f"head scores already there: {target}")
-            return 0
+            try:
+                recorded = json.loads(target.read_text()).get("weights_sha256")
+            except (OSError, json.JSONDecodeError):
+                recorded = None
+            if recorded == weights_digest(cfg.model.path):
+                print(f"head scores already there: {target}")
+                return 0
+            print(f"head scores in {target} belong to other weights (or record none): recalibrating")
     adapter = instantiate(cfg.model, device=a.device)
     if a.synthetic:
         samples = write_synthetic(Path(cfg.paths.cache) / "audiokv_synthetic", a.synthetic)
@@ -240,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         samples = read_librispeech(a.librispeech, a.max_samples)
     result = calibrate(adapter, samples, a.delta, a.tolerance, a.teacher_forcing, a.max_new_tokens,
                        a.min_confidence)
+    result["weights_sha256"] = weights_digest(cfg.model.path)
     out = Path(a.out) if a.out else default_out(cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
