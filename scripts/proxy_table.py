@@ -130,8 +130,7 @@ def main() -> None:
                 if b < 1.0:
                     cells.append(run_cell(p, m, b, args.out, args))
         init = ROOT / ".cache" / "proxy_init" / f"proxy_{p}"
-        if not (init / "config.json").exists():
-            build_init(p, init)
+        build_init(p, init)            # seconds; always rebuilt so it matches the current builder and tokenizer
         c = run_cell(p, "full", 1.0, args.out, args, extra=[f"model.path={init}"], tag="random_init__b1")
         cells.append(dict(c, method="random_init"))
         cells.append(run_cell(p, "drop_media", 0.5, args.out, args))

@@ -8,7 +8,7 @@ answer letter and the ``<|im_end|>`` after it. Each batch holds one question typ
 types take turns.
 
 Training stops at the time budget, or earlier once every question type has been right on all of the last
-``--converged-steps`` batches of its type. The checkpoint is written with ``save_pretrained`` (weights, tokenizer,
+``--converged-steps`` full-length batches of its type. The checkpoint is written with ``save_pretrained`` (weights, tokenizer,
 processor) into ``avkv/models/proxy_checkpoints/proxy_<name>/``; then the held-out set (the dataset config
 ``proxy_<name>``, decoded from its mp4 files through ``avkv.experiment``) is scored with the full cache and
 ``TRAINING.json`` records steps, wall time, seeds and the held-out accuracy per question type.
@@ -87,12 +87,13 @@ class Stream(torch.utils.data.IterableDataset):
         k = 0
         while True:
             qtype = p.spec.types[k % len(p.spec.types)]
-            spec = tasks.SHORT[self.name] if rng.random() < self.short_frac else p.spec
+            short = bool(rng.random() < self.short_frac)
+            spec = tasks.SHORT[self.name] if short else p.spec
             items = [tasks.make_item(rng, self.name, qtype, spec) for _ in range(self.batch)]
             inputs, ids, pos = collate([encode_item(adapter, task, p.family, spec, it) for it in items])
             answer = torch.tensor([letters[it["answer"]] for it in items])
             tail = torch.stack([answer, torch.full_like(answer, eos)], 1)       # prompt + letter + <|im_end|>
-            yield inputs, torch.cat([ids, tail], 1), pos, answer, eos, "/".join(qtype)
+            yield inputs, torch.cat([ids, tail], 1), pos, answer, eos, "/".join(qtype), short
             k += 1
 
 
@@ -118,6 +119,52 @@ def held_out_accuracy(name: str, ckpt: Path, fixtures: Path, run_dir: Path, thre
     return {"accuracy": s["score"], "n": s["n"], "n_failed": s["n_failed"],
             "by_relation": agg.get("accuracy_by_question_relation"), "by_type": agg.get("accuracy_by_question_type"),
             "slice": {"first": SLICE, "accuracy": sum(head) / len(head)}}
+
+
+#: names of a tensor in a sibling family's checkpoint (the Omni thinker's towers and decoder have the same shapes as
+#: Qwen2.5-VL's and Qwen2-Audio's at proxy sizes; only the names differ, and Qwen2.5-VL fuses q/k/v)
+SIBLING_NAMES = [("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
+                 ("audio_tower.layer_norm.", "audio_tower.ln_post."), ("multi_modal_projector.linear.", "audio_tower.proj.")]
+
+
+def _from_sibling(name: str, old: dict) -> torch.Tensor | None:
+    for new_prefix, old_prefix in SIBLING_NAMES:
+        if name.startswith(new_prefix) and old_prefix + name[len(new_prefix):] in old:
+            return old[old_prefix + name[len(new_prefix):]]
+    if ".attn.qkv." in name:
+        parts = [name.replace(".qkv.", f".{x}.") for x in "qkv"]
+        if all(p in old for p in parts):
+            return torch.cat([old[p] for p in parts])
+    return None
+
+
+def warm_start(init_dir: Path, source: Path) -> dict:
+    """Overwrite the fresh weights in ``init_dir`` with the tensors of ``source`` that fit.
+
+    A tensor is taken when ``source`` has it under the same name and shape (a continuation of the same builder),
+    or under a sibling family's name (``SIBLING_NAMES``: the AV proxy's towers and decoder warm-start the video
+    and audio proxies). After a change of tokenizer or of a tower's input size, the tensors that do not fit
+    (embeddings, LM head, learned audio positions) keep their fresh initialisation."""
+    from safetensors.torch import load_file, save_file
+    files = sorted(init_dir.glob("model*.safetensors"))
+    if len(files) != 1:
+        raise ValueError(f"{init_dir}: expected one model.safetensors, found {[f.name for f in files]}")
+    fresh = load_file(files[0])
+    old: dict[str, torch.Tensor] = {}
+    for f in sorted(source.glob("model*.safetensors")):
+        old.update(load_file(f))
+    if not old:
+        raise FileNotFoundError(f"--init-from {source}: no model*.safetensors there")
+    taken = {}
+    for k, v in fresh.items():
+        t = old.get(k)
+        if t is None or t.shape != v.shape:
+            t = _from_sibling(k, old)
+        if t is not None and t.shape == v.shape:
+            taken[k] = t.contiguous()
+    skipped = sorted(k for k in fresh if k not in taken)
+    save_file({**fresh, **taken}, files[0], metadata={"format": "pt"})
+    return {"source": str(source), "kept": len(taken), "skipped": skipped}
 
 
 def save(model, adapter, path: Path) -> None:
@@ -148,7 +195,7 @@ def main() -> None:
                     help="torch threads; 1 is fastest for these tiny models (and far faster on a loaded machine)")
     ap.add_argument("--workers", type=int, default=2, help="data worker processes (one thread each)")
     ap.add_argument("--converged-steps", type=int, default=8,
-                    help="stop early when every type was 100%% right on its last N batches")
+                    help="stop early when every type was 100%% right on its last N full-length batches")
     ap.add_argument("--out", type=Path, default=None, help="checkpoint folder (default: the committed one)")
     ap.add_argument("--work", type=Path, default=Path(".cache/proxy_train"))
     ap.add_argument("--fixtures", type=Path, default=Path(".cache/fixtures"))
@@ -178,12 +225,13 @@ def main() -> None:
     if init_dir.exists():
         shutil.rmtree(init_dir)
     build_init(args.proxy, init_dir, seed=args.seed)
-    previous = None
-    if args.init_from:                 # continue training a checkpoint (same builder, so same tokenizer/processor)
+    previous, warm = None, None
+    if args.init_from:                 # continue training a checkpoint, or warm-start from one of another geometry
         found = [args.init_from / f for f in ("TRAINING.json", "PROGRESS.json") if (args.init_from / f).exists()]
         previous = json.loads(found[0].read_text()) if found else None
-        for f in args.init_from.glob("model*.safetensors"):
-            shutil.copy(f, init_dir / f.name)
+        warm = warm_start(init_dir, args.init_from)
+        print(f"init from {args.init_from}: {warm['kept']} tensors kept, skipped (new shape or name): "
+              f"{warm['skipped']}", flush=True)
     adapter = make_adapter(args.proxy, init_dir)
     model = adapter.model
     n_params = sum(x.numel() for x in model.parameters())
@@ -200,7 +248,7 @@ def main() -> None:
     print(f"proxy {args.proxy}: {type(model).__name__}, {n_params} params, batch {args.batch}", flush=True)
     stop_requested = []
     signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))   # kill <pid>: stop, save, evaluate
-    for inputs, ids, pos, answer, eos, qtype in dl:
+    for inputs, ids, pos, answer, eos, qtype, short in dl:
         el = time.time() - t0
         if el > budget:
             break
@@ -219,8 +267,9 @@ def main() -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         acc = float((logits[:, 0].argmax(-1) == answer).float().mean())
-        recent[qtype].append(acc)
-        window[qtype].append((float(loss), acc))
+        if not short:                  # convergence is judged on full-length clips only (the held-out geometry)
+            recent[qtype].append(acc)
+        window[qtype + ("" if short else "@full")].append((float(loss), acc))
         step += 1
         if step % 15 == 0:
             rec = {"step": step, "t": round(time.time() - t0, 1), "lr": round(lr, 6),
@@ -240,7 +289,7 @@ def main() -> None:
                     if previous else {})}, indent=1))
             last_save = time.time()
         if (len(recent) == len(p.spec.types) and all(len(d) == d.maxlen and min(d) == 1.0 for d in recent.values())):
-            stop = f"converged (every type 100% on its last {args.converged_steps} batches)"
+            stop = f"converged (every type 100% on its last {args.converged_steps} full-length batches)"
             break
     train_s = time.time() - t0
     tmp = work / "ckpt"
@@ -259,8 +308,11 @@ def main() -> None:
                                                     "generator": tasks.VERSION, **held},
               "command": f"python scripts/train_proxy.py --proxy {args.proxy} --minutes {args.minutes:g} "
                          f"--batch {args.batch} --lr {args.lr:g} --short-frac {args.short_frac:g} --seed {args.seed} "
-                         f"--data-seed {args.data_seed}" + (f" --init-from {args.init_from}" if args.init_from else ""),
+                         f"--data-seed {args.data_seed} --workers {args.workers}"
+                         + (f" --init-from {args.init_from}" if args.init_from else ""),
               "log": log}
+    if warm:
+        record["init_from"] = warm
     if previous:                       # a continuation: the earlier phase(s) stay on record
         record["phases"] = previous.get("phases", []) + [{k: v for k, v in previous.items() if k != "phases"}]
         record["steps_total"] = step + previous.get("steps_total", previous["steps"])
