@@ -23,6 +23,9 @@ from avkv.tasks.common import MC_INSTRUCTION
 from avkv.tasks.fixtures import proxy as tasks
 
 CHECKPOINTS = Path(__file__).parent / "proxy_checkpoints"
+#: a larger BPE vocabulary than the tiny models' 640, so the proxies' fixed texts (system prompt, instruction,
+#: questions, options) become whole-word tokens and the media dominate the prompt, as in real AV LLMs
+VOCAB = 1024
 SYSTEM_PROMPTS = ["You are a helpful assistant.",
                   "You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of perceiving "
                   "auditory and visual inputs, as well as generating text and speech."]
@@ -52,13 +55,14 @@ def _pixels(spec: tasks.ProxySpec) -> dict:
 
 PROXIES = {
     "video": Proxy("video", "qwen2_5_vl", "avkv.models.qwen2_5_vl.Qwen25VLAdapter", "avkv.models.qwen2_5_vl.build_tiny",
-                   dict(hidden=64, vision_hidden=32, vision_depth=1, **_pixels(tasks.SPECS["video"]))),
+                   dict(hidden=64, vision_hidden=32, vision_depth=1, vocab_size=VOCAB, **_pixels(tasks.SPECS["video"]))),
     "audio": Proxy("audio", "qwen2_audio", "avkv.models.qwen2_audio.Qwen2AudioAdapter",
                    "avkv.models.qwen2_audio.build_tiny",
-                   dict(hidden=64, audio_hidden=32, chunk_s=int(tasks.SPECS["audio"].audio_s))),
+                   dict(hidden=64, audio_hidden=32, chunk_s=int(tasks.SPECS["audio"].audio_s), vocab_size=VOCAB)),
     "av": Proxy("av", "qwen2_5_omni", "avkv.models.qwen2_5_omni.Qwen25OmniAdapter",
                 "avkv.models.qwen2_5_omni.build_tiny",
                 dict(hidden=64, vision_hidden=32, vision_depth=1, audio_hidden=32, chunk_s=int(tasks.SPECS["av"].audio_s),
+                     vocab_size=VOCAB,
                      **_pixels(tasks.SPECS["av"]))),
 }
 
@@ -67,7 +71,7 @@ def tokenizer_texts() -> list[str]:
     """Every string the proxies read, so the tokenizer spends few tokens on them."""
     from avkv.metrics.text import render_options
     rng = __import__("numpy").random.default_rng(0)
-    texts = set(SYSTEM_PROMPTS) | {MC_INSTRUCTION}
+    texts = set(SYSTEM_PROMPTS) | {MC_INSTRUCTION, "system\nuser\nassistant\nAudio 1:"}
     for name in tasks.SPECS:
         for qtype in tasks.SPECS[name].types:
             it = tasks.make_item(rng, name, qtype)

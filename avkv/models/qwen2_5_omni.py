@@ -81,7 +81,7 @@ def load_processor(path: Path, trust_remote_code: bool = False, **kwargs):
 
 def build_tiny(out_dir: str | Path, seed: int = 0, hidden: int = 64, vision_hidden: int = 32, vision_depth: int = 2, audio_hidden: int = 32,
                texts: list[str] | None = None, min_pixels: int = 56 * 56, max_pixels: int = 112 * 112,
-               chunk_s: int = 30) -> None:
+               chunk_s: int = 30, vocab_size: int = 640) -> None:
     """Tiny random Omni thinker: 2 text layers (hidden 64, 4 heads / 2 KV heads), small vision and audio towers.
 
     The sizes, the tokenizer's extra corpus (``texts``), the video pixel range and the audio chunk are
@@ -93,7 +93,7 @@ def build_tiny(out_dir: str | Path, seed: int = 0, hidden: int = 64, vision_hidd
     from avkv.models.tiny import OMNI_TOKEN_ATTRS, atomic_dir, chat_template, hf_tokenizer, mrope_section
     torch.manual_seed(seed)
     template = chat_template("qwen2_5_omni")
-    tok = hf_tokenizer(template, extra_special_tokens=OMNI_TOKEN_ATTRS, texts=texts)
+    tok = hf_tokenizer(template, extra_special_tokens=OMNI_TOKEN_ATTRS, texts=texts, vocab_size=vocab_size)
     t = tok.convert_tokens_to_ids
     cfg = Qwen2_5OmniThinkerConfig(
         audio_config=dict(num_mel_bins=128, encoder_layers=2, encoder_attention_heads=2,

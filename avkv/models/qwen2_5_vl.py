@@ -42,7 +42,8 @@ def load_processor(path: Path, trust_remote_code: bool = False, **kwargs):
 
 
 def build_tiny(out_dir: str | Path, seed: int = 0, hidden: int = 64, vision_hidden: int = 32, vision_depth: int = 2,
-               texts: list[str] | None = None, min_pixels: int = 56 * 56, max_pixels: int = 112 * 112) -> None:
+               texts: list[str] | None = None, min_pixels: int = 56 * 56, max_pixels: int = 112 * 112,
+               vocab_size: int = 640) -> None:
     """Tiny random Qwen2.5-VL: 2 text layers (hidden 64, 4 heads / 2 KV heads), 2-block vision tower.
 
     Sizes, the tokenizer's extra corpus and the pixel range are parameters (the trained proxies use them)."""
@@ -51,7 +52,7 @@ def build_tiny(out_dir: str | Path, seed: int = 0, hidden: int = 64, vision_hidd
     from avkv.models.tiny import atomic_dir, chat_template, hf_tokenizer, mrope_section
     torch.manual_seed(seed)
     template = chat_template("qwen2_5_vl")
-    tok = hf_tokenizer(template, texts=texts)
+    tok = hf_tokenizer(template, texts=texts, vocab_size=vocab_size)
     t = tok.convert_tokens_to_ids
     cfg = Qwen2_5_VLConfig(
         text_config=dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,

@@ -1,0 +1,108 @@
+"""The proxy task generator (avkv/tasks/fixtures/proxy.py) and the training stream (scripts/train_proxy.py).
+
+Every answer must follow from the evidence written into the clip, and the training stream must render an item
+exactly as ``run.py`` renders the held-out file of the same item (same prompt, same token layout), otherwise the
+committed checkpoints would be trained on one thing and scored on another.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from avkv.config import ROOT
+from avkv.tasks.fixtures import proxy as tasks
+from tests.conftest import fixtures_dir
+
+CASES = [(p, t) for p, spec in tasks.SPECS.items() for t in spec.types]
+
+
+def _train_script():
+    spec = importlib.util.spec_from_file_location("train_proxy", ROOT / "scripts" / "train_proxy.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("proxy,qtype", CASES, ids=[f"{p}-{'/'.join(t)}" for p, t in CASES])
+def test_the_answer_follows_from_the_evidence(proxy, qtype):
+    rng = np.random.default_rng(0)
+    spec = tasks.SPECS[proxy]
+    answers = Counter()
+    for _ in range(40):
+        it = tasks.make_item(rng, proxy, qtype)
+        f, rel, typ = it["facts"], it["question_relation"], it["question_type"]
+        answer = it["choices"][it["answer"]]
+        answers[it["answer"]] += 1
+        colours = [x["colour"] for x in f["flashes"]]
+        pitches = [x["pitch"] for x in f["tones"]]
+        if proxy == "av":
+            assert len(colours) == 1 and len(pitches) == 1          # both needles are always there
+            expect = {"Visual": colours[0], "Audio": pitches[0], "Both": f"{colours[0]} and {pitches[0]}"}[rel]
+            assert answer == expect
+        elif typ == "Which":
+            assert answer == (colours or pitches)[0] and len(colours) + len(pitches) == 1
+        elif typ == "Pair":
+            values = colours or pitches
+            assert len(values) == 2 and len(set(values)) == 2 and set(answer.split(" and ")) == set(values)
+            assert sum(all(v in c for v in values) for c in it["choices"]) == 1   # one option names both
+        else:
+            assert tasks.COUNTS.index(answer) + 1 == len(colours) + len(pitches)
+        if it["frames"] is not None:
+            assert it["frames"].shape == (spec.frames, spec.height, spec.width, 3)
+            for x in f["flashes"]:                      # the flash is on its temporal patch (two frames)
+                y0, x0, s = x["box"]
+                patch = it["frames"][2 * x["group"]:2 * x["group"] + 2, y0:y0 + s, x0:x0 + s].astype(int)
+                assert np.abs(patch.mean((0, 1, 2)) - np.array(tasks.COLOURS[x["colour"]])).max() < 20
+        if it["audio"] is not None:
+            assert len(it["audio"]) == int(spec.audio_s * tasks.SR)
+            for x in f["tones"]:
+                a = int(x["t0"] * tasks.SR)
+                seg = it["audio"][a:a + int(x["dur"] * tasks.SR)]
+                freqs = np.fft.rfftfreq(len(seg), 1 / tasks.SR)
+                assert abs(freqs[np.abs(np.fft.rfft(seg)).argmax()] - x["freq_hz"]) < 0.05 * x["freq_hz"]
+    assert len(answers) >= 3, answers              # answers are spread over the options
+
+
+@pytest.mark.parametrize("proxy", ["av"])
+def test_training_renders_an_item_as_the_evaluation_does(proxy):
+    """The first held-out clip, decoded from its mp4 and fed through the training stream's ``encode_item``, gives
+    the same token ids and position ids as ``run.py``'s path (task prompt → adapter.encode) on that file."""
+    import torch
+
+    from avkv.config import compose, instantiate
+    from avkv.models import media_io
+    from avkv.models.proxy import PROXIES
+    p = PROXIES[proxy]
+    root = fixtures_dir() / f"proxy_{proxy}"
+    cfg = compose([f"model=proxy_{proxy}", f"dataset=proxy_{proxy}", f"paths.fixtures={fixtures_dir()}"])
+    adapter = instantiate(cfg.model, device="cpu")
+    task = instantiate(cfg.dataset)
+    doc = next(iter(task.docs()))
+    enc = adapter.encode(task.prompt(doc, adapter.family))
+
+    item = json.loads((root / "val_qa.json").read_text())[0]
+    video = root / "videos" / f"{item['video_name']}.mp4"
+    frames, _ = media_io.load_video_frames(str(video), num_frames=None)
+    audio = media_io.load_audio(str(video)) if p.spec.audio_s else None
+    gen = {"frames": frames if p.spec.frames else None, "audio": audio, "question": item["question_text"],
+           "choices": item["multi_choice"], "answer": item["answer"]}
+    inputs, ids, pos = _train_script().encode_item(adapter, task, p.family, p.spec, gen)
+    assert torch.equal(ids, enc.input_ids)
+    assert torch.equal(pos[..., :ids.shape[1]], adapter.prompt_position_ids(enc))
+
+
+def test_a_proxy_held_out_set_is_rebuilt_when_its_generator_changes(monkeypatch):
+    """Fixture versions hash the module that defines the builder; the proxy builders are ``functools.partial``s,
+    whose ``__module__`` is ``functools``: the hash must still follow ``avkv/tasks/fixtures/proxy.py``."""
+    from pathlib import Path
+
+    from avkv.tasks import fixtures
+    before = fixtures._version("proxy_av")
+    generator, read_bytes = Path(tasks.__file__), Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes",
+                        lambda self: read_bytes(self) + (b"\n# edited" if self == generator else b""))
+    assert fixtures._version("proxy_av") != before
