@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from avkv.methods.audiokv import (HeadHitCounter, align_words, proportional_word_times,  # noqa
                                   step_word_index, word_audio_span)
 from avkv.methods.base import AUDIO  # noqa: E402
+from avkv.models.base import weights_digest  # noqa: E402
 
 INSTRUCTION = "Transcribe the audio exactly."
 
@@ -193,18 +194,6 @@ def calibrate(adapter, samples: list[dict], delta: float = 0.04, tolerance: int 
             "samples": len(samples), "delta_s": delta, "tolerance": tolerance,
             "decode": "teacher_forced" if teacher_forcing else "greedy", "timing": "+".join(timings),
             "min_confidence": min_confidence, "rule": "top1-argmax-in-word-span", "seconds": time.perf_counter() - t0}
-
-
-def weights_digest(model_path: str | Path) -> str:
-    """sha256 over the checkpoint's safetensors files: head scores belong to one set of weights."""
-    import hashlib
-    h = hashlib.sha256()
-    for f in sorted(Path(model_path).glob("*.safetensors")):
-        h.update(f.name.encode())
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
 
 
 def default_out(cfg) -> Path:

@@ -18,6 +18,18 @@ from avkv.methods.base import AUDIO, IMAGE, TEXT, VIDEO
 from avkv.tasks.base import Media, Prompt
 
 
+def weights_digest(model_path: str | Path) -> str:
+    """sha256 over a checkpoint's safetensors files: results and calibrations derived from weights name them."""
+    import hashlib
+    h = hashlib.sha256()
+    for f in sorted(Path(model_path).glob("*.safetensors")):
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
 class CheckpointMissing(FileNotFoundError):
     pass
 
