@@ -39,9 +39,13 @@ run: setup
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# Retrain the committed proxy checkpoints (CPU, minutes each) and regenerate their reference table.
+# Retrain the committed proxy checkpoints on CPU (about 25 min each): the AV proxy first, then the video and audio
+# proxies warm-started from its towers and decoder. Each checkpoint's TRAINING.json lists the exact commands of
+# the phases that made it; regenerate the reference table with `make proxy-table`.
 proxies: setup
-	for p in video audio av; do nice -n 5 $(PY) scripts/train_proxy.py --proxy $$p || exit 1; done
+	$(PY) scripts/train_proxy.py --proxy av --minutes 25 --lr 2e-3 --short-frac 0.5 --workers 1
+	for p in video audio; do $(PY) scripts/train_proxy.py --proxy $$p --minutes 30 --lr 2e-3 --short-frac 0.5 \
+	  --workers 1 --type-weights 1,1,4 --init-from avkv/models/proxy_checkpoints/proxy_av || exit 1; done
 
 proxy-table: setup
 	$(PY) scripts/proxy_table.py $(ARGS)

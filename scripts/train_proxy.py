@@ -69,9 +69,10 @@ def collate(parts: list[tuple[dict, torch.Tensor, torch.Tensor]]) -> tuple[dict,
 class Stream(torch.utils.data.IterableDataset):
     """Batches of one question type each, types in turn; seeded by (seed, proxy)."""
 
-    def __init__(self, name: str, init_dir: Path, batch: int, seed: int, short_frac: float = 0.0):
+    def __init__(self, name: str, init_dir: Path, batch: int, seed: int, short_frac: float = 0.0,
+                 weights: list[float] | None = None):
         self.name, self.init_dir, self.batch, self.seed = name, init_dir, batch, seed
-        self.short_frac = short_frac
+        self.short_frac, self.weights = short_frac, weights
 
     def __iter__(self):
         from avkv.tasks.avqa import AVQA
@@ -86,7 +87,10 @@ class Stream(torch.utils.data.IterableDataset):
         rng = np.random.default_rng([self.seed, list(tasks.SPECS).index(self.name), info.id if info else 0])
         k = 0
         while True:
-            qtype = p.spec.types[k % len(p.spec.types)]
+            if self.weights:              # weighted draw (more batches for the type still being learned)
+                qtype = p.spec.types[int(rng.choice(len(p.spec.types), p=np.asarray(self.weights) / sum(self.weights)))]
+            else:
+                qtype = p.spec.types[k % len(p.spec.types)]
             short = bool(rng.random() < self.short_frac)
             spec = tasks.SHORT[self.name] if short else p.spec
             items = [tasks.make_item(rng, self.name, qtype, spec) for _ in range(self.batch)]
@@ -189,6 +193,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--short-frac", type=float, default=0.75,
                     help="share of batches made of shorter clips (avkv.tasks.fixtures.proxy.SHORT): cheaper steps")
+    ap.add_argument("--type-weights", type=lambda x: [float(v) for v in x.split(",")], default=None,
+                    help="comma-separated batch shares of the proxy's question types, in their order "
+                         "(default: types take turns)")
     ap.add_argument("--seed", type=int, default=0, help="weight init seed")
     ap.add_argument("--data-seed", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1,
@@ -212,6 +219,8 @@ def main() -> None:
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     p = PROXIES[args.proxy]
+    if args.type_weights and len(args.type_weights) != len(p.spec.types):
+        ap.error(f"--type-weights needs {len(p.spec.types)} values, one per type {p.spec.types}")
     out = args.out or p.checkpoint
     work = args.work / args.proxy
     if args.evaluate_only:
@@ -235,7 +244,7 @@ def main() -> None:
     adapter = make_adapter(args.proxy, init_dir)
     model = adapter.model
     n_params = sum(x.numel() for x in model.parameters())
-    dl = torch.utils.data.DataLoader(Stream(args.proxy, init_dir, args.batch, args.data_seed, args.short_frac), batch_size=None,
+    dl = torch.utils.data.DataLoader(Stream(args.proxy, init_dir, args.batch, args.data_seed, args.short_frac, args.type_weights), batch_size=None,
                                      num_workers=args.workers, prefetch_factor=4)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     model.train()
@@ -282,7 +291,8 @@ def main() -> None:
             save(model, adapter, work / "ckpt")
             (work / "ckpt" / "PROGRESS.json").write_text(json.dumps(     # lets --init-from continue the record
                 {"proxy": args.proxy, "steps": step, "batch": args.batch, "train_s": round(time.time() - t0, 1),
-                 "lr": args.lr, "short_frac": args.short_frac, "data_seed": args.data_seed, "log": log,
+                 "lr": args.lr, "short_frac": args.short_frac, "type_weights": args.type_weights, "data_seed": args.data_seed, "log": log,
+                 **({"init_from": warm} if warm else {}),
                  **({"phases": (previous.get("phases", []) + [{k: v for k, v in previous.items() if k != "phases"}]),
                      "steps_total": step + previous.get("steps_total", previous["steps"]),
                      "train_s_total": round(time.time() - t0 + previous.get("train_s_total", previous["train_s"]), 1)}
@@ -303,12 +313,14 @@ def main() -> None:
     shutil.copytree(tmp, out)
     record = {"proxy": args.proxy, "class": type(model).__name__, "params": n_params, "steps": step,
               "batch": args.batch, "samples": step * args.batch, "train_s": round(train_s, 1), "stopped": stop,
-              "lr": args.lr, "warmup": args.warmup, "short_frac": args.short_frac, "init_seed": args.seed, "data_seed": args.data_seed,
+              "lr": args.lr, "warmup": args.warmup, "short_frac": args.short_frac, "type_weights": args.type_weights,
+              "init_seed": args.seed, "data_seed": args.data_seed,
               "threads": args.threads, "held_out": {"dataset": f"proxy_{args.proxy}", "seed": tasks.HELD_OUT_SEED,
                                                     "generator": tasks.VERSION, **held},
               "command": f"python scripts/train_proxy.py --proxy {args.proxy} --minutes {args.minutes:g} "
                          f"--batch {args.batch} --lr {args.lr:g} --short-frac {args.short_frac:g} --seed {args.seed} "
                          f"--data-seed {args.data_seed} --workers {args.workers}"
+                         + (f" --type-weights {','.join(f'{w:g}' for w in args.type_weights)}" if args.type_weights else "")
                          + (f" --init-from {args.init_from}" if args.init_from else ""),
               "log": log}
     if warm:

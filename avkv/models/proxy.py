@@ -10,9 +10,12 @@ proxy        class                                       checkpoint (committed)
 ===========  ==========================================  ==============================================
 
 Each starts from its family's tiny builder (``build_tiny``) at proxy sizes: 2 decoder layers, hidden 64,
-4 query / 2 KV heads, small towers (a 1-block vision tower of width 32, a 2-layer audio encoder of width 32), a BPE tokenizer whose corpus includes the proxy prompts, and a
-processor whose pixel range and audio chunk fit the clips exactly. ``scripts/train_proxy.py`` trains them;
-``configs/model/proxy_<name>.yaml`` loads them with ``from_pretrained`` through the ordinary adapters.
+4 query / 2 KV heads, small towers (a 1-block vision tower of width 32, a 2-layer audio encoder of width 32), a
+1024-token BPE tokenizer whose corpus includes the proxy prompts (whole-word tokens, so the media dominate the
+prompt), and a processor whose pixel range and audio chunk fit the clips exactly. ``scripts/train_proxy.py``
+trains them (the AV proxy first; its towers and decoder warm-start the other two, whose tensors have the same
+shapes under other names); ``configs/model/proxy_<name>.yaml`` loads them with ``from_pretrained`` through the
+ordinary adapters.
 """
 from __future__ import annotations
 
