@@ -7,7 +7,9 @@ Each cell is one ``avkv.experiment`` run (run directory ``results/proxy/<proxy>/
 it exists) on the proxy's held-out set (``dataset=proxy_<name>``, ``compress_at=question``). Budget 1.0 is the full
 cache, one run shared by every method. Controls beside the table: the untrained proxy (random init, same
 architecture and tokenizer) with the full cache, and the trained proxy with every media entry dropped from the
-cache (``method=drop_media``). ``results/proxy/table.md`` holds mean accuracy with a percentile bootstrap 95%
+cache (``method=drop_media``), once before the question is prefilled (``compress_at=context``: the answer can only
+come from the media, so this is the leak control and must be at chance) and once after (``compress_at=question``:
+what the question's own KV absorbed from the media while it was prefilled). ``results/proxy/table.md`` holds mean accuracy with a percentile bootstrap 95%
 interval over samples (2000 resamples, seed 0), plus accuracy per question type at budget 0.1.
 """
 from __future__ import annotations
@@ -46,10 +48,10 @@ def methods_available() -> list[str]:
 
 
 def run_cell(proxy: str, method: str, budget: float, out: Path, args, extra: list[str] = (),
-             tag: str | None = None) -> dict:
+             tag: str | None = None, compress_at: str = "question") -> dict:
     tag = tag or f"{method}__b{budget:g}"
     cfg = compose([f"model=proxy_{proxy}", f"dataset=proxy_{proxy}", f"method={method}", f"budget={budget}",
-                   "compress_at=question", f"run_dir={out / proxy / tag}", "progress=false",
+                   f"compress_at={compress_at}", f"run_dir={out / proxy / tag}", "progress=false",
                    f"threads={args.threads}", f"paths.fixtures={args.fixtures}",
                    *([f"dataset.limit={args.limit}"] if args.limit else []), *extra])
     s = run(cfg)
@@ -93,7 +95,10 @@ def table(cells: list[dict], proxies: list[str], budgets: list[float], methods: 
             lines.append(f"| {m} | " + " | ".join(row) + " |")
         lines += ["", "| control | accuracy |", "|---|---|",
                   f"| random-init weights, full cache | {fmt(get.get((p, 'random_init', 1.0)))} |",
-                  f"| trained, all media dropped from the cache | {fmt(get.get((p, 'drop_media', 0.5)))} |", ""]
+                  "| trained, all media dropped before the question is read (`compress_at=context`) | "
+                  f"{fmt(get.get((p, 'drop_media_context', 0.5)))} |",
+                  "| trained, all media dropped after the question is read (`compress_at=question`) | "
+                  f"{fmt(get.get((p, 'drop_media', 0.5)))} |", ""]
         low = 0.1 if 0.1 in budgets else min(budgets)       # per-type detail at the issue's smallest budget
         if full:
             types = list(full["by_type"])
@@ -145,6 +150,8 @@ def main() -> None:
         c = run_cell(p, "full", 1.0, args.out, args, extra=[f"model.path={init}"], tag="random_init__b1")
         cells.append(dict(c, method="random_init"))
         cells.append(run_cell(p, "drop_media", 0.5, args.out, args))
+        c = run_cell(p, "drop_media", 0.5, args.out, args, tag="drop_media_context__b0.5", compress_at="context")
+        cells.append(dict(c, method="drop_media_context"))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "cells.json").write_text(json.dumps(cells, indent=1))
     (args.out / "table.md").write_text(table(cells, args.proxies, args.budgets, methods))

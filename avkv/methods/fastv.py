@@ -64,8 +64,10 @@ class FastV(Method):
             K = len(layers) - 1
             if K < 1:
                 raise ValueError(f"FastV needs at least 2 decoder layers, the model has {len(layers)}")
-            log.warning("FastV: K=%d but the model has %d decoder layers; pruning before layer %d",
-                        self.layer, len(layers), K)
+            if getattr(self, "_warned_k", None) != K:        # once per run, not once per sample
+                log.warning("FastV: K=%d but the model has %d decoder layers; pruning before layer %d",
+                            self.layer, len(layers), K)
+                self._warned_k = K
         split = int(request.get("split", request.get("n_prompt")))
         self._req = {"state": request["state"], "split": split, "K": K,
                      "n_keep": request.get("n_keep"), "num_layers": len(layers), "keep": None, "done": set()}

@@ -106,3 +106,14 @@ def test_a_proxy_held_out_set_is_rebuilt_when_its_generator_changes(monkeypatch)
     monkeypatch.setattr(Path, "read_bytes",
                         lambda self: read_bytes(self) + (b"\n# edited" if self == generator else b""))
     assert fixtures._version("proxy_av") != before
+
+
+@pytest.mark.parametrize("proxy", list(tasks.SPECS))
+def test_held_out_answers_are_balanced_per_type(proxy):
+    """Every block of 4 items of a type holds each letter once: on a type-balanced prefix a media-blind model
+    that always gives one letter scores exactly chance (the leak control's reference)."""
+    items = json.loads((fixtures_dir() / f"proxy_{proxy}" / "val_qa.json").read_text())
+    n_types = len(tasks.SPECS[proxy].types)
+    for t in range(n_types):
+        answers = [x["answer"] for x in items[t::n_types]]
+        assert all(sorted(answers[i:i + 4]) == [0, 1, 2, 3] for i in range(0, len(answers) - 3, 4)), answers
