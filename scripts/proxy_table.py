@@ -63,6 +63,7 @@ def run_cell(proxy: str, method: str, budget: float, out: Path, args, extra: lis
         by_type.setdefault(f"{r.get('question_relation')}/{r.get('question_type')}", []).append(r["score"])
     cell = {"proxy": proxy, "method": method, "budget": budget, "mean": mean, "lo": lo, "hi": hi, "n": len(recs),
             "n_failed": len(recs) - len(ok), "kept_ratio": s.get("kept_ratio_mean"),
+            "error": next((r["error"].split("\n")[0][:300] for r in recs if r.get("error")), None),
             "by_type": {k: float(np.mean(v)) for k, v in sorted(by_type.items())}, "run_dir": str(s["run_dir"])}
     print(json.dumps({k: v for k, v in cell.items() if k != "run_dir"}), flush=True)
     return cell
@@ -99,6 +100,13 @@ def table(cells: list[dict], proxies: list[str], budgets: list[float], methods: 
                   f"{fmt(get.get((p, 'drop_media_context', 0.5)))} |",
                   "| trained, all media dropped after the question is read (`compress_at=question`) | "
                   f"{fmt(get.get((p, 'drop_media', 0.5)))} |", ""]
+        failed = {}
+        for c in cells:
+            if c["proxy"] == p and c.get("error") and c["mean"] != c["mean"]:
+                failed.setdefault(c["method"], c["error"])
+        if failed:
+            lines += ["Failed cells (every sample recorded its error; the first one):", ""]
+            lines += [f"- {m}: {e}" for m, e in sorted(failed.items())] + [""]
         low = 0.1 if 0.1 in budgets else min(budgets)       # per-type detail at the smallest budget
         if full:
             types = list(full["by_type"])
