@@ -105,6 +105,11 @@ class FastV(Method):
             R = 0.0
         else:
             R = (S - req["n_keep"]) * L / ((L - K) * n_media)
+        if R > 1.0 and not getattr(self, "_warned_budget", False):   # layers < K always keep everything
+            log.warning("FastV: the budget needs more than every media token dropped from layer %d on (R=%.2f); "
+                        "the cache keeps more than the budget (the record's kv_bytes_ratio has the true figure)",
+                        K, R)
+            self._warned_budget = True
         R = min(1.0, max(0.0, R))
         drop = int(round(n_media * R))
         row = attention_rows(view, S - 1, S)[:, 0].mean(0)                  # [S] head-averaged last row
