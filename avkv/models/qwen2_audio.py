@@ -1,7 +1,6 @@
 """Qwen2-Audio (speech and sound; 1-D RoPE). Real checkpoints: ``Qwen/Qwen2-Audio-7B-Instruct``."""
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -29,13 +28,6 @@ class Qwen2AudioAdapter(QwenAdapter):
         return [{"type": "audio"}]
 
 
-def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> torch.Tensor:
-    """Whisper's positional table: sin and cos halves over log-spaced timescales."""
-    inc = math.log(max_timescale) / (channels // 2 - 1)
-    t = torch.arange(length)[:, None] * torch.exp(-inc * torch.arange(channels // 2))[None, :]
-    return torch.cat([torch.sin(t), torch.cos(t)], dim=1)
-
-
 def build_tiny(out_dir: str | Path, seed: int = 0, hidden: int = 64, audio_hidden: int = 32,
                texts: list[str] | None = None, chunk_s: int = 5, vocab_size: int = 640) -> None:
     """Tiny random Qwen2-Audio: 2-layer Qwen2 decoder (hidden 64, 4 heads / 2 KV heads), 2-layer audio encoder.
@@ -60,6 +52,7 @@ def build_tiny(out_dir: str | Path, seed: int = 0, hidden: int = 64, audio_hidde
                          eos_token_id=t("<|im_end|>"), pad_token_id=t("<|endoftext|>")),
         audio_token_index=t("<|AUDIO|>"))
     model = Qwen2AudioForConditionalGeneration(cfg).eval()
+    from transformers.models.whisper.modeling_whisper import sinusoids
     with torch.no_grad():             # Whisper's sinusoidal start for the learned positions (random init hides time)
         pos = next(m for n, m in model.named_modules() if n.endswith("audio_tower.embed_positions"))
         pos.weight.copy_(sinusoids(*pos.weight.shape))
