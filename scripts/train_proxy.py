@@ -72,7 +72,8 @@ class Stream(torch.utils.data.IterableDataset):
     def __init__(self, name: str, init_dir: Path, batch: int, seed: int, short_frac: float = 0.0,
                  weights: list[float] | None = None):
         self.name, self.init_dir, self.batch, self.seed = name, init_dir, batch, seed
-        self.short_frac, self.weights = short_frac, weights
+        self.short_frac = short_frac
+        self.p_types = None if not weights else np.asarray(weights, dtype=float) / sum(weights)
 
     def __iter__(self):
         from avkv.tasks.avqa import AVQA
@@ -87,8 +88,8 @@ class Stream(torch.utils.data.IterableDataset):
         rng = np.random.default_rng([self.seed, list(tasks.SPECS).index(self.name), info.id if info else 0])
         k = 0
         while True:
-            if self.weights:              # weighted draw (more batches for the type still being learned)
-                qtype = p.spec.types[int(rng.choice(len(p.spec.types), p=np.asarray(self.weights) / sum(self.weights)))]
+            if self.p_types is not None:  # weighted draw (more batches for the type still being learned)
+                qtype = p.spec.types[int(rng.choice(len(p.spec.types), p=self.p_types))]
             else:
                 qtype = p.spec.types[k % len(p.spec.types)]
             short = bool(rng.random() < self.short_frac)
@@ -169,6 +170,15 @@ def warm_start(init_dir: Path, source: Path) -> dict:
     skipped = sorted(k for k in fresh if k not in taken)
     save_file({**fresh, **taken}, files[0], metadata={"format": "pt"})
     return {"source": str(source), "kept": len(taken), "skipped": skipped}
+
+
+def lineage(previous: dict | None, steps: int, train_s: float) -> dict:
+    """A continuation's record keeps the earlier phases (oldest first) and totals over all of them."""
+    if not previous:
+        return {}
+    return {"phases": previous.get("phases", []) + [{k: v for k, v in previous.items() if k != "phases"}],
+            "steps_total": steps + previous.get("steps_total", previous["steps"]),
+            "train_s_total": round(train_s + previous.get("train_s_total", previous["train_s"]), 1)}
 
 
 def save(model, adapter, path: Path) -> None:
@@ -293,10 +303,7 @@ def main() -> None:
                 {"proxy": args.proxy, "steps": step, "batch": args.batch, "train_s": round(time.time() - t0, 1),
                  "lr": args.lr, "short_frac": args.short_frac, "type_weights": args.type_weights, "data_seed": args.data_seed, "log": log,
                  **({"init_from": warm} if warm else {}),
-                 **({"phases": (previous.get("phases", []) + [{k: v for k, v in previous.items() if k != "phases"}]),
-                     "steps_total": step + previous.get("steps_total", previous["steps"]),
-                     "train_s_total": round(time.time() - t0 + previous.get("train_s_total", previous["train_s"]), 1)}
-                    if previous else {})}, indent=1))
+                 **lineage(previous, step, time.time() - t0)}, indent=1))
             last_save = time.time()
         if (len(recent) == len(p.spec.types) and all(len(d) == d.maxlen and min(d) == 1.0 for d in recent.values())):
             stop = f"converged (every type 100% on its last {args.converged_steps} full-length batches)"
@@ -325,10 +332,7 @@ def main() -> None:
               "log": log}
     if warm:
         record["init_from"] = warm
-    if previous:                       # a continuation: the earlier phase(s) stay on record
-        record["phases"] = previous.get("phases", []) + [{k: v for k, v in previous.items() if k != "phases"}]
-        record["steps_total"] = step + previous.get("steps_total", previous["steps"])
-        record["train_s_total"] = round(train_s + previous.get("train_s_total", previous["train_s"]), 1)
+    record.update(lineage(previous, step, train_s))
     (out / "TRAINING.json").write_text(json.dumps(record, indent=1))
     print(f"wrote {out}", flush=True)
     os._exit(0)          # the data worker never ends by itself
