@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from avkv.methods.base import check_choice
 from avkv.methods.base import (AUDIO, LayerView, Method, Selection, allocate_integer, keep_topk, pad_ragged,
                                reduce_gqa, window_scores)
 
@@ -145,10 +146,8 @@ class AudioKV(Method):
     _scores_path: str | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.allocation not in ("head", "uniform"):
-            raise ValueError(f"allocation must be 'head' or 'uniform', got {self.allocation!r}")
-        if self.sss_scope not in ("audio", "all"):
-            raise ValueError(f"sss_scope must be 'audio' or 'all', got {self.sss_scope!r}")
+        check_choice("allocation", self.allocation, ("head", "uniform"))
+        check_choice("sss_scope", self.sss_scope, ("audio", "all"))
         if self.allocation == "head" and self.head_scores:
             self._load(self.head_scores)
 

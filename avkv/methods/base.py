@@ -153,6 +153,14 @@ class ScoreMethod(Method):
 
 
 # ---------------------------------------------------------------------------------------------- primitives
+def check_choice(name: str, value: Any, options: tuple) -> None:
+    """Reject a config field outside its options: ``<name> must be 'a', 'b' or 'c', got <value>``."""
+    if value not in options:
+        opts = [repr(o) for o in options]
+        listed = opts[0] if len(opts) == 1 else ", ".join(opts[:-1]) + " or " + opts[-1]
+        raise ValueError(f"{name} must be {listed}, got {value!r}")
+
+
 def rank_positions(scores: torch.Tensor) -> torch.Tensor:
     """Positions of each row of ``scores`` [R, S] from best to worst: [R, S].
 

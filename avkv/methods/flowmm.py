@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from avkv.methods.base import check_choice
 from avkv.methods.base import (MODALITIES, TEXT, LayerView, Method, Selection, attention_sums, keep_topk,
                                merge_into_nearest, reduce_gqa, window_scores)
 
@@ -87,10 +88,8 @@ class FlowMM(Method):
     _rho_table: list | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.rho_source not in ("online", "offline"):
-            raise ValueError(f"rho_source must be 'online' or 'offline', got {self.rho_source!r}")
-        if self.tau_mode not in ("quantile", "absolute"):
-            raise ValueError(f"tau_mode must be 'quantile' or 'absolute', got {self.tau_mode!r}")
+        check_choice("rho_source", self.rho_source, ("online", "offline"))
+        check_choice("tau_mode", self.tau_mode, ("quantile", "absolute"))
         if self.tau_mode == "absolute" and self.tau_abs is None:
             raise ValueError("tau_mode='absolute' needs tau_abs")
         self.media = tuple(self.media)

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
+from avkv.methods.base import check_choice
 from avkv.methods.base import (MODALITIES, LayerView, Method, Selection, allocate_integer, pad_ragged, reduce_gqa,
                                window_scores)
 
@@ -66,8 +67,7 @@ class MadaKV(Method):
     gqa: str = "mean"
 
     def __post_init__(self) -> None:
-        if self.mode not in ("full", "mpa", "hcc"):
-            raise ValueError(f"mode must be 'full', 'mpa' or 'hcc', got {self.mode!r}")
+        check_choice("mode", self.mode, ("full", "mpa", "hcc"))
 
     # ------------------------------------------------------------------ pieces
     @staticmethod

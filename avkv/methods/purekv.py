@@ -37,6 +37,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from avkv.methods.base import check_choice
 from avkv.methods.base import (LayerView, Method, Selection, accumulated_scores, keep_topk, pool_scores, reduce_gqa,
                                window_scores)
 
@@ -94,10 +95,8 @@ class PureKV(Method):
     _ctx: Any = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.mapping not in ("single", "groups"):
-            raise ValueError(f"mapping must be 'single' or 'groups', got {self.mapping!r}")
-        if self.clie_scope not in ("window", "all"):
-            raise ValueError(f"clie_scope must be 'window' or 'all', got {self.clie_scope!r}")
+        check_choice("mapping", self.mapping, ("single", "groups"))
+        check_choice("clie_scope", self.clie_scope, ("window", "all"))
 
     # ------------------------------------------------------------------ CLIE
     def source_of(self, layer: int) -> int | None:
