@@ -52,6 +52,8 @@ class FastV(Method):
             raise ValueError(f"FastV needs K ≥ 1 (the ranking uses layer K−1's attention), got {self.layer}")
         self._handles: list = []
         self._req: dict = {}
+        self._warned_k: int | None = None           # warnings once per run, not once per sample
+        self._warned_budget = False
 
     # ---------------------------------------------------------------------------------- request lifecycle
     def begin(self, request: dict) -> None:
@@ -64,7 +66,7 @@ class FastV(Method):
             K = len(layers) - 1
             if K < 1:
                 raise ValueError(f"FastV needs at least 2 decoder layers, the model has {len(layers)}")
-            if getattr(self, "_warned_k", None) != K:        # once per run, not once per sample
+            if self._warned_k != K:
                 log.warning("FastV: K=%d but the model has %d decoder layers; pruning before layer %d",
                             self.layer, len(layers), K)
                 self._warned_k = K
@@ -105,7 +107,7 @@ class FastV(Method):
             R = 0.0
         else:
             R = (S - req["n_keep"]) * L / ((L - K) * n_media)
-        if R > 1.0 and not getattr(self, "_warned_budget", False):   # layers < K always keep everything
+        if R > 1.0 and not self._warned_budget:      # layers < K always keep everything
             log.warning("FastV: the budget needs more than every media token dropped from layer %d on (R=%.2f); "
                         "the cache keeps more than the budget (the record's kv_bytes_ratio has the true figure)",
                         K, R)
