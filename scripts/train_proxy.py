@@ -41,9 +41,10 @@ def make_adapter(name: str, path: Path):
     return get_class(p.adapter)(path, dtype="float32", num_frames=p.spec.frames or 8)
 
 
-def encode_item(adapter, task, family: str, spec, item: dict) -> tuple[dict, torch.Tensor, torch.Tensor]:
+def encode_item(adapter, task, family: str, spec, item: dict) -> tuple[dict, torch.Tensor, torch.Tensor, dict]:
     """One generated item through the evaluation path: AVQA prompt → adapter → (inputs, input_ids, positions of
-    the prompt and of the two answer tokens)."""
+    the prompt and of the two answer tokens, layout: the engine's two split points and the media mask)."""
+    from avkv.methods.base import TEXT
     from avkv.tasks.base import Doc, Media
     doc = Doc(id="train", media=[Media("video", "<generated>", with_audio=True)], question=item["question"],
               target=item["answer"], choices=item["choices"])
@@ -52,10 +53,12 @@ def encode_item(adapter, task, family: str, spec, item: dict) -> tuple[dict, tor
     enc = adapter.encode_decoded(prompt, [{"frames": frames, "fps": float(spec.fps), "audio": item["audio"]}])
     pos = adapter.prompt_position_ids(enc)
     n = enc.input_ids.shape[1]        # + the answer letter and <|im_end|>, positioned as decoding positions them
-    return enc.inputs, enc.input_ids, torch.cat([pos, adapter.continue_position_ids(pos, n, 2)], -1)
+    layout = {"context": enc.question_start, "question": enc.assistant_start, "media": enc.modality != TEXT}
+    return enc.inputs, enc.input_ids, torch.cat([pos, adapter.continue_position_ids(pos, n, 2)], -1), layout
 
 
-def collate(parts: list[tuple[dict, torch.Tensor, torch.Tensor]]) -> tuple[dict, torch.Tensor, torch.Tensor]:
+def collate(parts: list[tuple]) -> tuple[dict, torch.Tensor, torch.Tensor, dict]:
+    """One batch; its items share one token layout (one question type and clip geometry per batch)."""
     ids = torch.cat([p[1] for p in parts])
     pos = torch.cat([p[2] for p in parts], dim=-2)
     inputs = {}
@@ -63,7 +66,10 @@ def collate(parts: list[tuple[dict, torch.Tensor, torch.Tensor]]) -> tuple[dict,
         if k == "input_ids":
             continue
         inputs[k] = torch.cat([p[0][k] for p in parts]) if torch.is_tensor(v) else v
-    return inputs, ids, pos
+    layout = parts[0][3]
+    assert all(p[3]["context"] == layout["context"] and p[3]["question"] == layout["question"]
+               and torch.equal(p[3]["media"], layout["media"]) for p in parts), "a batch mixes token layouts"
+    return inputs, ids, pos, layout
 
 
 class Stream(torch.utils.data.IterableDataset):
@@ -95,10 +101,10 @@ class Stream(torch.utils.data.IterableDataset):
             short = bool(rng.random() < self.short_frac)
             spec = tasks.SHORT[self.name] if short else p.spec
             items = [tasks.make_item(rng, self.name, qtype, spec) for _ in range(self.batch)]
-            inputs, ids, pos = collate([encode_item(adapter, task, p.family, spec, it) for it in items])
+            inputs, ids, pos, layout = collate([encode_item(adapter, task, p.family, spec, it) for it in items])
             answer = torch.tensor([letters[it["answer"]] for it in items])
             tail = torch.stack([answer, torch.full_like(answer, eos)], 1)       # prompt + letter + <|im_end|>
-            yield inputs, torch.cat([ids, tail], 1), pos, answer, eos, "/".join(qtype), short
+            yield inputs, torch.cat([ids, tail], 1), pos, answer, eos, "/".join(qtype), short, layout
             k += 1
 
 
@@ -124,6 +130,43 @@ def held_out_accuracy(name: str, ckpt: Path, fixtures: Path, run_dir: Path, thre
     return {"accuracy": s["score"], "n": s["n"], "n_failed": s["n_failed"],
             "by_relation": agg.get("accuracy_by_question_relation"), "by_type": agg.get("accuracy_by_question_type"),
             "slice": {"first": SLICE, "accuracy": sum(head) / len(head)}}
+
+
+def split_forward(model, text_config, inputs: dict, ids: torch.Tensor, pos: torch.Tensor, layout: dict, s: int,
+                  perm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The engine's split prefill, differentiable: ``ids[:, :s]`` (with the media) fills a cache, then the rest of the
+    prompt and the answer are read three times, from:
+
+    - that cache (the ordinary loss; the same logits as one forward over the whole sequence);
+    - the cache with its media entries (every layer) taken from item ``perm[i]``: only the shared system text
+      precedes the media, so these entries are exactly what item ``perm[i]``'s own prefill computes, while the text
+      entries after the media (end-of-media markers, and the question when ``s`` is the question split) still come
+      from item ``i``;
+    - the cache with every media entry removed (the leak control, ``method=drop_media``).
+
+    Returns the last 3 logits of each read. Training the second read towards ``answer[perm]`` and the third towards
+    a uniform answer teaches the model to answer from the media entries only, not from text entries that absorbed
+    the evidence while they were prefilled."""
+    from transformers import DynamicCache
+    cache = DynamicCache(config=text_config)
+    model(input_ids=ids[:, :s], position_ids=pos[..., :s], past_key_values=cache, use_cache=True, logits_to_keep=1,
+          **inputs)
+    media = layout["media"][:s]
+    text = (~media).nonzero().flatten()
+    out = []
+    for read in ("same", "swapped", "dropped"):
+        c = DynamicCache(config=text_config)
+        for i, layer in enumerate(cache.layers):
+            k, v = layer.keys, layer.values
+            if read == "swapped":
+                m = media.view(1, 1, s, 1)
+                k, v = torch.where(m, k[perm], k), torch.where(m, v[perm], v)
+            elif read == "dropped":
+                k, v = k[:, :, text], v[:, :, text]
+            c.update(k, v, i)
+        out.append(model(input_ids=ids[:, s:], position_ids=pos[..., s:], past_key_values=c, use_cache=True,
+                         logits_to_keep=3).logits[:, -3:])
+    return out[0], out[1], out[2]
 
 
 #: names of a tensor in a sibling family's checkpoint (the Omni thinker's towers and decoder have the same shapes as
@@ -206,6 +249,10 @@ def main() -> None:
     ap.add_argument("--type-weights", type=lambda x: [float(v) for v in x.split(",")], default=None,
                     help="comma-separated batch shares of the proxy's question types, in their order "
                          "(default: types take turns)")
+    ap.add_argument("--media-only", type=float, default=0.0,
+                    help="weight of the swapped-media and dropped-media losses (split_forward): > 0 trains the model "
+                         "to answer from the media entries of the cache, not from text entries that absorbed the "
+                         "evidence")
     ap.add_argument("--seed", type=int, default=0, help="weight init seed")
     ap.add_argument("--data-seed", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1,
@@ -260,6 +307,7 @@ def main() -> None:
     model.train()
     budget = args.minutes * 60
     recent: dict[str, deque] = defaultdict(lambda: deque(maxlen=args.converged_steps))
+    recent_drop: dict[str, deque] = defaultdict(lambda: deque(maxlen=args.converged_steps))
     window: dict[str, list] = defaultdict(list)
     log, step, t0 = [], 0, time.time()
     last_save = t0
@@ -267,7 +315,9 @@ def main() -> None:
     print(f"proxy {args.proxy}: {type(model).__name__}, {n_params} params, batch {args.batch}", flush=True)
     stop_requested = []
     signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))   # kill <pid>: stop, save, evaluate
-    for inputs, ids, pos, answer, eos, qtype, short in dl:
+    text_config = adapter.text_config()
+    letters = [adapter.tokenizer.convert_tokens_to_ids(c) for c in "ABCD"]
+    for inputs, ids, pos, answer, eos, qtype, short, layout in dl:
         el = time.time() - t0
         if el > budget:
             break
@@ -277,23 +327,40 @@ def main() -> None:
         lr = args.lr * min(1.0, (step + 1) / args.warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, el / budget))))
         for g in opt.param_groups:
             g["lr"] = lr
-        # Qwen2-Audio and the Omni thinker ignore logits_to_keep (all positions come back): index from the end
-        logits = model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=3, **inputs).logits[:, -3:]
-        loss = (torch.nn.functional.cross_entropy(logits[:, 0], answer)
-                + torch.nn.functional.cross_entropy(logits[:, 1], torch.full_like(answer, eos)))
+        ce = torch.nn.functional.cross_entropy
+        if args.media_only > 0:       # the engine's two split points, in turn
+            s = layout["context"] if step % 2 == 0 else layout["question"]
+            perm = torch.roll(torch.arange(len(answer)), 1)
+            logits, swapped, dropped = split_forward(model, text_config, inputs, ids, pos, layout, s, perm)
+        else:
+            # Qwen2-Audio and the Omni thinker ignore logits_to_keep (all positions come back): index from the end
+            logits = model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=3, **inputs).logits[:, -3:]
+        loss = ce(logits[:, 0], answer) + ce(logits[:, 1], torch.full_like(answer, eos))
+        acc = float((logits[:, 0].argmax(-1) == answer).float().mean())
+        if args.media_only > 0:        # swapped media → that item's answer; no media → every letter equally likely
+            swap_loss = ce(swapped[:, 0], answer[perm])
+            swap_acc = float((swapped[:, 0].argmax(-1) == answer[perm]).float().mean())
+            drop_loss = -dropped[:, 0].log_softmax(-1)[:, letters].mean(-1).mean()
+            drop_acc = float((dropped[:, 0].argmax(-1) == answer).float().mean())
+            loss = loss + args.media_only * (swap_loss + drop_loss)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        acc = float((logits[:, 0].argmax(-1) == answer).float().mean())
         if not short:                  # convergence is judged on full-length clips only (the held-out geometry)
-            recent[qtype].append(acc)
-        window[qtype + ("" if short else "@full")].append((float(loss), acc))
+            recent[qtype].append(min(acc, swap_acc) if args.media_only > 0 else acc)
+            if args.media_only > 0:
+                recent_drop[qtype].append(drop_acc)
+        window[qtype + ("" if short else "@full")].append((float(loss.detach()), acc))
+        if args.media_only > 0:       # the dropped-media accuracy should sit at chance
+            window[qtype + ("@swap" if short else "@full@swap")].append((float(swap_loss.detach()), swap_acc))
+            window[qtype + ("@drop" if short else "@full@drop")].append((float(drop_loss.detach()), drop_acc))
         step += 1
         if step % 15 == 0:
             rec = {"step": step, "t": round(time.time() - t0, 1), "lr": round(lr, 6),
                    **{f"acc[{k}]": round(float(np.mean([a for _, a in v])), 3) for k, v in sorted(window.items())},
-                   "loss": round(float(np.mean([l for v in window.values() for l, _ in v])), 4)}
+                   "loss": round(float(np.mean([l for k, v in window.items() if "@swap" not in k and "@drop" not in k
+                                                for l, _ in v])), 4)}
             log.append(rec)
             window.clear()
             print(json.dumps(rec), flush=True)
@@ -301,11 +368,13 @@ def main() -> None:
             save(model, adapter, work / "ckpt")
             (work / "ckpt" / "PROGRESS.json").write_text(json.dumps(     # lets --init-from continue the record
                 {"proxy": args.proxy, "steps": step, "batch": args.batch, "train_s": round(time.time() - t0, 1),
-                 "lr": args.lr, "short_frac": args.short_frac, "type_weights": args.type_weights, "data_seed": args.data_seed, "log": log,
+                 "lr": args.lr, "short_frac": args.short_frac, "type_weights": args.type_weights,
+                 "media_only": args.media_only, "data_seed": args.data_seed, "log": log,
                  **({"init_from": warm} if warm else {}),
                  **lineage(previous, step, time.time() - t0)}, indent=1))
             last_save = time.time()
-        if (len(recent) == len(p.spec.types) and all(len(d) == d.maxlen and min(d) == 1.0 for d in recent.values())):
+        if (len(recent) == len(p.spec.types) and all(len(d) == d.maxlen and min(d) == 1.0 for d in recent.values())
+                and all(np.mean(d) <= 0.375 for d in recent_drop.values())):   # media-only: no-media answers ~chance
             stop = f"converged (every type 100% on its last {args.converged_steps} full-length batches)"
             break
     train_s = time.time() - t0
@@ -321,6 +390,7 @@ def main() -> None:
     record = {"proxy": args.proxy, "class": type(model).__name__, "params": n_params, "steps": step,
               "batch": args.batch, "samples": step * args.batch, "train_s": round(train_s, 1), "stopped": stop,
               "lr": args.lr, "warmup": args.warmup, "short_frac": args.short_frac, "type_weights": args.type_weights,
+              "media_only": args.media_only,
               "init_seed": args.seed, "data_seed": args.data_seed,
               "threads": args.threads, "held_out": {"dataset": f"proxy_{args.proxy}", "seed": tasks.HELD_OUT_SEED,
                                                     "generator": tasks.VERSION, **held},
@@ -328,6 +398,7 @@ def main() -> None:
                          f"--batch {args.batch} --lr {args.lr:g} --short-frac {args.short_frac:g} --seed {args.seed} "
                          f"--data-seed {args.data_seed} --workers {args.workers}"
                          + (f" --type-weights {','.join(f'{w:g}' for w in args.type_weights)}" if args.type_weights else "")
+                         + (f" --media-only {args.media_only:g}" if args.media_only else "")
                          + (f" --init-from {args.init_from}" if args.init_from else ""),
               "log": log}
     if warm:

@@ -90,7 +90,7 @@ def test_training_renders_an_item_as_the_evaluation_does(proxy):
     audio = media_io.load_audio(str(video)) if p.spec.audio_s else None
     gen = {"frames": frames if p.spec.frames else None, "audio": audio, "question": item["question_text"],
            "choices": item["multi_choice"], "answer": item["answer"]}
-    inputs, ids, pos = _train_script().encode_item(adapter, task, p.family, p.spec, gen)
+    inputs, ids, pos, _ = _train_script().encode_item(adapter, task, p.family, p.spec, gen)
     assert torch.equal(ids, enc.input_ids)
     assert torch.equal(pos[..., :ids.shape[1]], adapter.prompt_position_ids(enc))
 
@@ -117,3 +117,41 @@ def test_held_out_answers_are_balanced_per_type(proxy):
     for t in range(n_types):
         answers = [x["answer"] for x in items[t::n_types]]
         assert all(sorted(answers[i:i + 4]) == [0, 1, 2, 3] for i in range(0, len(answers) - 3, 4)), answers
+
+
+def test_training_split_reads_match_one_forward_and_the_engine_leak_control():
+    """``split_forward`` (the ``--media-only`` training loss): its plain read equals one forward over the whole
+    sequence, its dropped-media read gives the logits the engine gives with ``method=drop_media`` at
+    ``compress_at=context``, and its swapped read equals the plain read when the two items share their media."""
+    import torch
+
+    from avkv.engine import Engine
+    from avkv.methods.drop_media import DropMedia
+    from avkv.models.proxy import PROXIES
+    from avkv.tasks.avqa import AVQA
+    from avkv.tasks.base import Doc, Media
+    train = _train_script()
+    p = PROXIES["av"]
+    adapter = train.make_adapter("av", p.checkpoint)
+    task = AVQA(root=p.checkpoint)
+    rng = np.random.default_rng(3)
+    spec = tasks.SHORT["av"]
+    a, b = (tasks.make_item(rng, "av", ("Visual", "Which"), spec) for _ in range(2))
+    inputs, ids, pos, layout = train.collate([train.encode_item(adapter, task, p.family, spec, it) for it in (a, b, a)])
+    letters = torch.tensor([adapter.tokenizer.convert_tokens_to_ids(x) for x in "ABCD"])
+    answer = letters[[a["answer"], b["answer"], a["answer"]]]
+    ids = torch.cat([ids, torch.stack([answer, torch.full_like(answer, adapter.eos_token_ids[0])], 1)], 1)
+    with torch.no_grad():
+        whole = adapter.model(input_ids=ids, position_ids=pos, use_cache=False, **inputs).logits[:, -3:]
+        same, swapped, dropped = train.split_forward(adapter.model, adapter.text_config(), inputs, ids, pos, layout,
+                                                     layout["context"], torch.tensor([2, 2, 0]))
+    assert torch.allclose(same, whole, atol=1e-4)
+    assert torch.allclose(swapped[[0, 2]], same[[0, 2]], atol=1e-5)       # items 0 and 2 are the same clip
+    assert not torch.allclose(swapped[1], same[1], atol=1e-3)             # item 1 now reads item 0's media
+
+    doc = Doc(id="x", media=[Media("video", "<generated>", with_audio=True)], question=a["question"],
+              target=a["answer"], choices=a["choices"])
+    enc = adapter.encode_decoded(task.prompt(doc, p.family),
+                                 [{"frames": a["frames"], "fps": float(spec.fps), "audio": a["audio"]}])
+    gen = Engine(adapter, DropMedia(), budget=0.5, compress_at="context", max_new_tokens=1).generate(enc)
+    assert torch.allclose(gen.first_logits, dropped[0, 0], atol=1e-4)
