@@ -5,7 +5,10 @@ endless stream of synthetic clips from ``avkv.tasks.fixtures.proxy.make_item`` (
 evaluation renders them: the AVQA task's prompt for the family, then the adapter's ``encode_decoded`` (chat
 template, the real processor, placeholder expansion) and its position ids. The loss is cross-entropy on the
 answer letter and the ``<|im_end|>`` after it. Each batch holds one question type (same length, no padding);
-types take turns.
+types take turns. With ``--media-only w`` the prompt is prefilled in two parts at the engine's split points and two
+more losses (weight ``w``) teach the model to answer from the media entries of the cache only (``split_forward``):
+a model trained on the plain loss alone may also copy the evidence into the text entries after the media (the
+end-of-media markers, the question), which the leak control (every media entry dropped) then exposes.
 
 Training stops at the time budget, or earlier once every question type has been right on all of the last
 ``--converged-steps`` full-length batches of its type. The checkpoint is written with ``save_pretrained`` (weights, tokenizer,
