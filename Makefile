@@ -40,12 +40,15 @@ test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Retrain the committed proxy checkpoints on CPU (about 25 min each): the AV proxy first, then the video and audio
-# proxies warm-started from its towers and decoder. Each checkpoint's TRAINING.json lists the exact commands of
-# the phases that made it; regenerate the reference table with `make proxy-table`.
+# proxies warm-started from its towers and decoder, then a phase that teaches the AV proxy to answer from the
+# media entries only (its leak control). Each checkpoint's TRAINING.json lists the exact commands of the phases
+# that made it; regenerate the reference table with `make proxy-table`.
 proxies: setup
 	$(PY) scripts/train_proxy.py --proxy av --minutes 25 --lr 2e-3 --short-frac 0.5 --workers 1
 	for p in video audio; do $(PY) scripts/train_proxy.py --proxy $$p --minutes 30 --lr 2e-3 --short-frac 0.5 \
 	  --workers 1 --type-weights 1,1,4 --init-from avkv/models/proxy_checkpoints/proxy_av || exit 1; done
+	$(PY) scripts/train_proxy.py --proxy av --minutes 15 --lr 1e-3 --short-frac 0.5 --workers 1 --media-only 1 \
+	  --data-seed 3 --init-from avkv/models/proxy_checkpoints/proxy_av
 
 proxy-table: setup
 	$(PY) scripts/proxy_table.py $(ARGS)
