@@ -262,7 +262,7 @@ def main() -> None:
                     help="torch threads; 1 is fastest for these tiny models (and far faster on a loaded machine)")
     ap.add_argument("--workers", type=int, default=2, help="data worker processes (one thread each)")
     ap.add_argument("--converged-steps", type=int, default=8,
-                    help="stop early when every type was 100%% right on its last N full-length batches")
+                    help="stop early when every type was 100%% right on its last N full-length batches (0: never)")
     ap.add_argument("--out", type=Path, default=None, help="checkpoint folder (default: the committed one)")
     ap.add_argument("--work", type=Path, default=Path(".cache/proxy_train"))
     ap.add_argument("--fixtures", type=Path, default=Path(".cache/fixtures"))
@@ -376,7 +376,8 @@ def main() -> None:
                  **({"init_from": warm} if warm else {}),
                  **lineage(previous, step, time.time() - t0)}, indent=1))
             last_save = time.time()
-        if (len(recent) == len(p.spec.types) and all(len(d) == d.maxlen and min(d) == 1.0 for d in recent.values())
+        if (args.converged_steps and len(recent) == len(p.spec.types)
+                and all(len(d) == d.maxlen and min(d) == 1.0 for d in recent.values())
                 and all(np.mean(d) <= 0.375 for d in recent_drop.values())):   # media-only: no-media answers ~chance
             stop = f"converged (every type 100% on its last {args.converged_steps} full-length batches)"
             break
