@@ -154,22 +154,20 @@ def split_forward(model, text_config, inputs: dict, ids: torch.Tensor, pos: torc
     cache = DynamicCache(config=text_config)
     model(input_ids=ids[:, :s], position_ids=pos[..., :s], past_key_values=cache, use_cache=True, logits_to_keep=1,
           **inputs)
-    media = layout["media"][:s]
-    text = (~media).nonzero().flatten()
-    out = []
-    for read in ("same", "swapped", "dropped"):
-        c = DynamicCache(config=text_config)
-        for i, layer in enumerate(cache.layers):
-            k, v = layer.keys, layer.values
-            if read == "swapped":
-                m = media.view(1, 1, s, 1)
-                k, v = torch.where(m, k[perm], k), torch.where(m, v[perm], v)
-            elif read == "dropped":
-                k, v = k[:, :, text], v[:, :, text]
-            c.update(k, v, i)
-        out.append(model(input_ids=ids[:, s:], position_ids=pos[..., s:], past_key_values=c, use_cache=True,
-                         logits_to_keep=3).logits[:, -3:])
-    return out[0], out[1], out[2]
+    media = layout["media"][:s].view(1, 1, s, 1)
+    text = (~layout["media"][:s]).nonzero().flatten()
+    swapped, dropped = DynamicCache(config=text_config), DynamicCache(config=text_config)
+    for i, layer in enumerate(cache.layers):
+        k, v = layer.keys, layer.values
+        swapped.update(torch.where(media, k[perm], k), torch.where(media, v[perm], v), i)
+        dropped.update(k[:, :, text], v[:, :, text], i)
+
+    def read(c) -> torch.Tensor:      # appends the suffix to c: the prefix cache is read last
+        return model(input_ids=ids[:, s:], position_ids=pos[..., s:], past_key_values=c, use_cache=True,
+                     logits_to_keep=3).logits[:, -3:]
+
+    out_swapped, out_dropped = read(swapped), read(dropped)
+    return read(cache), out_swapped, out_dropped
 
 
 #: names of a tensor in a sibling family's checkpoint (the Omni thinker's towers and decoder have the same shapes as
@@ -312,6 +310,7 @@ def main() -> None:
     recent: dict[str, deque] = defaultdict(lambda: deque(maxlen=args.converged_steps))
     recent_drop: dict[str, deque] = defaultdict(lambda: deque(maxlen=args.converged_steps))
     window: dict[str, list] = defaultdict(list)
+    extra_window: dict[str, list] = defaultdict(list)
     log, step, t0 = [], 0, time.time()
     last_save = t0
     stop = "time budget"
@@ -331,41 +330,43 @@ def main() -> None:
         for g in opt.param_groups:
             g["lr"] = lr
         ce = torch.nn.functional.cross_entropy
+        extra = {}                    # the --media-only reads: name -> (loss, accuracy)
         if args.media_only > 0:       # the engine's two split points, in turn
             s = layout["context"] if step % 2 == 0 else layout["question"]
             perm = torch.roll(torch.arange(len(answer)), 1)
             logits, swapped, dropped = split_forward(model, text_config, inputs, ids, pos, layout, s, perm)
+            # swapped media → that item's answer; no media → every letter equally likely (its accuracy ~ chance)
+            extra = {"swap": (ce(swapped[:, 0], answer[perm]),
+                              float((swapped[:, 0].argmax(-1) == answer[perm]).float().mean())),
+                     "drop": (-dropped[:, 0].log_softmax(-1)[:, letters].mean(-1).mean(),
+                              float((dropped[:, 0].argmax(-1) == answer).float().mean()))}
         else:
             # Qwen2-Audio and the Omni thinker ignore logits_to_keep (all positions come back): index from the end
             logits = model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=3, **inputs).logits[:, -3:]
         loss = ce(logits[:, 0], answer) + ce(logits[:, 1], torch.full_like(answer, eos))
         acc = float((logits[:, 0].argmax(-1) == answer).float().mean())
-        if args.media_only > 0:        # swapped media → that item's answer; no media → every letter equally likely
-            swap_loss = ce(swapped[:, 0], answer[perm])
-            swap_acc = float((swapped[:, 0].argmax(-1) == answer[perm]).float().mean())
-            drop_loss = -dropped[:, 0].log_softmax(-1)[:, letters].mean(-1).mean()
-            drop_acc = float((dropped[:, 0].argmax(-1) == answer).float().mean())
-            loss = loss + args.media_only * (swap_loss + drop_loss)
+        total = loss + args.media_only * sum(l for l, _ in extra.values())
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        key = qtype + ("" if short else "@full")
         if not short:                  # convergence is judged on full-length clips only (the held-out geometry)
-            recent[qtype].append(min(acc, swap_acc) if args.media_only > 0 else acc)
-            if args.media_only > 0:
-                recent_drop[qtype].append(drop_acc)
-        window[qtype + ("" if short else "@full")].append((float(loss.detach()), acc))
-        if args.media_only > 0:       # the dropped-media accuracy should sit at chance
-            window[qtype + ("@swap" if short else "@full@swap")].append((float(swap_loss.detach()), swap_acc))
-            window[qtype + ("@drop" if short else "@full@drop")].append((float(drop_loss.detach()), drop_acc))
+            recent[qtype].append(min(acc, extra["swap"][1]) if extra else acc)
+            if extra:
+                recent_drop[qtype].append(extra["drop"][1])
+        window[key].append((float(loss.detach()), acc))
+        for name, (l, a) in extra.items():
+            extra_window[f"{key}@{name}"].append((float(l.detach()), a))
         step += 1
         if step % 15 == 0:
             rec = {"step": step, "t": round(time.time() - t0, 1), "lr": round(lr, 6),
-                   **{f"acc[{k}]": round(float(np.mean([a for _, a in v])), 3) for k, v in sorted(window.items())},
-                   "loss": round(float(np.mean([l for k, v in window.items() if "@swap" not in k and "@drop" not in k
-                                                for l, _ in v])), 4)}
+                   **{f"acc[{k}]": round(float(np.mean([a for _, a in v])), 3)
+                      for k, v in sorted({**window, **extra_window}.items())},
+                   "loss": round(float(np.mean([l for v in window.values() for l, _ in v])), 4)}
             log.append(rec)
             window.clear()
+            extra_window.clear()
             print(json.dumps(rec), flush=True)
         if time.time() - last_save > args.save_every:
             save(model, adapter, work / "ckpt")
