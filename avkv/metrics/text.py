@@ -101,20 +101,32 @@ def extract_choice(text: str | None, choices: Sequence[str]) -> int | None:
     return None
 
 
-def videollama2_mc_choice(text: str | None, n_choices: int) -> tuple[int, bool]:
-    """VideoLLaMA2 ``inference_video_mcqa_mvbench.py`` ``mvbench_dump``: the first match of
-    ``[\(,\ ]*[A-D][\),\ ]*`` (any capital key letter, even inside a word: "Based on" reads as B), stripped of
-    spaces and brackets. **Quirk:** when nothing matches, the official script predicts index 2 ("C").
+def videollama2_mc_choice(text: str | None, choices: int | Sequence[str]) -> tuple[int, bool]:
+    """VideoLLaMA2 (branch ``audio_visual``) ``inference_video_mcqa_mvbench.py`` ``mvbench_dump``, step for step:
 
-    Returns ``(index, parsed_ok)``; ``parsed_ok`` is False where the fallback was used, so the harness can count
-    it even in official-compatible scoring.
+    1. delete every ``answer`` and ``Answer`` (so "Answer: B" is not read as the A of "Answer"; "ANSWER" stays);
+    2. the first match of ``[\(,\ ]*[A-<last>][\),\ ]*`` (any capital key letter, even inside a word: "Based on"
+       reads as B), stripped of spaces and then of brackets, must be a key — "B," or " ,C, " is not, and falls
+       to the fixed answer;
+    3. only when the regex finds nothing: the first option whose lower-cased text occurs anywhere in the
+       lower-cased output (plain substring: "i don't know" contains "no");
+    4. otherwise the official script prints a traceback and predicts index 2 ("C"), even with two options.
+
+    ``choices`` is the candidate list (an int, the number of options, skips step 3). Returns ``(index,
+    parsed_ok)``; ``parsed_ok`` is False where the fixed index 2 was used, so the harness can count it.
     """
-    keys = option_letters(n_choices)
-    found = re.findall(rf"[\(,\ ]*[{keys[0]}-{keys[-1]}][\),\ ]*", str(text or ""))
+    opts = [str(c) for c in choices] if not isinstance(choices, int) else []
+    keys = option_letters(choices if isinstance(choices, int) else len(opts))
+    out = str(text if text is not None else "").replace("answer", "").replace("Answer", "")
+    found = re.findall(rf"[\(,\ ]*[{keys[0]}-{keys[-1]}][\),\ ]*", out)
     if found:
         k = found[0].strip().strip("()")
         if k in keys:
             return keys.index(k), True
+        return 2, False
+    for i, opt in enumerate(opts):
+        if opt.lower() in out.lower():
+            return i, True
     return 2, False
 
 
@@ -180,28 +192,47 @@ def rouge_l(hyp: str, ref: str, beta: float = 1.0) -> float:
     return ((1 + beta ** 2) * p * rec) / (rec + beta ** 2 * p)
 
 
-_PTB_TOKEN = re.compile(r"n't|'(?:s|re|ve|d|ll|m)\b|[a-z0-9]+(?:[-./'][a-z0-9]+)*(?=n't)|[a-z0-9]+(?:[-./][a-z0-9]+)*")
-
-
 def ptb_tokenize(text: str) -> list[str]:
-    """An approximation of coco-caption's ``PTBTokenizer`` (Stanford PTB tokenizer, lower-cased, punctuation
-    tokens dropped) without Java: contractions split off (``don't`` → ``do n't``, ``he's`` → ``he 's``),
-    hyphenated words and decimals kept whole, every other punctuation mark removed."""
-    return _PTB_TOKEN.findall(str(text).lower())
+    """coco-caption's ``PTBTokenizer`` (Stanford PTB tokenizer, lower-cased, its punctuation list dropped) without
+    Java: :func:`avkv.metrics.ptb.ptb_tokens`."""
+    from avkv.metrics.ptb import ptb_tokens
+    return ptb_tokens(text)
 
 
-def rouge_l_coco(candidate: str, references: Sequence[str], beta: float = 1.2) -> float:
-    """coco-caption ``Rouge`` (used by the DSTC AVSD evaluation): LCS precision and recall against each
-    reference, the *maximum* precision and the maximum recall taken separately, then
-    ``F = (1 + b²) P R / (R + b² P)`` with ``b = 1.2``; on :func:`ptb_tokenize` tokens."""
-    c = ptb_tokenize(candidate)
+def _coco_tokens(text: str) -> list[str]:
+    # coco-caption's Rouge splits the tokenised line on " ": an empty line is one empty token ([''])
+    from avkv.metrics.ptb import ptb_line
+    return ptb_line(text).split(" ")
+
+
+#: the AVSD scorer versions: DSTC7's package (stopword-filtered hypotheses), or plain coco-caption
+AVSD_SCORER_VERSIONS = ("dstc7", "coco")
+
+
+def rouge_l_coco(candidate: str, references: Sequence[str], beta: float = 1.2, version: str = "coco") -> float:
+    """coco-caption ``Rouge.calc_score`` on PTB tokens: LCS precision and recall against each reference, the
+    *maximum* precision and the maximum recall taken separately, ``F = (1 + b²) P R / (R + b² P)``, ``b = 1.2``.
+
+    ``version="dstc7"`` first passes the candidate through the DSTC7 package's hypothesis filter
+    (:func:`avkv.metrics.ptb.dstc7_stopword_filter`: every one-character token dropped); references are never
+    filtered. As upstream, an empty tokenised text is one empty token, so an empty candidate scores 0 against
+    non-empty references. An empty reference list raises (upstream asserts).
+    """
+    if version not in AVSD_SCORER_VERSIONS:
+        raise ValueError(f"unknown AVSD scorer version {version!r}; known: {', '.join(AVSD_SCORER_VERSIONS)}")
+    if not references:
+        raise ValueError("rouge_l_coco needs at least one reference")
+    if version == "dstc7":
+        from avkv.metrics.ptb import dstc7_stopword_filter
+        candidate = dstc7_stopword_filter(candidate)
+    c = _coco_tokens(candidate)
     precs, recs = [], []
     for ref in references:
-        r = ptb_tokenize(ref)
-        lcs = _lcs(c, r) if c and r else 0
-        precs.append(lcs / len(c) if c else 0.0)
-        recs.append(lcs / len(r) if r else 0.0)
-    p, rec = max(precs, default=0.0), max(recs, default=0.0)
+        r = _coco_tokens(ref)
+        lcs = _lcs(r, c)
+        precs.append(lcs / len(c))
+        recs.append(lcs / len(r))
+    p, rec = max(precs), max(recs)
     if p == 0 or rec == 0:
         return 0.0
     return ((1 + beta ** 2) * p * rec) / (rec + beta ** 2 * p)
@@ -382,13 +413,33 @@ def _mb_option_pattern(option: str) -> str:
     return s
 
 
-def milebench_match_choice(text: str, options: dict[str, str]) -> str:
+#: MileBench ``evaluate.py`` versions: the initial commit 730e930 and the current one b2979ac (LOOK-M's copy)
+MILEBENCH_VERSIONS = ("current", "initial")
+
+
+def milebench_key(i: int, version: str = "current") -> str:
+    """Option key ``i``: ``chr(65 + i)`` in the initial version (past Z: ``[``, ``\\``, ``]``, ...), ``Eval.char``
+    in the current one (A..Z, AA..AZ, then ``'B' + chr(i + 13)``: BA..)."""
+    if version == "initial":
+        return chr(65 + i)
+    if version != "current":
+        raise ValueError(f"unknown MileBench scorer version {version!r}; known: {', '.join(MILEBENCH_VERSIONS)}")
+    if i < 26:
+        return chr(i + 65)
+    if i < 52:
+        return "A" + chr(i + 65 - 26)
+    return "B" + chr(i + 65 - 26 - 26)
+
+
+def milebench_match_choice(text: str, options: dict[str, str], version: str = "current") -> str:
     """MileBench ``Eval.match_choice`` on an already-processed prediction; returns the picked key(s).
 
     Order: (1) the first ``"<key> <option text>"`` found anywhere (so "a red" inside "this is a red square"
-    reads as A); (2) the first option text found with all spaces removed; (3) a one-character answer that is a
-    key; (4) otherwise every character of the text that is a key, upper-cased and concatenated (rarely a single
-    valid key). **Empty text returns 'C'.** A regex error returns the text itself.
+    reads as A), returning only the *first character* of what matched (a current-version "ab picture 28"
+    returns "A"); (2) the first option text found with all spaces removed (regex alternation in option order, so
+    "picture2" wins inside "picture28"); (3) the whole answer is a key: one character (initial) or one or two
+    (current: "AB"); (4) otherwise every character of the text that is a key, upper-cased and concatenated.
+    **Empty text returns 'C'.** A regex error returns the text itself.
     """
     if text == "":
         return "C"
@@ -403,27 +454,34 @@ def milebench_match_choice(text: str, options: dict[str, str]) -> str:
             for k, p in pats.items():
                 if m[0].strip() == p:
                     return k.upper()
-        if len(text) == 1 and text.upper() in options:
+        if len(text) in ((1,) if version == "initial" else (1, 2)) and text.upper() in options:
             return text.upper()
     except Exception:                                              # noqa: BLE001 - upstream returns the text
         return text
     return "".join(ch.upper() for ch in text if ch.upper() in options)
 
 
-def milebench_score_mc(pred: str, gold: str, choices: Sequence[str]) -> tuple[float, str, bool]:
+def milebench_score_mc(pred: str, gold: str, choices: Sequence[str], version: str = "current"
+                       ) -> tuple[float, str, bool]:
     """``judge_multi_choice`` after ``process_sample``: (score, picked key(s), parsed_ok).
 
-    Keys are ``chr(65 + i)`` as upstream (past 26 options they run into ``[``, ``\\``, ... — GPR1200's quirk).
-    ``parsed_ok`` is False for the empty-answer 'C' and for a pick that is not exactly one key.
+    Keys follow :func:`milebench_key` for ``version``. ``parsed_ok`` is False for the empty-answer 'C' and for a
+    pick that is not exactly one key.
     """
     p = milebench_process(pred)
     g = milebench_process(gold)
     ch = [milebench_process(c) for c in choices]
     if g not in ch:
         raise ValueError(f"gold answer {gold!r} is not among the choices")
-    options = {chr(65 + i): c for i, c in enumerate(ch)}
-    picked = milebench_match_choice(p, options)
-    return float(picked == chr(65 + ch.index(g))), picked, p != "" and picked in options
+    options = {milebench_key(i, version): c for i, c in enumerate(ch)}
+    picked = milebench_match_choice(p, options, version)
+    return float(picked == milebench_key(ch.index(g), version)), picked, p != "" and picked in options
+
+
+def milebench_image_level(n_images: int) -> str:
+    """The current ``evaluate.py``'s ``get_image_quantity_level``: from the number of images, not the stored
+    field (< 6 Few, > 31 Many, else Medium)."""
+    return "Few" if n_images < 6 else ("Many" if n_images > 31 else "Medium")
 
 
 def milebench_score_open(pred: str, gold: str) -> float:

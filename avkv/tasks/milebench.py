@@ -20,9 +20,13 @@ method of a sweep on one model — and is recorded per sample (``meta.truncation
 folder as ``tokenizer`` (e.g. ``dataset.tokenizer=${model.path}``); without one a whitespace token count is used
 and recorded as such.
 
-Scoring (``evaluate.py``): needle datasets — processed gold is a token of the processed answer; MMCoQA — a
-substring; open-ended — ROUGE-L F of ``rouge==1.0.1``; multi-choice — ``match_choice`` with its quirks (an
-empty answer picks C). Roll-up: per dataset (and by ``image_quantity_level``), then the mean per group
+Scoring (``evaluate.py``, ``scorer_version``: ``current`` = commit b2979ac, the copy LOOK-M ships and the KV papers'
+numbers come from; ``initial`` = 730e930): needle datasets — processed gold is a token of the processed answer;
+MMCoQA — a substring; open-ended — ROUGE-L F of ``rouge==1.0.1``; multi-choice — ``match_choice`` with its quirks
+(an empty answer picks C; current: keys past Z are AA, AB, ... and a two-character answer may be a key;
+initial: keys ``chr(65 + i)``). The image-quantity breakdown is by the number of images (current) or the stored
+``image_quantity_level`` (initial — whose open-ended branch files every sample under the level of the *last*
+sample of the file, a quirk kept). Roll-up: per dataset (and by ``image_quantity_level``), then the mean per group
 (Realistic Temporal / Realistic Semantic / Diagnostic) and over all datasets run, in percent as ``score.py``.
 """
 from __future__ import annotations
@@ -31,7 +35,8 @@ import re
 from pathlib import Path
 from typing import Any, Iterator
 
-from avkv.metrics.text import milebench_score_mc, milebench_score_needle, milebench_score_open
+from avkv.metrics.text import (MILEBENCH_VERSIONS, milebench_image_level, milebench_score_mc,
+                               milebench_score_needle, milebench_score_open)
 from avkv.tasks.base import DatasetError, Doc, Media, Prompt, Task, is_failed, read_json, require
 from avkv.tasks.common import check_family
 
@@ -141,8 +146,12 @@ class MileBench(Task):
     def __init__(self, root: str | Path, tasks: str | list[str] | None = "all", limit: int | None = None,
                  adv: bool = False, max_context_len: int = 4096, n_tokens_per_image: int = 576,
                  tokenizer: str | Path | None = None, max_new_tokens: int = 512,
-                 skip_missing_tasks: bool = False, **kwargs: Any) -> None:
+                 skip_missing_tasks: bool = False, scorer_version: str = "current", **kwargs: Any) -> None:
         super().__init__(root, limit)
+        if scorer_version not in MILEBENCH_VERSIONS:
+            raise ValueError(f"dataset.scorer_version {scorer_version!r} is not a MileBench evaluate.py version; "
+                             f"known: {', '.join(MILEBENCH_VERSIONS)}")
+        self.scorer_version = scorer_version
         self.datasets = resolve_datasets(tasks)
         self.adv = adv
         self.max_context_len = int(max_context_len)
@@ -173,7 +182,9 @@ class MileBench(Task):
             if kind is None:
                 raise DatasetError(f"{path}: meta_data field 'question_type' {qtype!r} is neither multi-choice "
                                    f"nor open-ended")
-            for i, item in enumerate(require(data, "data", path, "(top level)", list)):
+            items = require(data, "data", path, "(top level)", list)
+            last_level = items[-1].get("image_quantity_level") if items and isinstance(items[-1], dict) else None
+            for i, item in enumerate(items):
                 sid = require(item, "sample_id", path, f"#{i}", (int, str))
                 where = f"#{i} (sample_id {sid})"
                 inst_id = require(item, "task_instruction_id", path, where, (int, str))
@@ -209,8 +220,11 @@ class MileBench(Task):
                 question = seg_meta[-1] if isinstance(seg_meta[-1], str) else ""
                 doc = Doc(id=f"{ds}/{sid}", media=media, question=question, target=gold, choices=choices,
                           meta={"dataset": ds, "group": GROUP_OF[ds], "kind": kind, "image_quantity_level": level,
-                                "segments": seg_meta, "truncation": info, "sample_id": sid})
-                yield self.remember(doc, dataset=ds, image_quantity_level=level)
+                                "segments": seg_meta, "truncation": info, "sample_id": sid,
+                                "n_images": len(images), "file_last_level": last_level})
+                level_scored = self.scored_level(doc)
+                doc.meta["image_quantity_level_scored"] = level_scored
+                yield self.remember(doc, dataset=ds, image_quantity_level=level_scored)
                 n += 1
                 if self.limit is not None and n >= self.limit:
                     return
@@ -222,6 +236,15 @@ class MileBench(Task):
         if "MMCoQA" in dataset:
             return "substring"
         return {"open-ended": "open", "multi-choice": "mc"}.get(question_type)
+
+    def scored_level(self, doc: Doc) -> str:
+        """The image-quantity level ``evaluate.py`` files this sample under, for ``scorer_version``."""
+        m = doc.meta
+        if self.scorer_version == "current":
+            return milebench_image_level(int(m["n_images"]))
+        if m["kind"] == "open" and m.get("file_last_level"):   # initial evaluate_rouge: the loop variable's level
+            return str(m["file_last_level"])
+        return str(m["image_quantity_level"])
 
     def prompt(self, doc: Doc, family: str) -> Prompt:
         check_family(family)
@@ -250,9 +273,11 @@ class MileBench(Task):
         kind = doc.meta["kind"]
         pred = prediction if prediction is not None else ""
         out = {"dataset": doc.meta["dataset"], "group": doc.meta["group"],
-               "image_quantity_level": doc.meta["image_quantity_level"], "truncation": doc.meta.get("truncation")}
+               "image_quantity_level": doc.meta.get("image_quantity_level_scored") or self.scored_level(doc),
+               "image_quantity_level_stored": doc.meta["image_quantity_level"],
+               "scorer_version": self.scorer_version, "truncation": doc.meta.get("truncation")}
         if kind == "mc":
-            s, picked, ok = milebench_score_mc(pred, doc.target, doc.choices or [])
+            s, picked, ok = milebench_score_mc(pred, doc.target, doc.choices or [], self.scorer_version)
             return dict(out, score=s, parsed=picked, parsed_ok=ok)
         if kind == "open":
             s = milebench_score_open(pred, doc.target)
@@ -283,7 +308,7 @@ class MileBench(Task):
         for lv_map in per_level.values():
             for lv, xs in lv_map.items():
                 levels_all.setdefault(lv, []).extend(xs)
-        return {"score": sum(vals) / len(vals) if vals else None,
+        return {"score": sum(vals) / len(vals) if vals else None, "scorer_version": self.scorer_version,
                 "score_by_dataset": dict(sorted(by_ds.items())),
                 "score_by_group": by_group,
                 "score_by_image_quantity_level": {lv: pct(xs) for lv, xs in levels_all.items()},

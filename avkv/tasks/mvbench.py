@@ -132,7 +132,7 @@ class MVBench(Task):
     def score(self, doc: Doc, prediction: str) -> dict:
         choices = doc.choices or []
         idx = extract_choice(prediction, choices)
-        vidx, vok = videollama2_mc_choice(prediction, len(choices))
+        vidx, vok = videollama2_mc_choice(prediction, choices)
         keys = option_letters(len(choices))
         return {"score": float(idx == doc.target), "parsed_ok": idx is not None,
                 "parsed": keys[idx] if idx is not None else None,

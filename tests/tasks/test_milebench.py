@@ -124,11 +124,14 @@ def test_mc_quirks():
 
 
 def test_gpr1200_keys_past_z():
-    """Keys are chr(65 + i): options 27-29 get '[', '\\\\', ']', which process() deletes, so their patterns are
-    the bare option text and a correct answer reads as 'P'."""
+    """initial: keys are chr(65 + i), options 27-29 get '[', '\\\\', ']', which process() deletes, so their patterns
+    are the bare option text and a correct answer reads as 'P'. current: AA, AB, ... and "AB" is a key."""
     opts = [f"picture {k + 1}" for k in range(30)]
-    assert milebench_score_mc("picture 3", "picture 3", opts)[:2] == (1.0, "C")
-    assert milebench_score_mc("picture 28", "picture 28", opts)[:2] == (0.0, "P")
+    assert milebench_score_mc("picture 3", "picture 3", opts, "initial")[:2] == (1.0, "C")
+    assert milebench_score_mc("picture 28", "picture 28", opts, "initial")[:2] == (0.0, "P")
+    assert milebench_score_mc("AB", "picture 28", opts, "initial")[:2] == (0.0, "AB")
+    assert milebench_score_mc("picture 28", "picture 28", opts)[:2] == (0.0, "B")     # "picture2" matches first
+    assert milebench_score_mc("AB", "picture 28", opts)[:2] == (1.0, "AB")
 
 
 def test_needle_substring_and_rouge():
