@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-VERSION = 1          # bump to regenerate
+VERSION = 2          # bump to regenerate
 
 
 def _tone(n: int, sr: int, channels: int, seed: int) -> np.ndarray:
@@ -83,6 +83,8 @@ def build(root: Path) -> dict[str, Path]:
         "odd444": "odd444.mp4", "tall": "tall.mp4",
         "wav_mono16k": "mono16k.wav", "wav_stereo44k": "stereo44k.wav", "flac_stereo16k": "stereo16k.flac",
         "m4a_stereo44k": "stereo44k.m4a", "m4a_mono16k": "mono16k.m4a",
+        "wav_mono44k_long": "mono44k_long.wav", "wav_stereo16k_long": "stereo16k_long.wav",
+        "av_short_track": "short_track.mp4",
         "img_odd": "odd.png", "img_rgba": "rgba.png", "img_tiny": "tiny.jpg", "img_large": "large.jpg",
     }
     paths = {k: root / v for k, v in names.items()}
@@ -94,6 +96,9 @@ def build(root: Path) -> dict[str, Path]:
     _write_video(paths["long_mono16k"], 96, 64, 350, 5, 16000, 1, seed=2)              # 70 s
     _write_video(paths["odd444"], 171, 97, 36, 12, None, pix_fmt="yuv444p", seed=3)    # 3 s, odd size
     _write_video(paths["tall"], 40, 360, 30, 10, 44100, 1, seed=4)                     # 3 s, 1:9
+    _write_video(paths["av_short_track"], 64, 48, 15, 10, 16000, 2, seed=11)           # 1.5 s < one 2 s clip
+    sf.write(str(paths["wav_mono44k_long"]), _tone(40 * 44100, 44100, 1, 12)[:, 0], 44100, subtype="PCM_16")
+    sf.write(str(paths["wav_stereo16k_long"]), _tone(35 * 16000, 16000, 2, 13), 16000, subtype="PCM_16")
     sf.write(str(paths["wav_mono16k"]), _tone(48000, 16000, 1, 5)[:, 0], 16000, subtype="PCM_16")
     sf.write(str(paths["wav_stereo44k"]), _tone(198450, 44100, 2, 6), 44100, subtype="PCM_16")     # 4.5 s
     sf.write(str(paths["flac_stereo16k"]), _tone(40000, 16000, 2, 7), 16000, subtype="PCM_16")
