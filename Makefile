@@ -38,7 +38,7 @@ QWENUTILS := $(CACHE)/venv-qwenutils
 QWENUTILS_STAMP := $(QWENUTILS)/.installed
 
 $(QWENUTILS_STAMP): requirements/qwenutils.txt requirements/cpu.lock.txt
-	@rm -f $(QWENUTILS)/.failed
+	@mkdir -p $(QWENUTILS) && rm -f $(QWENUTILS)/.failed
 	@test -x $(QWENUTILS)/bin/python || $(PY_SYS) -m venv $(QWENUTILS)
 	@{ $(QWENUTILS)/bin/pip install -q --disable-pip-version-check \
 	     torch==$$(grep '^torch==' requirements/cpu.lock.txt | cut -d= -f3) && \
