@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 CACHE  := .cache
 
-.PHONY: venv setup assets run test clean apt proxies proxy-table
+.PHONY: venv setup assets run test clean apt proxies proxy-table qwenutils-venv
 
 $(STAMP): requirements/cpu.lock.txt pyproject.toml
 	@test -x $(PY) || $(PY_SYS) -m venv $(VENV)
@@ -31,7 +31,29 @@ assets: venv apt
 	@for m in tiny_qwen2_5_omni tiny_qwen2_audio proxy_av proxy_audio; do \
 	  $(PY) scripts/calibrate_audiokv.py --model $$m --synthetic 2 --teacher-forcing --skip-existing || exit 1; done
 
-setup: assets
+# Side venv with the official Qwen preprocessing packages (qwen-vl-utils, qwen-omni-utils, librosa, decord) for
+# tests/models/test_qwen_input_parity.py: torch from the lock first (the local CPU wheel, so pip pulls no CUDA
+# build), the rest constrained to the lock. If it cannot be built, those tests fail and say why.
+QWENUTILS := $(CACHE)/venv-qwenutils
+QWENUTILS_STAMP := $(QWENUTILS)/.installed
+
+$(QWENUTILS_STAMP): requirements/qwenutils.txt requirements/cpu.lock.txt
+	@mkdir -p $(QWENUTILS) && rm -f $(QWENUTILS)/.failed
+	@test -x $(QWENUTILS)/bin/python || $(PY_SYS) -m venv $(QWENUTILS)
+	@{ $(QWENUTILS)/bin/pip install -q --disable-pip-version-check \
+	     torch==$$(grep '^torch==' requirements/cpu.lock.txt | cut -d= -f3) && \
+	   grep -E '^(numpy|pillow|av|soundfile|soxr|packaging|requests|scipy)==' requirements/cpu.lock.txt \
+	     > $(QWENUTILS)/constraints.txt && \
+	   $(QWENUTILS)/bin/pip install -q --disable-pip-version-check -c $(QWENUTILS)/constraints.txt \
+	     -r requirements/qwenutils.txt && \
+	   ln -sf "$$($(QWENUTILS)/bin/python -c 'import imageio_ffmpeg; print(imageio_ffmpeg.get_ffmpeg_exe())')" \
+	     $(QWENUTILS)/bin/ffmpeg && touch $@; } || \
+	 { echo "pip install of requirements/qwenutils.txt into $(QWENUTILS) failed" > $(QWENUTILS)/.failed; \
+	   echo "note: side venv $(QWENUTILS) not built; the Qwen input-parity tests will fail"; }
+
+qwenutils-venv: $(QWENUTILS_STAMP)
+
+setup: assets qwenutils-venv
 
 run: setup
 	$(PY) run.py $(ARGS)

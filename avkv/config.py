@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = ROOT / "configs"
 
 #: keys of a model/dataset config group that describe the entry and are not constructor arguments
-META_KEYS = ("name", "tiny_builder", "hub_id", "families", "notes")
+META_KEYS = ("name", "tiny_builder", "hub_id", "families", "notes", "preprocessing_source")
 
 
 def register_resolvers() -> None:

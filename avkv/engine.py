@@ -458,6 +458,8 @@ class Engine:
             "modalities_used": enc.modalities_used, "input_notes": enc.notes, "layers": L, "kv_heads": kvH,
             "num_heads": tc.num_attention_heads,
         }
+        if enc.preprocessing:
+            rec["preprocessing"] = enc.preprocessing          # what the model was fed (frames, sizes, audio s)
         if per_head is not None:
             rec["kept_per_head"] = per_head
         if req is not None and req.padded:

@@ -47,6 +47,14 @@ class Encoded:
     layout: dict = field(default_factory=dict)   # extras for methods (video frame/spatial index per position)
     modalities_used: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)   # what the adapter changed about the input (recorded)
+    #: what the model was fed, per media item (mode, frames used and their indices, resized size, audio seconds)
+    preprocessing: dict = field(default_factory=dict)
+
+
+#: ``preprocessing`` modes: ``official`` reproduces the family's official input pipeline (its parameters in the
+#: config's ``official:`` block); ``fixed_frames`` samples ``num_frames`` frames evenly (controlled experiments,
+#: the tiny and proxy checkpoints)
+PREPROCESSING_MODES = ("official", "fixed_frames")
 
 
 class ModelAdapter:
@@ -59,7 +67,9 @@ class ModelAdapter:
     def __init__(self, path: str | Path, dtype: str = "float32", device: str = "cpu",
                  attn_implementation: str = "sdpa", trust_remote_code: bool = False,
                  make_hint: str | None = None, num_frames: int = 8, fps: float | None = None,
-                 max_audio_s: float | None = None, **processor_kwargs: Any) -> None:
+                 max_audio_s: float | None = None, preprocessing: str = "fixed_frames",
+                 official: dict | None = None, max_image_pixels: int | None = None,
+                 **processor_kwargs: Any) -> None:
         self.path = Path(path).expanduser()
         if not (self.path / "config.json").exists():
             hint = f" Create it with: {make_hint}" if make_hint else ""
@@ -70,6 +80,15 @@ class ModelAdapter:
         self.attn_implementation = attn_implementation
         self.trust_remote_code = trust_remote_code
         self.num_frames, self.fps, self.max_audio_s = num_frames, fps, max_audio_s
+        if preprocessing not in PREPROCESSING_MODES:
+            raise ValueError(f"model.preprocessing={preprocessing!r}: allowed values are {PREPROCESSING_MODES}")
+        from avkv.models import media_io
+        self.preprocessing = preprocessing
+        self.official = {**media_io.OFFICIAL_DEFAULTS, **dict(official or {})}
+        unknown = sorted(set(self.official) - set(media_io.OFFICIAL_DEFAULTS))
+        if unknown:
+            raise ValueError(f"model.official has unknown keys {unknown}; allowed: {sorted(media_io.OFFICIAL_DEFAULTS)}")
+        self.max_image_pixels = media_io.DEFAULT_MAX_IMAGE_PIXELS if max_image_pixels is None else int(max_image_pixels)
         self.processor_kwargs = processor_kwargs
         self.model, self.processor = self._load()
         self.model.eval()

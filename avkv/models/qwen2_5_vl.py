@@ -23,11 +23,20 @@ class Qwen25VLAdapter(QwenAdapter):
     def _media_content(self, item: Media, dec: dict, media: dict) -> list[dict]:
         if item.kind == "video":
             media["videos"].append(dec["frames"])
+            info = dec.get("info") or {}
+            if self.preprocessing == "official" and "video_fps" in info:
+                # qwen-vl-utils' metadata (return_video_metadata): the processor's time step per temporal patch
+                # is temporal_patch_size / sampled fps, sampled fps = frames / clip frames * video fps
+                media["video_metadata"].append({"total_num_frames": info["clip_frames"], "fps": info["video_fps"],
+                                                "frames_indices": info["frame_indices"]})
             return [{"type": "video"}]
         if item.kind == "image":
             media["images"].append(dec["image"])
             return [{"type": "image"}]
         return []          # audio-only items are not visible to this model
+
+    def _new_media_lists(self) -> dict[str, list]:
+        return {"images": [], "videos": [], "audio": [], "video_metadata": []}
 
 
 def load_processor(path: Path, trust_remote_code: bool = False, **kwargs):

@@ -69,13 +69,41 @@ class QwenAdapter(ModelAdapter):
             kw["sampling_rate"] = media_io.SAMPLE_RATE
         return kw
 
+    def decode_media(self, m: Media) -> dict:
+        """One media item as this adapter's ``preprocessing`` mode reads it (``media_io``)."""
+        want_audio = "audio" in self.modalities
+        if self.preprocessing == "official":
+            return media_io.load_official(m, self.official, want_audio=want_audio,
+                                          want_video="video" in self.modalities,
+                                          max_image_pixels=self.max_image_pixels)
+        return media_io.load(m, num_frames=self.num_frames, fps=self.fps, max_audio_s=self.max_audio_s,
+                             want_audio=want_audio, max_image_pixels=self.max_image_pixels)
+
     def encode(self, prompt: Prompt) -> Encoded:
         t0 = time.perf_counter()
-        decoded = [None if isinstance(m, str) else
-                   media_io.load(m, num_frames=self.num_frames, fps=self.fps, max_audio_s=self.max_audio_s,
-                                 want_audio="audio" in self.modalities)
-                   for m in prompt.context]
+        decoded = [None if isinstance(m, str) else self.decode_media(m) for m in prompt.context]
         return self.encode_decoded(prompt, decoded, media_s=time.perf_counter() - t0)
+
+    def _preprocessing_record(self, decoded: list[dict | None]) -> dict:
+        """Per media item: what the processor was given (frames, frame size, sampled fps, audio seconds)."""
+        items = []
+        for dec in decoded:
+            if dec is None:
+                continue
+            info = dict(dec.get("info") or {})
+            idx = info.get("frame_indices")
+            if idx is not None and len(idx) > 64:           # long videos: the range, not every index
+                info["frame_indices"] = {"first": idx[0], "last": idx[-1], "count": len(idx)}
+            if dec.get("frames") is not None:
+                info.setdefault("frames", int(len(dec["frames"])))
+                info.setdefault("resized", [int(x) for x in dec["frames"].shape[1:3]])
+                info.setdefault("sample_fps", float(dec.get("fps") or 0.0))
+            if dec.get("image") is not None:
+                info.setdefault("resized", [int(dec["image"].size[1]), int(dec["image"].size[0])])
+            if dec.get("audio") is not None:
+                info.setdefault("audio_s", len(dec["audio"]) / media_io.SAMPLE_RATE)
+            items.append(info)
+        return {"mode": self.preprocessing, "items": items}
 
     def encode_decoded(self, prompt: Prompt, decoded: list[dict | None], media_s: float = 0.0) -> Encoded:
         """:meth:`encode` on media already decoded (``media_io.load``'s dicts, None for text pieces); the
@@ -96,7 +124,8 @@ class QwenAdapter(ModelAdapter):
                        if media.get(key)})
         return Encoded(inputs=inputs, input_ids=input_ids, modality=modality, question_start=question_start,
                        assistant_start=assistant_start, media_s=media_s, modalities_used=used, notes=self._notes,
-                       layout=self._video_layout(inputs, modality))
+                       layout=self._video_layout(inputs, modality),
+                       preprocessing=self._preprocessing_record(decoded))
 
     def _question_start(self, text: str, question: str, n: int) -> int:
         """Token index where the question text starts, counted on the un-expanded template text."""

@@ -64,7 +64,7 @@ class TorchQwenVideoProcessor(VideoProcessorMixin):
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
         self.image_mean, self.image_std, self.fps = list(image_mean), list(image_std), fps
 
-    def _one(self, v) -> tuple[torch.Tensor, list[int], VideoMetadata]:
+    def _one(self, v, metadata=None) -> tuple[torch.Tensor, list[int], VideoMetadata]:
         x = torch.as_tensor(np.asarray(v)).permute(0, 3, 1, 2).float()          # T,C,H,W
         t, c, h, w = x.shape
         if pad := -t % self.temporal_patch_size:
@@ -72,19 +72,29 @@ class TorchQwenVideoProcessor(VideoProcessorMixin):
         t = x.shape[0]
         p, tp, m = self.patch_size, self.temporal_patch_size, self.merge_size
         rh, rw = smart_resize(h, w, p * m, self.min_pixels, self.max_pixels)
-        x = F.interpolate(x, size=(rh, rw), mode="bicubic", antialias=True, align_corners=False)
+        if (rh, rw) != (h, w):          # torchvision's resize returns the input unchanged at the same size
+            x = F.interpolate(x, size=(rh, rw), mode="bicubic", antialias=True, align_corners=False)
         mean = torch.tensor(self.image_mean).view(1, 3, 1, 1)
         std = torch.tensor(self.image_std).view(1, 3, 1, 1)
         x = (x / 255.0 - mean) / std
         gt, gh, gw = t // tp, rh // p, rw // p
         x = x.view(gt, tp, c, gh // m, m, p, gw // m, m, p).permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
-        meta = VideoMetadata(total_num_frames=t, fps=self.fps, frames_indices=list(range(t)))
+        if metadata is None:
+            meta = VideoMetadata(total_num_frames=t, fps=self.fps, frames_indices=list(range(t)))
+        else:           # the caller's (official sampling): its sampled_fps sets the temporal position step
+            meta = metadata if isinstance(metadata, VideoMetadata) else VideoMetadata(**metadata)
         return x.reshape(gt * gh * gw, c * tp * p * p), [gt, gh, gw], meta
 
-    def __call__(self, videos, return_tensors=None, **kwargs):
+    def __call__(self, videos, return_tensors=None, video_metadata=None, **kwargs):
         if isinstance(videos, (np.ndarray, torch.Tensor)) and np.ndim(videos) == 4:
             videos = [videos]
-        outs = [self._one(v[0] if isinstance(v, (list, tuple)) and len(v) == 1 else v) for v in videos]
+        videos = [v[0] if isinstance(v, (list, tuple)) and len(v) == 1 else v for v in videos]
+        if video_metadata is not None and not isinstance(video_metadata, (list, tuple)):
+            video_metadata = [video_metadata]
+        metas = list(video_metadata) if video_metadata is not None else [None] * len(videos)
+        if len(metas) != len(videos):
+            raise ValueError(f"{len(videos)} videos but {len(metas)} video_metadata entries")
+        outs = [self._one(v, m) for v, m in zip(videos, metas)]
         data = {"pixel_values_videos": torch.cat([o[0] for o in outs]),
                 "video_grid_thw": torch.tensor([o[1] for o in outs])}
         if kwargs.get("return_metadata"):

@@ -31,8 +31,12 @@ class VideoLLaMA2Adapter(ModelAdapter):
     modalities = ("video", "image", "audio")
 
     def __init__(self, path: str | Path, num_frames: int | None = None, vision_tower_path: str | None = None,
-                 **kwargs: Any) -> None:
+                 video_audio: str = "whole", audio_window_seed: int | None = 0, **kwargs: Any) -> None:
+        if video_audio not in ("whole", "clip"):
+            raise ValueError(f"model.video_audio={video_audio!r}: allowed values are 'whole' (official: the whole "
+                             f"audio track of a clipped video) and 'clip' (the track cut to the clip)")
         self.vision_tower_path = vision_tower_path
+        self.video_audio, self.audio_window_seed = video_audio, audio_window_seed
         super().__init__(path, num_frames=num_frames, **kwargs)
 
     # ------------------------------------------------------------------------------------ loading
@@ -58,17 +62,23 @@ class VideoLLaMA2Adapter(ModelAdapter):
         return self.model.config.text_config
 
     # ------------------------------------------------------------------------------------ encoding
-    def _media_item(self, media: Media, notes: list[str]) -> MediaItem:
-        """Decode and preprocess one media item; what differs from the file as given is added to ``notes``."""
+    def _media_item(self, media: Media, notes: list[str], record: list[dict] | None = None) -> MediaItem:
+        """Decode and preprocess one media item; what differs from the file as given is added to ``notes``,
+        what the model is fed to ``record``."""
         model: VideoLLaMA2ForCausalLM = self.model
+        info: dict = {"kind": media.kind}
+        if record is not None:
+            record.append(info)
         if media.kind == "video":
             frames = P.read_video_frames(media.path, self.num_frames, media.start, media.end, notes)
+            info.update(frames=int(len(frames)), size=[int(x) for x in frames.shape[1:3]])
             fbank = None
             if media.with_audio and model.config.has_audio:
-                wav = P.read_video_audio(media.path, media.start, media.end)
+                wav = P.read_video_audio(media.path, media.start, media.end, clip=self.video_audio == "clip")
                 if wav is None:
                     notes.append(f"{Path(media.path).name}: no audio track, 30 s of silence (official behaviour)")
-                fbank = P.audio_features(wav, from_video=True)
+                info.update(audio_s=0.0 if wav is None else len(wav) / P.AUDIO_SR, video_audio=self.video_audio)
+                fbank = P.audio_features(wav, from_video=True, window_seed=self.audio_window_seed)
             elif media.with_audio:
                 notes.append(f"{Path(media.path).name}: audio track not used (this checkpoint has no audio tower)")
             return MediaItem("video", 0, model.num_visual_tokens(len(frames)),
@@ -76,15 +86,13 @@ class VideoLLaMA2Adapter(ModelAdapter):
                              pixel_values=self.image_processor(frames), fbank=fbank)
         if media.kind == "image":
             return MediaItem("image", 0, model.num_visual_tokens(self.model.config.num_frames), 0,
-                             pixel_values=self.image_processor(P.read_image(media.path)))
+                             pixel_values=self.image_processor(P.read_image(media.path, self.max_image_pixels)))
         if media.kind == "audio":
             if not model.config.has_audio:
                 raise ValueError(f"{media.path}: this VideoLLaMA2 checkpoint has no audio tower")
-            wav = P.read_audio_file(media.path, media.start, media.end)
-            if len(wav) > P.AUDIO_PAD_S * P.AUDIO_SR:
-                notes.append(f"{Path(media.path).name}: audio cut from {len(wav) / P.AUDIO_SR:.1f}s to its first "
-                             f"{P.AUDIO_PAD_S}s (the official code takes a random {P.AUDIO_PAD_S}s window)")
-            fbank = P.audio_features(wav, from_video=False)
+            wav = P.audio_file_waveform(media.path, media.start, media.end, self.audio_window_seed, notes)
+            info.update(audio_s=P.AUDIO_PAD_S, window_seed=self.audio_window_seed)
+            fbank = P.fbank_features(wav)
             return MediaItem("audio", 0, 0, model.num_audio_tokens(fbank.shape[0]), fbank=fbank)
         raise ValueError(f"unsupported media kind {media.kind!r}")
 
@@ -101,7 +109,8 @@ class VideoLLaMA2Adapter(ModelAdapter):
     def encode(self, prompt: Prompt) -> Encoded:
         t0 = time.perf_counter()
         notes: list[str] = []
-        items = [self._media_item(p, notes) for p in prompt.context if isinstance(p, Media)]
+        record: list[dict] = []
+        items = [self._media_item(p, notes, record) for p in prompt.context if isinstance(p, Media)]
         media_s = time.perf_counter() - t0
 
         msgs = self.messages(prompt)
@@ -163,7 +172,8 @@ class VideoLLaMA2Adapter(ModelAdapter):
         layout = {"video_frame": torch.tensor(frame), "video_spatial": torch.tensor(spatial), "media_spans": spans_out}
         return Encoded(inputs={"input_ids": input_ids, "media": items}, input_ids=input_ids, modality=mod,
                        question_start=new_index[q_tok], assistant_start=new_index[a_tok], media_s=media_s,
-                       layout=layout, modalities_used=used, notes=notes)
+                       layout=layout, modalities_used=used, notes=notes,
+                       preprocessing={"mode": "official", "items": record})
 
     # ------------------------------------------------------------------------------------ forward
     def prompt_position_ids(self, enc: Encoded) -> torch.Tensor:

@@ -8,9 +8,12 @@
 * the Kaldi-compatible 128-bin log-mel fbank BEATs consumes (``torchaudio.compliance.kaldi.fbank`` with the
   official arguments: 25 ms frames, 10 ms shift, povey window, pre-emphasis 0.97, DC removal, power spectrum,
   no dither, input scaled by 2**15), in torch;
-* the audio clip policy of the official code: a standalone audio file is cut / zero-padded to 30 s; the audio
-  track of a video is read as 8 evenly spaced 2 s clips (pytorchvideo ``ConstantClipsPerVideoSampler``),
-  concatenated and zero-padded to 30 s;
+* the audio path of the official code (``process_audio_file`` / ``process_audio_from_video``), in its order:
+  an audio file is read by soundfile (float64, *first* channel), a 30 s window taken when longer (random in
+  the official code; here seeded, ``audio_window_seed``), zero-padded to 30 s at its native rate and only then
+  resampled to 16 kHz (librosa ``res_type="fft"``, i.e. scipy's Fourier resampling); a video's *whole* audio
+  track (``ffmpeg -ac 1 -ar 16000``: channel mean, s16) is read as 8 evenly spaced 2 s clips (pytorchvideo
+  ``ConstantClipsPerVideoSampler`` on the float duration), concatenated and zero-padded to 30 s;
 * the chat templates (Qwen2 for VideoLLaMA2.1, Mistral for VideoLLaMA2) and the multimodal tokenisation
   (``<video>`` / ``<audio>`` / ``<image>`` text tags split out and replaced by the negative ids -201 / -202 / -200).
 """
@@ -184,7 +187,7 @@ def num_kaldi_frames(num_samples: int, sample_rate: int = AUDIO_SR, frame_length
 
 def kaldi_fbank(waveform: torch.Tensor | np.ndarray, sample_rate: int = AUDIO_SR, num_mel_bins: int = 128,
                 frame_length_ms: float = 25.0, frame_shift_ms: float = 10.0, preemphasis: float = 0.97,
-                low_freq: float = 20.0, high_freq: float = 0.0) -> torch.Tensor:
+                low_freq: float = 20.0, high_freq: float = 0.0, out_dtype=torch.float32) -> torch.Tensor:
     """``torchaudio.compliance.kaldi.fbank`` with its defaults (povey window, DC removal, power spectrum, log,
     ``snip_edges``, no dither, no energy, no mean subtraction) → float32 ``[frames, num_mel_bins]``.
 
@@ -195,7 +198,7 @@ def kaldi_fbank(waveform: torch.Tensor | np.ndarray, sample_rate: int = AUDIO_SR
     padded = 1 << (win - 1).bit_length()                  # round_to_power_of_two
     m = num_kaldi_frames(x.numel(), sample_rate, frame_length_ms, frame_shift_ms)
     if m == 0:
-        return torch.zeros(0, num_mel_bins)
+        return torch.zeros(0, num_mel_bins, dtype=out_dtype)
     frames = x.as_strided((m, win), (shift, 1))
     frames = frames - frames.mean(dim=1, keepdim=True)                   # remove_dc_offset
     prev = torch.cat([frames[:, :1], frames[:, :-1]], dim=1)              # replicate-pad by one sample
@@ -205,41 +208,96 @@ def kaldi_fbank(waveform: torch.Tensor | np.ndarray, sample_rate: int = AUDIO_SR
     power = torch.fft.rfft(frames).abs().pow(2.0)
     mel = power @ kaldi_mel_banks(num_mel_bins, padded, sample_rate, low_freq, high_freq).T
     eps = torch.finfo(torch.float32).eps
-    return torch.clamp(mel, min=eps).log().to(torch.float32)
+    return torch.clamp(mel, min=eps).log().to(out_dtype)
 
 
-def pad_or_cut(wav: np.ndarray, seconds: int = AUDIO_PAD_S, sr: int = AUDIO_SR) -> np.ndarray:
-    """Official ``process_audio_file`` length policy: zero-pad to ``seconds``; longer audio is cut to ``seconds``.
+def audio_window_start(n: int, seconds: int, sr: int, seed: int | None) -> int:
+    """Start of the ``seconds`` window the official code cuts from ``n`` samples: ``random.randint(0, n -
+    seconds * sr)`` (Python's ``random``; seeded here so runs repeat; ``seed=None``: the first window)."""
+    import random
+    max_start = n - seconds * sr
+    if max_start <= 0:
+        return 0
+    return 0 if seed is None else random.Random(seed).randint(0, max_start)
 
-    The official code cuts at a *random* start; this port cuts from the start so that runs are reproducible."""
+
+def pad_or_cut(wav: np.ndarray, seconds: int = AUDIO_PAD_S, sr: int = AUDIO_SR, start: int = 0) -> np.ndarray:
+    """Official length policy: a window of ``seconds`` from sample ``start`` when longer, zero-padding when
+    shorter (the dtype is kept: float64 for audio files as soundfile reads them)."""
     n = seconds * sr
-    wav = np.asarray(wav, dtype=np.float32).reshape(-1)
-    return wav[:n] if len(wav) >= n else np.pad(wav, (0, n - len(wav)))
+    wav = np.asarray(wav).reshape(-1)
+    if len(wav) > n:
+        return wav[start:start + n]
+    return np.pad(wav, (0, n - len(wav))) if len(wav) < n else wav
+
+
+def fourier_resample(x: np.ndarray, num: int) -> np.ndarray:
+    """``scipy.signal.resample(x, num)`` for a real 1-D signal (what librosa's ``res_type="fft"`` calls): keep
+    the first ``min(n, num) // 2 + 1`` rFFT bins, double / halve the unpaired Nyquist bin, inverse rFFT at
+    ``num`` points scaled by ``num / n``."""
+    x = np.asarray(x, dtype=np.float64)
+    n = x.shape[-1]
+    m = min(num, n)
+    X = np.fft.rfft(x)[: m // 2 + 1]
+    if m % 2 == 0 and num != n:
+        X[m // 2] *= 2 if num < n else 0.5
+    return np.fft.irfft(X / (n / num), n=num)
+
+
+def resample_fft(wav: np.ndarray, sr: int, target: int = AUDIO_SR) -> np.ndarray:
+    """``librosa.resample(wav, orig_sr=sr, target_sr=target, res_type="fft")``: ``ceil(n * target / sr)``
+    samples by Fourier resampling, same dtype."""
+    if sr == target:
+        return wav
+    num = int(np.ceil(wav.shape[-1] * float(target) / sr))
+    return np.asarray(fourier_resample(wav, num), dtype=wav.dtype)
+
+
+def official_clip_bounds(n: int, sr: int = AUDIO_SR, clips: int = VIDEO_AUDIO_CLIPS,
+                         clip_s: int = VIDEO_AUDIO_CLIP_S) -> list[tuple[int, int]]:
+    """Sample ranges of the clips ``process_audio_from_video`` takes: pytorchvideo's
+    ``ConstantClipsPerVideoSampler`` on the *float* duration ``n / sr`` (its start step is the exact binary
+    value of ``max(n / sr - clip_s, 0)`` divided by ``clips``), each bound ``int(t * sr)``."""
+    max_start = Fraction(max(n / sr - Fraction(clip_s), 0))
+    step = Fraction(max_start, clips)
+    out = []
+    for i in range(clips):
+        t0 = step * i
+        out.append((int(t0 * sr), int((t0 + clip_s) * sr)))
+        if i + 1 < clips and step * (i + 1) > max_start:
+            break
+    return out
 
 
 def video_audio_clips(wav: np.ndarray, sr: int = AUDIO_SR, clips: int = VIDEO_AUDIO_CLIPS,
                       clip_s: int = VIDEO_AUDIO_CLIP_S) -> np.ndarray:
-    """Official ``process_audio_from_video`` clip policy (pytorchvideo ``ConstantClipsPerVideoSampler``):
-    ``clips`` windows of ``clip_s`` seconds starting at ``i * max(D - clip_s, 0) / clips`` (exact fractions),
-    concatenated. A track shorter than ``clip_s`` is taken whole, ``clips`` times."""
+    """The official clip concatenation (:func:`official_clip_bounds`). A track shorter than ``clip_s`` is taken
+    whole, ``clips`` times."""
     wav = np.asarray(wav, dtype=np.float32).reshape(-1)
-    duration = Fraction(len(wav), sr)
-    step = Fraction(max(duration - clip_s, 0)) / clips
-    out = [wav[int((step * i) * sr): int((step * i + clip_s) * sr)] for i in range(clips)]
+    out = [wav[a:b] for a, b in official_clip_bounds(len(wav), sr, clips, clip_s)]
     return np.concatenate(out) if out else wav[:0]
 
 
-def audio_features(wav: np.ndarray | None, from_video: bool) -> torch.Tensor:
-    """16 kHz mono float waveform → the fbank VideoLLaMA2 feeds BEATs, ``[2998, 128]`` for the 30 s input.
+def fbank_features(wav: np.ndarray) -> torch.Tensor:
+    """The 30 s BEATs input (16 kHz) → fbank ``[2998, 128]``, rounded through bfloat16 as the official
+    processors do (computed in float64, the precision of the official audio-file path)."""
+    return kaldi_fbank(np.asarray(wav, dtype=np.float64) * 2 ** 15, out_dtype=torch.float64).to(
+        torch.bfloat16).to(torch.float32)
 
-    A video without an audio track gets 30 s of silence, as the official loader does when ffmpeg fails. The
-    result is rounded through bfloat16 as the official processors do before the model sees it."""
+
+def audio_features(wav: np.ndarray | None, from_video: bool, window_seed: int | None = 0) -> torch.Tensor:
+    """16 kHz mono waveform → the fbank VideoLLaMA2 feeds BEATs, ``[2998, 128]``.
+
+    ``from_video``: the official video-track policy (8 clips of 2 s, padded to 30 s); a video without an audio
+    track gets 30 s of silence, as the official loader does when ffmpeg fails. Otherwise the waveform is
+    windowed / padded to 30 s (for audio files at another rate use :func:`audio_file_waveform`, which pads
+    before resampling as the official code does)."""
     if wav is None:
         wav = np.zeros(AUDIO_PAD_S * AUDIO_SR, dtype=np.float32)
     if from_video:
         wav = video_audio_clips(wav)
-    wav = pad_or_cut(wav)
-    return kaldi_fbank(wav * 2 ** 15).to(torch.bfloat16).to(torch.float32)
+    wav = pad_or_cut(wav, start=audio_window_start(len(wav), AUDIO_PAD_S, AUDIO_SR, window_seed))
+    return fbank_features(wav)
 
 
 # ------------------------------------------------------------------------------------ tokenisation
@@ -318,32 +376,51 @@ def read_video_frames(path: str, num_frames: int | None, start: float | None = N
     return finalize_frames(np.stack(frames), num_frames)
 
 
-def read_video_audio(path: str, start: float | None = None, end: float | None = None) -> np.ndarray | None:
-    """A video's audio track as 16 kHz mono float32 (``ffmpeg -ac 1 -ar 16000`` in the official code);
-    None when there is none."""
-    from avkv.models.media_io import load_audio
-    return load_audio(path, AUDIO_SR, start, end, required=False)
+def read_video_audio(path: str, start: float | None = None, end: float | None = None,
+                     clip: bool = False) -> np.ndarray | None:
+    """A video's audio track as ``load_audio_from_video`` reads it (``ffmpeg -ac 1 -ar 16000 -f s16le``): the
+    channel mean (libswresample's s16 downmix), 16 kHz, int16 / 32768 as float32; None when there is none.
+    The official code always takes the *whole* track; ``clip=True`` (config ``video_audio: clip``) cuts it to
+    [start, end] instead."""
+    from avkv.models.media_io import decode_audio_s16
+    dec = decode_audio_s16(path, layout="mono", rate=AUDIO_SR, required=False)
+    if dec is None:
+        return None
+    wav = dec[0].astype(np.float32) / 32768.0
+    if clip:
+        wav = wav[int((start or 0.0) * AUDIO_SR): None if end is None else int(end * AUDIO_SR)]
+    return wav
 
 
-def read_audio_file(path: str, start: float | None = None, end: float | None = None) -> np.ndarray:
-    """An audio file as ``process_audio_file`` reads it: soundfile, *first channel*, resampled to 16 kHz; files
-    soundfile cannot open (m4a, mp3 …) are decoded by ``media_io`` (mono downmix). ``start``/``end`` in seconds."""
-    from avkv.models.media_io import MediaError, load_audio
+def audio_file_waveform(path: str, start: float | None = None, end: float | None = None,
+                        window_seed: int | None = 0, notes: list[str] | None = None) -> np.ndarray:
+    """An audio file as ``process_audio_file`` prepares it, in its order: soundfile (float64), first channel,
+    a 30 s window when longer (:func:`audio_window_start`), zero-padded to 30 s at the native rate, then
+    resampled to 16 kHz by Fourier resampling. 480000 float64 samples. ``start``/``end`` (seconds, an avkv
+    extension: the official function takes whole files) cut the file first. Files soundfile cannot open
+    (m4a, mp3 …, which the official code cannot read) are decoded by ``media_io`` (channel mean, 16 kHz)."""
+    from avkv.models.media_io import MediaError, load_audio_librosa
+    import soundfile as sf
     try:
-        import soundfile as sf
-        wav, native = sf.read(str(path), dtype="float32", always_2d=True)
-    except Exception:
-        return load_audio(path, AUDIO_SR, start, end)
+        wav, native = sf.read(str(path), always_2d=True)           # float64, as the official sf.read
+    except sf.SoundFileRuntimeError:
+        if not Path(path).exists():
+            raise MediaError(f"media file not found: {path}")
+        wav, native = load_audio_librosa(path, AUDIO_SR)[:, None].astype(np.float64), AUDIO_SR
+    except Exception as e:
+        raise MediaError(f"corrupt audio in {path}: {e}") from e
     wav = wav[int((start or 0.0) * native): None if end is None else int(end * native), 0]
-    if native != AUDIO_SR:
-        import soxr
-        wav = soxr.resample(wav, native, AUDIO_SR)
     if len(wav) == 0:
         raise MediaError(f"no audio samples in {path} (clip {start}-{end})")
-    return np.asarray(wav, dtype=np.float32)
+    first = audio_window_start(len(wav), AUDIO_PAD_S, native, window_seed)
+    if notes is not None and len(wav) > AUDIO_PAD_S * native:
+        notes.append(f"{Path(path).name}: {len(wav) / native:.1f}s of audio, the {AUDIO_PAD_S}s window from "
+                     f"{first / native:.3f}s is used (seed {window_seed}; the official code draws it at random)")
+    wav = pad_or_cut(wav, AUDIO_PAD_S, native, start=first)
+    return resample_fft(wav, native, AUDIO_SR)
 
 
-def read_image(path: str) -> np.ndarray:
-    """uint8 [1, H, W, 3]."""
-    from avkv.models.media_io import load_image
-    return np.asarray(load_image(path))[None]
+def read_image(path: str, max_pixels: int | None = None) -> np.ndarray:
+    """uint8 [1, H, W, 3] (refused above ``max_pixels`` pixels, media_io's default when None)."""
+    from avkv.models.media_io import DEFAULT_MAX_IMAGE_PIXELS, load_image
+    return np.asarray(load_image(path, DEFAULT_MAX_IMAGE_PIXELS if max_pixels is None else max_pixels))[None]
