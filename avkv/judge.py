@@ -163,7 +163,8 @@ class Judge:
                 last = type(e).__name__
             except (KeyError, IndexError, TypeError, ValueError):
                 raise JudgeError(f"the judge endpoint's reply is not a chat completion (model {self.model})")
-            time.sleep(min(2.0 ** attempt * 0.5, 8.0))
+            if attempt + 1 < self.retries:
+                time.sleep(min(2.0 ** attempt * 0.5, 8.0))
         raise JudgeError(f"the judge endpoint failed ({last}) for model {self.model}")
 
     def judge(self, question: str, answer: Any, prediction: str) -> dict:
@@ -174,11 +175,12 @@ class Judge:
         key = self.key(question, ans, prediction)
         hit = self.cached(question, ans, prediction)
         if hit is not None:
-            return {**hit, "judge_cached": True}
+            return {**{k: hit[k] for k in ("verdict", "judge_model", "judge_prompt", "judge_reply")},
+                    "judge_cached": True}
         reply = self._ask(self.prompt.render(question=question, prediction=prediction, answer=ans))
         entry = {"verdict": parse_verdict(reply, self.prompt.parse), "judge_model": self.model,
                  "judge_prompt": self.prompt.name, "judge_reply": reply[-2000:]}
-        self._store(key, entry)
+        self._store(key, {**entry, "question": question, "answer": ans, "prediction": prediction})
         return {**entry, "judge_cached": False}
 
 
