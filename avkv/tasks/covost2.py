@@ -12,8 +12,9 @@ TSVs are read as fairseq's ``prep_covost_data.py`` reads them (tab-separated, no
 source transcript comes from ``validated.tsv`` (the CoVoST TSV's own ``sentence`` column when there is no
 validated.tsv), the reference is ``translation``, the sample id is ``path`` without ``.mp3``, and only rows of
 ``split`` are kept. Scoring: sacrebleu corpus BLEU (tokenizer ``zh`` for a Chinese target, ``13a`` otherwise) and
-corpus chrF; ``metric`` picks the headline (AudioKV: chrF for en→zh, BLEU for zh→en). Per sample: sentence BLEU
-and chrF.
+corpus chrF; ``metric`` picks the headline (AudioKV: chrF for en→zh, BLEU for zh→en), in ``summary.json``. Per
+sample: sentence BLEU and chrF, and ``score`` = the headline's sentence value / 100 (so ``avkv report``, which
+averages per-sample scores, shows the mean sentence-level value, not the corpus one).
 """
 from __future__ import annotations
 
@@ -99,7 +100,9 @@ class CoVoST2(Task):
 
     def score(self, doc: Doc, prediction: str) -> dict:
         s = sentence_scores((prediction or "").strip(), doc.target, self.tgt_lang)
-        return {"score": s[self.metric], "parsed_ok": True, "sentence_bleu": s["bleu"],
+        # per-sample score in [0, 1] like every other task (the report multiplies by 100); the corpus BLEU / chrF
+        # the paper prints are in summary.json (aggregate)
+        return {"score": s[self.metric] / 100.0, "parsed_ok": True, "sentence_bleu": s["bleu"],
                 "sentence_chrf": s["chrf"]}
 
     def aggregate(self, records: list[dict]) -> dict:

@@ -195,3 +195,20 @@ def test_broken_clip_costs_that_sample_only(tmp_path, broken_copy):
     bad = [r for r in recs if r["error"]]
     assert len(recs) == 3 and len(bad) == 1 and "common_voice_en_100001" in bad[0]["sample_id"]
     assert s["task"]["n_failed"] == 1 and s["task"]["n_scored"] == 2 and s["task"]["chrf"] is not None
+
+
+def test_covost_aggregate_is_corpus_level(fixture_root):
+    from avkv.metrics.translation import corpus_bleu, corpus_chrf
+
+    t = task("covost2_zh_en", fixture_root)
+    docs = list(t.docs())
+    hyps = ["The weather is good today.", "I like green tea very much.", ""]
+    recs = [{"sample_id": d.id, "target": d.target, "prediction": h, "error": None, **t.score(d, h)}
+            for d, h in zip(docs, hyps)]
+    agg = t.aggregate(recs + [{"sample_id": "x", "target": "a", "prediction": "a", "error": "boom"}])
+    refs = [d.target for d in docs]
+    assert agg["bleu"] == pytest.approx(corpus_bleu(hyps, refs, "en")) and agg["n_failed"] == 1
+    assert agg["chrf"] == pytest.approx(corpus_chrf(hyps, refs)) and agg["bleu_tokenizer"] == "13a"
+    mean_sentence = sum(r["sentence_bleu"] for r in recs) / 3
+    assert agg["bleu"] != pytest.approx(mean_sentence)            # corpus BLEU, not a mean of sentences
+    assert all(0.0 <= r["score"] <= 1.0 for r in recs)
