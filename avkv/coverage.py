@@ -2,7 +2,7 @@
 
 A published number (a row of ``results/papers/*.csv`` with ``metric_kind=score`` and a value) is *runnable* when
 its model, its method and its dataset each have a config in ``configs/``. The CSVs name them by avkv keys
-(``model_key``, ``method_key``, ``task_key``); ``results/papers/config_keys.csv`` maps every key to its config
+(``model_key``, ``method_key``, ``task_key``); ``results/papers/keys/config_keys.csv`` maps every key to its config
 (``kind,key,config,note``), so the mapping is data, not guesswork:
 
 * ``model`` keys map to ``configs/model/<config>.yaml``; an empty ``model_key`` (a model avkv has no key for yet)
@@ -30,7 +30,7 @@ from typing import Sequence
 ROOT = Path(__file__).resolve().parent.parent
 PAPERS_DIR = ROOT / "results" / "papers"
 CONFIG_DIR = ROOT / "configs"
-KEYS_FILE = "config_keys.csv"
+KEYS_FILE = "keys/config_keys.csv"   # in a subfolder: report.paper_numbers reads every *.csv of papers/
 GROUP = {"model": "model", "method": "method", "task": "dataset"}
 
 
@@ -68,8 +68,6 @@ def published(papers_dir: Path) -> list[dict]:
     """Every published score number (``metric_kind=score`` with a value) of every paper CSV, with its file."""
     rows = []
     for f in sorted(papers_dir.glob("*.csv")):
-        if f.name == KEYS_FILE:
-            continue
         with open(f, encoding="utf-8", newline="") as fh:
             for r in csv.DictReader(fh):
                 if r.get("metric_kind") == "score" and (r.get("value") or "").strip():

@@ -33,7 +33,8 @@ def test_synthetic_paper(tmp_path):
         (cfg / g).mkdir(parents=True)
         for n in names:
             (cfg / g / f"{n}.yaml").write_text("{}\n")
-    (tmp_path / "config_keys.csv").write_text(
+    (tmp_path / "keys").mkdir(exist_ok=True)
+    (tmp_path / "keys" / "config_keys.csv").write_text(
         "kind,key,config,note\nmodel,k1,m1,\nmodel,k2,m2,\nmethod,full,full,\nmethod,x,x,\nmethod,y,y,\n"
         "task,t1,d1,\ntask,t2,d2,\ntask,Avg,,aggregate\n")
     write_paper(tmp_path, [
@@ -59,6 +60,7 @@ def test_mapping_table_errors(tmp_path):
     write_paper(tmp_path, [])
     with pytest.raises(FileNotFoundError, match="config_keys.csv"):
         coverage.compute(tmp_path)
-    (tmp_path / "config_keys.csv").write_text("kind,key,config,note\nmodel,a,b,\nmodel,a,c,\n")
+    (tmp_path / "keys").mkdir(exist_ok=True)
+    (tmp_path / "keys" / "config_keys.csv").write_text("kind,key,config,note\nmodel,a,b,\nmodel,a,c,\n")
     with pytest.raises(ValueError, match="line 3 repeats model key 'a'"):
         coverage.compute(tmp_path)

@@ -64,24 +64,30 @@ class ASRTask(Task):
                 "errors": errors, "ref_words": n, self.breakdown: doc.meta.get(self.breakdown)}
 
     def aggregate(self, records: list[dict]) -> dict:
-        ok = [r for r in records if not is_failed(r) and record_field(r, "ref_words") is not None]
+        return asr_aggregate(self, records, self.metric, self.breakdown)
 
-        def rate(rs: list[dict]) -> float | None:
-            n = sum(int(record_field(r, "ref_words")) for r in rs)
-            return 100.0 * sum(int(record_field(r, "errors")) for r in rs) / n if n else None
 
-        total = rate(ok)
-        groups: dict[str, list[dict]] = {}
-        n_by: dict[str, int] = {}
-        ok_ids = {id(r) for r in ok}
-        for r in records:
-            k = str(self.field(r, self.breakdown))
-            n_by[k] = n_by.get(k, 0) + 1
-            if id(r) in ok_ids:
-                groups.setdefault(k, []).append(r)
-        m = self.metric
-        return {m: total, f"acc_100_minus_{m}": None if total is None else max(100.0 - total, 0.0),
-                f"{m}_by_{self.breakdown}": {k: rate(groups.get(k, [])) for k in sorted(n_by)},
-                f"n_by_{self.breakdown}": dict(sorted(n_by.items())),
-                "n": len(records), "n_scored": len(ok), "n_failed": sum(1 for r in records if is_failed(r)),
-                "n_unparsed": 0}
+def asr_aggregate(task: Task, records: list[dict], metric: str = "wer", breakdown: str = "source") -> dict:
+    """Corpus error rate (Σ edits / Σ reference words, %) over the scored records, AudioKV's
+    ``acc_100_minus_<metric>`` clipped at 0, and the rate per ``breakdown`` group (failed records counted in
+    ``n_by_<breakdown>`` through what the task remembered of them)."""
+    ok = [r for r in records if not is_failed(r) and record_field(r, "ref_words") is not None]
+
+    def rate(rs: list[dict]) -> float | None:
+        n = sum(int(record_field(r, "ref_words")) for r in rs)
+        return 100.0 * sum(int(record_field(r, "errors")) for r in rs) / n if n else None
+
+    total = rate(ok)
+    groups: dict[str, list[dict]] = {}
+    n_by: dict[str, int] = {}
+    ok_ids = {id(r) for r in ok}
+    for r in records:
+        k = str(task.field(r, breakdown))
+        n_by[k] = n_by.get(k, 0) + 1
+        if id(r) in ok_ids:
+            groups.setdefault(k, []).append(r)
+    return {metric: total, f"acc_100_minus_{metric}": None if total is None else max(100.0 - total, 0.0),
+            f"{metric}_by_{breakdown}": {k: rate(groups.get(k, [])) for k in sorted(n_by)},
+            f"n_by_{breakdown}": dict(sorted(n_by.items())),
+            "n": len(records), "n_scored": len(ok), "n_failed": sum(1 for r in records if is_failed(r)),
+            "n_unparsed": 0}
