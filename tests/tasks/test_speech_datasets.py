@@ -212,3 +212,24 @@ def test_covost_aggregate_is_corpus_level(fixture_root):
     mean_sentence = sum(r["sentence_bleu"] for r in recs) / 3
     assert agg["bleu"] != pytest.approx(mean_sentence)            # corpus BLEU, not a mean of sentences
     assert all(0.0 <= r["score"] <= 1.0 for r in recs)
+
+
+def test_mls_opus_release(fixture_root, tmp_path):
+    """The *_opus release: same layout, .opus files (the loader picks the extension from the folder name)."""
+    import shutil
+
+    import soundfile as sf
+
+    from avkv.models.media_io import load_audio
+
+    src = fixture_root / "mls" / "mls_french"
+    root = tmp_path / "mls_french_opus"
+    shutil.copytree(src, root, ignore=shutil.ignore_patterns("*.flac"))
+    for f in src.rglob("*.flac"):
+        a, sr = sf.read(str(f), dtype="float32")
+        out = root / f.relative_to(src).with_suffix(".opus")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        sf.write(str(out), a, sr, format="OGG", subtype="OPUS")
+    docs = list(task("mls_fr", fixture_root, f"dataset.root={root}").docs())
+    assert len(docs) == 3 and all(d.media[0].path.endswith(".opus") for d in docs)
+    assert load_audio(docs[0].media[0].path).size > 16000 * 0.5
