@@ -24,9 +24,15 @@ NOTEBOOKS = {
         experiments=["madakv_table1"], paper="madakv_table1", efficiency="madakv_table1",
         paper_model="LLaVA-v1.5-7B"),
     "audiokv_table1": dict(
-        title="AudioKV Table 1: ASR at KV retention 0.8 / 0.6 / 0.4",
-        ref="AudioKV (arXiv 2604.06694), Table 1 (avkv has its EN column: LibriSpeech-long, 100 - WER)",
+        title="AudioKV Table 1: ASR and speech translation at KV retention 0.8 / 0.6 / 0.4",
+        ref="AudioKV (arXiv 2604.06694), Table 1: KeSpeech (100 - CER), LibriSpeech-long, MLS fr/de/es "
+            "(100 - WER), CoVoST 2 en->zh (chrF) and zh->en (BLEU)",
         experiments=["audiokv_table1"], paper="audiokv_table1", efficiency=None, paper_model="Qwen2.5-Omni-7B"),
+    "audiokv_table2": dict(
+        title="AudioKV Table 2: spoken QA at a 40% KV budget, LLM-judged",
+        ref="AudioKV (arXiv 2604.06694), Table 2: the four UltraEval-Audio sets, binary judge correctness (scores "
+            "stay pending until a judge endpoint is set; python -m avkv.judge judges the run directories)",
+        experiments=["audiokv_table2"], paper="audiokv_table2", efficiency=None, paper_model="Qwen2.5-Omni-7B"),
     "acckv_tables4_5": dict(
         title="AccKV Tables 4-5: MVBench (ten audio-bearing tasks) and AVSD at 20% / 10% KV",
         ref="AccKV (AAAI 2026, arXiv 2511.11106), Tables 4-5; no per-cell numbers were found, so the paper "

@@ -328,12 +328,14 @@ def _normalizer(kind: str):
 def normalize_asr(text: str, language: str = "en") -> str:
     """The Qwen2-Audio / lmms-eval normalisation of one transcript (before tokenisation).
 
-    ``en``: EnglishTextNormalizer then BasicTextNormalizer; other languages: BasicTextNormalizer (Chinese needs
-    the speechio TextNorm, not supported here).
+    ``en``: EnglishTextNormalizer then BasicTextNormalizer; ``zh``: speechio's TextNorm rules only
+    (:mod:`avkv.metrics.zh`, as Qwen2-Audio's script: no Basic normaliser after it); other languages:
+    BasicTextNormalizer.
     """
-    if language == "zh":
-        raise NotImplementedError("Chinese CER needs the speechio TextNorm normaliser, not vendored here")
     s = remove_special_tokens(text, language)
+    if language == "zh":
+        from avkv.metrics.zh import normalize_zh
+        return normalize_zh(s)
     if language == "en":
         s = _normalizer("en")(s)
     return _normalizer("basic")(s)

@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from avkv.metrics.text import edit_counts
-from avkv.tasks.base import DatasetError, Doc, Media, Prompt, Task, is_failed, record_field
+from avkv.tasks.base import DatasetError, Doc, Media, Prompt, Task
 from avkv.tasks.common import check_family
+from avkv.tasks.speech_common import asr_aggregate
 
 #: per-family ASR instructions: Qwen2-Audio's own eval prompt; the Qwen2.5-Omni cookbook's; lmms-eval's default
 PROMPTS = {
@@ -212,22 +213,4 @@ class LibriSpeech(Task):
                 "parsed": prediction, "errors": errors, "ref_words": n, "source": doc.meta.get("source")}
 
     def aggregate(self, records: list[dict]) -> dict:
-        ok = [r for r in records if not is_failed(r) and record_field(r, "ref_words") is not None]
-
-        def wer(rs: list[dict]) -> float | None:
-            n = sum(int(record_field(r, "ref_words")) for r in rs)
-            return 100.0 * sum(int(record_field(r, "errors")) for r in rs) / n if n else None
-
-        total = wer(ok)
-        by: dict[str, list[dict]] = {}
-        for r in ok:
-            by.setdefault(str(self.field(r, "source")), []).append(r)
-        n_by: dict[str, int] = {}
-        for r in records:
-            k = str(self.field(r, "source"))
-            n_by[k] = n_by.get(k, 0) + 1
-        return {"wer": total, "acc_100_minus_wer": None if total is None else max(100.0 - total, 0.0),
-                "wer_by_source": {k: wer(by.get(k, [])) for k in sorted(n_by)},
-                "n_by_source": dict(sorted(n_by.items())),
-                "n": len(records), "n_scored": len(ok), "n_failed": sum(1 for r in records if is_failed(r)),
-                "n_unparsed": 0}
+        return asr_aggregate(self, records, "wer", "source")

@@ -59,12 +59,13 @@ def test_preset_composes(name, tmp_path):
     b0 = g["budgets"][0]
     # the whole paper grid expands (job override lists; composing each takes ~0.4 s here, so only one budget is)
     models = g["at"]["full"]["model"].split(",")
+    nd = len(g.get("datasets") or [None])              # a preset may sweep its table's datasets
     plan = grid.expand([f"experiment={name}", f"method={','.join(have)}"], compose_jobs=False)
-    assert len(plan) == len(have) * len(g["budgets"]) * len(models)
+    assert len(plan) == len(have) * len(g["budgets"]) * len(models) * nd
     # full scale: every point whose method exists composes, on the paper's model and the real data root
     jobs = grid.expand([f"experiment={name}", f"method={','.join(have)}", f"budget={b0}", f"model={models[0]}",
                         f"paths.runs={tmp_path}"])
-    assert len(jobs) == len(have)
+    assert len(jobs) == len(have) * nd
     for j in jobs:
         c = j.config
         assert c.experiment_name == name and c.grid.scale == "full"
@@ -78,9 +79,12 @@ def test_preset_composes(name, tmp_path):
     # smoke: the tiny model, the fixture, two samples, the methods that exist
     plan = grid.expand([f"experiment={name}", "smoke=tiny"], compose_jobs=False)
     methods = {dict(o.split("=", 1) for o in j.overrides)["method"] for j in plan}
-    assert methods == set(have) and len(plan) == len(have) * len(g["budgets"])
+    assert methods == set(have) and len(plan) == len(have) * len(g["budgets"]) * nd
+    smoke_ds = g["at"]["smoke"].get("datasets")
+    smoke_ds = smoke_ds if isinstance(smoke_ds, list) else g.get("datasets")
+    one = [f"dataset={smoke_ds[0]}"] if smoke_ds else []
     (job,) = grid.expand([f"experiment={name}", "smoke=tiny", "method=full", f"budget={b0}",
-                          f"paths.runs={tmp_path}"])
+                          f"paths.runs={tmp_path}", *one])
     c = job.config
     assert c.model.name == g["at"]["smoke"]["model"] and c.dataset.limit == 2 and c.max_new_tokens == 4
     assert str(c.dataset.root).startswith(str(c.paths.fixtures))
