@@ -108,7 +108,8 @@ def test_audiokv_head_scores_and_budgets(family, tmp_path):
     budgets = [info["head_budgets"] for info in rec["method_info"].values()]
     assert len({b for layer in budgets for b in layer}) > 1          # heads keep different counts
     assert rec["kept_per_head"] == budgets
-    assert rec.get("kv_storage") == "padded+mask"
+    assert rec["kv_storage"] == "ragged"                              # per-head segments, no padding
+    assert rec["kv_bytes_ratio"] == pytest.approx(rec["kept_ratio"], abs=1e-12)
     assert abs(rec["kept_ratio"] - 0.3) <= 0.02
     assert rec["kept_by_modality"]["audio"]["kept"] > 0
 
