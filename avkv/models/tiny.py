@@ -131,3 +131,11 @@ def ensure_tiny(config_path: str | Path, out_root: str | Path, force: bool = Fal
     get_method(builder)(out)
     stamp.write_text(fp + "\n")
     return out, True
+
+
+def build_tiny_omni_deep(out_dir: str | Path) -> None:
+    """The tiny Qwen2.5-Omni thinker with 8 text layers instead of 2, so every depth-dependent mechanism has the
+    layers it needs (PureKV's source layer 2 and dense layers 0-1, FastV's K = 2, PyramidKV's schedule, MadaKV's
+    cross-layer compensation, AccKV's per-layer focus); same tokenizer, towers and seed otherwise."""
+    from avkv.models.qwen2_5_omni import build_tiny
+    build_tiny(out_dir, text_layers=8)
