@@ -33,9 +33,11 @@ def methods_available() -> list[str]:
     return sorted(p.stem for p in (CONFIG_DIR / "method").glob("*.yaml") if p.stem not in SKIP)
 
 
-def off_budget(ratio: float, budget: float, n: int, tol: float = 0.01) -> bool:
-    """More than 1 % of the budget away from it (plus one entry of rounding per layer and head)."""
-    return abs(ratio - budget) > tol * budget + 1.0 / max(n, 1)
+def off_budget(ratio: float, budget: float, n: int) -> bool:
+    """The engine's rule (:func:`avkv.engine.within_budget`): more than ±1 % of the budget away from it (plus one
+    entry of rounding per layer and head)."""
+    from avkv.engine import within_budget
+    return not within_budget(ratio, budget, n)
 
 
 def measure(model: str, methods: list[str], budgets: list[float], limit: int, max_new: int) -> list[dict]:

@@ -85,3 +85,25 @@ def test_every_method_holds_its_budget_or_declares_it(family, name, method_cfgs,
         assert r["budget_held"], where
         assert within_budget(r["kept_ratio"], r["budget_target"], n), where
         assert within_budget(r["kv_bytes_ratio"], r["budget_target"], n), where
+
+
+def test_proxy_table_flags_cells_off_budget_both_ways_on_entries_and_bytes():
+    import importlib.util
+
+    from avkv.config import ROOT
+    spec = importlib.util.spec_from_file_location("proxy_table", ROOT / "scripts" / "proxy_table.py")
+    pt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pt)
+
+    def cell(budget, **rec):
+        rec.setdefault("n_prompt", 800)
+        return dict(budget=budget, **pt.budget_fields([rec], budget))
+
+    assert pt.over(cell(0.5, kept_ratio=0.5, kv_bytes_ratio=0.5), 0.5) == ""
+    under = pt.over(cell(0.5, kept_ratio=0.362, kv_bytes_ratio=0.362), 0.5)                 # AccKV without refill
+    assert "0.36 entries" in under and "off budget" in under
+    assert "0.63 bytes" in pt.over(cell(0.5, kept_ratio=0.5, kv_bytes_ratio=0.628), 0.5)     # padded storage
+    assert "infeasible" in pt.over(cell(0.2, kept_ratio=0.557, kv_bytes_ratio=0.557, budget_held=False,
+                                        budget_infeasible=True), 0.2)
+    assert "declared" in pt.over(cell(0.2, kept_ratio=0.45, kv_bytes_ratio=0.45, budget_held=False,
+                                      budget_mode="achieved"), 0.2)
