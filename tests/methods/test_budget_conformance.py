@@ -22,13 +22,7 @@ BUDGETS = (0.5, 0.2, 0.1)
 DECLARED = {"drop_media"}                      # configs that declare budget_mode: achieved by default
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and do not fight the other tests' threads)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ default configs, and what the records say where a 2-layer model lacks the layers
 import logging
 
 import pytest
-import torch
 
 from avkv.config import compose, instantiate
 from avkv.engine import Engine
@@ -11,12 +10,7 @@ from avkv.methods import base
 from tests.conftest import adapter, av_prompt, tiny_model_dir
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
