@@ -28,7 +28,7 @@ assets: venv apt
 	$(PY) scripts/make_fixtures.py --out $(CACHE)/fixtures
 	@# AudioKV head scores for the tiny and proxy audio models (synthetic tone-burst utterances, teacher-forced:
 	@# these models do not transcribe speech; real checkpoints are calibrated on LibriSpeech, see README)
-	@for m in tiny_qwen2_5_omni tiny_qwen2_audio proxy_av proxy_audio; do \
+	@for m in tiny_qwen2_5_omni tiny_qwen2_5_omni_deep tiny_qwen2_audio proxy_av proxy_audio; do \
 	  $(PY) scripts/calibrate_audiokv.py --model $$m --synthetic 2 --teacher-forcing --skip-existing || exit 1; done
 
 # Side venv with the official Qwen preprocessing packages (qwen-vl-utils, qwen-omni-utils, librosa, decord) for

@@ -13,10 +13,24 @@ Flow for one prompt of n tokens (batch size 1):
 ``compress_at`` picks s: ``question`` (default; s = start of the assistant preamble: query-aware),
 ``context`` (s = start of the question: query-agnostic, kvpress's protocol) or ``prompt`` (s = n: the first token
 comes from the uncompressed prefill, as ``generate``-based implementations do).
+
+Storage: a layer whose KV heads keep the same count stays a plain ``[1, kvH, S, D]`` tensor; a layer whose heads keep
+different counts (per-head budgets: AdaKV, MadaKV, AudioKV, ...) becomes a :class:`RaggedLayer`, every head's entries
+flattened one after the other with no padding, so the bytes held are the entries kept. Once layers differ (in length
+or per head), every decoder layer attends through one function, :func:`_avkv_attention`, which serves every storage
+(uniform, per-layer lengths, ragged per head, and the masked reference of the equivalence tests).
+
+Budget conformance: after the prefill the engine counts the entries and bytes each layer and head really holds
+(:func:`measure_cache`), and the record says whether they are within ±1 % of the budget (one entry per layer and head
+of rounding aside, :func:`within_budget`): ``budget_target``, ``budget_achieved`` (fraction of the full cache's bytes
+held), ``budget_held``, and the method's declaration ``budget_mode`` (``held``, or ``achieved`` with a
+``budget_reason`` when the method is known not to hold it); a method that misses the budget it claims to hold is
+logged once.
 """
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -25,11 +39,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from avkv.methods.base import MODALITIES, LayerView, Method, Selection, as_record
+from avkv.methods.base import MODALITIES, LayerView, Method, Selection, as_record, warn_once
 from avkv.models.base import Encoded, ModelAdapter
 
 COMPRESS_AT = ("question", "context", "prompt")
 MASKED_IMPL = "avkv_masked"
+BUDGET_TOLERANCE = 0.01          # relative: a method holds its budget within ±1 % (plus rounding, see within_budget)
+
+log = logging.getLogger("avkv")
 
 
 class CompressionError(RuntimeError):
@@ -42,55 +59,176 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def kv_cache_bytes(cache: Any) -> int:
-    """Bytes actually held by a cache's key/value tensors (padding included)."""
+    """Bytes actually held by a cache's key/value tensors (everything allocated: a masked entry counts)."""
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
                if t is not None)
 
 
-# --------------------------------------------------------------------------------------- masked attention
-def _masked_attention(module, query, key, value, attention_mask, **kwargs):
-    """The base backend (sdpa/eager) with an explicit mask: causal (bottom-right aligned) plus a per-KV-head
-    validity mask on cached entries.
+# --------------------------------------------------------------------------------------- ragged storage
+try:
+    from transformers.cache_utils import DynamicLayer as _DynamicLayer
+except ImportError:  # pragma: no cover - transformers < 4.54 has no cache layers
+    _DynamicLayer = object
 
-    Used only for decoder layers (it is set on the text config) once layers hold caches of different lengths
-    (per-layer budgets, FastV) or some heads keep fewer entries than others (padded storage), or when an
-    equivalence test masks instead of pruning. The model's own mask is sized for one layer's cache, so the
-    mask is built here per layer from this layer's key length (the model passes None, see
-    :func:`_register_masked_attention`).
+
+class RaggedLayer(_DynamicLayer):
+    """One decoder layer's cache whose KV heads hold different numbers of entries, stored without padding.
+
+    ``keys``/``values`` are ``[1, 1, T, D]`` with T = Σ_h ``lengths[h]``: head h's entries are rows
+    ``offsets[h]:offsets[h+1]``, in cache order (bytes held = entries kept × entry size). :meth:`update` appends each
+    head's new entries (decode tokens, the uncompressed suffix) to the end of its own segment, and
+    :func:`_avkv_attention` attends head by head over the segments (the layout of AdaKV's varlen FlashAttention path).
     """
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor]):
+        super().__init__()
+        if any(int(k.shape[0]) == 0 for k in keys):
+            raise CompressionError("every KV head must keep at least one entry")
+        self.num_heads = len(keys)
+        self.lengths = [int(k.shape[0]) for k in keys]
+        self.keys = torch.cat(keys)[None, None].contiguous()
+        self.values = torch.cat(values)[None, None].contiguous()
+        self.dtype, self.device = self.keys.dtype, self.keys.device
+        self.is_initialized = True
+
+    def offsets(self) -> list[int]:
+        out = [0]
+        for n in self.lengths:
+            out.append(out[-1] + n)
+        return out
+
+    def head(self, h: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Head h's keys and values, ``[S_h, D]`` each (views)."""
+        o = self.offsets()
+        return self.keys[0, 0, o[h]:o[h + 1]], self.values[0, 0, o[h]:o[h + 1]]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        B, kvH, q, _ = key_states.shape
+        if B != 1 or kvH != self.num_heads:
+            raise CompressionError(f"ragged cache layer holds {self.num_heads} KV heads of batch 1, got "
+                                   f"{tuple(key_states.shape)}")
+        ks, vs = [], []
+        for h in range(kvH):
+            k, v = self.head(h)
+            ks += [k, key_states[0, h].to(self.dtype)]
+            vs += [v, value_states[0, h].to(self.dtype)]
+        self.keys, self.values = torch.cat(ks)[None, None], torch.cat(vs)[None, None]
+        self.lengths = [n + q for n in self.lengths]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return max(self.lengths)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("a ragged (per-head) cache layer cannot be cropped")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("a ragged (per-head) cache layer holds batch size 1")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise NotImplementedError("a ragged (per-head) cache layer holds batch size 1")
+
+
+def measure_cache(cache: Any, modules: list | None = None) -> tuple[list[list[int]], list[int]]:
+    """Entries each KV head of each layer really attends to, and the bytes each layer holds.
+
+    A :class:`RaggedLayer` counts its segments; a plain layer counts its length for every head, less the entries a
+    masked reference (``mask_only``, module attribute ``_avkv_valid``) hides — those still count in the bytes.
+    """
+    entries, nbytes = [], []
+    for i, layer in enumerate(cache.layers):
+        nbytes.append(sum(t.numel() * t.element_size() for t in (layer.keys, layer.values) if t is not None))
+        if isinstance(layer, RaggedLayer):
+            entries.append(list(layer.lengths))
+            continue
+        kvH, S = layer.keys.shape[1], layer.keys.shape[2]
+        valid = getattr(modules[i], "_avkv_valid", None) if modules is not None else None
+        if valid is None:
+            entries.append([int(S)] * kvH)
+        else:
+            entries.append([int(c) + (S - valid.shape[1]) for c in valid.sum(-1).tolist()])
+    return entries, nbytes
+
+
+def within_budget(ratio: float, target: float, n: int, tol: float = BUDGET_TOLERANCE) -> bool:
+    """The budget rule: ``ratio`` is within ±``tol`` of ``target`` relative to it, plus one entry (1/n) of rounding
+    (each layer and head keeps whole entries)."""
+    return abs(ratio - target) <= tol * target + 1.0 / max(n, 1) + 1e-12
+
+
+# ----------------------------------------------------------------------------------------------- attention
+def _base_attention(module):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
     base = getattr(module, "_avkv_base_impl", "sdpa")
     if base == "eager":
         from transformers.models.qwen2.modeling_qwen2 import eager_attention_forward as fn
-    else:
-        fn = ALL_ATTENTION_FUNCTIONS.get(base, sdpa_attention_forward)
-    valid = getattr(module, "_avkv_valid", None)
-    q_len, k_len = query.shape[2], key.shape[2]
-    if valid is None and q_len == 1 and attention_mask is None:
-        return fn(module, query, key, value, None, **kwargs)
+        return fn
+    return ALL_ATTENTION_FUNCTIONS.get(base, sdpa_attention_forward)
+
+
+def _causal_bias(q_len: int, k_len: int, query: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Additive bias [1, h, q, k]: causal, bottom-right aligned (the queries are the newest entries), and
+    ``valid`` [h, ≤k] hiding cached entries per head (entries past ``valid`` are the new ones, always visible)."""
     allowed = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)[None, None]
     if valid is not None:
         groups = query.shape[1] // valid.shape[0]
         v = torch.cat([valid, valid.new_ones(valid.shape[0], k_len - valid.shape[1])], dim=-1)
         allowed = allowed & v.repeat_interleave(groups, 0)[None, :, None, :]                 # [1, H, q, k]
+    return torch.zeros(allowed.shape, dtype=query.dtype, device=query.device).masked_fill(
+        ~allowed, torch.finfo(query.dtype).min)
+
+
+def _avkv_attention(module, query, key, value, attention_mask, **kwargs):
+    """The decoder attention once layers differ: one function for every storage, on the model's base backend
+    (sdpa/eager).
+
+    * :class:`RaggedLayer` (module attribute ``_avkv_ragged``): head by head over its segments, each head's query
+      group against its own keys (causal, bottom-right aligned);
+    * a plain layer: one call with a causal mask sized for this layer's key length, and the per-KV-head validity
+      mask of the masked reference (``mask_only``) when there is one.
+
+    The model's own mask is sized for one layer's cache, so it is not used (the model passes None, see
+    :func:`_register_masked_attention`).
+    """
+    fn = _base_attention(module)
+    q_len = query.shape[2]
+    ragged = getattr(module, "_avkv_ragged", None)
+    if ragged is not None:
+        H, kvH = query.shape[1], ragged.num_heads
+        g = H // kvH
+        outs, start = [], 0
+        for h, n in enumerate(ragged.lengths):
+            k, v = key[:, :, start:start + n], value[:, :, start:start + n]
+            start += n
+            bias = _causal_bias(q_len, n, query[:, :g]) if q_len > 1 else None
+            out, _ = fn(module, query[:, h * g:(h + 1) * g], k, v, bias, **kwargs)
+            outs.append(out)                                                  # [1, q, g, D]
+        return torch.cat(outs, dim=2), None
+    valid = getattr(module, "_avkv_valid", None)
+    k_len = key.shape[2]
+    if valid is None and q_len == 1 and attention_mask is None:
+        return fn(module, query, key, value, None, **kwargs)
+    bias = _causal_bias(q_len, k_len, query, valid)
     if attention_mask is not None and attention_mask.shape[-1] >= k_len and attention_mask.shape[-2] == q_len:
         am = attention_mask[..., -k_len:]
-        allowed = allowed & (am if am.dtype == torch.bool else am == 0)
-    bias = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device).masked_fill(
-        ~allowed, torch.finfo(query.dtype).min)
+        allowed = am if am.dtype == torch.bool else am == 0
+        bias = bias.masked_fill(~allowed, torch.finfo(query.dtype).min)
     return fn(module, query, key, value, bias, **kwargs)
 
 
 def _no_model_mask(*args, **kwargs):
-    """Mask function of the masked backend: none from the model; :func:`_masked_attention` builds it per layer."""
+    """Mask function of the avkv backend: none from the model; :func:`_avkv_attention` builds it per layer."""
     return None
 
 
 def _register_masked_attention() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
-    AttentionInterface.register(MASKED_IMPL, _masked_attention)
+    AttentionInterface.register(MASKED_IMPL, _avkv_attention)
     AttentionMaskInterface.register(MASKED_IMPL, _no_model_mask)
 
 
@@ -157,7 +295,7 @@ class _Request:
     mod_kept: dict = field(default_factory=dict)   # layer -> {modality: count summed over heads}
     info: dict = field(default_factory=dict)
     compress_s: float = 0.0
-    padded: bool = False
+    ragged: bool = False                       # some layer is stored per head (RaggedLayer)
 
 
 class Compressor:
@@ -192,7 +330,7 @@ class Compressor:
             h.remove()
         self.handles = []
         for m in self.attn_modules:
-            for attr in ("_avkv_valid", "_avkv_base_impl", "_avkv_layer"):
+            for attr in ("_avkv_valid", "_avkv_ragged", "_avkv_base_impl", "_avkv_layer"):
                 if hasattr(m, attr):
                     delattr(m, attr)
         if self.text_config._attn_implementation == MASKED_IMPL:
@@ -209,7 +347,7 @@ class Compressor:
                 module, modality, n_keep = self.pending[i]
                 layer = cache.layers[i]
                 view = self._view(module, None, layer.keys[0], layer.values[0], modality, n_keep)
-                self._apply(module, layer, self.method.compress(view), modality, record=True)
+                self._apply(module, cache, i, self.method.compress(view), modality, record=True)
             self.pending = {}
             self.req.compress_s += self.clock.elapsed(t0, self.clock.now())
         lengths = {layer.keys.shape[2] for layer in cache.layers if layer.keys is not None and layer.keys.numel()}
@@ -276,8 +414,11 @@ class Compressor:
                 self.pending[i] = (module, modality, n_keep)
             else:
                 sel = self.method.compress(view)
-                self._apply(module, layer, sel, modality, record=True)
+                self._apply(module, cache, i, sel, modality, record=True)
         else:
+            if isinstance(layer, RaggedLayer):
+                raise CompressionError(f"{self.method.name}: fixed-size decoding over a ragged (per-head) cache "
+                                       "layer is not implemented; use decode_policy=grow")
             S = layer.keys.shape[2]
             target = self.req.state.setdefault("decode_size", {}).setdefault(i, S - 1)
             if S > target:
@@ -285,10 +426,14 @@ class Compressor:
                                   torch.zeros(S, dtype=torch.long), target, attn, decode=True)
                 sel = self.method.decode_step(view)
                 if sel is not None:
-                    self._apply(module, layer, sel, None, record=False)
+                    self._apply(module, cache, i, sel, None, record=False)
         self.req.compress_s += self.clock.elapsed(t0, self.clock.now())
 
-    def _apply(self, module, layer, sel: Selection, modality, record: bool):
+    def _apply(self, module, cache, i: int, sel: Selection, modality, record: bool):
+        """Replace layer ``i``'s cache by what ``sel`` keeps: a plain tensor when every head keeps as many
+        entries, a :class:`RaggedLayer` (no padding) when they differ, or — ``mask_only`` — the full cache with
+        the dropped entries masked (the equivalence tests' reference)."""
+        layer = cache.layers[i]
         K, V = layer.keys[0], layer.values[0]
         kvH, S, D = K.shape
         idx = sel.indices.to(K.device).long()
@@ -305,21 +450,24 @@ class Compressor:
         newV = sel.values.to(V.dtype) if sel.values is not None else V.gather(1, g)
         if self.mask_only:                  # keep every entry, mask what the method dropped (equivalence tests)
             keep = torch.zeros(kvH, S, dtype=torch.bool, device=K.device)
-            keep.scatter_(1, idx, True if valid is None else valid)
-            layer.keys = K.scatter(1, g, newK)[None]
-            layer.values = V.scatter(1, g, newV)[None]
+            rows = torch.arange(kvH, device=K.device)[:, None].expand_as(idx)
+            real = torch.ones_like(idx, dtype=torch.bool) if valid is None else valid
+            keep[rows[real], idx[real]] = True         # padding repeats an index: it must not unset a real one
+            K2, V2 = K.clone(), V.clone()
+            K2[rows[real], idx[real]] = newK[real]
+            V2[rows[real], idx[real]] = newV[real]
+            layer.keys, layer.values = K2[None], V2[None]
             module._avkv_valid = keep
             self._use_masks()
-        else:
+        elif valid is None:
             layer.keys, layer.values = newK[None].contiguous(), newV[None].contiguous()
-            if valid is not None:
-                module._avkv_valid = valid
-                self.req.padded = True
-                self._use_masks()
-            elif hasattr(module, "_avkv_valid"):
-                del module._avkv_valid
+        else:                               # heads keep different counts: per-head segments, no padding
+            ragged = RaggedLayer([newK[h][valid[h]] for h in range(kvH)], [newV[h][valid[h]] for h in range(kvH)])
+            cache.layers[i] = ragged
+            module._avkv_ragged = ragged
+            self.req.ragged = True
+            self._use_masks()
         if record:
-            i = module._avkv_layer
             counts = valid.sum(-1) if valid is not None else torch.full((kvH,), idx.shape[1])
             self.req.kept[i] = counts.tolist()
             m = modality[idx] if valid is None else modality[idx][valid]
@@ -398,7 +546,7 @@ class Engine:
             if s < n:
                 logits = adapter.forward(input_ids[:, s:], cache, pos[..., s:])
             t1 = self.clock.now()
-            kv_kept = kv_cache_bytes(cache)
+            held = measure_cache(cache, cm.attn_modules if compress else None)
             first_logits = logits[0, -1].float().cpu()
             tok = int(logits[0, -1].argmax())
             tokens = [tok]
@@ -416,28 +564,34 @@ class Engine:
         prefill_s = self.clock.elapsed(t0, t1)
         decode_s = self.clock.elapsed(t2, t3)
         out_ids = [t for t in tokens if t not in eos]
-        record = self._record(enc, cache, req if compress else None, n, s, kv_kept, method, compress)
+        record = self._record(enc, cache, req if compress else None, n, s, held, method, compress)
         record.update(prefill_s=prefill_s, compress_s=req.compress_s if compress else 0.0,
                       decode_s_per_token=(decode_s / steps) if steps else None, decode_s=decode_s,
                       new_tokens=len(tokens), peak_mem_bytes=mem.peak, peak_mem_kind=mem.kind,
                       media_s=enc.media_s)
         return Generation(token_ids=out_ids, text=adapter.decode(out_ids), first_logits=first_logits, record=record)
 
-    def _record(self, enc, cache, req, n, s, kv_kept, method, compressed) -> dict:
+    def _record(self, enc, cache, req, n, s, held, method, compressed) -> dict:
+        """The sample's accounting, from what the cache really holds after the prefill (``held``, see
+        :func:`measure_cache`): entries per layer and head, bytes, and the budget check."""
         tc = self.adapter.text_config()
+        entries, nbytes = held
         L = len(cache.layers)
-        kvH = cache.layers[0].keys.shape[1]
-        D = cache.layers[0].keys.shape[3]
+        kvH = len(entries[0])
+        D = cache.layers[0].keys.shape[-1]
         el = cache.layers[0].keys.element_size()
         kv_full = 2 * L * kvH * n * D * el
+        kv_kept = sum(nbytes)
         suffix = n - s
+        per_layer = [sum(e) / kvH for e in entries]
         total = {name: int((enc.modality == c).sum()) for c, name in enumerate(MODALITIES)}
         if req is None or not req.kept:
-            per_layer = [float(n)] * L
             by_mod = {m: {"kept": float(total[m]), "total": total[m]} for m in MODALITIES if total[m]}
-            per_head = None
         else:
-            per_layer = [sum(req.kept.get(i, [s] * kvH)) / kvH + suffix for i in range(L)]
+            for i, counts in req.kept.items():          # what the method selected = what the cache holds
+                if [c + suffix for c in counts] != entries[i]:
+                    raise CompressionError(f"layer {i}: the method kept {counts} (+{suffix} suffix) entries per "
+                                           f"head but the cache holds {entries[i]}")
             by_mod = {}
             suffix_mod = {name: int((enc.modality[s:] == c).sum()) for c, name in enumerate(MODALITIES)}
             for c, m in enumerate(MODALITIES):
@@ -446,29 +600,50 @@ class Engine:
                 kept = [req.mod_kept[i][m] / kvH if i in req.mod_kept else total[m] - suffix_mod[m]
                         for i in range(L)]
                 by_mod[m] = {"kept": sum(kept) / L + suffix_mod[m], "total": total[m]}
-            heads = [req.kept.get(i) for i in range(L)]
-            per_head = heads if any(h is not None and len(set(h)) > 1 for h in heads) else None
         for v in by_mod.values():
             v["ratio"] = v["kept"] / v["total"]
+        kept_ratio = sum(per_layer) / (L * n)
+        target = self.target_kept(n) / n
         rec = {
             "n_prompt": n, "split": s, "compress_at": self.compress_at, "compressed": compressed,
             "kv_bytes_full": kv_full, "kv_bytes_kept": kv_kept, "kv_bytes_ratio": kv_kept / kv_full,
-            "kept_ratio": sum(per_layer) / (L * n), "kept_by_modality": by_mod,
+            "kept_ratio": kept_ratio, "kept_by_modality": by_mod,
             "kept_per_layer": per_layer, "decode_policy": method.decode_policy,
             "modalities_used": enc.modalities_used, "input_notes": enc.notes, "layers": L, "kv_heads": kvH,
             "num_heads": tc.num_attention_heads,
+            "kv_storage": "masked" if self.mask_only and compressed else
+                          "ragged" if req is not None and req.ragged else "dense",
         }
         if enc.preprocessing:
             rec["preprocessing"] = enc.preprocessing          # what the model was fed (frames, sizes, audio s)
-        if per_head is not None:
-            rec["kept_per_head"] = per_head
-        if req is not None and req.padded:
-            rec["kv_storage"] = "padded+mask"
+        if any(len(set(e)) > 1 for e in entries):
+            rec["kept_per_head"] = [[c - suffix for c in e] for e in entries]
         if req is not None and req.info:
             rec["method_info"] = {str(k): v for k, v in sorted(req.info.items())}
         if req is not None and req.state.get("record"):
             rec.update(as_record(req.state["record"]))
+        rec.update(self._budget(method, rec, target, n))
         return rec
+
+    def _budget(self, method: Method, rec: dict, target: float, n: int) -> dict:
+        """Budget conformance of one sample: the target, the fraction of the full cache's bytes held, whether
+        entries and bytes are both within the rule (:func:`within_budget`), and the method's declaration."""
+        held = within_budget(rec["kept_ratio"], target, n) and within_budget(rec["kv_bytes_ratio"], target, n)
+        if method.is_noop():
+            mode, reason = "full", "the full cache: nothing is compressed"
+        else:
+            mode = getattr(method, "budget_mode", "held")
+            reason = getattr(method, "budget_reason", None)
+        out = {"budget_target": target, "budget_achieved": rec["kv_bytes_ratio"], "budget_held": held,
+               "budget_mode": mode}
+        if reason:
+            out["budget_reason"] = reason
+        if not held and mode == "held" and not rec.get("budget_infeasible") and not self.mask_only:
+            warn_once(("budget", method.name, round(target, 4)),
+                      "%s holds %.3f of the cache's entries and %.3f of its bytes at budget %.3f; it claims to hold "
+                      "the budget (budget_mode=held): the record has budget_held=false", method.name,
+                      rec["kept_ratio"], rec["kv_bytes_ratio"], target)
+        return out
 
     def fidelity(self, enc: Encoded, compressed: Generation, seed: int = 0, max_new_tokens: int | None = None) -> dict:
         """Run the same input with the full cache: token agreement and KL(full ‖ compressed) of the first step."""
@@ -508,4 +683,5 @@ class _memory_tracker:
         return False
 
 
-__all__ = ["Engine", "Generation", "Compressor", "CompressionError", "kv_cache_bytes", "COMPRESS_AT"]
+__all__ = ["Engine", "Generation", "Compressor", "CompressionError", "RaggedLayer", "kv_cache_bytes", "measure_cache",
+           "within_budget", "COMPRESS_AT", "BUDGET_TOLERANCE"]

@@ -23,7 +23,11 @@ Nothing is read from W&B: the files are the ground truth.
   bootstrap) and ``Δ Full`` (paired, on the same average); Markdown and LaTeX. Scores are multiplied by
   ``--scale`` (100 by default: accuracy and ROUGE-L in percent, as the papers print them).
 * **Plots.** Score vs budget per method (the full cache as a dashed line), KV memory vs budget, decode latency
-  vs budget; one PNG per (model, dataset).
+  vs budget; one PNG per (model, dataset). Each method is placed at the ratio of the KV cache it really held
+  (``budget_achieved``), not at its nominal budget.
+* **Budgets held.** Every point says what it held (``budget_achieved``: the fraction of the full cache's bytes) and
+  whether every sample held its budget (``budget_held``: entries and bytes within ±1 %, the engine's rule). In the
+  tables a point that did not is listed after the ones that did, its budget cell saying what it held.
 """
 from __future__ import annotations
 
@@ -64,7 +68,7 @@ DEFAULT_METHOD_ORDER = [
 ]
 
 SAMPLE_NUMERIC = ["score", "kept_ratio", "kv_bytes_full", "kv_bytes_kept", "prefill_s", "decode_s_per_token",
-                  "new_tokens", "peak_mem_bytes", "errors", "ref_words"]
+                  "new_tokens", "peak_mem_bytes", "errors", "ref_words", "budget_achieved", "budget_target"]
 
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -426,6 +430,7 @@ def aggregate(df: pd.DataFrame, scale: float = 100.0, n_boot: int = stats.N_BOOT
             row[c] = float(valid[c].mean()) if c in valid and valid[c].notna().any() else float("nan")
         row["peak_mem_bytes"] = float(valid["peak_mem_bytes"].max()) if valid["peak_mem_bytes"].notna().any() \
             else float("nan")
+        row.update(_budget_held(valid, row["method"], row["budget"]))
         shards = g.drop_duplicates("run_dir")
         row["runs"] = len(shards)
         row["shards_seen"] = int(shards["shard"].nunique())
@@ -435,6 +440,26 @@ def aggregate(df: pd.DataFrame, scale: float = 100.0, n_boot: int = stats.N_BOOT
             row[c] = next((p for p in g.get(c, pd.Series(dtype=object)) if isinstance(p, str)), None)
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _budget_held(valid: pd.DataFrame, method: str, budget: float) -> dict:
+    """What a point's samples held: the mean ``budget_achieved`` (bytes held / full; older records: the same from
+    ``kv_bytes_kept``/``kv_bytes_full``) and whether each sample held its budget (``budget_held``; older records:
+    entries and bytes within ±1 % of the budget)."""
+    if valid.empty:
+        return {"budget_achieved": float("nan"), "budget_held": True}
+    has = lambda c: c in valid and valid[c].notna().all()
+    ach = valid["budget_achieved"] if has("budget_achieved") else valid["kv_bytes_kept"] / valid["kv_bytes_full"]
+    out = {"budget_achieved": float(ach.mean()), "budget_held": True}
+    if method == "full":
+        return out
+    if has("budget_held"):
+        out["budget_held"] = bool(valid["budget_held"].astype(bool).all())
+    elif 0 < budget <= 1:
+        tol = 0.01 * budget + (1.0 / valid["n_prompt"] if has("n_prompt") else 0.0)
+        out["budget_held"] = bool((((valid["kept_ratio"] - budget).abs() <= tol)
+                                   & ((ach - budget).abs() <= tol)).all())
+    return out
 
 
 def average_over_tasks(df: pd.DataFrame, scale: float = 100.0, n_boot: int = stats.N_BOOT) -> pd.DataFrame:
@@ -493,9 +518,11 @@ def fmt(mean: float, lo: float, hi: float, digits: int = 2, latex: bool = False,
 
 def wide_table(points: pd.DataFrame, avg: pd.DataFrame | None = None, methods: Sequence[str] | None = None,
                tasks: Sequence[str] | None = None, latex: bool = False, digits: int = 2) -> pd.DataFrame:
-    """Rows (model, method, budget), columns tasks (+ Avg, Δ Full): ``mean ± half-width`` strings.
+    """Rows (model, method, budget), columns tasks (+ Avg, Δ Full, KV held): ``mean ± half-width`` strings.
 
-    The full cache appears once per model, whatever budget its runs carried.
+    The full cache appears once per model, whatever budget its runs carried. ``KV held`` is the fraction of the
+    full cache's bytes the point really held; a point that did not hold its budget is listed after the model's
+    other rows, its budget cell saying ``0.5 → held 0.36``.
     """
     if points.empty:
         return pd.DataFrame()
@@ -506,11 +533,15 @@ def wide_table(points: pd.DataFrame, avg: pd.DataFrame | None = None, methods: S
     order = method_order(p["method"], methods)
     rows = []
     a = _collapse_full(avg) if avg is not None and not avg.empty else None
+    held = lambda g: "budget_held" not in g or bool(g["budget_held"].fillna(True).astype(bool).all())
     for (model, method, variant, budget), g in sorted(
             p.groupby(["model", "method", "variant", "budget"], dropna=False),
-            key=lambda kv: (str(kv[0][0]), order.index(kv[0][1]), _desc(kv[0][3]), str(kv[0][2]))):
+            key=lambda kv: (str(kv[0][0]), not held(kv[1]), order.index(kv[0][1]), _desc(kv[0][3]), str(kv[0][2]))):
         label = method + (f" [{variant[:6]}]" if multi_variant and variant else "")
         row = {"model": model, "method": label, "budget": "–" if method == "full" else _budget_str(budget)}
+        ach = float(g["budget_achieved"].mean()) if "budget_achieved" in g else float("nan")
+        if not held(g):
+            row["budget"] += f" → held {ach:.2f}"
         by_task = {t: r for t, r in zip(g["task"], g.to_dict("records"))}
         for t in task_cols:
             r = by_task.get(t)
@@ -527,6 +558,7 @@ def wide_table(points: pd.DataFrame, avg: pd.DataFrame | None = None, methods: S
             r = by_task.get(task_cols[0])
             row["Δ Full"] = "–" if (method == "full" or r is None) else fmt(
                 r["diff_mean"], r["diff_lo"], r["diff_hi"], digits, latex, signed=True)
+        row["KV held"] = "–" if math.isnan(ach) else f"{ach:.2f}"
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -633,13 +665,14 @@ def plot_budget_curves(points: pd.DataFrame, out_dir: Path, avg: pd.DataFrame | 
             gm = gm[gm["budget"] > 0].sort_values("budget")
             if gm.empty:
                 continue
+            x = gm["budget_achieved"].fillna(gm["budget"]) if "budget_achieved" in gm else gm["budget"]
             err = np.vstack([gm["score_mean"] - gm["score_lo"], gm["score_hi"] - gm["score_mean"]])
-            axes[0].errorbar(gm["budget"], gm["score_mean"], yerr=np.nan_to_num(err), marker="o", capsize=3,
-                             label=method)
+            axes[0].errorbar(x, gm["score_mean"], yerr=np.nan_to_num(err), marker="o", capsize=3, label=method)
             ge = g[(g["method"] == method) & (g["variant"] == variant) & (g["budget"] > 0)]
             ge = ge.groupby("budget").mean(numeric_only=True).reset_index()
-            axes[1].plot(ge["budget"], ge["kv_bytes_kept"] / div, marker="o", label=method)
-            axes[2].plot(ge["budget"], ge["decode_s_per_token"] * 1e3, marker="o", label=method)
+            xe = ge["budget_achieved"].fillna(ge["budget"]) if "budget_achieved" in ge else ge["budget"]
+            axes[1].plot(xe, ge["kv_bytes_kept"] / div, marker="o", label=method)
+            axes[2].plot(xe, ge["decode_s_per_token"] * 1e3, marker="o", label=method)
         full = s[s["method"] == "full"]
         if len(full):
             f = full.sort_values("score_n", ascending=False).iloc[0]
@@ -648,7 +681,7 @@ def plot_budget_curves(points: pd.DataFrame, out_dir: Path, avg: pd.DataFrame | 
             axes[1].axhline(fe["kv_bytes_kept"].mean() / div, ls="--", color="k", label="full")
             axes[2].axhline(fe["decode_s_per_token"].mean() * 1e3, ls="--", color="k", label="full")
         for ax, yl in zip(axes, ["score (mean ± 95% CI)", f"KV memory kept ({unit})", "decode latency (ms/token)"]):
-            ax.set_xlabel("budget (kept fraction of prompt KV)")
+            ax.set_xlabel("KV held (fraction of the full cache's bytes, as measured)")
             ax.set_ylabel(yl)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)

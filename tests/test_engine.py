@@ -124,3 +124,57 @@ def test_query_recomputation_matches_cached_keys():
     finally:
         hd.remove()
     assert seen["err"] < 1e-5
+
+
+def _step_logits(ad, run):
+    """Run ``run()`` and return the last-position logits of every forward (prefill chunks and decode steps)."""
+    seen = []
+    hd = ad.model.get_output_embeddings().register_forward_hook(lambda m, a, out: seen.append(out[0, -1].clone()))
+    try:
+        g = run()
+    finally:
+        hd.remove()
+    return g, seen
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_5_omni"])
+def test_ragged_storage_equals_masked_reference(family, attn):
+    """Per-head budgets are stored flat without padding (bytes held = entries kept) and decode exactly as the masked
+    full cache does: the logits of every step within 1e-5, the same tokens."""
+    from avkv.methods.adakv import AdaKV
+    ad = adapter(family, attn)
+    enc = ad.encode(av_prompt())
+    for at in ("question", "context"):
+        def run(mask_only):
+            eng = Engine(ad, AdaKV(scorer=SnapKV(window=8), floor=0.1), budget=0.3, compress_at=at,
+                         max_new_tokens=MAX_NEW, mask_only=mask_only)
+            return _step_logits(ad, lambda: eng.generate(enc))
+        (ragged, lr), (masked, lm) = run(False), run(True)
+        r = ragged.record
+        assert r["kv_storage"] == "ragged" and masked.record["kv_storage"] == "masked"
+        assert any(len(set(h)) > 1 for h in r["kept_per_head"])              # heads really differ
+        entry = 2 * ad.decoder_layers()[0].self_attn.head_dim * 4                  # K and V, float32
+        n_entries = sum(sum(h) for h in r["kept_per_head"]) + r["layers"] * r["kv_heads"] * (r["n_prompt"] - r["split"])
+        assert r["kv_bytes_kept"] == n_entries * entry                          # no padding anywhere
+        assert r["kv_bytes_ratio"] == pytest.approx(r["kept_ratio"], abs=1e-12)
+        assert r["budget_held"] and r["budget_achieved"] == pytest.approx(0.3, abs=0.01)
+        assert masked.record["kept_ratio"] == pytest.approx(r["kept_ratio"], abs=1e-12)
+        assert masked.record["kv_bytes_ratio"] == 1.0
+        assert ragged.token_ids == masked.token_ids and len(lr) == len(lm)
+        for a, b in zip(lr, lm):
+            assert torch.allclose(a, b, atol=1e-5), float((a - b).abs().max())
+
+
+def test_budget_record_and_rule():
+    from avkv.engine import within_budget
+    ad, = (adapter("qwen2_5_omni"),)
+    enc = ad.encode(av_prompt())
+    r = Engine(ad, SnapKV(window=8), budget=0.2, max_new_tokens=1).generate(enc).record
+    assert r["budget_mode"] == "held" and r["budget_held"] is True
+    assert r["budget_target"] == pytest.approx(round(0.2 * r["n_prompt"]) / r["n_prompt"])
+    assert r["budget_achieved"] == r["kv_bytes_ratio"] and r["kv_storage"] == "dense"
+    f = Engine(ad, Full(), budget=0.2, max_new_tokens=1).generate(enc).record
+    assert f["budget_mode"] == "full" and f["budget_held"] is False and f["budget_achieved"] == 1.0
+    assert within_budget(0.2009, 0.2, 10_000) and not within_budget(0.2025, 0.2, 10_000)   # ±1 % of the budget
+    assert within_budget(0.101, 0.1, 1000) and not within_budget(0.0975, 0.1, 1000)          # + one entry (1/n)

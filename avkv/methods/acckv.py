@@ -19,9 +19,13 @@ Our reading [ours] (each is a field, so a run's config records it):
     weighted score and keep the top rest; if text alone exceeds the budget, rank all tokens instead;
   * merging: each evicted audio/video token is averaged into its most key-similar kept token of the *same*
     modality (LOOK-M-style nearest neighbour, scatter-mean including the target: ``merge_mode='avg'``);
-  * calibration runs after merging, on the merged keys, per KV head then averaged over heads; freed slots are not
-    refilled, so the achieved ratio can fall below the budget (the record shows it); when no high-priority token
-    was kept there is nothing to align with and the low-priority tokens stay;
+  * calibration runs after merging, on the merged keys, per KV head then averaged over heads; when no high-priority
+    token was kept there is nothing to align with and the low-priority tokens stay;
+  * ``refill=True`` (default): the slots calibration frees go to the next-best entries of the same layer by the
+    weighted score (never back to an evicted one, unless nothing else is left), and the merge is redone on the final
+    kept set, so "budget 0.5" holds 0.5 and AccKV is compared with the others at equal memory; ``refill=False`` is
+    the summary's literal "not refilled" (the achieved ratio falls below the budget; the method then declares
+    ``budget_mode: achieved``). Both record ``calibration_evicted``;
   * ``tau=0.6`` (the lower of the two values tried);
   * image tokens (absent in audio-video models) are ranked with video and merged only among images;
   * all-query statistics are computed in query chunks (``chunk``), never as an n×n matrix, so SDPA works.
@@ -37,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from avkv.methods.base import (AUDIO, IMAGE, TEXT, VIDEO, LayerView, Method, Selection, attention_sums, keep_topk,
-                               merge_into_nearest, modality_counts, pad_ragged, reduce_gqa)
+                               merge_into_nearest, modality_counts, pad_ragged, rank_positions, reduce_gqa)
 
 
 @dataclass
@@ -64,6 +68,9 @@ class AccKV(Method):
         Compute W_v/W_a from Ã rather than A [ours].
     per_head : bool
         ``False``: one index set per layer from head-averaged scores [ours]; ``True``: one set per KV head.
+    refill : bool
+        Give the slots cross-calibration frees to the next-best entries of the layer (True) [ours, turn 2], or leave
+        them empty (False: the summary's reading; the cache then holds less than the budget).
     chunk : int
         Query rows per chunk of the all-query pass.
     """
@@ -78,7 +85,18 @@ class AccKV(Method):
     merge_mode: str = "avg"
     redistributed_focus: bool = True
     per_head: bool = False
+    refill: bool = True
     chunk: int = 512
+
+    @property
+    def budget_mode(self) -> str:
+        return "achieved" if self.calibration and not self.refill else "held"
+
+    @property
+    def budget_reason(self) -> str | None:
+        if self.budget_mode == "held":
+            return None
+        return "refill=false: the slots cross-calibration frees stay empty (the summary's 'not refilled')"
 
     # ------------------------------------------------------------------ scoring
     def layer_statistics(self, view: LayerView) -> tuple[torch.Tensor, float, float]:
@@ -136,27 +154,15 @@ class AccKV(Method):
             keep = keep_topk(s, k)                                                        # [R, k]
         else:                                                                             # text alone exceeds the budget
             keep = keep_topk(scores, k, protect_last=w)
+        rows = keep                                                                       # [R, k]
         if keep.shape[0] == 1:
             keep = keep.expand(kvH, -1)
 
-        calib_out = 0
         window_mask = torch.zeros(S, dtype=torch.bool, device=dev)
         window_mask[S - w:] = True
-        keys_out, vals_out = [], []
-        for h in range(kvH):
-            kh = keep[h]
-            kept_mask = torch.zeros(S, dtype=torch.bool, device=dev)
-            kept_mask[kh] = True
-            if self.merge:
-                evicted = (~kept_mask & (vid | aud)).nonzero().flatten()
-                allowed = mod[evicted][:, None] == mod[kh][None, :]
-                Kh, Vh = merge_into_nearest(view.keys[h], view.values[h], kh, evicted, self.merge_mode, allowed)
-            else:
-                Kh, Vh = view.keys[h, kh], view.values[h, kh]
-            keys_out.append(Kh)
-            vals_out.append(Vh)
-        keys_out, vals_out = torch.stack(keys_out), torch.stack(vals_out)                # [kvH, k, D]
+        keys_out, vals_out = self._merged(view, keep, mod, vid | aud)                     # [kvH, k, D]
 
+        calib_out = 0
         keep_col = torch.ones(keep.shape, dtype=torch.bool, device=dev)                   # [kvH, k]
         if self.calibration and lo is not None:
             km = mod[keep]                                                                # [kvH, k]
@@ -175,7 +181,32 @@ class AccKV(Method):
                 keep_col &= ~(lo_m[0] & (c < self.tau))[None, :]
             calib_out = int((~keep_col).sum())                                           # summed over heads
 
+        refilled = restored = 0
         if bool(keep_col.all()):
+            sel = Selection(indices=keep, keys=keys_out, values=vals_out)
+        elif self.refill:
+            # freed slots → the next-best entries of the layer; the merge is redone on the final kept set
+            new_rows, dropped = [], []
+            for r in range(rows.shape[0]):
+                kept_r, drop_r = rows[r][keep_col[r]], rows[r][~keep_col[r]]
+                taken = torch.zeros(S, dtype=torch.bool, device=dev)
+                taken[rows[r]] = True
+                order = rank_positions(scores[r:r + 1])[0]                               # best first
+                fill = order[~taken[order]][: drop_r.numel()]
+                back = drop_r[rank_positions(scores[r, drop_r][None])[0]][: drop_r.numel() - fill.numel()]
+                refilled += fill.numel()
+                restored += back.numel()
+                new_rows.append(torch.cat([kept_r, fill, back]).sort().values)
+                gone = torch.zeros(S, dtype=torch.bool, device=dev)
+                gone[drop_r] = True
+                gone[back] = False
+                dropped.append(gone)
+            keep = torch.stack(new_rows)
+            dropped = torch.stack(dropped)
+            if keep.shape[0] == 1:
+                keep, dropped = keep.expand(kvH, -1), dropped.expand(kvH, -1)
+                refilled, restored = refilled * kvH, restored * kvH
+            keys_out, vals_out = self._merged(view, keep, mod, vid | aud, exclude=dropped)
             sel = Selection(indices=keep, keys=keys_out, values=vals_out)
         else:
             idx_list = [keep[h][keep_col[h]] for h in range(kvH)]
@@ -194,7 +225,32 @@ class AccKV(Method):
             "kept_text": counts["text"], "kept_video": counts["video"] + counts["image"],
             "kept_audio": counts["audio"], "calibration_evicted": calib_out,
         }
+        if self.refill and calib_out:
+            sel.info.update(refilled=refilled, calibration_restored=restored)
         return sel
+
+    def _merged(self, view: LayerView, keep: torch.Tensor, mod: torch.Tensor, media: torch.Tensor,
+                exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys/values of the kept entries [kvH, k, D]; with ``merge``, every evicted media entry (but those in
+        ``exclude`` [kvH, S]) averaged into its most key-similar kept entry of the same modality."""
+        S, dev = view.seq_len, view.keys.device
+        keys_out, vals_out = [], []
+        for h in range(view.num_kv_heads):
+            kh = keep[h]
+            if self.merge:
+                kept_mask = torch.zeros(S, dtype=torch.bool, device=dev)
+                kept_mask[kh] = True
+                ev = ~kept_mask & media
+                if exclude is not None:
+                    ev &= ~exclude[h]
+                evicted = ev.nonzero().flatten()
+                allowed = mod[evicted][:, None] == mod[kh][None, :]
+                Kh, Vh = merge_into_nearest(view.keys[h], view.values[h], kh, evicted, self.merge_mode, allowed)
+            else:
+                Kh, Vh = view.keys[h, kh], view.values[h, kh]
+            keys_out.append(Kh)
+            vals_out.append(Vh)
+        return torch.stack(keys_out), torch.stack(vals_out)
 
 
 def _pad_rows(x: torch.Tensor, k: int) -> torch.Tensor:

@@ -8,7 +8,8 @@ pyramid-H2O, AdaKV-H2O or per-modality SnapKV without copying any allocation cod
 
 * :class:`LayerAllocation`: per-layer counts from a schedule (PyramidKV's linear pyramid, or fixed weights).
 * :class:`HeadAllocation`: AdaKV — a global top-k across the KV heads of a layer decides each head's share,
-  with a floor; heads keep different counts, so the selection is padded with a ``valid`` mask.
+  with a floor; heads keep different counts (the selection is padded with a ``valid`` mask, the engine stores it
+  per head without padding).
 * :class:`ModalityAllocation`: fixed shares of the budget per modality, or shares another method computed and
   left in ``view.state``.
 
@@ -21,7 +22,7 @@ from typing import Any, Sequence
 
 import torch
 
-from avkv.methods.base import MODALITIES, LayerView, Method, ScoreMethod, Selection, rank_positions
+from avkv.methods.base import MODALITIES, LayerView, Method, ScoreMethod, Selection, rank_positions, warn_once
 
 
 # ------------------------------------------------------------------------------------------------ counting
@@ -164,6 +165,14 @@ class Wrapper(Method):
     def deferred(self) -> bool:  # type: ignore[override]
         return self.scorer.deferred
 
+    @property
+    def budget_mode(self) -> str:  # type: ignore[override]
+        return getattr(self.scorer, "budget_mode", "held")
+
+    @property
+    def budget_reason(self) -> str | None:  # type: ignore[override]
+        return getattr(self.scorer, "budget_reason", None)
+
     def observe(self, view: LayerView) -> None:
         self.scorer.observe(view)
 
@@ -220,6 +229,12 @@ class LayerAllocation(Wrapper):
             else:
                 raise ValueError(f"schedule must be 'pyramid' or 'weights', got {self.schedule!r}")
             view.state[key] = cached
+            uniform = len(set(cached)) == 1
+            view.state.setdefault("record", {})["layer_schedule"] = "uniform" if uniform else self.schedule
+            if uniform and self.schedule == "pyramid" and L > 1:
+                warn_once(("pyramid", "uniform", L), "%s: the prompt is too short for the pyramid (n < 2(B − w)) or "
+                          "the budget leaves nothing beyond the window; every layer keeps the same count "
+                          "(records: layer_schedule=uniform)", self.name)
         return int(cached[view.layer_idx])
 
     def compress(self, view: LayerView) -> Selection:
@@ -241,8 +256,7 @@ class HeadAllocation(Wrapper):
         α: every head keeps at least α·(B − w) prefix entries (KVCache-Factory default 0.2).
 
     Heads keep different counts, so the selection is padded to the largest head with a ``valid`` mask; the
-    engine stores the padded layout and counts the allocated bytes (``kv_bytes_kept``) next to the logical
-    kept ratio.
+    engine stores each head's entries without the padding (bytes held = entries kept).
     """
 
     scorer: ScoreMethod
@@ -252,8 +266,8 @@ class HeadAllocation(Wrapper):
 
     def __post_init__(self) -> None:
         if self.scorer.decode_policy == "fixed":
-            raise ValueError("per-head budgets leave a padded cache, and fixed-size decoding over it is not "
-                             "implemented: give the scorer decode_policy=grow")
+            raise ValueError("per-head budgets leave a ragged (per-head) cache, and fixed-size decoding over it is "
+                             "not implemented: give the scorer decode_policy=grow")
 
     def compress(self, view: LayerView) -> Selection:
         if not isinstance(self.scorer, ScoreMethod):

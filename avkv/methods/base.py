@@ -17,6 +17,7 @@ Conventions (``shared/design/methods.md`` §0):
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
@@ -26,6 +27,16 @@ import torch.nn.functional as F
 
 MODALITIES = ("text", "image", "video", "audio")
 TEXT, IMAGE, VIDEO, AUDIO = range(4)
+
+log = logging.getLogger("avkv")
+_WARNED: set = set()
+
+
+def warn_once(key: Any, msg: str, *args: Any) -> None:
+    """Log a warning the first time ``key`` is seen in this process (a run warns once, not once per sample)."""
+    if key not in _WARNED:
+        _WARNED.add(key)
+        log.warning(msg, *args)
 
 
 # ----------------------------------------------------------------------------------------------- contract
@@ -97,6 +108,11 @@ class Method:
     #: the method allocates across layers (D2O): the engine calls :meth:`observe` in each layer's prefill (queries
     #: available) and :meth:`compress` for every layer after the chunk's forward (no queries then)
     deferred: ClassVar[bool] = False
+    #: ``held``: the method keeps the budget (entries and bytes within ±1 %, the engine checks every sample);
+    #: ``achieved``: it keeps what its mechanism keeps and ``budget_reason`` says why (records and reports then put
+    #: it at its achieved ratio, apart from the methods that hold the budget)
+    budget_mode: str = "held"
+    budget_reason: str | None = None
 
     def compress(self, view: LayerView) -> Selection:  # pragma: no cover - interface
         raise NotImplementedError

@@ -16,6 +16,8 @@ class DropMedia(Method):
     """
 
     name = "drop_media"
+    budget_mode = "achieved"
+    budget_reason = "control: drops every media entry and keeps every text entry, whatever the budget"
 
     def compress(self, view: LayerView) -> Selection:
         keep = (view.modality == TEXT).nonzero().flatten()

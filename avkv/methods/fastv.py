@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 
-from avkv.methods.base import MODALITIES, TEXT, LayerView, Method, Selection, attention_rows, rank_positions
+from avkv.methods.base import (MODALITIES, TEXT, LayerView, Method, Selection, attention_rows, rank_positions,
+                               warn_once)
 
 log = logging.getLogger("avkv")
 
@@ -25,14 +26,16 @@ class FastV(Method):
     Parameters
     ----------
     layer : int
-        K, the first pruned layer (2 in the paper; the demo uses 3). On a model with ≤ K layers (the tiny test
-        models) pruning happens before the last layer; the record keeps both ``fastv_layer`` and
-        ``fastv_layer_requested``.
+        K, the first pruned layer (2 in the paper; the demo uses 3), the latest one used. On a model with ≤ K layers
+        (the tiny test models) pruning happens before the last layer (a warning, once); the record keeps both
+        ``fastv_layer`` and ``fastv_layer_requested``.
     ratio : float, optional
-        R, the fraction of media tokens dropped (paper: 0.5). None: chosen so that the mean kept KV over layers
-        matches the budget, R = (s − B)·L / ((L − K)·N_media), clamped to [0, 1] [ours,
-        ``shared/design/methods.md`` §6]; when even R = 1 cannot reach the budget, the record shows the ratio
-        achieved.
+        R, the fraction of media tokens dropped (paper: 0.5; the method then declares ``budget_mode: achieved``).
+        None: K and R are chosen so that the mean kept KV over layers matches the budget [ours,
+        ``shared/design/methods.md`` §6]: R = (s − B)·L / ((L − K)·N_media) with the requested K, and when that
+        needs R > 1, the latest K' < K for which R ≤ 1 (layers < K always keep everything, so an earlier pruning
+        layer is the only way to reach a small budget). When even K = 1, R = 1 keeps more than the budget, the
+        record says ``budget_infeasible: true`` and the engine records the ratio achieved.
     modalities : list of str
         Which tokens may be dropped: every non-text modality (the paper prunes image tokens; for audio/video
         models all non-text tokens).
@@ -52,8 +55,33 @@ class FastV(Method):
             raise ValueError(f"FastV needs K ≥ 1 (the ranking uses layer K−1's attention), got {self.layer}")
         self._handles: list = []
         self._req: dict = {}
-        self._warned_k: int | None = None           # warnings once per run, not once per sample
-        self._warned_budget = False
+
+    @property
+    def budget_mode(self) -> str:
+        return "held" if self.ratio is None else "achieved"
+
+    @property
+    def budget_reason(self) -> str | None:
+        return None if self.ratio is None else f"ratio={self.ratio} fixes the dropped fraction, not the budget"
+
+    def media_mask(self, modality: torch.Tensor) -> torch.Tensor:
+        """The droppable positions of the chunk ``modality`` [S]: every configured non-text modality, except the
+        ranking (last) token."""
+        codes = [i for i, m in enumerate(MODALITIES) if m in self.modalities and i != TEXT]
+        media = torch.zeros(modality.shape, dtype=torch.bool, device=modality.device)
+        for c in codes:
+            media |= modality == c
+        if media.numel():
+            media[-1] = False
+        return media
+
+    def fit_layer(self, S: int, n_keep: int, n_media: int, L: int, K: int) -> tuple[int, bool]:
+        """The latest pruning layer K' ≤ K whose drop count (S − n_keep)·L/(L − K') fits in the media tokens, and
+        whether even K' = 1 (R = 1) keeps more than the budget (infeasible)."""
+        need = max(0, S - n_keep) * L
+        while K > 1 and need > (L - K) * n_media:
+            K -= 1
+        return K, need > (L - K) * n_media
 
     # ---------------------------------------------------------------------------------- request lifecycle
     def begin(self, request: dict) -> None:
@@ -61,19 +89,29 @@ class FastV(Method):
         layers = request.get("layers")
         if layers is None:
             raise ValueError("FastV needs the decoder layers in the request (the engine passes 'layers')")
-        K = self.layer
-        if K >= len(layers):                 # a shallow (tiny) model: prune before its last layer, and say so
-            K = len(layers) - 1
+        L, K = len(layers), self.layer
+        if K >= L:                           # a shallow (tiny) model: prune before its last layer, and say so
+            K = L - 1
             if K < 1:
-                raise ValueError(f"FastV needs at least 2 decoder layers, the model has {len(layers)}")
-            if self._warned_k != K:
-                log.warning("FastV: K=%d but the model has %d decoder layers; pruning before layer %d",
-                            self.layer, len(layers), K)
-                self._warned_k = K
+                raise ValueError(f"FastV needs at least 2 decoder layers, the model has {L}")
+            warn_once(("fastv", "depth", self.layer, L), "FastV: K=%d but the model has %d decoder layers; pruning "
+                      "before layer %d", self.layer, L, K)
         split = int(request.get("split", request.get("n_prompt")))
-        self._req = {"state": request["state"], "split": split, "K": K,
-                     "n_keep": request.get("n_keep"), "num_layers": len(layers), "keep": None, "done": set()}
-        for i in range(K, len(layers)):
+        n_keep, modality = request.get("n_keep"), request.get("modality")
+        infeasible = False
+        if self.ratio is None and n_keep is not None and modality is not None:
+            n_media = int(self.media_mask(torch.as_tensor(modality)[:split]).sum())
+            fit, infeasible = self.fit_layer(split, int(n_keep), n_media, L, K)
+            if fit < K:
+                warn_once(("fastv", "fit", self.layer, L), "FastV: the budget needs pruning before layer %d (K=%d "
+                          "keeps more than the budget on this model); the record has fastv_layer", fit, K)
+            if infeasible:
+                warn_once(("fastv", "infeasible", L), "FastV: even pruning every media token from layer 1 keeps "
+                          "more than the budget; the record says budget_infeasible and has the ratio achieved")
+            K = fit
+        self._req = {"state": request["state"], "split": split, "K": K, "n_keep": n_keep, "num_layers": L,
+                     "keep": None, "done": set(), "infeasible": infeasible}
+        for i in range(K, L):
             self._handles.append(layers[i].register_forward_pre_hook(self._pre_hook(i), with_kwargs=True))
 
     def end(self) -> None:
@@ -93,12 +131,7 @@ class FastV(Method):
     def _rank(self, view: LayerView) -> None:
         req = self._req
         S = view.seq_len
-        codes = [i for i, m in enumerate(MODALITIES) if m in self.modalities and i != TEXT]
-        mod = view.modality[:S].to(view.keys.device)
-        media = torch.zeros(S, dtype=torch.bool, device=view.keys.device)
-        for c in codes:
-            media |= mod == c
-        media[S - 1] = False                                      # the ranking token itself is kept
+        media = self.media_mask(view.modality[:S].to(view.keys.device))
         n_media = int(media.sum())
         L, K = req["num_layers"], req["K"]
         if self.ratio is not None:
@@ -107,11 +140,8 @@ class FastV(Method):
             R = 0.0
         else:
             R = (S - req["n_keep"]) * L / ((L - K) * n_media)
-        if R > 1.0 and not self._warned_budget:      # layers < K always keep everything
-            log.warning("FastV: the budget needs more than every media token dropped from layer %d on (R=%.2f); "
-                        "the cache keeps more than the budget (the record's kv_bytes_ratio has the true figure)",
-                        K, R)
-            self._warned_budget = True
+        infeasible = self.ratio is None and (req["infeasible"] or R > 1.0 + 1e-9 or
+                                             (n_media == 0 and req["n_keep"] is not None and req["n_keep"] < S))
         R = min(1.0, max(0.0, R))
         drop = int(round(n_media * R))
         row = attention_rows(view, S - 1, S)[:, 0].mean(0)                  # [S] head-averaged last row
@@ -123,8 +153,9 @@ class FastV(Method):
         positions = req["state"].setdefault("layer_positions", {})
         for i in range(K, L):
             positions[i] = req["keep"]
-        req["state"]["record"] = {"hidden_state_pruning": True, "fastv_layer": K, "fastv_layer_requested": self.layer,
-                                  "fastv_ratio": R, "fastv_pruned_tokens": drop, "fastv_media_tokens": n_media}
+        req["state"].setdefault("record", {}).update(
+            hidden_state_pruning=True, fastv_layer=K, fastv_layer_requested=self.layer, fastv_ratio=R,
+            fastv_pruned_tokens=drop, fastv_media_tokens=n_media, budget_infeasible=bool(infeasible))
 
     # -------------------------------------------------------------------------------------------- pruning
     def _pre_hook(self, i: int):

@@ -46,6 +46,14 @@ class LookM(H2O):
     keep_all_text: bool = False
     decode_policy: str = "grow"
 
+    @property
+    def budget_mode(self) -> str:
+        return "achieved" if self.keep_all_text else "held"
+
+    @property
+    def budget_reason(self) -> str | None:
+        return "keep_all_text=true keeps every text entry beyond the budget" if self.keep_all_text else None
+
     def score(self, view: LayerView) -> torch.Tensor:
         s = super().score(view)
         if self.text_prior or self.keep_all_text:

@@ -27,6 +27,11 @@ and routes the decoder's attention through the registered ``avkv_st_spattn`` fun
 it on the text config of ``request['adapter']`` (or ``request['model']``) for the sample and :meth:`PureKV.end`
 restores the previous implementation; vision/audio towers are never touched. Any other attention call (decode,
 later prefill chunks, dense layers) goes to that previous function unchanged. A missing layout, a missing model, or a prefill in which the function was never reached fails loudly.
+
+Depth: CLIE needs a layer deeper than a source layer, ST-SpAttn a layer ≥ ``st_dense_layers``. On a model too shallow
+for either (the 2-layer tiny and proxy models with the defaults) PureKV is plain SnapKV-style selection with dense
+attention; it warns once per run and every record says which mechanisms ran: ``clie_active`` (some layer selected
+from source-layer scores) and ``st_spattn_used`` (some layer's prefill attention was sparse).
 """
 from __future__ import annotations
 
@@ -38,8 +43,8 @@ import torch
 import torch.nn.functional as F
 
 from avkv.methods.base import check_choice
-from avkv.methods.base import (LayerView, Method, Selection, accumulated_scores, keep_topk, pool_scores, reduce_gqa,
-                               window_scores)
+from avkv.methods.base import (VIDEO, LayerView, Method, Selection, accumulated_scores, keep_topk, pool_scores, reduce_gqa,
+                               warn_once, window_scores)
 
 ST_ATTENTION_NAME = "avkv_st_spattn"
 
@@ -93,6 +98,7 @@ class PureKV(Method):
     st_frames: int | None = None
 
     _ctx: Any = field(default=None, init=False, repr=False, compare=False)
+    _record: Any = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         check_choice("mapping", self.mapping, ("single", "groups"))
@@ -143,6 +149,8 @@ class PureKV(Method):
             score = s_src.to(vnorm.device)[None, :] * vnorm
             idx = keep_topk(score, view.n_keep, protect_last=self.window)
             info = {"clie": f"from_layer_{src}"}
+            if self._record is not None:
+                self._record["clie_active"] = True
         ctx = self._ctx
         if ctx is not None:
             info["st_spattn"] = l in ctx.used_layers
@@ -151,10 +159,31 @@ class PureKV(Method):
     # ------------------------------------------------------------------ ST-SpAttn lifecycle
     def begin(self, request: dict) -> None:
         self._ctx = None
+        n_layers = len(request.get("layers") or []) or None
+        self._record = None
+        if isinstance(request.get("state"), dict):
+            self._record = request["state"].setdefault("record", {})
+            self._record.update(clie_active=False, st_spattn_used=False)
+        if n_layers is not None:
+            if not any(self.source_of(layer) is not None for layer in range(n_layers)):
+                warn_once(("purekv", "clie", self.mapping, self.source_layer, n_layers),
+                          "PureKV: CLIE needs a layer deeper than source layer %d (mapping=%s); the model has %d "
+                          "decoder layers, so every layer scores itself (records: clie_active=false)",
+                          self.source_layer, self.mapping, n_layers)
+            if self.st_spattn and n_layers <= self.st_dense_layers:
+                warn_once(("purekv", "st", self.st_dense_layers, n_layers),
+                          "PureKV: ST-SpAttn is off in layers < st_dense_layers=%d and the model has %d decoder "
+                          "layers, so no prefill attention is sparse (records: st_spattn_used=false)",
+                          self.st_dense_layers, n_layers)
         if not self.st_spattn:
             return
         layout = request.get("layout") or {}
         if "video_frame" not in layout or "video_spatial" not in layout:
+            modality = request.get("modality")
+            if modality is not None and not bool((torch.as_tensor(modality) == VIDEO).any()):
+                warn_once(("purekv", "novideo"), "PureKV: the prompt has no video, so ST-SpAttn has nothing to "
+                          "sparsify (records: st_spattn_used=false)")
+                return
             raise ValueError("PureKV with st_spattn=True needs the adapter's video layout: request['layout'] must "
                              "hold 'video_frame' and 'video_spatial' (LongTensor[n], -1 for non-video); set "
                              "st_spattn=false to run CLIE alone")
@@ -168,7 +197,6 @@ class PureKV(Method):
         cfg = adapter.text_config() if adapter is not None else _text_config(model)
         prev = cfg._attn_implementation or "eager"
         register_st_attention(prev)
-        n_layers = len(request.get("layers") or []) or None
         ctx = _STContext(frame=frame, spatial=spatial, dense_layers=self.st_dense_layers, radius=self.st_radius,
                          max_prev=self.st_frames, prev_impl=prev, base=_resolve(prev), config=cfg,
                          expected=bool((frame >= 0).any()) and (n_layers is None or n_layers > self.st_dense_layers))
@@ -178,8 +206,11 @@ class PureKV(Method):
 
     def end(self) -> None:
         ctx, self._ctx = self._ctx, None
+        rec, self._record = self._record, None
         if ctx is None:
             return
+        if rec is not None:
+            rec["st_spattn_used"] = bool(ctx.used_layers)
         _ACTIVE.ctx = None
         ctx.config._attn_implementation = ctx.prev_impl
         if ctx.expected and ctx.calls == 0:

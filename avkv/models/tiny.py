@@ -131,3 +131,24 @@ def ensure_tiny(config_path: str | Path, out_root: str | Path, force: bool = Fal
     get_method(builder)(out)
     stamp.write_text(fp + "\n")
     return out, True
+
+
+def build_tiny_omni_deep(out_dir: str | Path, qk_scale: float = 12.0) -> None:
+    """The tiny Qwen2.5-Omni thinker with 8 text layers instead of 2, so every depth-dependent mechanism has the
+    layers it needs (PureKV's source layer 2 and dense layers 0-1, FastV's K = 2, PyramidKV's schedule, MadaKV's
+    cross-layer compensation, AccKV's per-layer focus); same tokenizer, towers and seed otherwise.
+
+    The text layers' query and key projections are scaled by ``qk_scale``: at the default init (std 0.02) every
+    layer's attention is nearly uniform, so nothing that depends on where a layer attends (AccKV's focus, MadaKV's
+    demand) could differ between layers; scaled, attention is peaky and differs by layer, as in trained models.
+    """
+    from safetensors.torch import load_file, save_file
+
+    from avkv.models.qwen2_5_omni import build_tiny
+    build_tiny(out_dir, text_layers=8)
+    f = Path(out_dir) / "model.safetensors"
+    sd = load_file(f)
+    for k in sd:
+        if k.startswith("model.layers.") and (".self_attn.q_proj." in k or ".self_attn.k_proj." in k):
+            sd[k] = sd[k] * qk_scale
+    save_file(sd, f, metadata={"format": "pt"})

@@ -60,3 +60,21 @@ def naive_gqa_mean(scores_h: torch.Tensor, kv_heads: int) -> torch.Tensor:
     for h in range(H):
         out[h // g] += scores_h[h] / g
     return out
+
+
+def naive_snapkv_scores(v: LayerView, window: int = 8, kernel: int = 7) -> torch.Tensor:
+    """SnapKV from its definition: mean attention of the last ``window`` queries, max-pooled over positions
+    (stride 1, the kernel clipped at the edges), query heads averaged within each KV group: [kvH, S]."""
+    A = naive_attention(v)
+    S = v.seq_len
+    win = A[:, S - window:].mean(1)                                     # mean over window rows
+    pooled = torch.zeros_like(win)
+    for h in range(win.shape[0]):
+        for j in range(S):
+            pooled[h, j] = max(float(win[h, i]) for i in range(max(0, j - kernel // 2), min(S, j + kernel // 2 + 1)))
+    return naive_gqa_mean(pooled, v.num_kv_heads)
+
+
+def naive_h2o_scores(v: LayerView) -> torch.Tensor:
+    """H2O from its definition: column sums of the causal attention over every prompt query, GQA mean: [kvH, S]."""
+    return naive_gqa_mean(naive_attention(v).sum(1), v.num_kv_heads)

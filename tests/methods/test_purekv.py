@@ -3,7 +3,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from avkv.methods.base import pool_scores
 from avkv.methods.purekv import PureKV, st_allowed_mask, st_sparse_attention
 from avkv.methods.testing import make_view, modality_ids, naive_attention
 
@@ -11,10 +10,21 @@ SPEC = [("text", 6), ("video", 48), ("text", 14)]
 L = 5
 
 
+def naive_avg_pool(s, kernel):
+    """1-D average over positions j−k//2 … j+k//2 that exist (the kernel clipped at the edges), row by row."""
+    R, S = s.shape
+    out = torch.zeros_like(s)
+    for r in range(R):
+        for j in range(S):
+            lo, hi = max(0, j - kernel // 2), min(S, j + kernel // 2 + 1)
+            out[r, j] = sum(float(s[r, i]) for i in range(lo, hi)) / (hi - lo)
+    return out
+
+
 def snap_reference(view, w, kernel):
     A = naive_attention(view)[:, -w:]                       # [H, w, S]
     s = A.sum(1)
-    s = pool_scores(s, kernel, "avg")
+    s = naive_avg_pool(s, kernel)
     return s, s.view(view.num_kv_heads, -1, view.seq_len).mean(1)
 
 
@@ -47,7 +57,7 @@ def test_clie_matches_naive_reference():
     res = run_layers(m, mod)
     src_view = res[2][0]
     s_src = snap_reference(src_view, 8, 1)[0].mean(0, keepdim=True)     # head-mean of window sums, then pooled
-    s_src = pool_scores(s_src, 5, "avg")[0]
+    s_src = naive_avg_pool(s_src, 5)[0]
     for layer, (view, sel) in enumerate(res):
         if layer <= 2:
             _, own = snap_reference(view, 8, 5)
@@ -173,7 +183,7 @@ def test_clie_scope_all_uses_accumulated_attention():
     res = run_layers(PureKV(window=8, source_layer=1, clie_scope="all", st_spattn=False), mod)
     src_view = res[1][0]
     acc = naive_attention(src_view).sum(1).mean(0, keepdim=True)          # all-query column sums, head mean
-    s_src = pool_scores(acc, 5, "avg")[0]
+    s_src = naive_avg_pool(acc, 5)[0]
     for view, sel in res[2:]:
         assert torch.equal(sel.indices, topk_with_window(s_src[None] * view.values.norm(dim=-1), 24, 8))
 

@@ -62,12 +62,19 @@ def test_acckv_on_omni_audio_video(omni):
     suffix = rec["n_prompt"] - rec["split"]
     assert mk == pytest.approx((sum(rec["kept_per_layer"]) - suffix * rec["layers"]) * rec["kv_heads"])
     # at a budget that keeps both media, cross-calibration with the paper's τ evicts low-priority tokens (random
-    # keys are not aligned with the high-priority ones), does not refill, and the record says so
+    # keys are not aligned with the high-priority ones); refill=false leaves the slots empty and says so,
+    # the default refills them and holds the budget
     both = Engine(ad, AccKV(window=8, tau=-1.0), budget=0.8, max_new_tokens=MAX_NEW).generate(enc).record
     assert all(i["kept_audio"] > 0 and i["kept_video"] > 0 for i in both["method_info"].values())
-    cal = Engine(ad, AccKV(window=8, tau=0.6), budget=0.8, max_new_tokens=MAX_NEW).generate(enc).record
+    cal = Engine(ad, AccKV(window=8, tau=0.6, refill=False), budget=0.8, max_new_tokens=MAX_NEW).generate(enc).record
     assert sum(i["calibration_evicted"] for i in cal["method_info"].values()) > 0
     assert cal["kept_ratio"] < both["kept_ratio"]
+    assert cal["budget_mode"] == "achieved" and not cal["budget_held"] and "refill" in cal["budget_reason"]
+    ref = Engine(ad, AccKV(window=8, tau=0.6), budget=0.8, max_new_tokens=MAX_NEW).generate(enc).record
+    evicted = sum(i["calibration_evicted"] for i in ref["method_info"].values())
+    assert evicted > 0 and sum(i["refilled"] + i["calibration_restored"] for i in ref["method_info"].values()
+                               if "refilled" in i) == evicted
+    assert ref["budget_mode"] == "held" and ref["budget_held"] and ref["kept_ratio"] == both["kept_ratio"]
 
 
 def test_flowmm_on_omni_online_and_offline(omni, tmp_path):
@@ -108,7 +115,8 @@ def test_audiokv_head_scores_and_budgets(family, tmp_path):
     budgets = [info["head_budgets"] for info in rec["method_info"].values()]
     assert len({b for layer in budgets for b in layer}) > 1          # heads keep different counts
     assert rec["kept_per_head"] == budgets
-    assert rec.get("kv_storage") == "padded+mask"
+    assert rec["kv_storage"] == "ragged"                              # per-head segments, no padding
+    assert rec["kv_bytes_ratio"] == pytest.approx(rec["kept_ratio"], abs=1e-12)
     assert abs(rec["kept_ratio"] - 0.3) <= 0.02
     assert rec["kept_by_modality"]["audio"]["kept"] > 0
 

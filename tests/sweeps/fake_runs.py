@@ -10,7 +10,7 @@ import yaml
 
 def make_run(root: Path, name: str, *, model="tiny_qwen25vl", method="snapkv", budget=0.5, dataset="milebench",
              task=None, scores=(1, 0, 1), ids=None, complete=True, shard=0, num_shards=1, experiment="exp",
-             paper=None, errors=(), extra_cfg=None, kv_full=1000, decode=0.01) -> Path:
+             paper=None, errors=(), extra_cfg=None, kv_full=1000, decode=0.01, achieved=None) -> Path:
     d = root / name
     d.mkdir(parents=True, exist_ok=True)
     cfg = {"model": {"name": model}, "method": {"name": method, "window": 4}, "budget": budget,
@@ -20,7 +20,7 @@ def make_run(root: Path, name: str, *, model="tiny_qwen25vl", method="snapkv", b
     (d / "config.yaml").write_text(yaml.safe_dump(cfg))
     (d / "meta.json").write_text(json.dumps({"git": "x"}))
     ids = ids or [f"s{i}" for i in range(len(scores))]
-    ratio = 1.0 if method == "full" else budget
+    ratio = 1.0 if method == "full" else budget if achieved is None else achieved
     with open(d / "samples.jsonl", "w") as f:
         for sid, s in zip(ids, scores):
             err = "boom" if sid in errors else None

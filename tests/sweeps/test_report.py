@@ -144,6 +144,21 @@ def test_distinct_hyperparameters_are_separate_rows(tmp_path):
     assert len(t) == 2 and t["method"].str.contains(r"snapkv \[").all()
 
 
+def test_out_of_budget_points_are_listed_apart_at_what_they_held(tmp_path):
+    root = tmp_path / "runs"
+    make_run(root, "snap", method="snapkv", budget=0.2, scores=[1, 0])
+    make_run(root, "fastv", method="fastv", budget=0.2, scores=[1, 1], achieved=0.56)      # FastV's 2-layer floor
+    make_run(root, "acc", method="acckv", budget=0.2, scores=[0, 1], achieved=0.199)       # rounding: held
+    pts = report.aggregate(report.collect([root]), n_boot=50)
+    by = {r.method: r for r in pts.itertuples()}
+    assert by["fastv"].budget_achieved == pytest.approx(0.56) and not by["fastv"].budget_held
+    assert by["snapkv"].budget_held and by["acckv"].budget_held
+    t = report.wide_table(pts)
+    assert list(t["method"]) == ["snapkv", "acckv", "fastv"]                 # the out-of-budget row comes last
+    assert list(t["budget"]) == ["0.2", "0.2", "0.2 → held 0.56"]
+    assert list(t["KV held"]) == ["0.20", "0.20", "0.56"]
+
+
 def test_empty(tmp_path):
     res = report.build([tmp_path], quiet=True)
     assert "no results" in res["markdown"]

@@ -1,0 +1,103 @@
+"""One budget means one budget: every method config × budgets {0.5, 0.2, 0.1} × every tiny family and the 8-layer
+model holds the budget in entries *and* bytes (±1 %, one entry of rounding aside) — or declares what it holds
+(``budget_mode: achieved`` with a reason, or FastV's ``budget_infeasible`` where even pruning every media token from
+layer 1 cannot reach it, checked here to be really so). Bytes are counted from the cache tensors, so storage
+padding would show.
+
+Cheap on purpose: one short prompt per model (VideoLLaMA2 video-only: its audio encoder alone gives ~1500
+tokens), each method config composed once, one new token.
+"""
+import json
+
+import pytest
+import torch
+
+from avkv.config import CONFIG_DIR, compose, instantiate
+from avkv.engine import Engine, within_budget
+from tests.conftest import av_prompt, tiny_model_dir
+
+FAMILIES = ("qwen2_5_vl", "qwen2_audio", "qwen2_5_omni", "videollama2_av", "qwen2_5_omni_deep")
+METHODS = sorted(p.stem for p in (CONFIG_DIR / "method").glob("*.yaml") if p.stem != "full")
+BUDGETS = (0.5, 0.2, 0.1)
+DECLARED = {"drop_media"}                      # configs that declare budget_mode: achieved by default
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def method_cfgs():
+    return {m: compose([f"method={m}"]).method for m in METHODS}
+
+
+_MODELS: dict = {}
+
+
+def model(family, tmp_path_factory):
+    if family not in _MODELS:
+        tiny_model_dir(f"tiny_{family}")
+        ad = instantiate(compose([f"model=tiny_{family}"]).model, device="cpu")
+        from avkv.tasks.base import Media, Prompt
+        p = av_prompt(question="What?")
+        if family == "videollama2_av":
+            p = Prompt(context=[Media("video", p.context[0].path, with_audio=False)], question=p.question)
+        tc = ad.text_config()
+        L, H, Hk = tc.num_hidden_layers, tc.num_attention_heads, tc.num_key_value_heads
+        scores = torch.rand(L, H, generator=torch.Generator().manual_seed(0)) ** 3     # uneven head budgets
+        f = tmp_path_factory.mktemp("audiokv") / f"{family}.json"
+        f.write_text(json.dumps({"scores": scores.tolist(), "num_layers": L, "num_heads": H, "num_kv_heads": Hk}))
+        _MODELS[family] = (ad, ad.encode(p), str(f))
+    return _MODELS[family]
+
+
+@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_method_holds_its_budget_or_declares_it(family, name, method_cfgs, tmp_path_factory):
+    ad, enc, head_scores = model(family, tmp_path_factory)
+    n = enc.input_ids.shape[1]
+    entry = 2 * ad.decoder_layers()[0].self_attn.head_dim * 4                  # K + V, float32
+    for budget in BUDGETS:
+        cfg = method_cfgs[name].copy()
+        if name == "audiokv":
+            cfg.head_scores = head_scores
+        r = Engine(ad, instantiate(cfg), budget=budget, max_new_tokens=1).generate(enc).record
+        where = (family, name, budget, round(r["kept_ratio"], 4), round(r["kv_bytes_ratio"], 4))
+        assert r["budget_target"] == pytest.approx(round(budget * n) / n)
+        assert r["budget_achieved"] == r["kv_bytes_ratio"]
+        held_entries = sum(r["kept_per_layer"]) * r["kv_heads"]
+        assert r["kv_bytes_kept"] == round(held_entries) * entry, where             # bytes = entries, no padding
+        if name in DECLARED:
+            assert r["budget_mode"] == "achieved" and r["budget_reason"], where
+            continue
+        assert r["budget_mode"] == "held", where
+        if r.get("budget_infeasible"):                # FastV only, and only where it truly cannot reach it
+            assert name == "fastv", where
+            assert r["fastv_layer"] == 1 and r["fastv_ratio"] == 1.0, where
+            assert r["fastv_pruned_tokens"] == r["fastv_media_tokens"], where
+            assert r["kept_ratio"] > r["budget_target"], where
+            continue
+        assert r["budget_held"], where
+        assert within_budget(r["kept_ratio"], r["budget_target"], n), where
+        assert within_budget(r["kv_bytes_ratio"], r["budget_target"], n), where
+
+
+def test_proxy_table_flags_cells_off_budget_both_ways_on_entries_and_bytes():
+    import importlib.util
+
+    from avkv.config import ROOT
+    spec = importlib.util.spec_from_file_location("proxy_table", ROOT / "scripts" / "proxy_table.py")
+    pt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pt)
+
+    def cell(budget, **rec):
+        rec.setdefault("n_prompt", 800)
+        return dict(budget=budget, **pt.budget_fields([rec], budget))
+
+    assert pt.over(cell(0.5, kept_ratio=0.5, kv_bytes_ratio=0.5), 0.5) == ""
+    under = pt.over(cell(0.5, kept_ratio=0.362, kv_bytes_ratio=0.362), 0.5)                 # AccKV without refill
+    assert "0.36 entries" in under and "off budget" in under
+    assert "0.63 bytes" in pt.over(cell(0.5, kept_ratio=0.5, kv_bytes_ratio=0.628), 0.5)     # padded storage
+    assert "infeasible" in pt.over(cell(0.2, kept_ratio=0.557, kv_bytes_ratio=0.557, budget_held=False,
+                                        budget_infeasible=True), 0.2)
+    assert "declared" in pt.over(cell(0.2, kept_ratio=0.45, kv_bytes_ratio=0.45, budget_held=False,
+                                      budget_mode="achieved"), 0.2)
