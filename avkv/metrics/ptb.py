@@ -1,4 +1,4 @@
-"""The DSTC7 AVSD text pipeline without Java: the hypothesis stopword filter and an emulation of coco-caption's
+"""The DSTC7/DSTC10 AVSD text pipeline without Java: their stopword filters and an emulation of coco-caption's
 ``PTBTokenizer`` wrapper (Stanford CoreNLP 3.4.1 ``edu.stanford.nlp.process.PTBTokenizer -preserveLines
 -lowerCase``, then coco-caption's punctuation list removed).
 
@@ -13,7 +13,7 @@ import re
 #: -LRB- ... never match: "-lrb-" tokens stay, a quirk kept here)
 COCO_PUNCTUATIONS = frozenset(["''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":",
                                "-", "--", "...", ";"])
-TOKENIZER_NAME = "ptb-emulation-1 (avkv.metrics.ptb; Stanford PTBTokenizer 3.4.1 as coco-caption calls it)"
+TOKENIZER_NAME = "ptb-emulation-2 (avkv.metrics.ptb; Stanford PTBTokenizer 3.4.1 as coco-caption calls it)"
 
 _ASCII_WS = " \t\n\r\x0b\x0c"
 
@@ -30,6 +30,17 @@ def dstc7_stopword_filter(text: str) -> str:
     return " ".join(w for w in words if w and len(w.encode("utf-8")) != 1)
 
 
+def dstc10_stopword_filter(text: str) -> str:
+    """The DSTC10 AVSD package's ``StopwordFilter`` with its ``data/stopwords.txt`` (Python 3), which runs on the
+    hypothesis *and* on every reference.
+
+    ``stopwords.txt`` holds the lines ``,`` and ``\\.``: the regexes ``^,$`` and ``^\\.$`` drop only the tokens
+    that are exactly "," or "." (one-character words stay, unlike DSTC7). Tokens are ``str.split()`` (any Unicode
+    whitespace: NBSP, U+2028, U+3000, ...), re-joined with single spaces.
+    """
+    return " ".join(w for w in str(text).split() if w not in (",", "."))
+
+
 _ABBREV = {"mr", "mrs", "ms", "dr", "st", "jr", "sr", "inc", "corp", "ltd", "co", "vs", "mt", "ave", "prof",
            "gen", "rep", "sen", "gov", "lt", "col", "capt", "sgt", "jan", "feb", "mar", "apr", "jun", "jul", "aug",
            "sep", "sept", "oct", "nov", "dec", "mon", "tue", "tues", "wed", "thu", "thur", "thurs", "fri",
@@ -37,8 +48,13 @@ _ABBREV = {"mr", "mrs", "ms", "dr", "st", "jr", "sr", "inc", "corp", "ltd", "co"
 _SPECIAL = {"cannot": ["can", "not"], "gonna": ["gon", "na"], "gotta": ["got", "ta"], "wanna": ["wan", "na"],
             "lemme": ["lem", "me"], "gimme": ["gim", "me"]}
 _BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
-_CHAR_MAP = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201a": "'", "\u201b": "'", "\u201c": '"',
-                           "\u201d": '"', "\u201e": '"', "\u00a3": "#", "\u20ac": "$", "\u00bd": "1/2"})
+_CHAR_MAP = str.maketrans({"\u2018": "`", "\u2019": "'", "\u201a": "'", "\u201b": "'", "\u201c": '"',
+                           "\u201d": '"', "\u201e": '"', "\u00a3": "#", "\u20ac": "$", "\u00bd": "1/2",
+                           # U+2018 is an opening quote, never an apostrophe ("lady\u2018s" -> lady ` s);
+                           # the Java lexer deletes a soft hyphen (joining the word) and splits at these
+                           # invisible format characters as at a space (seen on the DSTC10 golden probes)
+                           "\u00ad": None, **{c: " " for c in "\u180e\u200b\u200c\u200d\u200e\u200f\u2060\ufeff"}})
+_JAVA_LINE_BREAK = re.compile("[\r\x0b\x0c\u2028\u2029]")
 _A = r"[^\W_]"                                              # a letter or digit (any script)
 _SCAN = re.compile("|".join([
     r"(?P<url>(?:https?://|www\.)[^\s\"<>()\[\]{}]*[^\s\"<>()\[\]{}.,;:!?'])",
@@ -47,7 +63,8 @@ _SCAN = re.compile("|".join([
     r"(?P<ell>\.\.+|\u2026)",
     r"(?P<dash>--+|\u2014|\u2013)",
     r"(?P<excl>[!?]+)",
-    r"(?P<apo>'(?i:tis|twas|n'|cause|s|m|d|re|ve|ll)(?![\w']))",
+    r"(?P<dq>'')",                                          # a doubled quote, even before s ("who''s")
+    r"(?P<apo>'(?i:tis|twas|n'|cause|s|m|d|re|ve|ll|em)(?![\w']))",
     r"(?P<hash>[#@](?=[^\W\d_])[\w]+)",
     # a word or number: letters/digits joined by - . ' / & (and , : between digits), a leading sign on a number
     r"(?P<word>(?:(?<![\w.])[+-](?=\d))?" + _A + r"+(?:(?:[-./&]|(?<=[^\W\d_])'(?=" + _A + r")|[,:](?=\d)(?<=\d[,:]))"
@@ -82,6 +99,8 @@ def _split_word(tok: str, rest: str) -> list[str]:
             break
         parts.insert(0, tok[m.start():])
         tok = tok[:m.start()]
+    if not parts and len(tok) > 2 and tok[-2:].lower() == "'t" and tok[:-2].lower() != "n":   # "does't"
+        return head + [tok[:-2], "'", tok[-1]] + out_tail
     if re.search(r"'n'", tok, flags=re.IGNORECASE):          # rock'n'roll
         a, _, b = re.split(r"('n')", tok, maxsplit=1, flags=re.IGNORECASE)[0:3]
         mid = re.search(r"'n'", tok, flags=re.IGNORECASE).group(0)
@@ -91,7 +110,9 @@ def _split_word(tok: str, rest: str) -> list[str]:
 
 def ptb_tokens(text: str) -> list[str]:
     """Tokens of one caption as coco-caption's ``PTBTokenizer`` leaves them: lower-cased, punctuation dropped."""
-    s = str(text).replace("\n", " ").translate(_CHAR_MAP)
+    # coco-caption replaces "\n" by a space; the Java lexer still breaks the line at CR, VT, FF, U+2028 and U+2029,
+    # and the wrapper gives the caption its first output line (upstream, the rest shifts onto the next captions)
+    s = _JAVA_LINE_BREAK.split(str(text).replace("\n", " "), 1)[0].translate(_CHAR_MAP)
     raw: list[str] = []
     for m in _SCAN.finditer(s):
         kind, tok = m.lastgroup, m.group(0)

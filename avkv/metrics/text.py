@@ -205,8 +205,9 @@ def _coco_tokens(text: str) -> list[str]:
     return ptb_line(text).split(" ")
 
 
-#: the AVSD scorer versions: DSTC7's package (stopword-filtered hypotheses), or plain coco-caption
-AVSD_SCORER_VERSIONS = ("dstc7", "coco")
+#: the AVSD scorer versions: DSTC7's package (stopword-filtered hypotheses), DSTC10's package (both sides filtered
+#: of "," and "." tokens), or plain coco-caption
+AVSD_SCORER_VERSIONS = ("dstc7", "dstc10", "coco")
 
 
 def rouge_l_coco(candidate: str, references: Sequence[str], beta: float = 1.2, version: str = "coco") -> float:
@@ -214,9 +215,12 @@ def rouge_l_coco(candidate: str, references: Sequence[str], beta: float = 1.2, v
     *maximum* precision and the maximum recall taken separately, ``F = (1 + b²) P R / (R + b² P)``, ``b = 1.2``.
 
     ``version="dstc7"`` first passes the candidate through the DSTC7 package's hypothesis filter
-    (:func:`avkv.metrics.ptb.dstc7_stopword_filter`: every one-character token dropped); references are never
-    filtered. As upstream, an empty tokenised text is one empty token, so an empty candidate scores 0 against
-    non-empty references. An empty reference list raises (upstream asserts).
+    (:func:`avkv.metrics.ptb.dstc7_stopword_filter`: every one-character token dropped); references are not
+    filtered. ``version="dstc10"`` passes the candidate *and* each reference through the DSTC10 package's filter
+    (:func:`avkv.metrics.ptb.dstc10_stopword_filter`: the tokens "," and "." dropped, Unicode whitespace
+    squashed). As upstream, an empty tokenised text is one empty token, so an empty candidate scores 0 against
+    non-empty references (and 1 against a reference that tokenises to nothing). An empty reference list raises
+    (upstream asserts).
     """
     if version not in AVSD_SCORER_VERSIONS:
         raise ValueError(f"unknown AVSD scorer version {version!r}; known: {', '.join(AVSD_SCORER_VERSIONS)}")
@@ -225,6 +229,10 @@ def rouge_l_coco(candidate: str, references: Sequence[str], beta: float = 1.2, v
     if version == "dstc7":
         from avkv.metrics.ptb import dstc7_stopword_filter
         candidate = dstc7_stopword_filter(candidate)
+    elif version == "dstc10":
+        from avkv.metrics.ptb import dstc10_stopword_filter
+        candidate = dstc10_stopword_filter(candidate)
+        references = [dstc10_stopword_filter(r) for r in references]
     c = _coco_tokens(candidate)
     precs, recs = [], []
     for ref in references:

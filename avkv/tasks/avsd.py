@@ -1,4 +1,4 @@
-"""AVSD (DSTC7 Audio-Visual Scene-Aware Dialog): answer the last turn of a dialog about a Charades video.
+"""AVSD (DSTC7/DSTC10 Audio-Visual Scene-Aware Dialog): answer the last turn of a dialog about a Charades video.
 
 Official layout (github.com/hudaAlamri/DSTC7-Audio-Visual-Scene-Aware-Dialog-AVSD-Challenge; videos from
 Charades)::
@@ -11,15 +11,18 @@ Charades)::
                                           "<image_id>_<turn>", id}], annotations: [{image_id, id, caption}]}
                                           (6 captions per image; image i is the i-th dialog of the test file);
                                         - a dialogs file whose last answer is a list of references (DSTC10
-                                          style) or a real string (train/valid files)
+                                          style: test_set4DSTC10-AVSD_multiref+reason.json, which can also
+                                          be the index) or a real string (train/valid files)
     Charades_v1_480/<image_id>.mp4      (``video_dir``; the test videos ship as Charades_vu17_test)
 
 The prompt carries the earlier turns as dialog history in the context (after the video, so it is compressible
 with the video) and the last question as the question; ``include_caption`` adds the human caption and summary
 (DSTC7 allowed them; off by default since they describe the video). Score (``scorer_version``): ``dstc7`` — the
 DSTC7 package: the hypothesis passes its stopword filter (every one-character token dropped), then coco-caption
-ROUGE-L (PTB tokens, max precision / max recall over the references, beta 1.2), averaged over dialogs; ``coco``
-— the same without the hypothesis filter. The PTB tokenizer is a Java-free emulation (recorded per sample).
+ROUGE-L (PTB tokens, max precision / max recall over the references, beta 1.2), averaged over dialogs;
+``dstc10`` — the DSTC10 package (``dstc10avsd_eval``): hypothesis and references lose only their "," and "."
+tokens (Unicode whitespace squashed), then the same ROUGE-L; ``coco`` — no filter. The PTB tokenizer is a
+Java-free emulation (recorded per sample).
 """
 from __future__ import annotations
 

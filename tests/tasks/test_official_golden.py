@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from avkv.metrics.ptb import dstc7_stopword_filter
+from avkv.metrics.ptb import dstc7_stopword_filter, dstc10_stopword_filter, ptb_line
 from avkv.metrics.text import (corpus_wer, edit_counts, extract_choice, milebench_score_mc, milebench_score_needle,
                                milebench_score_open, rouge_l_coco, videollama2_exact_match, videollama2_mc_choice)
 from avkv.tasks.base import Doc
@@ -29,7 +29,8 @@ def load(name: str) -> dict:
 
 def test_goldens_record_their_source():
     for name in ("mvbench_official.json", "milebench_official.json", "music_avqa_official.json",
-                 "librispeech_official.json", "avsd_official.json", "avsd_sample_submission.meta.json"):
+                 "librispeech_official.json", "avsd_official.json", "avsd_sample_submission.meta.json",
+                 "avsd_dstc10_official.json", "avsd_dstc10_sample_submission.json"):
         g = load(name)
         src = json.dumps(g.get("source") or g.get("sources"))
         assert "commit" in src and len(g.get("cases", [0] * 40)) >= 40, name
@@ -215,3 +216,88 @@ def test_avsd_task_reads_the_official_coco_multiref_file(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({"images": images, "annotations": [dict(annos[0], caption=" ")]}))
     with pytest.raises(DatasetError, match="bad.json"):
         list(AVSD(tmp_path, index="test.json", references="bad.json").docs())
+
+
+# --------------------------------------------------------------------------------------------- AVSD (DSTC10)
+# the official DSTC10 package (ankitshah009/AVSD-DSTC10_baseline dstc10avsd_eval/): both sides pass its stopword
+# filter (only "," and "." tokens; str.split on any Unicode whitespace), then pycocoevalcap 1.2 PTB + ROUGE-L.
+# Each case's golden is the official pipeline on that dialog alone; "in_submission" is what changed when all ran as
+# one submission (the Java tokenizer reading the next line: case 42, as for DSTC7).
+
+def test_avsd_dstc10_filter_and_tokens():
+    g = load("avsd_dstc10_official.json")
+    assert len(g["cases"]) >= 40
+    for c in g["cases"]:
+        h, refs = dstc10_stopword_filter(c["hypothesis"]), [dstc10_stopword_filter(r) for r in c["references"]]
+        assert (h, refs) == (c["filtered_hypothesis"], c["filtered_references"]), c
+        assert ptb_line(h) == c["tokenized_hypothesis"], c
+        assert [ptb_line(r) for r in refs] == c["tokenized_references"], c
+
+
+def test_avsd_ptb_emulation_on_single_captions():
+    """coco-caption's PTBTokenizer (pycocoevalcap 1.2) on one caption: Java line breaks (CR, VT, FF, U+2028/9: the
+    caption keeps its first line), ignored format characters, quotes that are not apostrophes."""
+    g = load("avsd_dstc10_official.json")
+    assert len(g["tokenizer"]) >= 40
+    for t in g["tokenizer"]:
+        assert ptb_line(t["caption"]) == t["tokenized"], t
+
+
+def test_avsd_reproduces_dstc10_package():
+    g = load("avsd_dstc10_official.json")
+    mine = [rouge_l_coco(c["hypothesis"], c["references"], version="dstc10") for c in g["cases"]]
+    for c, s in zip(g["cases"], mine):
+        assert s == pytest.approx(c["rouge_l"], abs=1e-9), c
+    # the one-submission aggregate = our per-dialog scores with the file-context difference put back
+    context = {c["id"]: c["in_submission"]["rouge_l"] for c in g["cases"] if "in_submission" in c}
+    assert set(context) == {42}
+    whole = [context.get(c["id"], s) for c, s in zip(g["cases"], mine)]
+    mean = sum(whole) / len(whole)
+    assert mean == pytest.approx(g["aggregate"]["rouge_l_mean"], abs=1e-9)
+    assert round(mean, 4) == g["aggregate"]["printed"]["ROUGE_L"]
+    # DSTC10 is not DSTC7: one-character words stay, references are filtered too
+    assert sum(not math.isclose(rouge_l_coco(c["hypothesis"], c["references"], version="dstc7"), c["rouge_l"],
+                                abs_tol=1e-9) for c in g["cases"]) >= 20
+
+
+def test_avsd_dstc10_on_the_sample_submission():
+    """The DSTC7 organisers' sample submission scored by the DSTC10 package (DSTC10's mock-test setup)."""
+    g = load("avsd_dstc10_sample_submission.json")
+    meta = load("avsd_sample_submission.meta.json")
+    raw = gzip.open(GOLDEN / g["data_file"]).read()
+    assert hashlib.sha256(raw).hexdigest() == meta["data_sha256"]
+    items = json.loads(raw)
+    assert len(items) == len(g["rouge_l"]) == g["aggregate"]["n_dialogs"] == 1710
+    scores = [rouge_l_coco(x["hypothesis"], x["references"], version="dstc10") for x in items]
+    for x, s, want in zip(items, scores, g["rouge_l"]):
+        assert s == pytest.approx(want, abs=1e-9), x
+    mean = sum(scores) / len(scores)
+    assert mean == pytest.approx(g["aggregate"]["rouge_l_mean"], abs=1e-9)
+    assert round(mean, 4) == g["aggregate"]["printed"]["ROUGE_L"]
+    # on the same answers the DSTC7 package reads 0.4808: which version ran matters
+    assert mean > meta["aggregate"]["rouge_l_mean"] + 0.01
+
+
+def test_avsd_task_dstc10_reads_the_dstc10_reference_file(tmp_path):
+    """A DSTC10-format reference file (last answer = the list of references, with 'reason') through the task."""
+    from avkv.tasks.avsd import AVSD
+    items = json.loads(gzip.open(GOLDEN / "avsd_sample_submission.json.gz").read())[:6]
+    want = load("avsd_dstc10_sample_submission.json")["rouge_l"][:6]
+    dialogs = []
+    for x in items:
+        turns = [{"question": f"q{k}", "answer": f"a{k}"} for k in range(x["turn"])]
+        turns.append({"question": "last?", "answer": x["references"],
+                      "reason": [{"timestamp": [0.0, 3.5], "sentence": "evidence"}]})
+        dialogs.append({"image_id": x["image_id"], "dialog": turns})
+    name = "test_set4DSTC10-AVSD_multiref+reason.json"
+    (tmp_path / name).write_text(json.dumps({"dialogs": dialogs, "version": "1.0", "type": "test"}))
+    task = AVSD(tmp_path, index=name, references=name, scorer_version="dstc10")
+    docs = list(task.docs())
+    assert [d.target for d in docs] == [x["references"] for x in items]
+    recs = [dict(task.score(d, x["hypothesis"]), error=None) for d, x in zip(docs, items)]
+    assert [r["score"] for r in recs] == pytest.approx(want, abs=1e-9)
+    assert {r["scorer_version"] for r in recs} == {"dstc10"}
+    agg = task.aggregate(recs)
+    assert agg["scorer_version"] == "dstc10" and agg["tokenizer"].startswith("ptb-emulation")
+    with pytest.raises(ValueError, match="scorer_version"):
+        AVSD(tmp_path, scorer_version="dstc8")
