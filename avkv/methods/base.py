@@ -97,6 +97,9 @@ class Method:
     #: the method allocates across layers (D2O): the engine calls :meth:`observe` in each layer's prefill (queries
     #: available) and :meth:`compress` for every layer after the chunk's forward (no queries then)
     deferred: ClassVar[bool] = False
+    #: False for a method that keeps every entry whatever the budget (the full cache): its runs at every budget are
+    #: one run directory (``avkv.results.identity_core``)
+    uses_budget: ClassVar[bool] = True
 
     def compress(self, view: LayerView) -> Selection:  # pragma: no cover - interface
         raise NotImplementedError
