@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from avkv import results
 from avkv.config import ROOT, constructor_args, instantiate, validate
 from avkv.engine import Engine
-from avkv.models.base import CheckpointMissing
+from avkv.models.base import CheckpointMissing, UnsafeCheckpoint
 from avkv.results import RunStore, efficiency_summary, environment_meta
 from avkv.tasks.base import DatasetError
 from avkv.tracking import make_tracker
@@ -50,9 +50,9 @@ def load_adapter(cfg: DictConfig):
         return instantiate(cfg.model, device=cfg.device, make_hint=_make_hint(mcfg))
     except Exception as e:  # hydra wraps constructor errors; surface ours unchanged
         cause = e
-        while cause.__cause__ is not None and not isinstance(cause, CheckpointMissing):
+        while cause.__cause__ is not None and not isinstance(cause, (CheckpointMissing, UnsafeCheckpoint)):
             cause = cause.__cause__
-        if isinstance(cause, CheckpointMissing):
+        if isinstance(cause, (CheckpointMissing, UnsafeCheckpoint)):
             raise cause from None
         raise
 
