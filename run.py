@@ -22,6 +22,7 @@ def _multirun() -> bool:
 @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     from avkv.experiment import format_summary, run
+    from avkv.models.base import CheckpointMissing, UnsafeCheckpoint
     from avkv.results import RunLocked
     from avkv.tasks.base import DatasetError
     logging.getLogger("avkv").setLevel(logging.INFO)
@@ -32,7 +33,7 @@ def main(cfg: DictConfig) -> None:
         if _multirun():                  # a sweep goes on with its other points; this one is running elsewhere
             return
         sys.exit(2)
-    except (ConfigError, DatasetError) as e:   # the message names the key or file; no traceback
+    except (ConfigError, DatasetError, CheckpointMissing, UnsafeCheckpoint) as e:   # names the key or file
         print(f"avkv: {e}", file=sys.stderr)
         sys.exit(2)
     print(format_summary(summary))

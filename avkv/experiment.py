@@ -171,9 +171,11 @@ LAUNCHER_ENV = "AVKV_LAUNCHER"
 
 
 def _start_time(pid: int) -> str | None:
+    """A live process's start time (clock ticks since boot, from /proc), None when it is gone or a zombie."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat[stat.rindex(")") + 2:].split()[19]
+        fields = stat[stat.rindex(")") + 2:].split()
+        return None if fields[0] in ("Z", "X") else fields[19]
     except (OSError, ValueError, IndexError):
         return None
 

@@ -93,9 +93,9 @@ def test_local_sweep_children_stop_with_their_launcher(tmp_path):
         assert child.stdout.readline().strip() == "following"
         time.sleep(0.3)
         assert child.poll() is None                           # the launcher lives: the child goes on
-        launcher.kill()
-        launcher.wait()
+        launcher.kill()                        # not reaped yet: a zombie counts as gone
         assert child.wait(timeout=10) == 143
+        launcher.wait()
         assert "launcher" in child.stderr.read()
     finally:
         launcher.kill()
