@@ -1,8 +1,20 @@
-"""Hydra/OmegaConf helpers: the repo-root resolver and config → objects."""
+"""Hydra/OmegaConf helpers: the repo-root resolver, config → objects, and the one validation of config values.
+
+:func:`validate` checks every value a run reads when the config is composed (``run`` calls it first, before any
+dataset or model is loaded; :func:`compose` calls it too): each problem names its key, the value given and what
+is allowed (:class:`Problem`; the ``choices`` of a closed set are kept for tools that suggest the nearest one).
+Add a rule for a new top-level or model/dataset key to :data:`RULES`; a method's fields are checked from its
+dataclass (type of each field, integers non-negative, :data:`POSITIVE_METHOD_FIELDS` at least 1) and then by
+constructing it, so its own ``__post_init__`` checks run too.
+"""
 from __future__ import annotations
 
+import dataclasses
+import math
+import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -31,12 +43,188 @@ def instantiate(node: DictConfig | dict, **extra: Any) -> Any:
     return _inst(constructor_args(node), **extra)
 
 
-def compose(overrides: list[str] | None = None) -> DictConfig:
-    """Compose ``configs/config.yaml`` with overrides outside a Hydra app (tests, notebooks)."""
+def compose(overrides: list[str] | None = None, validate_values: bool = True) -> DictConfig:
+    """Compose ``configs/config.yaml`` with overrides outside a Hydra app (tests, notebooks); the values are
+    checked (:func:`validate`) unless ``validate_values`` is false."""
     from hydra import compose as _compose, initialize_config_dir
     register_resolvers()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return _compose(config_name="config", overrides=list(overrides or []))
+        cfg = _compose(config_name="config", overrides=list(overrides or []))
+    if validate_values:
+        validate(cfg)
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------------ validation
+@dataclass
+class Problem:
+    """One bad config value: its dotted key, the value given, and what is allowed."""
+
+    key: str
+    value: Any
+    allowed: str
+    choices: tuple | None = None          # the allowed values when they are a closed set
+
+    def __str__(self) -> str:
+        return f"{self.key}={self.value!r}: {self.allowed}"
+
+
+class ConfigError(ValueError):
+    """Bad config values, each named by key (``problems``)."""
+
+    def __init__(self, problems: Sequence[Problem]):
+        self.problems = list(problems)
+        super().__init__("invalid config value" + ("s" if len(self.problems) > 1 else "") + ":\n  "
+                         + "\n  ".join(map(str, self.problems)))
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+Check = Callable[[Any], bool]
+
+
+@dataclass(frozen=True)
+class Rule:
+    check: Check
+    allowed: str
+    choices: tuple | None = None
+
+
+def one_of(*choices: Any) -> Rule:
+    return Rule(lambda v: v in choices, "one of " + ", ".join(map(repr, choices)), tuple(choices))
+
+
+def _int_at_least(lo: int, nullable: bool = False) -> Rule:
+    text = f"an integer >= {lo}" + (" or null" if nullable else "")
+    return Rule(lambda v: (nullable and v is None) or (_is_int(v) and v >= lo), text)
+
+
+def _positive_number(nullable: bool = False) -> Rule:
+    return Rule(lambda v: (nullable and v is None) or (_is_number(v) and v > 0),
+                "a number > 0" + (" or null" if nullable else ""))
+
+
+BOOL = Rule(lambda v: isinstance(v, bool), "true or false", (True, False))
+NONEMPTY_STR = Rule(lambda v: isinstance(v, str) and bool(v.strip()), "a non-empty string (a path)")
+_DEVICE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
+
+#: dotted key → rule, for every key a run reads (a key absent from the config is not checked)
+RULES: dict[str, Rule] = {
+    "budget": Rule(lambda v: _is_number(v) and 0 < v <= 1,
+                   "a number in (0, 1]: the kept fraction of the prompt KV (or set budget_tokens)"),
+    "budget_tokens": _int_at_least(1, nullable=True),
+    "compress_at": one_of("question", "context", "prompt"),
+    "max_new_tokens": _int_at_least(1, nullable=True),
+    "fidelity": BOOL,
+    "seed": Rule(_is_int, "an integer"),
+    "shard": _int_at_least(0),
+    "num_shards": _int_at_least(1),
+    "device": Rule(lambda v: isinstance(v, str) and bool(_DEVICE.match(v)), "cpu, cuda, cuda:<index> or mps"),
+    "threads": _int_at_least(1, nullable=True),
+    "progress": BOOL,
+    "resume.retry_failed": BOOL,
+    "model.path": NONEMPTY_STR,
+    "model.dtype": one_of("float32", "bfloat16", "float16"),
+    "model.attn_implementation": one_of("sdpa", "eager", "flash_attention_2"),
+    "model.num_frames": _int_at_least(1, nullable=True),
+    "model.fps": _positive_number(nullable=True),
+    "model.max_audio_s": _positive_number(nullable=True),
+    "model.trust_remote_code": BOOL,
+    "model.allow_pickle_weights": BOOL,
+    "dataset.root": NONEMPTY_STR,
+    "dataset.limit": _int_at_least(1, nullable=True),
+}
+#: method fields that are sizes (at least 1); every other integer field of a method must be >= 0
+POSITIVE_METHOD_FIELDS = ("chunk", "kernel", "group_size", "proxy")
+_MISSING = object()
+
+
+def _get(d: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return _MISSING
+        d = d[part]
+    return d
+
+
+def _type_ok(value: Any, annotation: str) -> tuple[bool, str] | None:
+    """Check ``value`` against a simple field annotation (``int``, ``float | None``, ``str``, ``bool``); None when
+    the annotation is not a simple one (not checked here)."""
+    opts = [o.strip() for o in str(annotation).replace("Optional[", "").rstrip("]").split("|")]
+    simple = {"int": _is_int, "float": _is_number, "bool": lambda v: isinstance(v, bool),
+              "str": lambda v: isinstance(v, str)}
+    if not all(o in simple or o == "None" for o in opts):
+        return None
+    names = [{"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}.get(o, "null")
+             for o in opts]
+    ok = (value is None and "None" in opts) or any(simple[o](value) for o in opts if o in simple)
+    return ok, " or ".join(names)
+
+
+def _method_problems(node: Any, prefix: str = "method") -> list[Problem]:
+    if not isinstance(node, dict) or not isinstance(node.get("_target_"), str):
+        return []
+    from hydra.utils import get_class
+    try:
+        cls = get_class(node["_target_"])
+    except Exception as e:  # noqa: BLE001
+        return [Problem(f"{prefix}._target_", node["_target_"], f"an importable method class ({e})")]
+    out: list[Problem] = []
+    fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+    for name, value in node.items():
+        if name in META_KEYS or name == "_target_" or name not in fields:
+            continue
+        key = f"{prefix}.{name}"
+        if isinstance(value, dict) and "_target_" in value:
+            out += _method_problems(value, key)
+            continue
+        typed = _type_ok(value, fields[name].type)
+        if typed is not None and not typed[0]:
+            out.append(Problem(key, value, typed[1]))
+        elif _is_int(value) and ("int" in str(fields[name].type)):
+            lo = 1 if name in POSITIVE_METHOD_FIELDS else 0
+            if value < lo:
+                out.append(Problem(key, value, f"an integer >= {lo}"))
+    return out
+
+
+def check_config(cfg: DictConfig | dict) -> list[Problem]:
+    """Every bad value of a composed config (an empty list when all are fine). Nothing is loaded."""
+    d = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    d.pop("hydra", None)
+    problems = []
+    for key, rule in RULES.items():
+        v = _get(d, key)
+        if v is not _MISSING and not rule.check(v):
+            problems.append(Problem(key, v, rule.allowed, rule.choices))
+    shard, num = d.get("shard"), d.get("num_shards")
+    if _is_int(shard) and _is_int(num) and num >= 1 and not shard < num:
+        problems.append(Problem("shard", shard, f"an integer in 0..{num - 1} (num_shards={num})"))
+    method_problems = _method_problems(d.get("method"))
+    problems += method_problems
+    if not method_problems and isinstance(d.get("method"), dict):
+        try:                                 # the method's own checks (choices, ranges) in its __post_init__
+            instantiate(d["method"])
+        except Exception as e:  # noqa: BLE001 - hydra wraps the constructor's error
+            cause = e
+            while cause.__cause__ is not None:
+                cause = cause.__cause__
+            problems.append(Problem("method", d.get("method_name") or d["method"].get("_target_"),
+                                    f"rejected by the method: {cause}"))
+    return problems
+
+
+def validate(cfg: DictConfig | dict) -> None:
+    """Raise :class:`ConfigError` naming every bad value (key, value given, allowed values)."""
+    problems = check_config(cfg)
+    if problems:
+        raise ConfigError(problems)
 
 
 register_resolvers()

@@ -1,11 +1,18 @@
 """One experiment = (model, method, budget, dataset) → a run directory of per-sample records and a summary.
 
 Data flows one way: task → model adapter → engine + method → scorer → results store → tracker.
+
+Order of a run: the config values are checked (``avkv.config.validate``), the run directory is locked (a second
+process on the same grid point stops here, naming the holder), the dataset is read (zero samples is an error),
+and only then the model loads.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import socket
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -13,10 +20,12 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from avkv.config import ROOT, constructor_args, instantiate
+from avkv import results
+from avkv.config import ROOT, constructor_args, instantiate, validate
 from avkv.engine import Engine
-from avkv.models.base import CheckpointMissing
-from avkv.results import RunStore, config_hash, efficiency_summary, environment_meta, run_name
+from avkv.models.base import CheckpointMissing, UnsafeCheckpoint
+from avkv.results import RunStore, efficiency_summary, environment_meta
+from avkv.tasks.base import DatasetError
 from avkv.tracking import make_tracker
 
 log = logging.getLogger("avkv")
@@ -41,9 +50,9 @@ def load_adapter(cfg: DictConfig):
         return instantiate(cfg.model, device=cfg.device, make_hint=_make_hint(mcfg))
     except Exception as e:  # hydra wraps constructor errors; surface ours unchanged
         cause = e
-        while cause.__cause__ is not None and not isinstance(cause, CheckpointMissing):
+        while cause.__cause__ is not None and not isinstance(cause, (CheckpointMissing, UnsafeCheckpoint)):
             cause = cause.__cause__
-        if isinstance(cause, CheckpointMissing):
+        if isinstance(cause, (CheckpointMissing, UnsafeCheckpoint)):
             raise cause from None
         raise
 
@@ -75,13 +84,12 @@ def shard_docs(docs: list, shard: int = 0, num_shards: int = 1) -> list:
 
 
 def identity(cfg: DictConfig, method=None) -> tuple[dict, str, Path]:
-    """(resolved config, config hash, run directory) of an experiment; one rule for ``run`` and ``avkv missing``."""
+    """(resolved config, run hash, run directory) of an experiment, as ``avkv.results`` defines them; one rule for
+    ``run`` and ``avkv missing``."""
     res = resolved(cfg)
     method = method if method is not None else instantiate(cfg.method)
     res["method_name"] = getattr(method, "name", res["method_name"])
-    h = config_hash(res)
-    run_dir = Path(cfg.run_dir) if cfg.get("run_dir") else Path(cfg.paths.runs) / run_name(res, h)
-    return res, h, run_dir
+    return res, results.run_hash(res), results.run_dir(res)
 
 
 def run_dir_of(cfg: DictConfig) -> Path:
@@ -91,6 +99,7 @@ def run_dir_of(cfg: DictConfig) -> Path:
 
 def run(cfg: DictConfig) -> dict:
     """Run (or resume) one experiment; returns the summary dict."""
+    validate(cfg)                                   # every bad value named, before anything is loaded
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     torch.manual_seed(int(cfg.seed))
@@ -100,48 +109,116 @@ def run(cfg: DictConfig) -> dict:
 
     method = instantiate(cfg.method)
     res, h, run_dir = identity(cfg, method)
-    store = RunStore(run_dir)
-    task = instantiate(cfg.dataset)
-    adapter = load_adapter(cfg)
-    engine = Engine(adapter, method, budget=float(cfg.budget), budget_tokens=cfg.get("budget_tokens"),
-                    compress_at=cfg.compress_at)
-    store.prepare(OmegaConf.to_yaml(OmegaConf.create(res)),
-                  dict(environment_meta(ROOT, str(cfg.device), int(cfg.seed)), config_hash=h,
-                       model=adapter.describe(), method=res["method_name"],
-                       decode_policy=getattr(method, "decode_policy", "grow")))
-    done = store.done_ids()
-    tracker = make_tracker(dict(OmegaConf.to_container(cfg.logger, resolve=True),
-                                run_config=res, dir=str(Path(cfg.paths.runs) / "wandb")),
-                           run_id=h[:32], name=run_dir.name,
-                           tags=[res["model_name"], res["method_name"], res["dataset_name"], f"budget={cfg.budget}"],
-                           group=cfg.get("experiment_name"))
-    docs = shard_docs(list(task.docs()), cfg.get("shard", 0), cfg.get("num_shards", 1))
-    todo = [d for d in docs if str(d.id) not in done]
-    log.info("run dir %s: %d samples, %d done, %d to run", run_dir, len(docs), len(docs) - len(todo), len(todo))
+    retry_failed = bool(OmegaConf.select(cfg, "resume.retry_failed", default=False))
+    with RunStore(run_dir) as store:                # the run directory's one writer (RunLocked otherwise)
+        follow_launcher()
+        task = instantiate(cfg.dataset)
+        docs = shard_docs(list(task.docs()), cfg.get("shard", 0), cfg.get("num_shards", 1))
+        if not docs:
+            raise DatasetError(no_samples_message(cfg))
+        adapter = load_adapter(cfg)
+        engine = Engine(adapter, method, budget=float(cfg.budget), budget_tokens=cfg.get("budget_tokens"),
+                        compress_at=cfg.compress_at)
+        store.prepare(OmegaConf.to_yaml(OmegaConf.create(results.stored_config(res))),
+                      dict(environment_meta(ROOT, str(cfg.device), int(cfg.seed)), config_hash=h,
+                           point_hash=results.point_hash(res), model=adapter.describe(), method=res["method_name"],
+                           decode_policy=getattr(method, "decode_policy", "grow")))
+        done = store.done_ids(retry_failed=retry_failed)
+        tracker = make_tracker(dict(OmegaConf.to_container(cfg.logger, resolve=True),
+                                    run_config=res, dir=str(Path(cfg.paths.runs) / "wandb")),
+                               run_id=h[:32], name=run_dir.name,
+                               tags=[res["model_name"], res["method_name"], res["dataset_name"],
+                                     f"budget={cfg.budget}"],
+                               group=cfg.get("experiment_name"))
+        todo = [d for d in docs if str(d.id) not in done]
+        log.info("run dir %s: %d samples, %d done, %d to run%s", run_dir, len(docs), len(docs) - len(todo),
+                 len(todo), " (failed ones again: resume.retry_failed)" if retry_failed else "")
 
-    records = store.records()
-    bar = _progress(todo, enabled=bool(cfg.get("progress", True)), desc=res["method_name"])
-    for doc in bar:
-        rec = run_sample(cfg, task, adapter, engine, doc)
-        store.append(rec)
-        tracker.log_sample(rec)
-        records.append(rec)
-        ok = [r for r in records if r.get("error") is None]
-        if ok and hasattr(bar, "set_postfix"):
-            sc = [r["score"] for r in ok if r.get("score") is not None]
-            bar.set_postfix(score=f"{sum(sc) / max(len(sc), 1):.3f}",
-                            kept=f"{sum(r['kept_ratio'] for r in ok) / len(ok):.3f}",
-                            failed=len(records) - len(ok))
+        records = {str(r["sample_id"]): r for r in store.records()}
+        bar = _progress(todo, enabled=bool(cfg.get("progress", True)), desc=res["method_name"])
+        for doc in bar:
+            rec = run_sample(cfg, task, adapter, engine, doc)
+            store.append(rec)
+            tracker.log_sample(rec)
+            records[rec["sample_id"]] = rec
+            ok = [r for r in records.values() if r.get("error") is None]
+            if ok and hasattr(bar, "set_postfix"):
+                sc = [r["score"] for r in ok if r.get("score") is not None]
+                bar.set_postfix(score=f"{sum(sc) / max(len(sc), 1):.3f}",
+                                kept=f"{sum(r['kept_ratio'] for r in ok) / len(ok):.3f}",
+                                failed=len(records) - len(ok))
 
-    summary = summarize(res, h, task, store.records(), run_dir)
-    store.write_summary(summary)
-    tracker.finish(summary, records=store.records())
+        summary = summarize(results.stored_config(res), h, task, store.records(warn=True), run_dir)
+        store.write_summary(summary)
+        tracker.finish(summary, records=store.records())
     return summary
+
+
+def no_samples_message(cfg: DictConfig) -> str:
+    d = cfg.dataset
+    where = f"dataset {d.get('name') or d.get('_target_')} at {d.get('root')}"
+    extra = []
+    if d.get("limit") is not None:
+        extra.append(f"dataset.limit={d.limit}")
+    if int(cfg.get("num_shards", 1)) > 1:
+        extra.append(f"shard={cfg.shard} of num_shards={cfg.num_shards}")
+    return (f"{where} gives no samples" + (f" ({', '.join(extra)})" if extra else "")
+            + ": nothing to run (an empty index file, or a filter that leaves nothing)")
+
+
+# ------------------------------------------------------------------------------------------------ sweep children
+LAUNCHER_ENV = "AVKV_LAUNCHER"
+
+
+def _start_time(pid: int) -> str | None:
+    """A live process's start time (clock ticks since boot, from /proc), None when it is gone or a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2:].split()
+        return None if fields[0] in ("Z", "X") else fields[19]
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def mark_launcher() -> None:
+    """Called by ``run.py`` in the process that launches a sweep: its host, pid and start time go to the sweep's
+    children through the environment (``follow_launcher``)."""
+    os.environ.setdefault(LAUNCHER_ENV, f"{socket.gethostname()}:{os.getpid()}:{_start_time(os.getpid())}")
+
+
+def follow_launcher(poll_s: float = 0.5) -> threading.Thread | None:
+    """In a child of a ``hydra/launcher=local`` sweep (submitit on this machine), exit when the launcher is gone
+    (killed, Ctrl-C'd): its children otherwise keep running and writing. SLURM tasks are not tied to their watcher
+    (they run and requeue on their own)."""
+    if os.environ.get("SUBMITIT_EXECUTOR") != "local" or not os.environ.get(LAUNCHER_ENV):
+        return None
+    host, _, rest = os.environ[LAUNCHER_ENV].partition(":")
+    pid_s, _, start = rest.partition(":")
+    if host != socket.gethostname() or not pid_s.isdigit() or int(pid_s) == os.getpid():
+        return None
+    pid = int(pid_s)
+
+    def watch() -> None:
+        while True:
+            if _start_time(pid) != start:
+                log.error("the sweep's launcher (pid %d) is gone: this job stops too (run again to resume)", pid)
+                logging.shutdown()
+                os._exit(143)
+            time.sleep(poll_s)
+
+    t = threading.Thread(target=watch, name="avkv-follow-launcher", daemon=True)
+    t.start()
+    return t
 
 
 def run_sample(cfg: DictConfig, task, adapter, engine: Engine, doc) -> dict:
     """One sample; any failure is recorded with its error and never stops the run."""
     rec: dict = {"sample_id": str(doc.id), "target": doc.target, "prediction": None, "score": None, "error": None}
+    if getattr(doc, "error", None):                 # the loader refused it (a path outside the dataset, ...)
+        rec["error"] = f"DatasetError: {doc.error}"
+        rec["wall_s"] = 0.0
+        log.warning("sample %s failed: %s", doc.id, rec["error"])
+        return rec
     t0 = time.perf_counter()
     try:
         prompt = task.prompt(doc, adapter.family)

@@ -4,13 +4,17 @@
 launched the sweep; or a sweep folder holding Hydra's ``multirun.yaml``) composes every job of the grid, computes
 the run directory its config maps to (config hash, ``avkv.results``), and sorts the jobs into
 
-* **complete**: ``summary.json`` written;
+* **complete**: ``summary.json`` written (``failed`` counts its samples whose last record is an error);
+* **running**: a process holds the run directory's lock (``run.lock``: its pid, host and start time are shown);
+  it is never resubmitted — a second writer would be refused anyway;
 * **partial**: ``samples.jsonl`` has some samples but the run never finished (killed, preempted, timed out);
   rerunning it resumes at the first unfinished sample;
-* **missing**: no run directory.
+* **missing**: no samples yet.
 
 It prints the grid and the shortest ``python run.py -m ...`` commands that cover exactly the partial and missing
-jobs (jobs that differ in one key are merged into one comma list), so a cluster user resubmits only those.
+jobs (jobs that differ in one key are merged into one comma list), so a cluster user resubmits only those. With
+``--retry-failed`` complete jobs with failed samples are resubmitted too, with ``resume.retry_failed=true`` (their
+failed samples run again; the new record of a sample supersedes the old one).
 
 This module also registers the OmegaConf resolvers the experiment presets use in ``hydra.sweeper.params``:
 
@@ -86,13 +90,15 @@ class Job:
     overrides: list[str]                     # ``key=value`` strings, one per swept or fixed key, in sweep order
     config: DictConfig | None = None         # the job's task config (hydra node removed)
     run_dir: Path | None = None
-    status: str = "unknown"                  # complete | partial | missing
+    status: str = "unknown"                  # complete | running | partial | missing
     samples: int = 0
+    failed: int = 0                          # samples whose last record is an error
+    holder: dict | None = None               # the lock holder of a running job (pid, host, started, ...)
     extra: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return {"overrides": self.overrides, "run_dir": str(self.run_dir) if self.run_dir else None,
-                "status": self.status, "samples": self.samples}
+                "status": self.status, "samples": self.samples, "failed": self.failed, "holder": self.holder}
 
 
 def expand(overrides: Sequence[str], config_dir: str | Path | None = None, config_name: str = "config",
@@ -153,19 +159,31 @@ def default_run_dir(cfg: DictConfig) -> Path:
 
 
 def job_status(run_dir: Path) -> tuple[str, int]:
-    from avkv.report import SAMPLES, SUMMARY, read_samples
+    """(status, samples) of a run directory (see the module docstring)."""
+    status, samples, _, _ = run_state(run_dir)
+    return status, samples
 
-    if (run_dir / SUMMARY).is_file():
-        return "complete", len(read_samples(run_dir / SAMPLES))
-    if (run_dir / SAMPLES).is_file() or run_dir.is_dir():
-        return "partial", len(read_samples(run_dir / SAMPLES))
-    return "missing", 0
+
+def run_state(run_dir: Path) -> tuple[str, int, int, dict | None]:
+    """(status, samples, failed samples, lock holder) of a run directory, read through ``avkv.results``."""
+    from avkv import results
+
+    recs = results.read_records(run_dir / results.SAMPLES, warn=False)
+    failed = sum(1 for r in recs if results.is_failed(r))
+    holder = results.lock_holder(run_dir)
+    if holder is not None:
+        return "running", len(recs), failed, holder
+    if (run_dir / results.SUMMARY).is_file():
+        return "complete", len(recs), failed, None
+    if recs:
+        return "partial", len(recs), failed, None
+    return "missing", 0, 0, None
 
 
 def check(jobs: list[Job], run_dir_of: Callable[[DictConfig], Path] = default_run_dir) -> list[Job]:
     for job in jobs:
         job.run_dir = Path(run_dir_of(job.config))
-        job.status, job.samples = job_status(job.run_dir)
+        job.status, job.samples, job.failed, job.holder = run_state(job.run_dir)
     return jobs
 
 
@@ -211,9 +229,16 @@ def cover(jobs: Iterable[Job]) -> list[list[str]]:
     return [[f"{k}={','.join(box[k])}" for k in order if k in box] for box in boxes]
 
 
-def resubmit_commands(jobs: Iterable[Job], prefix: str = "python run.py -m") -> list[str]:
-    todo = [j for j in jobs if j.status != "complete"]
-    return [" ".join([prefix, *(shlex.quote(o) for o in box)]) for box in cover(todo)]
+RETRY_OVERRIDE = "resume.retry_failed=true"
+
+
+def resubmit_commands(jobs: Iterable[Job], prefix: str = "python run.py -m", retry_failed: bool = False) -> list[str]:
+    """Commands covering the partial and missing jobs (never a running one); with ``retry_failed`` also the
+    complete jobs with failed samples, and every command reruns failed samples."""
+    todo = [j for j in jobs if j.status in ("partial", "missing")
+            or (retry_failed and j.status == "complete" and j.failed)]
+    extra = [RETRY_OVERRIDE] if retry_failed else []
+    return [" ".join([prefix, *(shlex.quote(o) for o in [*box, *extra])]) for box in cover(todo)]
 
 
 def format_jobs(jobs: list[Job]) -> str:
@@ -224,12 +249,18 @@ def format_jobs(jobs: list[Job]) -> str:
             if k not in keys:
                 keys.append(k)
     varying = [k for k in keys if len({dict(map(_split, j.overrides)).get(k) for j in jobs}) > 1] or keys
-    head = ["status", "samples", *varying, "run_dir"]
-    rows = [[j.status, str(j.samples), *(dict(map(_split, j.overrides)).get(k, "") for k in varying),
-             str(j.run_dir)] for j in jobs]
+    head = ["status", "samples", "failed", *varying, "run_dir"]
+    rows = [[j.status, str(j.samples), str(j.failed), *(dict(map(_split, j.overrides)).get(k, "") for k in varying),
+             str(j.run_dir) + (f"  [{_holder(j.holder)}]" if j.holder is not None else "")] for j in jobs]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
     line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
     return "\n".join([line(head), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+def _holder(holder: dict) -> str:
+    from avkv.results import describe_holder
+
+    return "held by " + describe_holder(holder)
 
 
 def overrides_from_sweep_dir(path: Path) -> list[str]:
@@ -251,6 +282,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--config-dir", type=Path, default=None, help="Hydra config folder (default: configs/)")
     ap.add_argument("--json", action="store_true", help="print the jobs as JSON")
     ap.add_argument("--prefix", default="python run.py -m", help="command the resubmission lines start with")
+    ap.add_argument("--retry-failed", action="store_true",
+                    help="also resubmit complete jobs with failed samples, rerunning those samples "
+                         f"({RETRY_OVERRIDE})")
     a = ap.parse_args(argv)
     overrides = list(a.overrides)
     if a.sweep_dir is not None:
@@ -259,10 +293,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.json:
         print(json.dumps([j.as_dict() for j in jobs], indent=1))
         return 0
-    n = {s: sum(j.status == s for j in jobs) for s in ("complete", "partial", "missing")}
+    n = {s: sum(j.status == s for j in jobs) for s in ("complete", "running", "partial", "missing")}
     print(format_jobs(jobs))
-    print(f"\n{len(jobs)} jobs: {n['complete']} complete, {n['partial']} partial, {n['missing']} missing")
-    cmds = resubmit_commands(jobs, prefix=a.prefix)
+    running = f", {n['running']} running" if n["running"] else ""
+    print(f"\n{len(jobs)} jobs: {n['complete']} complete{running}, {n['partial']} partial, {n['missing']} missing")
+    n_failed = sum(j.failed for j in jobs if j.status == "complete")
+    if n_failed and not a.retry_failed:
+        print(f"{n_failed} samples of complete jobs failed; --retry-failed resubmits them")
+    cmds = resubmit_commands(jobs, prefix=a.prefix, retry_failed=a.retry_failed)
     if cmds:
         print("\nresubmit only these (partial jobs resume at their first unfinished sample):")
         print("\n".join(cmds))

@@ -36,7 +36,6 @@ import hashlib
 import json
 import math
 import sys
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -50,12 +49,6 @@ CONFIG = "config.yaml"
 SUMMARY = "summary.json"
 META = "meta.json"
 
-#: top-level config keys that never change a result (where things are written, how they are mirrored)
-PRESENTATION_KEYS = {
-    "hydra", "logger", "wandb", "tracking", "paths", "output_dir", "out_dir", "run_dir", "runs_dir", "results_dir",
-    "root_dir", "name", "run_name", "tags", "notes", "grid", "experiment", "experiment_name", "smoke",
-    "progress", "verbose", "print_config",
-}
 SHARD_KEYS = ("shard", "num_shards")
 #: where a dataset config may name its sub-task (MileBench dataset, MVBench task, ...)
 TASK_KEYS = ("task", "subset", "subtask", "split_task")
@@ -95,26 +88,12 @@ def _is_run(d: Path) -> bool:
 
 
 def read_samples(path: Path) -> list[dict]:
-    """Sample records of a ``samples.jsonl``; a torn last line (a job killed mid-write) is ignored.
+    """Sample records of a ``samples.jsonl``, as the results store reads them (``avkv.results.read_records``):
+    one per id, the last line written for an id wins (a failed sample rerun with ``resume.retry_failed``); a torn
+    last line is ignored, lines that are not records with an id are reported and skipped."""
+    from avkv.results import read_records
 
-    A sample id written twice keeps its last record (the store never does that, but a hand-merged file might).
-    """
-    if not path.is_file():
-        return []
-    out: "OrderedDict[str, dict]" = OrderedDict()
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            sid = str(rec.get("sample_id", len(out)))
-            out.pop(sid, None)
-            out[sid] = rec
-    return list(out.values())
+    return read_records(path)
 
 
 def load_config(run_dir: Path) -> dict:
@@ -228,14 +207,17 @@ def _strip(cfg: dict, drop: Iterable[str]) -> dict:
 def identities(cfg: dict) -> dict:
     """Hashes that group runs.
 
-    * ``point_id``: the config less its shard keys and presentation keys; the shards of one grid point share it.
+    * ``point_id``: the grid point's identity as the results store defines it (``avkv.results.point_hash``: the
+      run hash less the shard keys); the shards of one grid point share it.
     * ``context_id``: ``point_id`` less method, budget and sub-task: runs that answer the same questions with the
       same model and settings, so the full cache of one context is the reference for every method in it.
     * ``variant``: the method's hyper-parameters (its config less its name), to tell two settings of one method
       apart in a table.
     """
-    base = _strip(cfg, [*PRESENTATION_KEYS, *SHARD_KEYS])
-    point = _hash(base)
+    from avkv.results import identity_core, point_hash
+
+    point = point_hash(cfg)[:12]
+    base = {k: v for k, v in identity_core(cfg).items() if k not in SHARD_KEYS}
     ctx = _strip(base, ["method", "method_name", "budget", "budget_tokens", *(f"dataset.{k}" for k in TASK_KEYS)])
     method = cfg.get("method") if isinstance(cfg.get("method"), dict) else {}
     variant = _hash(_strip(method, ["name", "budget", "budget_tokens"])) if method else ""

@@ -1,35 +1,142 @@
-"""Results store: one run directory per resolved config, keyed by a hash of that config.
+"""Results store: one run directory per grid point, keyed by a hash of what changes a sample's result.
 
     <runs>/<model>__<dataset>__<method>__b<budget>__<hash10>/
         config.yaml     resolved config
-        meta.json       git commit, package versions, device, seed, host
-        samples.jsonl   one JSON line per sample, appended and flushed as it completes
+        meta.json       git commit, package versions, device, seed, host (and every resume)
+        samples.jsonl   one JSON line per sample, appended and fsynced as it completes
         summary.json    aggregate task metrics + efficiency figures with spread
+        run.lock        held (flock) by the one process writing the directory; names it (pid, host, start)
 
-Re-running the same config resumes: sample ids already in ``samples.jsonl`` are skipped, none is duplicated.
-A line cut short by a kill is ignored on reading and the sample runs again.
+This module is the only owner of a run's **identity** (:func:`identity_core`, :func:`run_hash`,
+:func:`point_hash`, :func:`run_name`), of the directory's files and of **reading its records**
+(:func:`read_records`); ``run.py``, ``avkv missing`` and ``avkv report`` all ask it.
+
+Identity: the resolved config less what does not change a sample's result: presentation and bookkeeping keys
+(:data:`NOT_IDENTITY`: logger, paths, progress, where the run is written, how the grid was assembled —
+``grid``/``experiment``/``smoke``/``experiment_name`` — and resume behaviour) and the descriptive keys of the
+model/dataset/method groups (:data:`DESCRIPTIVE_KEYS`). A method that keeps the whole cache (``uses_budget =
+False`` on its class: the full cache) has one identity whatever ``budget``/``budget_tokens`` say. Paths inside the
+project (the checkout's ``.cache`` of tiny checkpoints and fixtures, the committed proxies) enter relative to the
+project root, so two worktrees of the same code map a grid point to the same directory name; any other path enters
+as given. The code version is not part of the identity (``meta.json`` records the commit of every start).
+
+Writes are append-only or atomic: samples are appended one fsynced line at a time; a line torn by a kill is cut
+off with one ``truncate`` (never a rewrite of the file); ``meta.json``, ``config.yaml`` and ``summary.json`` are
+written to a temporary file and ``os.replace``d. A line that is not a JSON record with a ``sample_id``, and an
+unreadable ``meta.json``, are reported and skipped, never fatal.
+
+Re-running the same config resumes: a sample id already in ``samples.jsonl`` is skipped — unless it failed and
+``resume.retry_failed`` is on, then it runs again and its new line supersedes the old one (the reader keeps the
+last record per id, so every count is per id).
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
+import logging
 import math
 import os
 import platform
+import socket
 import statistics
 import subprocess
+import sys
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
-#: keys that change how results are shown or stored, not what is computed (excluded from the hash)
-PRESENTATION_KEYS = ("logger", "paths", "progress", "hydra", "run_dir", "experiment_name", "wandb", "notes")
+log = logging.getLogger("avkv")
+
+SAMPLES = "samples.jsonl"
+CONFIG = "config.yaml"
+META = "meta.json"
+SUMMARY = "summary.json"
+LOCK = "run.lock"
+
+#: top-level keys that never change a sample's result: presentation, where things are written, how the grid was
+#: assembled, resume behaviour (excluded from the identity)
+NOT_IDENTITY = ("hydra", "logger", "wandb", "paths", "progress", "run_dir", "notes", "experiment_name", "grid",
+                "experiment", "smoke", "resume")
+#: keys of the model/dataset/method groups that describe the entry and do not change what is computed
+DESCRIPTIVE_KEYS = ("notes", "families", "hub_id", "tiny_builder")
+#: identity keys that split one grid point into run directories (``point_hash`` leaves them out)
+SHARD_KEYS = ("shard", "num_shards")
+BUDGET_KEYS = ("budget", "budget_tokens")
+PROJECT = "<project>"            # how a path inside the project root enters the identity
 
 
-def config_hash(cfg: dict) -> str:
-    """Stable hash of the resolved config minus presentation-only keys."""
-    core = {k: v for k, v in cfg.items() if k not in PRESENTATION_KEYS}
-    blob = json.dumps(core, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
+# ------------------------------------------------------------------------------------------------ identity
+def uses_budget(cfg: Mapping) -> bool:
+    """False for a method that keeps every entry (its class says ``uses_budget = False``: the full cache)."""
+    method = cfg.get("method")
+    target = method.get("_target_") if isinstance(method, Mapping) else None
+    if isinstance(target, str):
+        try:
+            from hydra.utils import get_class
+            return bool(getattr(get_class(target), "uses_budget", True))
+        except Exception:  # noqa: BLE001 - an old config naming a class that moved: fall back to the name
+            pass
+    return cfg.get("method_name") != "full"
+
+
+def _roots(cfg: Mapping) -> list[str]:
+    roots = []
+    paths = cfg.get("paths")
+    if isinstance(paths, Mapping) and isinstance(paths.get("root"), str) and os.path.isabs(paths["root"]):
+        roots.append(os.path.normpath(paths["root"]))
+    from avkv.config import ROOT
+    roots.append(os.path.normpath(str(ROOT)))
+    return list(dict.fromkeys(roots))
+
+
+def _portable(value: Any, roots: list[str]) -> Any:
+    """Strings that are absolute paths inside a project root → ``<project>/<relative path>``; the rest as is."""
+    if isinstance(value, Mapping):
+        return {k: _portable(v, roots) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_portable(v, roots) for v in value]
+    if isinstance(value, str) and value.startswith(os.sep):
+        norm = os.path.normpath(value)
+        for r in roots:
+            if norm == r:
+                return PROJECT
+            if norm.startswith(r.rstrip(os.sep) + os.sep):
+                return PROJECT + "/" + os.path.relpath(norm, r).replace(os.sep, "/")
+    return value
+
+
+def identity_core(cfg: Mapping) -> dict:
+    """What a run's hash covers (see the module docstring): a plain dict, JSON-serialisable."""
+    core = {k: v for k, v in cfg.items() if k not in NOT_IDENTITY}
+    for group in ("model", "dataset", "method"):
+        if isinstance(core.get(group), Mapping):
+            core[group] = {k: v for k, v in core[group].items() if k not in DESCRIPTIVE_KEYS}
+    if not uses_budget(cfg):
+        for k in BUDGET_KEYS:
+            core[k] = None
+    return _portable(json.loads(json.dumps(core, sort_keys=True, default=str)), _roots(cfg))
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def run_hash(cfg: Mapping) -> str:
+    """The hash naming a run directory (one per shard of a grid point)."""
+    return _digest(identity_core(cfg))
+
+
+def point_hash(cfg: Mapping) -> str:
+    """The hash of a grid point: :func:`run_hash` without the shard keys (the shards of a point share it)."""
+    return _digest({k: v for k, v in identity_core(cfg).items() if k not in SHARD_KEYS})
+
+
+#: the name ``config_hash`` earlier code and W&B run ids use
+config_hash = run_hash
 
 
 def _slug(x: Any) -> str:
@@ -37,12 +144,35 @@ def _slug(x: Any) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in s)[:40]
 
 
-def run_name(cfg: dict, h: str) -> str:
-    budget = cfg.get("budget_tokens") or cfg.get("budget")
+def run_name(cfg: Mapping, h: str | None = None) -> str:
+    """``<model>__<dataset>__<method>__b<budget>__<hash10>``; the full cache is ``bfull`` whatever the budget."""
+    h = h or run_hash(cfg)
+    if uses_budget(cfg):
+        budget = cfg.get("budget_tokens") or cfg.get("budget")
+    else:
+        budget = "full"
     return "__".join([_slug(cfg.get("model_name", "model")), _slug(cfg.get("dataset_name", "dataset")),
                       _slug(cfg.get("method_name", "method")), f"b{_slug(budget)}", h[:10]])
 
 
+def run_dir(cfg: Mapping) -> Path:
+    """Where a resolved config's run is written: ``run_dir`` if set, else ``<paths.runs>/<run_name>``."""
+    if cfg.get("run_dir"):
+        return Path(str(cfg["run_dir"]))
+    return Path(str(cfg["paths"]["runs"])) / run_name(cfg)
+
+
+def stored_config(cfg: Mapping) -> dict:
+    """The config as ``config.yaml`` keeps it: the resolved config, with the budget keys blank for a method that
+    does not use them (so the shared directory of the full cache does not claim one run's budget)."""
+    out = dict(cfg)
+    if not uses_budget(cfg):
+        for k in BUDGET_KEYS:
+            out[k] = None
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ metadata
 def git_commit(root: Path) -> str | None:
     try:
         out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
@@ -74,59 +204,338 @@ def environment_meta(root: Path, device: str, seed: int) -> dict:
     return meta
 
 
-class RunStore:
-    """Append-only per-sample store with resume."""
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so a reader sees the old file or the new one, never a torn one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    try:
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+def read_json_file(path: Path, what: str = "file") -> tuple[Any, str | None]:
+    """(parsed JSON, None), or (None, a message naming the file) when it is missing, empty or unreadable."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None, f"{what} {path} not found"
+    except (OSError, UnicodeDecodeError) as e:
+        return None, f"{what} {path} is unreadable: {e}"
+    if not text.strip():
+        return None, f"{what} {path} is empty"
+    try:
+        return json.loads(text), None
+    except json.JSONDecodeError as e:
+        return None, f"{what} {path} is not valid JSON ({e})"
+
+
+# ------------------------------------------------------------------------------------------------ the lock
+class RunLocked(RuntimeError):
+    """The run directory is held by another process; ``holder`` is what it wrote into ``run.lock``."""
+
+    def __init__(self, run_dir: Path, holder: dict):
+        self.run_dir, self.holder = Path(run_dir), holder
+        super().__init__(f"run directory {run_dir} is in use by {describe_holder(holder)}. One run directory has "
+                         f"one writer: wait for that process to finish (or stop it) and run again to resume.")
+
+
+def describe_holder(holder: Mapping | None) -> str:
+    if not holder:
+        return "another process (it has not written its name into run.lock yet)"
+    s = f"pid {holder.get('pid')} on host {holder.get('host')}, started {holder.get('started')}"
+    jobs = [f"{k}={holder[k]}" for k in ("slurm_job", "submitit_job") if holder.get(k)]
+    return s + (f" ({', '.join(jobs)})" if jobs else "")
+
+
+def _holder_info() -> dict:
+    env = os.environ
+    slurm = env.get("SLURM_ARRAY_JOB_ID") and f"{env['SLURM_ARRAY_JOB_ID']}_{env.get('SLURM_ARRAY_TASK_ID', '')}"
+    return {"pid": os.getpid(), "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "started_unix": time.time(),
+            "slurm_job": slurm or env.get("SLURM_JOB_ID"), "submitit_job": env.get("SUBMITIT_LOCAL_JOB_ID"),
+            "argv": " ".join(sys.argv)[:300]}
+
+
+def _read_holder(fd: int) -> dict:
+    try:
+        data = os.pread(fd, 65536, 0)
+        return json.loads(data.decode()) if data.strip() else {}
+    except (OSError, ValueError):
+        return {}
+
+
+class RunLock:
+    """An OS lock (``flock``) on ``<run dir>/run.lock``, held for the life of the run.
+
+    ``flock`` is released by the kernel when the process dies (kill -9 included), so a stale lock cannot block a
+    resume. The holder writes its pid, host, start time and SLURM/submitit job into the file; :func:`lock_holder`
+    reads it for ``avkv missing`` (running vs missing). On NFS, Linux emulates ``flock`` with POSIX locks, which
+    the server arbitrates across nodes.
+    """
+
+    #: how long to retry when the lock is busy: only a probe (``lock_holder``) holds it that briefly
+    RETRY_S = 1.0
 
     def __init__(self, run_dir: str | Path):
         self.dir = Path(run_dir)
-        self.samples_path = self.dir / "samples.jsonl"
+        self.path = self.dir / LOCK
+        self.fd: int | None = None
+
+    def acquire(self) -> "RunLock":
+        self.dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + self.RETRY_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as e:
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    os.close(fd)
+                    raise
+                if time.monotonic() > deadline:
+                    holder = _read_holder(fd)
+                    os.close(fd)
+                    raise RunLocked(self.dir, holder) from None
+                time.sleep(0.05)
+        info = json.dumps(_holder_info()).encode()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, info, 0)
+        os.fsync(fd)
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            os.ftruncate(self.fd, 0)             # no stale name left behind
+        except OSError:
+            pass
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+        self.fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def lock_holder(run_dir: str | Path) -> dict | None:
+    """The holder of a run directory's lock (its ``run.lock`` info), or None when no process holds it."""
+    path = Path(run_dir) / LOCK
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                return _read_holder(fd) or {"pid": None}
+            raise
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+# ------------------------------------------------------------------------------------------------ reading
+@dataclass
+class ReadReport:
+    """What :func:`read_records` skipped, by kind, with line numbers (1-based)."""
+
+    path: Path
+    lines: int = 0
+    torn_tail: bool = False
+    not_json: list[int] = field(default_factory=list)
+    no_id: list[int] = field(default_factory=list)
+    superseded: int = 0
+
+    def problems(self) -> str | None:
+        parts = []
+        if self.not_json:
+            parts.append(f"{len(self.not_json)} line(s) not JSON records (line {_few(self.not_json)})")
+        if self.no_id:
+            parts.append(f"{len(self.no_id)} record(s) without 'sample_id' (line {_few(self.no_id)})")
+        return f"{self.path}: skipped " + "; ".join(parts) if parts else None
+
+
+def _few(xs: list[int]) -> str:
+    return ", ".join(map(str, xs[:5])) + (", ..." if len(xs) > 5 else "")
+
+
+def read_records(path: str | Path, report: ReadReport | None = None, warn: bool = True) -> list[dict]:
+    """The records of a ``samples.jsonl``, one per sample id: the **last** line written for an id wins (a failed
+    sample rerun with ``resume.retry_failed`` supersedes its old line), at the position of that last line.
+
+    A torn last line (a kill in the middle of a write) is ignored; a line that is not a JSON object, or a record
+    without ``sample_id``, is skipped and reported (a warning naming the file and the lines), never fatal.
+    """
+    path = Path(path)
+    rep = report if report is not None else ReadReport(path)
+    out: "OrderedDict[str, dict]" = OrderedDict()
+    if not path.is_file():
+        return []
+    with open(path, "rb") as f:
+        data = f.read()
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    elif lines:
+        rep.torn_tail = True
+    for n, raw in enumerate(lines, 1):
+        rep.lines += 1
+        if not raw.strip():
+            continue
+        try:
+            rec = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            if not (rep.torn_tail and n == len(lines)):
+                rep.not_json.append(n)
+            continue
+        if not isinstance(rec, dict):
+            rep.not_json.append(n)
+            continue
+        if rec.get("sample_id") is None:
+            rep.no_id.append(n)
+            continue
+        sid = str(rec["sample_id"])
+        if sid in out:
+            rep.superseded += 1
+            del out[sid]
+        out[sid] = rec
+    msg = rep.problems()
+    if msg and warn:
+        log.warning(msg)
+    return list(out.values())
+
+
+def is_failed(record: Mapping) -> bool:
+    return record.get("error") is not None
+
+
+def tail_after_last_newline(path: Path, chunk: int = 1 << 16) -> tuple[int, bytes]:
+    """(offset just after the last ``\\n``, the bytes after it), reading the file backwards in chunks."""
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        end = pos = f.tell()
+        tail = b""
+        while pos > 0:
+            step = min(chunk, pos)
+            pos -= step
+            f.seek(pos)
+            block = f.read(step)
+            i = block.rfind(b"\n")
+            if i >= 0:
+                return pos + i + 1, block[i + 1:] + tail
+            tail = block + tail
+        return 0, tail if end else b""
+
+
+# ------------------------------------------------------------------------------------------------ the store
+class RunStore:
+    """Append-only per-sample store with resume; :meth:`open` takes the directory's lock."""
+
+    def __init__(self, run_dir: str | Path):
+        self.dir = Path(run_dir)
+        self.samples_path = self.dir / SAMPLES
+        self.lock = RunLock(self.dir)
+
+    def open(self) -> "RunStore":
+        """Take the run directory's lock (raises :class:`RunLocked` naming the holder)."""
+        self.lock.acquire()
+        return self
+
+    def close(self) -> None:
+        self.lock.release()
+
+    def __enter__(self) -> "RunStore":
+        return self.open()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def prepare(self, config_yaml: str, meta: dict) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / "config.yaml").write_text(config_yaml)
-        meta_path = self.dir / "meta.json"
+        atomic_write_text(self.dir / CONFIG, config_yaml)
+        meta_path = self.dir / META
         if meta_path.exists():                      # keep the first start's meta, note the resumes
-            old = json.loads(meta_path.read_text())
-            old.setdefault("resumed", []).append({k: meta[k] for k in ("git_commit", "host") if k in meta})
-            meta = old
-        meta_path.write_text(json.dumps(meta, indent=2))
-        self._truncate_partial_line()
+            old, problem = read_json_file(meta_path, "run metadata")
+            if isinstance(old, dict):
+                old.setdefault("resumed", []).append({k: meta[k] for k in ("git_commit", "host") if k in meta})
+                meta = old
+            else:
+                problem = problem or f"run metadata {meta_path} is not a JSON object"
+                kept = self._set_aside(meta_path)
+                log.warning("%s; kept it as %s and started a new one", problem, kept.name)
+                meta = dict(meta, previous_meta_unreadable={"file": kept.name, "problem": problem})
+        atomic_write_text(meta_path, json.dumps(meta, indent=2, default=_json_default))
+        self.repair()
 
-    def _truncate_partial_line(self) -> None:
-        """A run killed mid-write can leave a partial last line: cut it so appends stay line-aligned."""
-        if not self.samples_path.exists():
-            return
-        data = self.samples_path.read_bytes()
-        if data and not data.endswith(b"\n"):
-            self.samples_path.write_bytes(data[: data.rfind(b"\n") + 1])
+    @staticmethod
+    def _set_aside(path: Path) -> Path:
+        k = 1
+        while path.with_name(f"{path.name}.unreadable-{k}").exists():
+            k += 1
+        dest = path.with_name(f"{path.name}.unreadable-{k}")
+        os.replace(path, dest)
+        return dest
 
-    def records(self) -> list[dict]:
-        out = []
-        if self.samples_path.exists():
-            for line in self.samples_path.read_text().splitlines():
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue
-        # the last record for an id wins (a sample re-run after a failure replaces nothing: ids are unique)
-        seen: dict[str, dict] = {}
-        for r in out:
-            seen[str(r["sample_id"])] = r
-        return list(seen.values())
+    def repair(self) -> int:
+        """Make ``samples.jsonl`` end with a newline after a kill mid-write, by one ``truncate`` to the last
+        newline (never a rewrite: a kill during the repair loses nothing). A complete record that only lacks its
+        newline gets the newline instead. Returns the number of bytes cut."""
+        if not self.samples_path.is_file():
+            return 0
+        offset, tail = tail_after_last_newline(self.samples_path)
+        if not tail:
+            return 0
+        try:
+            rec = json.loads(tail.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            rec = None
+        if isinstance(rec, dict) and rec.get("sample_id") is not None:
+            with open(self.samples_path, "ab") as f:
+                f.write(b"\n")
+                f.flush()
+                os.fsync(f.fileno())
+            return 0
+        os.truncate(self.samples_path, offset)
+        log.warning("%s: cut a torn last line (%d bytes, a kill mid-write); that sample runs again",
+                    self.samples_path, len(tail))
+        return len(tail)
 
-    def done_ids(self) -> set[str]:
-        return {str(r["sample_id"]) for r in self.records()}
+    def records(self, warn: bool = False) -> list[dict]:
+        return read_records(self.samples_path, warn=warn)
+
+    def done_ids(self, retry_failed: bool = False) -> set[str]:
+        """Ids not to run again: every recorded id, or with ``retry_failed`` only those whose last record
+        succeeded."""
+        return {str(r["sample_id"]) for r in self.records(warn=True) if not (retry_failed and is_failed(r))}
 
     def append(self, record: dict) -> None:
-        with open(self.samples_path, "a") as f:
-            f.write(json.dumps(record, default=_json_default) + "\n")
+        line = json.dumps(record, default=_json_default) + "\n"
+        with open(self.samples_path, "a", encoding="utf-8") as f:
+            f.write(line)
             f.flush()
             os.fsync(f.fileno())
 
     def write_summary(self, summary: dict) -> None:
-        tmp = self.dir / "summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2, default=_json_default))
-        os.replace(tmp, self.dir / "summary.json")
+        atomic_write_text(self.dir / SUMMARY, json.dumps(summary, indent=2, default=_json_default))
 
 
 def _json_default(o: Any):

@@ -113,6 +113,9 @@ class Method:
     #: it at its achieved ratio, apart from the methods that hold the budget)
     budget_mode: str = "held"
     budget_reason: str | None = None
+    #: False for a method that keeps every entry whatever the budget (the full cache): its runs at every budget are
+    #: one run directory (``avkv.results.identity_core``)
+    uses_budget: ClassVar[bool] = True
 
     def compress(self, view: LayerView) -> Selection:  # pragma: no cover - interface
         raise NotImplementedError

@@ -13,6 +13,7 @@ class Full(Method):
     """Keeps every prompt entry (``budget`` is ignored). The engine installs no hooks for it."""
 
     name = "full"
+    uses_budget = False                # one run directory whatever the budget
 
     def is_noop(self) -> bool:
         return True

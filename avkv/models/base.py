@@ -4,9 +4,15 @@ An adapter loads a checkpoint folder with ``from_pretrained``, turns a :class:`~
 processor inputs (:class:`Encoded`), says where the decoder layers are, gives the modality of every prompt
 position, and produces the position ids the engine passes explicitly to every forward (so decode positions
 continue from the logical prompt length, never from a pruned cache length).
+
+Untrusted input stays data here: weights load from safetensors only (``use_safetensors=True``) unless a model
+config sets ``allow_pickle_weights: true``; and :meth:`ModelAdapter.safe_prompt` escapes every control-token
+string (the tokenizer's added tokens, and media tags such as VideoLLaMA2's ``<video>``) found in a prompt's text,
+so dataset text can never become a chat control token or a media placeholder.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +38,25 @@ def weights_digest(model_path: str | Path) -> str:
 
 class CheckpointMissing(FileNotFoundError):
     pass
+
+
+class UnsafeCheckpoint(ValueError):
+    """A checkpoint folder with pickle weights only, and no ``allow_pickle_weights`` opt-in."""
+
+
+#: inserted after the first character of a control-token string found in prompt text: the string stays readable
+#: and is tokenized as ordinary text (U+200B ZERO WIDTH SPACE)
+ESCAPE = "\u200b"
+
+
+def escape_controls(text: str, controls: list[str]) -> tuple[str, list[str]]:
+    """``text`` with every occurrence of a string of ``controls`` broken by :data:`ESCAPE`; and which were found."""
+    found = []
+    for c in sorted(controls, key=len, reverse=True):
+        if len(c) > 1 and c in text:
+            found.append(c)
+            text = text.replace(c, c[0] + ESCAPE + c[1:])
+    return text, found
 
 
 @dataclass
@@ -69,16 +94,25 @@ class ModelAdapter:
                  make_hint: str | None = None, num_frames: int = 8, fps: float | None = None,
                  max_audio_s: float | None = None, preprocessing: str = "fixed_frames",
                  official: dict | None = None, max_image_pixels: int | None = None,
+                 allow_pickle_weights: bool = False,
                  **processor_kwargs: Any) -> None:
         self.path = Path(path).expanduser()
         if not (self.path / "config.json").exists():
             hint = f" Create it with: {make_hint}" if make_hint else ""
             raise CheckpointMissing(f"model checkpoint folder not found or incomplete: {self.path} "
                                     f"(no config.json).{hint}")
+        if not allow_pickle_weights and not any(self.path.glob("*.safetensors")):
+            pickles = sorted(p.name for ext in ("*.bin", "*.pt", "*.pth", "*.ckpt") for p in self.path.glob(ext))
+            if pickles:
+                raise UnsafeCheckpoint(
+                    f"{self.path} holds pickle weights only ({', '.join(pickles[:3])}); avkv loads safetensors only "
+                    f"(a pickle can run code when loaded). Convert them to safetensors, or, if you trust the file, "
+                    f"set model.allow_pickle_weights=true")
         self.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         self.device = torch.device(device)
         self.attn_implementation = attn_implementation
         self.trust_remote_code = trust_remote_code
+        self.allow_pickle_weights = bool(allow_pickle_weights)
         self.num_frames, self.fps, self.max_audio_s = num_frames, fps, max_audio_s
         if preprocessing not in PREPROCESSING_MODES:
             raise ValueError(f"model.preprocessing={preprocessing!r}: allowed values are {PREPROCESSING_MODES}")
@@ -140,6 +174,43 @@ class ModelAdapter:
         return torch.cat([text[None], text[None] + delta], dim=0)
 
     # ---------------------------------------------------------------- shared behaviour
+    #: strings that are control input to this family besides the tokenizer's added tokens (media tags)
+    extra_control_strings: tuple[str, ...] = ()
+
+    def control_strings(self) -> list[str]:
+        """Every string the tokenizer or the processor treats as control input: added tokens and media tags."""
+        if getattr(self, "_controls", None) is None:
+            added = getattr(self.tokenizer, "get_added_vocab", dict)()
+            self._controls = sorted({*added, *getattr(self.tokenizer, "all_special_tokens", []),
+                                     *self.extra_control_strings})
+        return self._controls
+
+    def safe_prompt(self, prompt: Prompt, notes: list[str] | None = None) -> Prompt:
+        """``prompt`` with control-token strings in its text escaped (:func:`escape_controls`), except in the
+        pieces the task wrote itself (``prompt.verbatim``). What was escaped is added to ``notes``."""
+        controls = self.control_strings()
+        keep = set(prompt.verbatim)
+        found: list[str] = []
+
+        def esc(t: str) -> str:
+            if t in keep:
+                return t
+            t, f = escape_controls(t, controls)
+            found.extend(f)
+            return t
+
+        context = [esc(c) if isinstance(c, str) else c for c in prompt.context]
+        question = esc(prompt.question)
+        if not found:
+            return prompt
+        if notes is not None:
+            notes.append("escaped control-token strings in the prompt text: " + ", ".join(sorted(set(found))))
+        return dataclasses.replace(prompt, context=context, question=question)
+
+    def _weights_kwargs(self) -> dict:
+        """``from_pretrained`` kwargs: safetensors only, unless the config allows pickle (``allow_pickle_weights``)."""
+        return {"use_safetensors": None if self.allow_pickle_weights else True}
+
     @property
     def eos_token_ids(self) -> list[int]:
         ids = set()

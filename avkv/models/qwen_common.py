@@ -29,7 +29,7 @@ class QwenAdapter(ModelAdapter):
 
     def _from_pretrained_kwargs(self) -> dict:
         return dict(dtype=self.dtype, attn_implementation=self.attn_implementation,
-                    trust_remote_code=self.trust_remote_code)
+                    trust_remote_code=self.trust_remote_code, **self._weights_kwargs())
 
     # ---------------------------------------------------------------------------------------------- encode
     def _messages(self, prompt: Prompt, decoded: list[dict]) -> tuple[list[dict], dict[str, list]]:
@@ -109,6 +109,7 @@ class QwenAdapter(ModelAdapter):
         """:meth:`encode` on media already decoded (``media_io.load``'s dicts, None for text pieces); the
         proxy training stream feeds generated arrays through here, the same path as evaluation."""
         self._notes: list[str] = []
+        prompt = self.safe_prompt(prompt, self._notes)     # dataset text never becomes a control token
         messages, media = self._messages(prompt, decoded)
         text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         inputs = dict(self.processor(text=[text], return_tensors="pt", **self._processor_kwargs(media)))

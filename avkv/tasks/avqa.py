@@ -37,7 +37,6 @@ class AVQA(Task):
         data = read_json(self.index, "AVQA index")
         if not isinstance(data, list):
             raise DatasetError(f"{self.index}: expected a JSON list of questions, got {type(data).__name__}")
-        seen: set[str] = set()
         docs = []
         for i, item in enumerate(data):
             where = f"#{i}" + (f" (id {item.get('id')})" if isinstance(item, dict) and "id" in item else "")
@@ -53,14 +52,14 @@ class AVQA(Task):
             if not 0 <= ans < len(choices):
                 raise DatasetError(f"{self.index}: item {where} field 'answer' = {ans} is outside "
                                    f"0..{len(choices) - 1}")
-            if qid in seen:
-                raise DatasetError(f"{self.index}: item {where} field 'id' duplicates an earlier id {qid}")
-            seen.add(qid)
-            video = Media("video", str(self.video_dir / f"{name}.mp4"), with_audio=True)
+            path, err = self.media_path(self.video_dir, f"{name}.mp4", "field 'video_name'")
+            video = Media("video", path, with_audio=True)
             docs.append(self.remember(Doc(id=qid, media=[video],
                             question=q, target=ans, choices=list(choices),
                             meta={"question_relation": rel, "question_type": qtype, "video_name": name,
-                                  "video_id": item.get("video_id")}), question_relation=rel, question_type=qtype))
+                                  "video_id": item.get("video_id")}, origin=f"{self.index}: item {where}",
+                            error=err and f"{self.index}: item {where}: {err}"),
+                            question_relation=rel, question_type=qtype))
             if self.limit is not None and len(docs) >= self.limit:
                 break
         yield from docs

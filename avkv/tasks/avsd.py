@@ -138,11 +138,13 @@ class AVSD(Task):
                     raise DatasetError(f"{self.index}: item {where} last answer is {UNDISCLOSED} and no "
                                        f"references file is set (dataset.references)")
                 targets = [last_a]
-            video = Media("video", str(self.video_dir / f"{vid}.mp4"), with_audio=True)
+            path, err = self.media_path(self.video_dir, f"{vid}.mp4", "field 'image_id'")
+            video = Media("video", path, with_audio=True)
             yield self.remember(Doc(id=vid, media=[video],
                       question=last_q, target=targets,
                       meta={"history": hist[:-1], "caption": d.get("caption"), "summary": d.get("summary"),
-                            "turn": len(hist)}), turn=len(hist))
+                            "turn": len(hist)}, origin=f"{self.index}: item {where}",
+                      error=err and f"{self.index}: item {where}: {err}"), turn=len(hist))
             n += 1
             if self.limit is not None and n >= self.limit:
                 return

@@ -2,13 +2,25 @@
 
 A task never touches the model or the cache. It yields :class:`Doc` records (media are *paths*, never decoded
 here), turns a doc into a model-family-specific :class:`Prompt`, and scores the model's raw text output.
+
+Two rules hold for every task, enforced here once:
+
+* **Sample ids are unique.** :class:`Task` wraps every subclass's ``docs()`` with :func:`unique_ids`: a repeated id
+  is a :class:`DatasetError` naming both items (their ``Doc.origin``: file and item). A dataset whose official
+  files really repeat an id makes it unique in its loader by a documented rule.
+* **Media stay inside the dataset.** A path taken from an index file goes through :func:`inside` (or
+  :meth:`Task.media_path`): an absolute path, or one whose ``..`` leaves the dataset root (or the media folder a
+  config declares, e.g. ``dataset.video_dir``), is not opened; the doc carries ``error`` and the run records it
+  as that sample's error.
 """
 from __future__ import annotations
 
+import functools
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 
 class DatasetError(ValueError):
@@ -25,6 +37,39 @@ def read_json(path: str | Path, what: str = "index file") -> Any:
             return json.load(f)
     except (ValueError, UnicodeDecodeError) as e:
         raise DatasetError(f"{what} {path} is not valid JSON: {e}") from e
+
+
+def inside(base: str | Path, rel: Any, what: str = "media path") -> Path:
+    """``base/rel`` when ``rel`` (a path taken from dataset text) is relative and stays inside ``base``; else
+    :class:`UnsafePath` naming both. The check is lexical (``..`` is resolved, symlinks inside the dataset are
+    the dataset's own layout and are followed when the file is opened)."""
+    text = str(rel)
+    if "\x00" in text:
+        raise UnsafePath(f"{what} {text!r} contains a NUL byte")
+    if os.path.isabs(text) or text.startswith("~"):
+        raise UnsafePath(f"{what} {text!r} is absolute; dataset paths must be relative to {base}")
+    root = os.path.normpath(str(base))
+    full = os.path.normpath(os.path.join(root, text))
+    if full != root and not full.startswith(root.rstrip(os.sep) + os.sep):
+        raise UnsafePath(f"{what} {text!r} leaves {base} (resolves to {full})")
+    return Path(full)
+
+
+class UnsafePath(DatasetError):
+    """A path from dataset text that points outside the dataset root (or its declared media folder)."""
+
+
+def unique_ids(docs: Iterable["Doc"], task: str = "task") -> Iterator["Doc"]:
+    """``docs`` as they come, or a :class:`DatasetError` at the first repeated id, naming both items."""
+    seen: dict[str, str] = {}
+    for k, doc in enumerate(docs):
+        sid = str(doc.id)
+        here = doc.origin or f"{task} doc #{k}"
+        if sid in seen:
+            raise DatasetError(f"duplicate sample id {sid!r}: {seen[sid]} and {here} (sample ids must be unique: "
+                               f"results are stored and resumed by id)")
+        seen[sid] = here
+        yield doc
 
 
 def require(item: Any, key: str, file: str | Path, where: str, types: type | tuple[type, ...] | None = None) -> Any:
@@ -83,6 +128,11 @@ class Doc:
     target: Any
     choices: list[str] | None = None
     meta: dict = field(default_factory=dict)
+    #: where the item comes from (``<file>: item #3 (id 7)``), named by the duplicate-id error
+    origin: str = ""
+    #: set when the item cannot be run (a media path outside the dataset, a segment that cannot be built): the
+    #: run records it as this sample's error without calling the model
+    error: str | None = None
 
 
 @dataclass
@@ -98,6 +148,9 @@ class Prompt:
     question: str
     system: str | None = None
     max_new_tokens: int | None = None
+    #: text pieces (by value) the task wrote itself that may hold control tokens on purpose (Qwen2-Audio's ASR
+    #: prompt ends with ``<|en|>``); every other piece is escaped by the adapter (``ModelAdapter.safe_prompt``)
+    verbatim: tuple[str, ...] = ()
 
 
 class Task:
@@ -112,8 +165,28 @@ class Task:
         self.root = Path(root)
         self.limit = limit
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "docs" in cls.__dict__:                     # every loader's docs() checks its ids (module docstring)
+            loader = cls.__dict__["docs"]
+
+            @functools.wraps(loader)
+            def docs(self, *a: Any, **k: Any) -> Iterator[Doc]:
+                yield from unique_ids(loader(self, *a, **k), getattr(self, "name", cls.__name__))
+
+            docs.__wrapped_by_unique_ids__ = True
+            cls.docs = docs
+
     def docs(self) -> Iterator[Doc]:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def media_path(self, base: str | Path, rel: Any, what: str = "media path") -> tuple[str, str | None]:
+        """(path, None) for a dataset-given path inside ``base``, else (the path as given, the error): the doc
+        keeps the error and that sample is recorded as failed (:func:`inside`)."""
+        try:
+            return str(inside(base, rel, what)), None
+        except UnsafePath as e:
+            return str(rel), str(e)
 
     def prompt(self, doc: Doc, family: str) -> Prompt:  # pragma: no cover - interface
         raise NotImplementedError

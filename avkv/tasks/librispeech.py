@@ -10,7 +10,9 @@ Long form (``long_form=true``): each chapter's utterances, in order, are concate
 ``min_s``..``max_s`` seconds (default 60-120 s, the LibriSpeech-long regime of AudioKV / Qwen2.5-Omni), with the
 transcripts joined by spaces. The concatenated FLACs are written once to ``long_dir`` (default: a
 ``LibriSpeech-long/<split>-<min>-<max>s`` folder beside ``root``) and reused; ``scripts/prepare_librispeech.py``
-does the same ahead of a run. A leftover shorter than ``min_s`` at the end of a chapter is dropped.
+does the same ahead of a run. A leftover shorter than ``min_s`` at the end of a chapter is dropped. A segment
+whose FLACs cannot be read or decoded (a truncated file) costs that segment only: it is recorded as failed with an
+error naming the file, and the other segments run.
 ``chunk_s`` (e.g. 30, the Whisper-style encoders' window) gives a long segment to the model as consecutive audio
 clips of at most that length instead of one clip the adapter would cut to its window.
 
@@ -36,6 +38,28 @@ PROMPTS = {
     "videollama2": "Please recognize the speech and only output the recognized content:",
 }
 WORDS_PER_S = 2.7          # duration estimate for an utterance whose FLAC header cannot be read
+
+
+def _read_transcript(path: Path) -> str:
+    """A ``*.trans.txt`` as text; bytes that are not UTF-8 are a :class:`DatasetError` naming the file and line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise DatasetError(f"{path}: line {line} is not valid UTF-8 (byte {e.start}: {data[e.start:e.start + 1]!r}); "
+                           f"LibriSpeech transcripts are UTF-8 text") from None
+
+
+def _probe(path: Path) -> tuple[float | None, str | None]:
+    """(duration in seconds, None), or (None, an error naming the file) when its header cannot be read."""
+    import soundfile as sf
+    if not Path(path).is_file():
+        return None, f"audio file not found: {path}"
+    try:
+        return float(sf.info(str(path)).duration), None
+    except Exception as e:  # noqa: BLE001 - corrupt header
+        return None, f"cannot read {path}: {e}"
 
 
 class LibriSpeech(Task):
@@ -72,7 +96,7 @@ class LibriSpeech(Task):
                 trans = chap / f"{spk.name}-{chap.name}.trans.txt"
                 if not trans.is_file():
                     raise DatasetError(f"LibriSpeech chapter {chap} has no transcript file {trans.name}")
-                for ln, line in enumerate(trans.read_text(encoding="utf-8").splitlines(), 1):
+                for ln, line in enumerate(_read_transcript(trans).splitlines(), 1):
                     if not line.strip():
                         continue
                     uid, _, text = line.strip().partition(" ")
@@ -82,7 +106,7 @@ class LibriSpeech(Task):
                         raise DatasetError(f"{trans}: line {ln} field 'utterance id' {uid!r} does not belong to "
                                            f"speaker {spk.name} chapter {chap.name}")
                     out.append({"id": uid, "path": chap / f"{uid}.flac", "text": text.strip(), "split": split,
-                                "speaker": spk.name, "chapter": chap.name})
+                                "speaker": spk.name, "chapter": chap.name, "origin": f"{trans}: line {ln}"})
         if not out:
             raise DatasetError(f"LibriSpeech split {sdir} holds no transcribed utterance")
         return out
@@ -93,7 +117,8 @@ class LibriSpeech(Task):
             utts = self.utterances(split)
             items = self._long_docs(split, utts) if self.long_form else (
                 Doc(id=u["id"], media=[Media("audio", str(u["path"]))], question="", target=u["text"],
-                    meta={"source": split, "speaker": u["speaker"], "chapter": u["chapter"]}) for u in utts)
+                    meta={"source": split, "speaker": u["speaker"], "chapter": u["chapter"]}, origin=u["origin"])
+                for u in utts)
             for d in items:
                 yield self.remember(d, source=split)
                 n += 1
@@ -107,11 +132,7 @@ class LibriSpeech(Task):
 
     @staticmethod
     def _duration(path: Path) -> float | None:
-        import soundfile as sf
-        try:
-            return float(sf.info(str(path)).duration)
-        except Exception:                       # noqa: BLE001 - missing / corrupt: the sample fails later
-            return None
+        return _probe(path)[0]
 
     def segments(self, utts: list[dict]) -> list[list[dict]]:
         """Group each chapter's consecutive utterances into segments of min_s..max_s seconds."""
@@ -123,7 +144,7 @@ class LibriSpeech(Task):
             cur: list[dict] = []
             dur = 0.0
             for u in chapter:
-                d = self._duration(u["path"])
+                d, u["read_error"] = _probe(u["path"])
                 u["duration"] = d
                 d = d if d is not None else len(u["text"].split()) / WORDS_PER_S
                 if cur and dur + d > self.max_s:
@@ -153,14 +174,21 @@ class LibriSpeech(Task):
             broken = next((u for u in seg if u.get("duration") is None), None)
             meta = {"source": split, "speaker": first["speaker"], "chapter": first["chapter"],
                     "utterances": [u["id"] for u in seg]}
+            error = None
+            path: Path = folder / f"{sid}.flac"
             if broken is not None:
-                # the concatenation cannot be made: point at the unreadable part, whose decode error names it
-                path = broken["path"]
+                # the concatenation cannot be made: this segment fails, naming the unreadable part
+                path, error = broken["path"], broken["read_error"]
                 meta["seconds"] = None
             else:
-                path = self._materialise(folder / f"{sid}.flac", seg)
-                meta["seconds"] = round(sum(u["duration"] for u in seg), 3)
-            yield Doc(id=sid, media=[Media("audio", str(path))], question="", target=target, meta=meta)
+                try:
+                    path = self._materialise(path, seg)
+                    meta["seconds"] = round(sum(u["duration"] for u in seg), 3)
+                except DatasetError as e:            # one undecodable FLAC costs its segment, the run goes on
+                    error, meta["seconds"] = str(e), None
+            yield Doc(id=sid, media=[Media("audio", str(path))], question="", target=target, meta=meta,
+                      origin=f"{first['origin']} .. {last['origin']}",
+                      error=error and f"long-form segment {sid}: {error}")
 
     @staticmethod
     def _materialise(out: Path, seg: list[dict]) -> Path:
@@ -182,7 +210,10 @@ class LibriSpeech(Task):
                                f"dataset.long_dir to a writable folder") from e
         audio, sr = [], None
         for p in parts:
-            a, r = sf.read(p, dtype="float32")
+            try:
+                a, r = sf.read(p, dtype="float32")
+            except Exception as e:  # noqa: BLE001 - soundfile's errors do not name the file
+                raise DatasetError(f"cannot decode {p}: {e}") from e
             if sr is not None and r != sr:
                 raise DatasetError(f"{p}: sample rate {r} differs from {sr} in the same chapter")
             sr = r
@@ -190,7 +221,9 @@ class LibriSpeech(Task):
         tmp = out.with_suffix(".tmp.flac")
         sf.write(str(tmp), np.concatenate(audio), sr, format="FLAC", subtype="PCM_16")
         tmp.replace(out)
-        side.write_text(json.dumps({"parts": parts}))
+        side_tmp = side.with_suffix(".json.tmp")
+        side_tmp.write_text(json.dumps({"parts": parts}))
+        side_tmp.replace(side)
         return out
 
     # ------------------------------------------------------------------------------------------- prompt / score
@@ -205,7 +238,8 @@ class LibriSpeech(Task):
             n = int(-(-secs // self.chunk_s))
             media = [Media("audio", media[0].path, start=k * self.chunk_s,
                            end=min((k + 1) * self.chunk_s, secs) if k < n - 1 else None) for k in range(n)]
-        return Prompt(context=media, question=PROMPTS[family], max_new_tokens=self.max_new_tokens)
+        return Prompt(context=media, question=PROMPTS[family], max_new_tokens=self.max_new_tokens,
+                      verbatim=(PROMPTS[family],))
 
     def score(self, doc: Doc, prediction: str) -> dict:
         errors, n = edit_counts(doc.target, prediction or "", self.language)

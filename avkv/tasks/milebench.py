@@ -90,7 +90,7 @@ class _Tokens:
     def encode(self, text: str) -> list:
         if self.tok is None:
             return re.findall(r"\s*\S+\s*|\s+", text) if text else []
-        return self.tok(text, add_special_tokens=False).input_ids
+        return self.tok(text, add_special_tokens=False, split_special_tokens=True).input_ids
 
     def decode(self, ids: list) -> str:
         return "".join(ids) if self.tok is None else self.tok.decode(ids)
@@ -210,7 +210,12 @@ class MileBench(Task):
                         raise DatasetError(f"{path}: item {where} field 'response' {gold!r} is not in choice_list")
                 for k in range(len(images)):
                     context = context.replace("{image#%d}" % (k + 1), IMAGE).replace("{table#%d}" % (k + 1), IMAGE)
-                paths = [str(self.root / ds / "images" / str(p)) for p in images]
+                paths, errs = [], []
+                for k, p in enumerate(images):
+                    full, err = self.media_path(self.root / ds / "images", p, f"task_instance field 'images_path' #{k}")
+                    paths.append(full)
+                    if err:
+                        errs.append(err)
                 segments, info = truncate(instructions[int(inst_id)], context, paths, self.max_context_len,
                                           self.n_tokens_per_image, self._tokens)
                 media = [s for s in segments if isinstance(s, Media)]
@@ -221,7 +226,9 @@ class MileBench(Task):
                 doc = Doc(id=f"{ds}/{sid}", media=media, question=question, target=gold, choices=choices,
                           meta={"dataset": ds, "group": GROUP_OF[ds], "kind": kind, "image_quantity_level": level,
                                 "segments": seg_meta, "truncation": info, "sample_id": sid,
-                                "n_images": len(images), "file_last_level": last_level})
+                                "n_images": len(images), "file_last_level": last_level},
+                          origin=f"{path}: item {where}",
+                          error=f"{path}: item {where}: {'; '.join(errs)}" if errs else None)
                 level_scored = self.scored_level(doc)
                 doc.meta["image_quantity_level_scored"] = level_scored
                 yield self.remember(doc, dataset=ds, image_quantity_level=level_scored)

@@ -89,10 +89,12 @@ class MusicAVQA(Task):
                 question = fill_question(template, [str(v) for v in values])
             except IndexError as e:
                 raise DatasetError(f"{self.index}: item {where} field 'templ_values': {e}") from e
-            yield self.remember(Doc(id=str(qid), media=[Media("video", str(self.video_dir / f"{vid}.mp4"),
-                                                              with_audio=True)],
+            path, err = self.media_path(self.video_dir, f"{vid}.mp4", "field 'video_id'")
+            yield self.remember(Doc(id=str(qid), media=[Media("video", path, with_audio=True)],
                                     question=question, target=answer,
-                                    meta={"type": f"{typ[0]}/{typ[1]}", "modality": typ[0], "video_id": str(vid)}),
+                                    meta={"type": f"{typ[0]}/{typ[1]}", "modality": typ[0], "video_id": str(vid)},
+                                    origin=f"{self.index}: item {where}",
+                                    error=err and f"{self.index}: item {where}: {err}"),
                                 type=f"{typ[0]}/{typ[1]}", modality=typ[0])
             n += 1
             if self.limit is not None and n >= self.limit:

@@ -107,14 +107,16 @@ class MVBench(Task):
                 if bound:
                     start = float(require(item, "start", path, where, (int, float)))
                     end = float(require(item, "end", path, where, (int, float)))
-                media = Media("video", str(self.video_dir / folder / video), start=start, end=end,
+                vpath, err = self.media_path(self.video_dir / folder, video, "field 'video'")
+                media = Media("video", vpath, start=start, end=end,
                               with_audio=stem in ACCKV_TASKS, frame_rate=FRAME_FPS if dtype == "frame" else None)
                 meta = {"task": stem, "task_name": name, "data_type": dtype}
                 if dtype == "frame":
                     meta["frame_fps"] = FRAME_FPS
                     meta["first_frame"] = 1
                 yield self.remember(Doc(id=f"{stem}/{i}", media=[media], question=q, target=cands.index(ans),
-                                        choices=list(cands), meta=meta), task=stem)
+                                        choices=list(cands), meta=meta, origin=f"{path}: item {where}",
+                                        error=err and f"{path}: item {where}: {err}"), task=stem)
                 n += 1
                 if self.limit is not None and n >= self.limit:
                     return

@@ -24,16 +24,18 @@ def test_local_launcher_multirun_then_report(assets, tmp_path):
     run_py("-m", "hydra/launcher=local", "method=full,snapkv", "budget=0.2,0.5", "dataset.limit=2", *COMMON,
            f"paths.runs={runs}", f"hydra.sweep.dir={sweep}")
     dirs = sorted(d for d in runs.iterdir() if d.name != "wandb")
-    assert len(dirs) == 4
+    assert len(dirs) == 3                     # the full cache is one run directory at both budgets
+    assert sum("__full__bfull__" in d.name for d in dirs) == 1
     for d in dirs:
         assert (d / "summary.json").is_file()
-        assert [r["sample_id"] for r in lines(d / "samples.jsonl")] == ["1000", "1001"]
+        assert [r["sample_id"] for r in lines(d / "samples.jsonl")] == ["1000", "1001"]   # written once
     # submitit ran each grid point as its own job (own folder, own log)
     jobs = [p for p in (sweep / ".submitit").iterdir() if p.is_dir() and p.name.isdigit()]
     assert len(jobs) == 4
     res = report.build([runs], out=tmp_path / "rep", n_boot=200, quiet=True)
     pts = res["points"]
-    assert set(pts["method"]) == {"full", "snapkv"} and set(pts["budget"]) == {0.2, 0.5}
+    assert set(pts["method"]) == {"full", "snapkv"} and set(pts[pts.method == "snapkv"]["budget"]) == {0.2, 0.5}
+    assert len(pts[pts.method == "full"]) == 1
     assert (pts["score_n"] == 2).all() and pts["complete"].all()
     snap = pts[pts.method == "snapkv"]
     assert (snap["diff_n"] == 2).all()  # paired with the full cache on the same two samples

@@ -29,6 +29,7 @@ class VideoLLaMA2Adapter(ModelAdapter):
 
     family = "videollama2"
     modalities = ("video", "image", "audio")
+    extra_control_strings = tuple(_TAG.values())
 
     def __init__(self, path: str | Path, num_frames: int | None = None, vision_tower_path: str | None = None,
                  video_audio: str = "whole", audio_window_seed: int | None = 0, **kwargs: Any) -> None:
@@ -109,6 +110,7 @@ class VideoLLaMA2Adapter(ModelAdapter):
     def encode(self, prompt: Prompt) -> Encoded:
         t0 = time.perf_counter()
         notes: list[str] = []
+        prompt = self.safe_prompt(prompt, notes)            # dataset text never becomes a control token or tag
         record: list[dict] = []
         items = [self._media_item(p, notes, record) for p in prompt.context if isinstance(p, Media)]
         media_s = time.perf_counter() - t0
