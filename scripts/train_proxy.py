@@ -494,13 +494,13 @@ def main() -> None:
               "decoder_layers": text_config.num_hidden_layers, "steps": step,
               "batch": args.batch, "samples": step * args.batch, "train_s": round(train_s, 1), "stopped": stop,
               "lr": args.lr, "warmup": args.warmup, "short_frac": args.short_frac, "type_weights": args.type_weights,
-              "media_only": args.media_only,
+              "media_only": args.media_only, "converged_steps": args.converged_steps,
               "init_seed": args.seed, "data_seed": args.data_seed,
               "threads": args.threads, "held_out": {"dataset": f"proxy_{args.proxy}", "seed": tasks.HELD_OUT_SEED,
                                                     "generator": tasks.VERSION, **held},
               "command": f"python scripts/train_proxy.py --proxy {args.proxy} --minutes {args.minutes:g} "
                          f"--batch {args.batch} --lr {args.lr:g} --short-frac {args.short_frac:g} --seed {args.seed} "
-                         f"--data-seed {args.data_seed} --workers {args.workers}"
+                         f"--data-seed {args.data_seed} --workers {args.workers} --converged-steps {args.converged_steps}"
                          + (f" --type-weights {','.join(f'{w:g}' for w in args.type_weights)}" if args.type_weights else "")
                          + (f" --media-only {args.media_only:g}" if args.media_only else "")
                          + (f" --init-from {args.init_from}" if args.init_from else "")
