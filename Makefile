@@ -61,16 +61,33 @@ run: setup
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# Retrain the committed proxy checkpoints on CPU (about 25 min each): the AV proxy first, then the video and audio
-# proxies warm-started from its towers and decoder, then a phase that teaches the AV proxy to answer from the
-# media entries only (its leak control). Each checkpoint's TRAINING.json lists the exact commands of the phases
-# that made it; regenerate the reference table with `make proxy-table`.
+# Retrain the committed proxy checkpoints on CPU (at most about 3.7 h of time budgets; 2 free cores). First the 2-layer proxies: the AV
+# proxy, then the video and audio proxies warm-started from its towers and decoder, then the AV phase that teaches
+# it to answer from the media entries only (its leak control). Then each is grown to its depth (--grow split:
+# every layer becomes a block of copies sharing its work) and trained on: AV 6 layers, video and audio 4
+# (docs/proxies.md). Each checkpoint's TRAINING.json lists the exact commands of the phases that made it;
+# regenerate the reference table with `make proxy-table`.
+CK := avkv/models/proxy_checkpoints
+TRAIN := $(PY) scripts/train_proxy.py --workers 1
 proxies: setup
-	$(PY) scripts/train_proxy.py --proxy av --minutes 25 --lr 2e-3 --short-frac 0.5 --workers 1
-	for p in video audio; do $(PY) scripts/train_proxy.py --proxy $$p --minutes 30 --lr 2e-3 --short-frac 0.5 \
-	  --workers 1 --type-weights 1,1,4 --init-from avkv/models/proxy_checkpoints/proxy_av || exit 1; done
-	$(PY) scripts/train_proxy.py --proxy av --minutes 15 --lr 1e-3 --short-frac 0.5 --workers 1 --media-only 1 \
-	  --data-seed 3 --init-from avkv/models/proxy_checkpoints/proxy_av
+	$(TRAIN) --proxy av --layers 2 --minutes 25 --lr 2e-3 --short-frac 0.5
+	for p in video audio; do $(TRAIN) --proxy $$p --layers 2 --minutes 30 --lr 2e-3 --short-frac 0.5 \
+	  --type-weights 1,1,4 --init-from $(CK)/proxy_av || exit 1; done
+	$(TRAIN) --proxy av --layers 2 --minutes 15 --lr 1e-3 --short-frac 0.5 --media-only 1 --data-seed 3 \
+	  --init-from $(CK)/proxy_av
+	$(TRAIN) --proxy av --minutes 7 --lr 1e-3 --short-frac 0.5 --media-only 1 --data-seed 4 \
+	  --init-from $(CK)/proxy_av --grow split
+	$(TRAIN) --proxy audio --minutes 15 --lr 1e-3 --short-frac 0.5 --data-seed 4 --init-from $(CK)/proxy_audio --grow split
+	$(TRAIN) --proxy audio --minutes 15 --lr 1e-3 --short-frac 0.5 --media-only 1 --data-seed 5 \
+	  --init-from $(CK)/proxy_audio
+	$(TRAIN) --proxy video --minutes 25 --lr 1.5e-3 --short-frac 0.5 --type-weights 1,1,4 --data-seed 4 \
+	  --init-from $(CK)/proxy_video --grow split
+	$(TRAIN) --proxy video --minutes 20 --lr 1e-3 --short-frac 0.2 --type-weights 1,1,6 --data-seed 5 \
+	  --init-from $(CK)/proxy_video
+	$(TRAIN) --proxy video --minutes 20 --lr 1e-3 --short-frac 0 --type-weights 1,1,6 --data-seed 6 \
+	  --init-from $(CK)/proxy_video
+	$(TRAIN) --proxy video --minutes 15 --lr 2e-3 --short-frac 0 --type-weights 1,1,8 --converged-steps 24 \
+	  --data-seed 7 --init-from $(CK)/proxy_video
 
 proxy-table: setup
 	$(PY) scripts/proxy_table.py $(ARGS)

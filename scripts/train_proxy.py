@@ -10,6 +10,10 @@ more losses (weight ``w``) teach the model to answer from the media entries of t
 a model trained on the plain loss alone may also copy the evidence into the text entries after the media (the
 end-of-media markers, the question), which the leak control (every media entry dropped) then exposes.
 
+``--init-from`` continues a checkpoint or warm-starts from another family's (``warm_start``); with ``--grow`` a
+shallower checkpoint's decoder is first grown to the proxy's depth (``grow_layers``: each layer becomes a block of
+copies). When the tokenizer changed (the generator's texts did), embedding and LM-head rows follow their token.
+
 Training stops at the time budget, or earlier once every question type has been right on all of the last
 ``--converged-steps`` full-length batches of its type. The checkpoint is written with ``save_pretrained`` (weights, tokenizer,
 processor) into ``avkv/models/proxy_checkpoints/proxy_<name>/``; then the held-out set (the dataset config
@@ -22,6 +26,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -187,13 +192,62 @@ def _from_sibling(name: str, old: dict) -> torch.Tensor | None:
     return None
 
 
-def warm_start(init_dir: Path, source: Path) -> dict:
+#: a decoder layer's tensors (Qwen2.5-VL and the Omni thinker: ``model.layers.i.``; Qwen2-Audio:
+#: ``language_model.model.layers.i.``); the towers' ``audio_tower.layers`` / ``visual.blocks`` do not match
+DECODER_LAYER = re.compile(r"^((?:language_model\.)?model\.layers\.)(\d+)\.(.+)$")
+#: the tensors through which a decoder layer writes into the residual stream
+RESIDUAL_WRITES = ("self_attn.o_proj.", "mlp.down_proj.")
+GROW_MODES = ("zero", "split", "copy")
+
+
+def grow_layers(old: dict[str, torch.Tensor], depth: int, mode: str) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """The decoder of a checkpoint grown to ``depth`` layers: target layer ``i`` starts as a copy of source layer
+    ``i * n // depth`` (each source layer becomes a block of consecutive copies, in order). ``mode`` says what the
+    copies write into the residual stream:
+
+    - ``zero``: only the last copy of a block keeps the source layer's output projections (attention ``o_proj``,
+      MLP ``down_proj``); the others start at zero, so the grown model computes exactly what the source did, and
+      every extra copy starts with the attention pattern of its source layer (it reads the same residual stream);
+    - ``split``: every copy writes 1/m of the source layer's output (m copies): all layers share the work at once,
+      only approximately the source's function;
+    - ``copy``: plain copies (each adds the source layer's whole output again).
+
+    Returns the grown tensors and the source layer of each target layer."""
+    layers: dict[int, dict[str, tuple[str, torch.Tensor]]] = defaultdict(dict)
+    rest = {}
+    for k, v in old.items():
+        m = DECODER_LAYER.match(k)
+        if m:
+            layers[int(m.group(2))][m.group(3)] = (m.group(1), v)
+        else:
+            rest[k] = v
+    n = len(layers)
+    if not n or depth < n:
+        raise ValueError(f"--grow: the source has {n} decoder layers, cannot grow to {depth}")
+    source_of = [i * n // depth for i in range(depth)]
+    grown = dict(rest)
+    for i, j in enumerate(source_of):
+        block = source_of.count(j)
+        last = i == len(source_of) - 1 - source_of[::-1].index(j)
+        for name, (prefix, v) in layers[j].items():
+            v = v.clone()
+            if name.startswith(RESIDUAL_WRITES):
+                if mode == "zero" and not last:
+                    v.zero_()
+                elif mode == "split":
+                    v /= block
+            grown[f"{prefix}{i}.{name}"] = v
+    return grown, source_of
+
+
+def warm_start(init_dir: Path, source: Path, grow: str | None = None) -> dict:
     """Overwrite the fresh weights in ``init_dir`` with the tensors of ``source`` that fit.
 
     A tensor is taken when ``source`` has it under the same name and shape (a continuation of the same builder),
     or under a sibling family's name (``SIBLING_NAMES``: the AV proxy's towers and decoder warm-start the video
     and audio proxies). After a change of tokenizer or of a tower's input size, the tensors that do not fit
-    (embeddings, LM head, learned audio positions) keep their fresh initialisation."""
+    (embeddings, LM head, learned audio positions) keep their fresh initialisation. With ``grow`` (a
+    ``grow_layers`` mode) a shallower source's decoder is first grown to the new depth."""
     from safetensors.torch import load_file, save_file
     files = sorted(init_dir.glob("model*.safetensors"))
     if len(files) != 1:
@@ -204,16 +258,50 @@ def warm_start(init_dir: Path, source: Path) -> dict:
         old.update(load_file(f))
     if not old:
         raise FileNotFoundError(f"--init-from {source}: no model*.safetensors there")
+    grown_from = None
+    if grow:
+        depth = len({int(m.group(2)) for m in map(DECODER_LAYER.match, fresh) if m})
+        old, grown_from = grow_layers(old, depth, grow)
+    rows = token_rows(source, init_dir)
     taken = {}
     for k, v in fresh.items():
+        by_token = rows is not None and k.endswith(VOCAB_TENSORS)
         t = old.get(k)
-        if t is None or t.shape != v.shape:
+        if t is None or (t.shape != v.shape and not by_token):
             t = _from_sibling(k, old)
+        if by_token and t is not None:
+            t = torch.where((rows >= 0)[:, None], t[rows.clamp(min=0)], v)      # rows follow their token
         if t is not None and t.shape == v.shape:
             taken[k] = t.contiguous()
     skipped = sorted(k for k in fresh if k not in taken)
     save_file({**fresh, **taken}, files[0], metadata={"format": "pt"})
-    return {"source": str(source), "kept": len(taken), "skipped": skipped}
+    return {"source": str(source), "kept": len(taken), "skipped": skipped,
+            **({"grow": grow, "source_layer_of": grown_from} if grow else {}),
+            **({"new_tokens": int((rows < 0).sum())} if rows is not None else {})}
+
+
+#: the tensors with one row per token id
+VOCAB_TENSORS = ("embed_tokens.weight", "lm_head.weight")
+
+
+def _vocab(folder: Path) -> dict[str, int]:
+    tok = json.loads((folder / "tokenizer.json").read_text())
+    return {**tok["model"]["vocab"], **{a["content"]: a["id"] for a in tok["added_tokens"]}}
+
+
+def token_rows(source: Path, target: Path) -> torch.Tensor | None:
+    """For each token id of ``target``'s tokenizer, the id of the same token string in ``source``'s (-1: a new
+    token, its rows keep their fresh initialisation); None when the two vocabularies are identical. The proxies'
+    tokenizer is trained on the generator's texts, so a new question type changes it."""
+    if not ((source / "tokenizer.json").exists() and (target / "tokenizer.json").exists()):
+        return None
+    old, new = _vocab(source), _vocab(target)
+    if old == new:
+        return None
+    rows = torch.full((max(new.values()) + 1,), -1, dtype=torch.long)
+    for token, i in new.items():
+        rows[i] = old.get(token, -1)
+    return rows
 
 
 def lineage(previous: dict | None, steps: int, train_s: float) -> dict:
@@ -266,6 +354,13 @@ def main() -> None:
     ap.add_argument("--fixtures", type=Path, default=Path(".cache/fixtures"))
     ap.add_argument("--init-from", type=Path, default=None,
                     help="start from this checkpoint's weights (a second phase; TRAINING.json keeps both)")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="decoder layers (default: the proxy's, avkv/models/proxy.py); make proxies trains its "
+                         "first phases shallower and grows them (--grow)")
+    ap.add_argument("--grow", choices=GROW_MODES, default=None,
+                    help="with --init-from a shallower checkpoint: grow its decoder to the proxy's depth "
+                         "(grow_layers: zero = exact function, extra copies write nothing at first; split = copies "
+                         "share the source layer's output; copy = plain copies)")
     ap.add_argument("--save-every", type=float, default=180.0, help="seconds between checkpoints during training")
     ap.add_argument("--evaluate-only", action="store_true",
                     help="score the existing checkpoint on the held-out set and update its TRAINING.json")
@@ -283,20 +378,23 @@ def main() -> None:
     work = args.work / args.proxy
     if args.evaluate_only:
         record = json.loads((out / "TRAINING.json").read_text())
-        record["held_out"].update(held_out_accuracy(args.proxy, out.resolve(), args.fixtures.resolve(),
-                                                    (work / "held_out_committed").resolve(), args.threads))
+        cfg = json.loads((out / "config.json").read_text())
+        record["decoder_layers"] = cfg.get("text_config", cfg)["num_hidden_layers"]
+        record["held_out"].update(seed=tasks.HELD_OUT_SEED, generator=tasks.VERSION,
+                                  **held_out_accuracy(args.proxy, out.resolve(), args.fixtures.resolve(),
+                                                      (work / "held_out_committed").resolve(), args.threads))
         (out / "TRAINING.json").write_text(json.dumps(record, indent=1))
         print("held-out (full cache):", json.dumps(record["held_out"]), flush=True)
         return
     init_dir = work / "init"
     if init_dir.exists():
         shutil.rmtree(init_dir)
-    build_init(args.proxy, init_dir, seed=args.seed)
+    build_init(args.proxy, init_dir, seed=args.seed, layers=args.layers)
     previous, warm = None, None
     if args.init_from:                 # continue training a checkpoint, or warm-start from one of another geometry
         found = [args.init_from / f for f in ("TRAINING.json", "PROGRESS.json") if (args.init_from / f).exists()]
         previous = json.loads(found[0].read_text()) if found else None
-        warm = warm_start(init_dir, args.init_from)
+        warm = warm_start(init_dir, args.init_from, args.grow)
         print(f"init from {args.init_from}: {warm['kept']} tensors kept, skipped (new shape or name): "
               f"{warm['skipped']}", flush=True)
     adapter = make_adapter(args.proxy, init_dir)
@@ -392,19 +490,22 @@ def main() -> None:
     if out.exists():
         shutil.rmtree(out)
     shutil.copytree(tmp, out)
-    record = {"proxy": args.proxy, "class": type(model).__name__, "params": n_params, "steps": step,
+    record = {"proxy": args.proxy, "class": type(model).__name__, "params": n_params,
+              "decoder_layers": text_config.num_hidden_layers, "steps": step,
               "batch": args.batch, "samples": step * args.batch, "train_s": round(train_s, 1), "stopped": stop,
               "lr": args.lr, "warmup": args.warmup, "short_frac": args.short_frac, "type_weights": args.type_weights,
-              "media_only": args.media_only,
+              "media_only": args.media_only, "converged_steps": args.converged_steps,
               "init_seed": args.seed, "data_seed": args.data_seed,
               "threads": args.threads, "held_out": {"dataset": f"proxy_{args.proxy}", "seed": tasks.HELD_OUT_SEED,
                                                     "generator": tasks.VERSION, **held},
               "command": f"python scripts/train_proxy.py --proxy {args.proxy} --minutes {args.minutes:g} "
                          f"--batch {args.batch} --lr {args.lr:g} --short-frac {args.short_frac:g} --seed {args.seed} "
-                         f"--data-seed {args.data_seed} --workers {args.workers}"
+                         f"--data-seed {args.data_seed} --workers {args.workers} --converged-steps {args.converged_steps}"
                          + (f" --type-weights {','.join(f'{w:g}' for w in args.type_weights)}" if args.type_weights else "")
                          + (f" --media-only {args.media_only:g}" if args.media_only else "")
-                         + (f" --init-from {args.init_from}" if args.init_from else ""),
+                         + (f" --init-from {args.init_from}" if args.init_from else "")
+                         + (f" --grow {args.grow}" if args.grow else "")
+                         + (f" --layers {args.layers}" if args.layers else ""),
               "log": log}
     if warm:
         record["init_from"] = warm

@@ -9,13 +9,14 @@ proxy        class                                       checkpoint (committed)
 ``av``       ``Qwen2_5OmniThinkerForConditionalGeneration``  ``avkv/models/proxy_checkpoints/proxy_av``
 ===========  ==========================================  ==============================================
 
-Each starts from its family's tiny builder (``build_tiny``) at proxy sizes: 2 decoder layers, hidden 64,
-4 query / 2 KV heads, small towers (a 1-block vision tower of width 32, a 2-layer audio encoder of width 32), a
-1024-token BPE tokenizer whose corpus includes the proxy prompts (whole-word tokens, so the media dominate the
-prompt), and a processor whose pixel range and audio chunk fit the clips exactly. ``scripts/train_proxy.py``
-trains them (the AV proxy first; its towers and decoder warm-start the other two, whose tensors have the same
-shapes under other names); ``configs/model/proxy_<name>.yaml`` loads them with ``from_pretrained`` through the
-ordinary adapters.
+Each starts from its family's tiny builder (``build_tiny``) at proxy sizes: 6 decoder layers (AV) or 4 (video,
+audio), hidden 64, 4 query / 2 KV heads, small towers (a 1-block vision tower of width 32, a 2-layer audio encoder
+of width 32), a 1024-token BPE tokenizer whose corpus includes the proxy prompts (whole-word tokens, so the media
+dominate the prompt), and a processor whose pixel range and audio chunk fit the clips exactly.
+``scripts/train_proxy.py`` trains them: 2-layer proxies first (the AV proxy; its towers and decoder warm-start the
+other two, whose tensors have the same shapes under other names), then each grown to its depth (``--grow``);
+``docs/proxies.md`` tells the story. ``configs/model/proxy_<name>.yaml`` loads them with ``from_pretrained`` through
+the ordinary adapters.
 """
 from __future__ import annotations
 
@@ -58,15 +59,16 @@ def _pixels(spec: tasks.ProxySpec) -> dict:
 
 PROXIES = {
     "video": Proxy("video", "qwen2_5_vl", "avkv.models.qwen2_5_vl.Qwen25VLAdapter", "avkv.models.qwen2_5_vl.build_tiny",
-                   dict(hidden=64, vision_hidden=32, vision_depth=1, vocab_size=VOCAB, **_pixels(tasks.SPECS["video"]))),
+                   dict(hidden=64, layers=4, vision_hidden=32, vision_depth=1, vocab_size=VOCAB,
+                        **_pixels(tasks.SPECS["video"]))),
     "audio": Proxy("audio", "qwen2_audio", "avkv.models.qwen2_audio.Qwen2AudioAdapter",
                    "avkv.models.qwen2_audio.build_tiny",
-                   dict(hidden=64, audio_hidden=32, chunk_s=int(tasks.SPECS["audio"].audio_s), vocab_size=VOCAB)),
+                   dict(hidden=64, layers=4, audio_hidden=32, chunk_s=int(tasks.SPECS["audio"].audio_s),
+                        vocab_size=VOCAB)),
     "av": Proxy("av", "qwen2_5_omni", "avkv.models.qwen2_5_omni.Qwen25OmniAdapter",
                 "avkv.models.qwen2_5_omni.build_tiny",
-                dict(hidden=64, vision_hidden=32, vision_depth=1, audio_hidden=32, chunk_s=int(tasks.SPECS["av"].audio_s),
-                     vocab_size=VOCAB,
-                     **_pixels(tasks.SPECS["av"]))),
+                dict(hidden=64, layers=6, vision_hidden=32, vision_depth=1, audio_hidden=32,
+                     chunk_s=int(tasks.SPECS["av"].audio_s), vocab_size=VOCAB, **_pixels(tasks.SPECS["av"]))),
 }
 
 
@@ -83,8 +85,10 @@ def tokenizer_texts() -> list[str]:
     return sorted(texts)
 
 
-def build_init(name: str, out_dir: str | Path, seed: int = 0) -> None:
-    """The untrained proxy (random weights), written with ``save_pretrained`` like every checkpoint."""
+def build_init(name: str, out_dir: str | Path, seed: int = 0, layers: int | None = None) -> None:
+    """The untrained proxy (random weights), written with ``save_pretrained`` like every checkpoint; ``layers``
+    overrides its decoder depth (the earlier, shallower phases of ``make proxies``)."""
     from hydra.utils import get_method
     p = PROXIES[name]
-    get_method(p.builder)(out_dir, seed=seed, texts=tokenizer_texts(), **p.build_kwargs)
+    kwargs = {**p.build_kwargs, **({"layers": layers} if layers else {})}
+    get_method(p.builder)(out_dir, seed=seed, texts=tokenizer_texts(), **kwargs)

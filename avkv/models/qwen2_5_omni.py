@@ -81,9 +81,9 @@ def load_processor(path: Path, trust_remote_code: bool = False, **kwargs):
 
 def build_tiny(out_dir: str | Path, seed: int = 0, hidden: int = 64, vision_hidden: int = 32, vision_depth: int = 2, audio_hidden: int = 32,
                texts: list[str] | None = None, min_pixels: int = 56 * 56, max_pixels: int = 112 * 112,
-               chunk_s: int = 30, vocab_size: int = 640, text_layers: int = 2) -> None:
-    """Tiny random Omni thinker: 2 text layers (``text_layers``; hidden 64, 4 heads / 2 KV heads), small vision and
-    audio towers.
+               chunk_s: int = 30, vocab_size: int = 640, layers: int = 2) -> None:
+    """Tiny random Omni thinker: ``layers`` text layers (default 2; hidden 64, 4 heads / 2 KV heads), small vision
+    and audio towers.
 
     The sizes, the tokenizer's extra corpus (``texts``), the video pixel range and the audio chunk are
     parameters so the trained proxies (``avkv/models/proxy.py``) start from the same builder.
@@ -102,7 +102,7 @@ def build_tiny(out_dir: str | Path, seed: int = 0, hidden: int = 64, vision_hidd
                           n_window=50, output_dim=hidden),
         vision_config=dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_heads=2,
                            out_hidden_size=hidden, fullatt_block_indexes=[vision_depth - 1], window_size=56),
-        text_config=dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=text_layers,
+        text_config=dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
                          rope_parameters={"rope_type": "default", "rope_theta": 1e6,
                                           "mrope_section": mrope_section(hidden // 4)},

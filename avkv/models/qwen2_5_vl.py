@@ -52,8 +52,9 @@ def load_processor(path: Path, trust_remote_code: bool = False, **kwargs):
 
 def build_tiny(out_dir: str | Path, seed: int = 0, hidden: int = 64, vision_hidden: int = 32, vision_depth: int = 2,
                texts: list[str] | None = None, min_pixels: int = 56 * 56, max_pixels: int = 112 * 112,
-               vocab_size: int = 640) -> None:
-    """Tiny random Qwen2.5-VL: 2 text layers (hidden 64, 4 heads / 2 KV heads), 2-block vision tower.
+               vocab_size: int = 640, layers: int = 2) -> None:
+    """Tiny random Qwen2.5-VL: ``layers`` text layers (default 2; hidden 64, 4 heads / 2 KV heads), 2-block vision
+    tower.
 
     Sizes, the tokenizer's extra corpus and the pixel range are parameters (the trained proxies use them)."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, \
@@ -64,7 +65,7 @@ def build_tiny(out_dir: str | Path, seed: int = 0, hidden: int = 64, vision_hidd
     tok = hf_tokenizer(template, texts=texts, vocab_size=vocab_size)
     t = tok.convert_tokens_to_ids
     cfg = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        text_config=dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
                          rope_parameters={"rope_type": "default", "rope_theta": 1e6,
                                           "mrope_section": mrope_section(hidden // 4)},

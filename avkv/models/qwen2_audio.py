@@ -29,8 +29,9 @@ class Qwen2AudioAdapter(QwenAdapter):
 
 
 def build_tiny(out_dir: str | Path, seed: int = 0, hidden: int = 64, audio_hidden: int = 32,
-               texts: list[str] | None = None, chunk_s: int = 5, vocab_size: int = 640) -> None:
-    """Tiny random Qwen2-Audio: 2-layer Qwen2 decoder (hidden 64, 4 heads / 2 KV heads), 2-layer audio encoder.
+               texts: list[str] | None = None, chunk_s: int = 5, vocab_size: int = 640, layers: int = 2) -> None:
+    """Tiny random Qwen2-Audio: a Qwen2 decoder of ``layers`` layers (default 2; hidden 64, 4 heads / 2 KV heads)
+    and a 2-layer audio encoder.
 
     The feature extractor's chunk is 5 s (the real model: 30 s), which keeps CPU tests fast. Sizes, the
     tokenizer's extra corpus and the chunk are parameters (the trained proxies use them).
@@ -47,7 +48,7 @@ def build_tiny(out_dir: str | Path, seed: int = 0, hidden: int = 64, audio_hidde
                           encoder_attention_heads=2, encoder_ffn_dim=2 * audio_hidden, d_model=audio_hidden,
                           max_source_positions=chunk_s * 100 // 2),
         text_config=dict(model_type="qwen2", vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=4096, bos_token_id=t("<|endoftext|>"),
                          eos_token_id=t("<|im_end|>"), pad_token_id=t("<|endoftext|>")),
         audio_token_index=t("<|AUDIO|>"))

@@ -145,7 +145,7 @@ def build_tiny_omni_deep(out_dir: str | Path, qk_scale: float = 12.0) -> None:
     from safetensors.torch import load_file, save_file
 
     from avkv.models.qwen2_5_omni import build_tiny
-    build_tiny(out_dir, text_layers=8)
+    build_tiny(out_dir, layers=8)
     f = Path(out_dir) / "model.safetensors"
     sd = load_file(f)
     for k in sd:

@@ -78,3 +78,35 @@ def test_snapkv_beats_random_at_a_tenth_of_the_cache(av_slice, tmp_path):
     a, b = sum(snap) / n, sum(rand) / n
     se = math.sqrt((a * (1 - a) + b * (1 - b)) / n)
     assert a - b > 4 * max(se, 0.5 / n), (a, b, se)     # far outside the interval of the difference
+
+
+#: the depths the layer-wise methods' defaults need: PureKV's CLIE source layer 2 and ST-SpAttn's 2 dense layers,
+#: FastV's K=2 and PyramidKV's schedule all act on layers above 2
+DEPTH = {"av": 6, "video": 4, "audio": 4}
+
+
+@pytest.mark.parametrize("proxy", list(PROXIES))
+def test_proxy_is_deep_enough_for_the_layer_wise_methods(proxy):
+    if proxy not in TRAINED:
+        pytest.skip(f"the {proxy} proxy checkpoint is not committed")
+    cfg = json.loads((PROXIES[proxy].checkpoint / "config.json").read_text())
+    text = cfg.get("text_config", cfg)
+    assert text["num_hidden_layers"] >= DEPTH[proxy]
+    rec = json.loads((PROXIES[proxy].checkpoint / "TRAINING.json").read_text())
+    assert rec["decoder_layers"] == text["num_hidden_layers"]
+
+
+def test_layer_wise_defaults_act_on_the_av_proxy(av_slice, tmp_path):
+    """With their defaults, PureKV estimates layers 3-5 from layer 2 and runs ST-SpAttn above layer 1, and FastV
+    prunes after layer 2 (layers 0-1 keep everything, the others hold fewer entries)."""
+    from pathlib import Path
+    s = _run(tmp_path, "av", "purekv", 0.1, 2)
+    for r in map(json.loads, (Path(s["run_dir"]) / "samples.jsonl").read_text().splitlines()):
+        info = r["method_info"]
+        assert r["layers"] == 6 and r["error"] is None
+        assert [info[str(i)]["clie"] for i in range(6)] == ["self"] * 3 + ["from_layer_2"] * 3
+        assert [info[str(i)]["st_spattn"] for i in range(6)] == [False] * 2 + [True] * 4
+    s = _run(tmp_path, "av", "fastv", 0.1, 2)
+    for r in map(json.loads, (Path(s["run_dir"]) / "samples.jsonl").read_text().splitlines()):
+        kept = r["kept_per_layer"]
+        assert kept[0] == kept[1] == r["n_prompt"] and max(kept[2:]) < r["n_prompt"]
