@@ -98,7 +98,7 @@ def test_proxy_is_deep_enough_for_the_layer_wise_methods(proxy):
 
 def test_layer_wise_defaults_act_on_the_av_proxy(av_slice, tmp_path):
     """With their defaults, PureKV estimates layers 3-5 from layer 2 and runs ST-SpAttn above layer 1, and FastV
-    prunes after layer 2 (layers 0-1 keep everything, the others hold fewer entries)."""
+    prunes after its layer K (at most the requested 2; the layers before K keep everything, the others fewer)."""
     from pathlib import Path
     s = _run(tmp_path, "av", "purekv", 0.1, 2)
     for r in map(json.loads, (Path(s["run_dir"]) / "samples.jsonl").read_text().splitlines()):
@@ -108,5 +108,8 @@ def test_layer_wise_defaults_act_on_the_av_proxy(av_slice, tmp_path):
         assert [info[str(i)]["st_spattn"] for i in range(6)] == [False] * 2 + [True] * 4
     s = _run(tmp_path, "av", "fastv", 0.1, 2)
     for r in map(json.loads, (Path(s["run_dir"]) / "samples.jsonl").read_text().splitlines()):
-        kept = r["kept_per_layer"]
-        assert kept[0] == kept[1] == r["n_prompt"] and max(kept[2:]) < r["n_prompt"]
+        kept, K = r["kept_per_layer"], r["fastv_layer"]
+        # FastV lowers its pruning layer below the requested K=2 when that is what meets the budget (issue 15);
+        # either way the layers before K keep everything and every later one holds fewer entries
+        assert r["fastv_layer_requested"] == 2 and 1 <= K <= 2
+        assert all(k == r["n_prompt"] for k in kept[:K]) and max(kept[K:]) < r["n_prompt"]
