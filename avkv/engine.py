@@ -374,12 +374,7 @@ class Compressor:
                 if b != S or b - a > h.shape[1]:
                     raise CompressionError("during decode only the newest queries are available")
                 a, b = h.shape[1] - (b - a), h.shape[1]
-            x = h[:, a:b]
-            q = module.q_proj(x).view(1, b - a, -1, module.head_dim).transpose(1, 2)
-            if hasattr(module, "q_norm"):
-                q = module.q_norm(q)
-            c, s = cos[:, a:b].unsqueeze(1).to(q.dtype), sin[:, a:b].unsqueeze(1).to(q.dtype)
-            return (q * c + rotate_half(q) * s)[0]
+            return self.adapter.layer_queries(module, h[:, a:b], (cos[:, a:b], sin[:, a:b]))
 
         idx = module._avkv_layer
         return LayerView(layer_idx=idx, num_layers=self.num_layers, keys=keys, values=values, modality=modality,

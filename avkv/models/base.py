@@ -128,6 +128,27 @@ class ModelAdapter:
         self.model.eval()
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
 
+    # ---------------------------------------------------------------- model knowledge the engine asks for
+
+    def layer_queries(self, module: torch.nn.Module, hidden: torch.Tensor,
+                      position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """The rotated queries of one attention layer for some prompt positions, as its forward computes them.
+
+        ``module`` is the layer's attention module, ``hidden`` its input hidden states ``[1, T, D]`` for those
+        positions and ``position_embeddings`` their ``(cos, sin)`` ``[1, T, d]``. Returns ``[H, T, d]`` (query heads).
+        The default is the Qwen2/Llama recipe (``q_proj``, optional per-head ``q_norm``, rotate-half RoPE; M-RoPE's
+        sections are already folded into cos/sin by the model's rotary embedding); a family whose attention differs
+        overrides this, so the engine never needs to know a model's projection names.
+        """
+        T = hidden.shape[1]
+        q = module.q_proj(hidden).view(1, T, -1, module.head_dim).transpose(1, 2)
+        if getattr(module, "q_norm", None) is not None:
+            q = module.q_norm(q)
+        cos, sin = position_embeddings
+        c, s = cos.unsqueeze(1).to(q.dtype), sin.unsqueeze(1).to(q.dtype)
+        x1, x2 = q[..., : q.shape[-1] // 2], q[..., q.shape[-1] // 2:]
+        return (q * c + torch.cat((-x2, x1), dim=-1) * s)[0]
+
     # ---------------------------------------------------------------- to implement per family
     def _load(self) -> tuple[torch.nn.Module, Any]:  # pragma: no cover - interface
         raise NotImplementedError
