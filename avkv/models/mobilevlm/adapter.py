@@ -104,7 +104,7 @@ class MobileVLMAdapter(ModelAdapter):
 
         tags = [i for i, t in enumerate(ids) if t < 0]
         if len(tags) != len(items):
-            raise ValueError(f"prompt has {len(tags)} image slots for {len(items)} media items")
+            raise ValueError(f"prompt has {len(tags)} <image> tags for {len(items)} media items")
         per = self.model.tokens_per_image()
         out_ids: list[int] = []
         modality: list[int] = []
