@@ -107,16 +107,15 @@ class MobileVLMConfig:
         if select_feature not in ("patch", "cls_patch"):
             raise ValueError(f"unsupported mm_vision_select_feature {select_feature!r} (official: patch, cls_patch)")
         if raw.get("mm_use_im_start_end"):
-            raise ValueError("mm_use_im_start_end=true checkpoints wrap images in <im_start>/<im_end> tokens; no "
-                             "released MobileVLM V2 does, and the port does not")
+            raise ValueError("mm_use_im_start_end=true checkpoints wrap images in <im_start>/<im_end> tokens; the "
+                             "official V2 training scripts set it false and the port does not implement it")
         out = cls(raw=raw, text_config=text_config, vision_tower_name=tower, vision_config=vcfg,
                   select_layer=int(raw.get("mm_vision_select_layer", -2)), select_feature=select_feature,
                   projector_type=raw.get("mm_projector_type", "linear"), mm_hidden_size=mm_hidden,
                   image_aspect_ratio=raw.get("image_aspect_ratio"),
                   # load_pretrained_model's default when the field is absent
                   mm_use_im_patch_token=bool(raw.get("mm_use_im_patch_token", True)))
-        out.projector_kind                                   # raises for unsupported projectors
-        if out.projector_kind == "ldpnetv2" and select_feature != "patch":
+        if projector_kind(out.projector_type) == "ldpnetv2" and select_feature != "patch":   # raises if unsupported
             raise ValueError("ldpnetv2 pools a square patch grid: mm_vision_select_feature must be 'patch'")
         return out
 
