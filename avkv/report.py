@@ -157,7 +157,8 @@ def describe(cfg: dict) -> dict:
     return {
         "experiment": experiment,
         "paper": grid.get("paper"),
-        "paper_model": grid.get("paper_model"),
+        # a preset sweeping several of the paper's models maps each model config to the paper's name for it
+        "paper_model": (grid.get("paper_models") or {}).get(_label(cfg, "model")) or grid.get("paper_model"),
         "model": _label(cfg, "model"),
         "method": method,
         "budget": 1.0 if method == "full" and budget is None else _float(budget),
@@ -810,8 +811,15 @@ def build(paths: Sequence[str | Path], out: Path | None = None, scale: float = 1
         sides = []
         for p_name, pe in points[points["paper"].notna()].groupby("paper", sort=False) if "paper" in points else []:
             models = [m for m in pe["paper_model"].dropna().unique() if m] if "paper_model" in pe else []
-            ae = avg[avg["experiment"].isin(pe["experiment"].unique())] if not avg.empty else avg
-            sides.append((p_name, paper_model or (models[0] if models else None), pe, ae))
+            if paper_model or len(models) <= 1:
+                ae = avg[avg["experiment"].isin(pe["experiment"].unique())] if not avg.empty else avg
+                sides.append((p_name, paper_model or (models[0] if models else None), pe, ae))
+                continue
+            for m in models:                       # one table per paper model the runs stand for
+                pm = pe[pe["paper_model"] == m]
+                ae = avg[avg["experiment"].isin(pm["experiment"].unique()) & avg["model"].isin(pm["model"].unique())] \
+                    if not avg.empty else avg
+                sides.append((p_name, m, pm, ae))
     md_parts, tex_parts = [], []
     for exp, pe in points.groupby("experiment", sort=False):
         ae = avg[avg["experiment"] == exp] if not avg.empty else avg
@@ -836,7 +844,8 @@ def build(paths: Sequence[str | Path], out: Path | None = None, scale: float = 1
         shown = p_model or pn["model"].iloc[0]
         md_parts.append(f"### beside the paper ({p_name}: {ref}; paper model {shown}; cells: ours ± CI (paper))\n\n"
                         + to_markdown(side))
-        res.setdefault("beside_paper", {})[p_name] = side
+        several = sum(1 for s_ in sides if s_[0] == p_name) > 1
+        res.setdefault("beside_paper", {})[f"{p_name} · {shown}" if several else p_name] = side
     res["markdown"] = "\n".join(md_parts)
     res["latex"] = "\n".join(tex_parts)
     if out is not None:

@@ -57,7 +57,8 @@ def test_methods_under_eager(omni, name):
 
 
 @pytest.mark.parametrize("family,name", [("qwen2_5_vl", "adakv"), ("qwen2_5_vl", "fastv"),
-                                         ("qwen2_audio", "lookm"), ("qwen2_audio", "pyramidkv")])
+                                         ("qwen2_audio", "lookm"), ("qwen2_audio", "pyramidkv"),
+                                         ("mobilevlm", "lookm"), ("mobilevlm", "adakv")])
 def test_other_families(family, name):
     ad = adapter(family)
     r = Engine(ad, method(name), budget=0.2, max_new_tokens=3).generate(ad.encode(av_prompt())).record

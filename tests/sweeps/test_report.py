@@ -223,3 +223,23 @@ def test_asr_samples_scored_at_corpus_level(tmp_path):
     assert snap.diff_lo <= -5.0 <= snap.diff_hi
     e = stats.bootstrap_corpus([200, 0], [100, 100])
     assert e.mean == 0.0  # clipped at 0 like the paper
+
+
+def test_each_paper_model_gets_its_own_table(tmp_path):
+    """A preset sweeping several of the paper's models (``grid.paper_models``): each run is compared with its own
+    model's row of the paper (MobileVLM's Full ALFRED is 25.18, Qwen2.5-VL's 36.92)."""
+    root = tmp_path / "runs"
+    g = {"name": "flowmm_table1", "paper": "flowmm_table1", "paper_model": "Qwen2.5-VL-7B",
+         "paper_models": {"tiny_mobilevlm": "MobileVLM-V2-3B"}}
+    for model in ("tiny_qwen2_5_vl", "tiny_mobilevlm"):
+        make_run(root, f"{model}-full", model=model, method="full", budget=0.2, task="ALFRED", scores=[1, 0],
+                 experiment="flowmm_table1", extra_cfg={"grid": g})
+    df = report.collect([root])
+    assert dict(zip(df["model"], df["paper_model"])) == {"tiny_qwen2_5_vl": "Qwen2.5-VL-7B",
+                                                         "tiny_mobilevlm": "MobileVLM-V2-3B"}
+    res = report.build([root], n_boot=50, quiet=True, plots=False)
+    sides = res["beside_paper"]
+    assert set(sides) == {"flowmm_table1 · Qwen2.5-VL-7B", "flowmm_table1 · MobileVLM-V2-3B"}
+    mob = sides["flowmm_table1 · MobileVLM-V2-3B"].to_string()
+    assert "(25.18)" in mob and "(36.92)" not in mob
+    assert "(36.92)" in sides["flowmm_table1 · Qwen2.5-VL-7B"].to_string()

@@ -85,7 +85,7 @@ def test_loader_and_truncation_recorded(mb_root):
 SNAP_Q = "Question: Does a blue square appear in the frames?\nChoice list: \nA. yes\nB. no\nYour answer is: "
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_5_omni", "videollama2"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_5_omni", "videollama2", "mobilevlm"])
 def test_prompt_snapshot(mb_root, family):
     t = MileBench(mb_root, tasks=["ObjectExistence"])
     d = next(iter(t.docs()))
