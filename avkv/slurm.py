@@ -12,8 +12,9 @@ How a task is mapped to its grid point, without unpickling anything (a submissio
 * Hydra's submitit launcher writes that stdout under ``<sweep dir>/.submitit/<array>_<task>/``, so the path names
   the sweep folder, whose ``multirun.yaml`` holds the sweep's overrides;
 * the launcher submits the sweep's jobs as one array per batch of Hydra's basic sweeper, in job order: task ``i``
-  of the ``k``-th array of a sweep folder (by array id, from the job folders under ``.submitit/``) is job
-  ``i`` of the ``k``-th batch. Expanding the sweep (``avkv.grid.expand``) gives that job's config and so its run
+  of the ``k``-th submission of a sweep folder (by job id, from the job folders under ``.submitit/``) is job
+  ``i`` of the ``k``-th batch. A batch of one job is submitted by submitit as a plain job (id ``<job>``,
+  folder ``.submitit/<job>/``), which is task 0. Expanding the sweep (``avkv.grid.expand``) gives that job's config and so its run
   directory.
 
 Without SLURM (no ``squeue`` on the PATH) nothing is live and :func:`live_run_dirs` returns ``{}``; a ``squeue``
@@ -34,12 +35,12 @@ QUEUED = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "
 #: states of a task whose process runs (or is being cleaned up after it)
 RUNNING = {"RUNNING", "COMPLETING"}
 
-_TASK = re.compile(r"^(\d+)_(\d+)$")
+_JOB = re.compile(r"^(\d+)(?:_(\d+))?$")
 
 
 @dataclass(frozen=True)
 class Task:
-    job_id: str          # "<array>_<task>"
+    job_id: str          # "<array>_<task>", or "<job>" for a plain job (submitit's batch of one)
     state: str           # squeue's state (PENDING, RUNNING, ...)
     stdout: str          # squeue's StdOut path
 
@@ -49,7 +50,7 @@ class Task:
 
     @property
     def index(self) -> int:
-        return int(self.job_id.split("_")[1])
+        return int(self.job_id.split("_")[1]) if "_" in self.job_id else 0
 
     @property
     def status(self) -> str:
@@ -75,12 +76,12 @@ def squeue_tasks(timeout: float = 30.0) -> list[Task]:
 
 
 def parse_squeue(text: str) -> list[Task]:
-    """Lines ``<array>_<task>|<state>|<stdout>`` (``squeue -O JobArrayID:|,State:|,StdOut``); others are skipped
-    (jobs that are not array tasks are not avkv sweep tasks)."""
+    """Lines ``<array>_<task>|<state>|<stdout>`` or ``<job>|<state>|<stdout>`` (``squeue -O
+    JobArrayID:|,State:|,StdOut``); others are skipped (``sweep_dir_of`` later skips jobs not of a sweep)."""
     tasks = []
     for line in text.splitlines():
         parts = [s.strip() for s in line.split("|")]
-        if len(parts) < 3 or not _TASK.match(parts[0]):
+        if len(parts) < 3 or not _JOB.match(parts[0]):
             continue
         tasks.append(Task(parts[0], parts[1].split()[0] if parts[1] else "", parts[2]))
     return tasks
@@ -95,11 +96,12 @@ def sweep_dir_of(stdout: str) -> Path | None:
     return None
 
 
-def array_ids(sweep_dir: Path) -> list[int]:
-    """The array ids submitted from a sweep folder, ascending (its ``.submitit/<array>_<task>`` job folders)."""
+def submission_ids(sweep_dir: Path) -> list[int]:
+    """The job ids submitted from a sweep folder, ascending: its job folders ``.submitit/<array>_<task>`` (an
+    array) and ``.submitit/<job>`` (a plain job; submitit also makes a ``<array>`` folder for an array)."""
     ids = set()
-    for d in (sweep_dir / ".submitit").glob("*_*"):
-        m = _TASK.match(d.name)
+    for d in (sweep_dir / ".submitit").glob("*"):
+        m = _JOB.match(d.name)
         if m and d.is_dir():
             ids.add(int(m.group(1)))
     return sorted(ids)
@@ -131,7 +133,7 @@ def live_run_dirs(tasks: list[Task] | None = None, run_dir_of=None, known: dict 
             print(f"avkv missing: cannot expand the sweep {sweep} of SLURM tasks "
                   f"{', '.join(t.job_id for t in ts)}: {e}", file=sys.stderr)
             continue
-        arrays = array_ids(sweep)
+        arrays = submission_ids(sweep)
         for t in ts:
             k = arrays.index(t.array_id) if t.array_id in arrays else -1
             if not 0 <= k < len(batches) or t.index >= len(batches[k]):

@@ -133,6 +133,7 @@ def test_cli_queued_and_running_slurm_tasks(conf, tmp_path, capsys, monkeypatch)
         (sweep / ".submitit" / f"7_{i}").mkdir(parents=True)
     out_path = f"{sweep}/.submitit/%A_%a/%A_%a_0_log.out"
     squeue_out = f"7_1|PENDING|{out_path}   \n7_2|RUNNING|{out_path}\n99|RUNNING|/elsewhere/slurm-99.out\n"
+    (sweep / ".submitit" / "7").mkdir()   # submitit's folder of the array itself: not another submission
     monkeypatch.setattr(slurm, "squeue_tasks", lambda timeout=30.0: slurm.parse_squeue(squeue_out))
     monkeypatch.setattr(grid, "default_run_dir", run_dir_of)
     monkeypatch.setattr(grid.check, "__defaults__", (run_dir_of,))
@@ -157,3 +158,17 @@ def _covers(cmds, points):
         kv = dict(a.split("=", 1) for a in c.split()[3:])
         got |= set(itertools.product(kv["method"].split(","), kv["budget"].split(",")))
     return got == points
+
+
+def test_plain_job_of_a_one_point_sweep(tmp_path):
+    """submitit submits a batch of one job as a plain job (``.submitit/<id>/``): it is task 0 of that batch, and the
+    sweep's later submission (an array) is the next batch."""
+    from avkv import slurm
+
+    sweep = tmp_path / "s"
+    for d in ("40", "41", "41_0", "41_1", "notes"):
+        (sweep / ".submitit" / d).mkdir(parents=True)
+    assert slurm.submission_ids(sweep) == [40, 41]
+    [t] = slurm.parse_squeue(f"40|RUNNING|{sweep}/.submitit/%j/%j_0_log.out\n")
+    assert (t.array_id, t.index, t.status) == (40, 0, "running")
+    assert slurm.sweep_dir_of(t.stdout) == sweep
