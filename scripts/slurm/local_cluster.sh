@@ -131,7 +131,12 @@ $acct
 NodeName=$NODE NodeAddr=127.0.0.1 NodeHostname=$NODE $hw State=UNKNOWN
 PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
 EOF
-  mv "$ETC/slurm.conf.new" "$ETC/slurm.conf"
+  if [ -f "$ETC/slurm.conf" ] && cmp -s "$ETC/slurm.conf.new" "$ETC/slurm.conf"; then
+    rm -f "$ETC/slurm.conf.new"
+  else
+    mv "$ETC/slurm.conf.new" "$ETC/slurm.conf"
+    CHANGED=1
+  fi
   chmod 0644 "$ETC/slurm.conf"
   if [ "$ACCT" = 1 ]; then
     [ -s "$ETC/db.pass" ] || { head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$ETC/db.pass"; chmod 0600 "$ETC/db.pass"; }
@@ -220,7 +225,12 @@ start() {
   why=$(can_run) || fail "this machine cannot run the local SLURM: $why"
   install -d -m 0755 "$STATE" "$LOG"
   install_packages
+  CHANGED=0
   write_config
+  if [ $CHANGED = 1 ] && { is_ours "$(pid_in "$RUN/slurmctld.pid")" slurmctld || is_ours "$(pid_in "$RUN/slurmd.pid")" slurmd; }; then
+    log "slurm.conf changed (KillWait, cred_expire, ...): restarting the slurmctld/slurmd this script started"
+    stop slurmd slurmctld
+  fi
   start_munge
   if [ "$ACCT" = 1 ]; then
     start_mariadb
