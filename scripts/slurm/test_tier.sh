@@ -44,7 +44,7 @@ if ! bash "$CLUSTER" start; then
 fi
 export SLURM_CONF=$AVKV_SLURM_STATE/etc/slurm.conf AVKV_SLURM_TIER=1
 t1=$(date +%s)
-timeout 1500 "$PY" -m pytest tests/slurm -v -rA -p no:cacheprovider "$@"
+timeout 1500 "$PY" -m pytest tests/slurm -v -rA --durations=0 -p no:cacheprovider "$@"
 rc=$?
 t2=$(date +%s)
 if [ $rc = 0 ]; then
