@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 CACHE  := .cache
 
-.PHONY: venv setup assets run test clean apt proxies proxy-table qwenutils-venv
+.PHONY: venv setup assets run test test-slurm clean apt proxies proxy-table qwenutils-venv
 
 $(STAMP): requirements/cpu.lock.txt pyproject.toml
 	@test -x $(PY) || $(PY_SYS) -m venv $(VENV)
@@ -58,8 +58,15 @@ setup: assets qwenutils-venv
 run: setup
 	$(PY) run.py $(ARGS)
 
+# `make test`: the main suite (fake SLURM in tests/sweeps), then the real-SLURM tier; both run, either failing fails.
 test: setup
-	$(PY) -m pytest $(PYTEST_ARGS)
+	@rc=0; $(PY) -m pytest --ignore=tests/slurm $(PYTEST_ARGS) || rc=1; \
+	  $(MAKE) --no-print-directory test-slurm || rc=1; exit $$rc
+
+# The real-SLURM tier alone: a single-node SLURM (+ accounting) on 127.0.0.1 started for the tests and stopped
+# after them (scripts/slurm/test_tier.sh); where the machine cannot run one (no root/apt) it says so and passes.
+test-slurm: setup
+	PY=$(PY) scripts/slurm/test_tier.sh $(SLURM_PYTEST_ARGS)
 
 # Retrain the committed proxy checkpoints on CPU (at most about 3.7 h of time budgets; 2 free cores). First the 2-layer proxies: the AV
 # proxy, then the video and audio proxies warm-started from its towers and decoder, then the AV phase that teaches

@@ -5,14 +5,19 @@ launched the sweep; or a sweep folder holding Hydra's ``multirun.yaml``) compose
 the run directory its config maps to (config hash, ``avkv.results``), and sorts the jobs into
 
 * **complete**: ``summary.json`` written (``failed`` counts its samples whose last record is an error);
-* **running**: a process holds the run directory's lock (``run.lock``: its pid, host and start time are shown);
-  it is never resubmitted — a second writer would be refused anyway;
+* **running**: a process holds the run directory's lock (``run.lock``: its pid, host and start time are shown),
+  or SLURM runs the array task of that point; it is never resubmitted — a second writer would be refused anyway;
+* **queued**: SLURM holds an array task for the point that has not started, or was requeued (after a preemption,
+  ``scontrol requeue`` or a time limit) and waits to start again (``avkv.slurm`` maps ``squeue`` back to the grid);
+  never resubmitted: the task will run, or resume, the point itself;
 * **partial**: ``samples.jsonl`` has some samples but the run never finished (killed, preempted, timed out);
   rerunning it resumes at the first unfinished sample;
 * **missing**: no samples yet.
 
 It prints the grid and the shortest ``python run.py -m ...`` commands that cover exactly the partial and missing
-jobs (jobs that differ in one key are merged into one comma list), so a cluster user resubmits only those. With
+jobs (jobs that differ in one key are merged into one comma list), so a cluster user resubmits only those. Each
+command writes a new sweep folder (``hydra.sweep.dir=<original>-resubmit-<UTC time>``, when the original is known):
+Hydra would otherwise overwrite the original sweep's ``multirun.yaml`` with the smaller grid. With
 ``--retry-failed`` complete jobs with failed samples are resubmitted too, with ``resume.retry_failed=true`` (their
 failed samples run again; the new record of a sample supersedes the old one).
 
@@ -90,15 +95,17 @@ class Job:
     overrides: list[str]                     # ``key=value`` strings, one per swept or fixed key, in sweep order
     config: DictConfig | None = None         # the job's task config (hydra node removed)
     run_dir: Path | None = None
-    status: str = "unknown"                  # complete | running | partial | missing
+    status: str = "unknown"                  # complete | running | queued | partial | missing
     samples: int = 0
     failed: int = 0                          # samples whose last record is an error
     holder: dict | None = None               # the lock holder of a running job (pid, host, started, ...)
+    slurm: str | None = None                 # the live SLURM task of the point ("<array>_<task> <STATE>")
     extra: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return {"overrides": self.overrides, "run_dir": str(self.run_dir) if self.run_dir else None,
-                "status": self.status, "samples": self.samples, "failed": self.failed, "holder": self.holder}
+                "status": self.status, "samples": self.samples, "failed": self.failed, "holder": self.holder,
+                "slurm": self.slurm}
 
 
 def expand(overrides: Sequence[str], config_dir: str | Path | None = None, config_name: str = "config",
@@ -107,6 +114,13 @@ def expand(overrides: Sequence[str], config_dir: str | Path | None = None, confi
     then the command line (a key given on the command line replaces the preset's values), crossed as Hydra's
     basic sweeper crosses them. With ``compose_jobs`` each job's config is composed too (as the launcher would).
     """
+    return [job for batch in expand_batches(overrides, config_dir, config_name, compose_jobs) for job in batch]
+
+
+def expand_batches(overrides: Sequence[str], config_dir: str | Path | None = None, config_name: str = "config",
+                   compose_jobs: bool = True) -> list[list[Job]]:
+    """:func:`expand`, in the basic sweeper's batches (``hydra.sweeper.max_batch_size``; one batch by default):
+    the launcher submits each batch as one SLURM array, its jobs in order (``avkv.slurm`` maps tasks back)."""
     from hydra import initialize_config_dir
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.global_hydra import GlobalHydra
@@ -126,8 +140,9 @@ def expand(overrides: Sequence[str], config_dir: str | Path | None = None, confi
         params = OmegaConf.to_container(params, resolve=True) if isinstance(params, DictConfig) else dict(params)
         args = [f"{k}={v}" for k, v in params.items()] + list(overrides)
         parser = OverridesParser.create(config_loader=loader)
-        batches = BasicSweeper.split_arguments(parser.parse_overrides(args), None)
-        jobs = [Job(list(o)) for batch in batches for o in batch]
+        batches = BasicSweeper.split_arguments(parser.parse_overrides(args), cfg.hydra.sweeper.get("max_batch_size"))
+        job_batches = [[Job(list(o)) for o in batch] for batch in batches]
+        jobs = [job for batch in job_batches for job in batch]
         if compose_jobs:
             for num, job in enumerate(jobs):
                 sweep_cfg = loader.load_sweep_config(cfg, job.overrides)
@@ -141,7 +156,7 @@ def expand(overrides: Sequence[str], config_dir: str | Path | None = None, confi
                 # resolve now, while this job's HydraConfig is current (``${hydra:...}`` interpolations)
                 job.config = OmegaConf.create(OmegaConf.to_container(task_cfg, resolve=True))
     GlobalHydra.instance().clear()
-    return jobs
+    return job_batches
 
 
 def open_dict(cfg: DictConfig):
@@ -180,10 +195,22 @@ def run_state(run_dir: Path) -> tuple[str, int, int, dict | None]:
     return "missing", 0, 0, None
 
 
-def check(jobs: list[Job], run_dir_of: Callable[[DictConfig], Path] = default_run_dir) -> list[Job]:
+def check(jobs: list[Job], run_dir_of: Callable[[DictConfig], Path] = default_run_dir, *,
+          known: dict | None = None, config_dir: str | Path | None = None) -> list[Job]:
+    """Each job's run directory and state; a partial or missing point that SLURM still holds a task for is
+    ``queued`` (or ``running``, while its task starts up and has not taken the lock yet). ``known``: sweep folder
+    → its expanded batches, already at hand (spares expanding it again for its SLURM tasks)."""
+    from avkv import slurm
+
+    live = slurm.live_run_dirs(run_dir_of=run_dir_of, known=known, config_dir=config_dir)
     for job in jobs:
         job.run_dir = Path(run_dir_of(job.config))
         job.status, job.samples, job.failed, job.holder = run_state(job.run_dir)
+        task = live.get(job.run_dir.resolve())
+        if task is not None:
+            job.slurm = f"{task.job_id} {task.state}"
+            if job.status in ("partial", "missing"):
+                job.status = task.status
     return jobs
 
 
@@ -230,15 +257,49 @@ def cover(jobs: Iterable[Job]) -> list[list[str]]:
 
 
 RETRY_OVERRIDE = "resume.retry_failed=true"
+SWEEP_DIR_KEY = "hydra.sweep.dir"
 
 
-def resubmit_commands(jobs: Iterable[Job], prefix: str = "python run.py -m", retry_failed: bool = False) -> list[str]:
-    """Commands covering the partial and missing jobs (never a running one); with ``retry_failed`` also the
-    complete jobs with failed samples, and every command reruns failed samples."""
+def fresh_sweep_dirs(base: str | Path, n: int, stamp: str | None = None) -> list[str]:
+    """``n`` sweep folders next to ``base`` that do not exist yet: ``<base>-resubmit-<UTC time>[-<i>]``."""
+    import time
+
+    stamp = stamp or time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    out: list[str] = []
+    i = 0
+    while len(out) < n:
+        d = f"{str(base).rstrip('/')}-resubmit-{stamp}" + (f"-{i}" if i else "")
+        if not Path(d).exists():
+            out.append(d)
+        i += 1
+    return out
+
+
+def resubmit_commands(jobs: Iterable[Job], prefix: str = "python run.py -m", retry_failed: bool = False,
+                      sweep_dir: str | Path | None = None) -> list[str]:
+    """Commands covering the partial and missing jobs (never a running or queued one); with ``retry_failed`` also
+    the complete jobs with failed samples, and every command reruns failed samples.
+
+    A ``hydra.sweep.dir`` of the original sweep (``sweep_dir``, or the override in the jobs) is never reused: each
+    command gets a new folder beside it, so the original ``multirun.yaml`` keeps the whole grid. Without one,
+    Hydra's default (a new timestamped folder) applies."""
     todo = [j for j in jobs if j.status in ("partial", "missing")
             or (retry_failed and j.status == "complete" and j.failed)]
+    base = str(sweep_dir) if sweep_dir is not None else None
+    stripped = []
+    for j in todo:
+        kept = []
+        for o in j.overrides:
+            if _split(o)[0].lstrip("+~") == SWEEP_DIR_KEY:
+                base = base or _split(o)[1]
+            else:
+                kept.append(o)
+        stripped.append(Job(kept, status=j.status))
     extra = [RETRY_OVERRIDE] if retry_failed else []
-    return [" ".join([prefix, *(shlex.quote(o) for o in [*box, *extra])]) for box in cover(todo)]
+    boxes = cover(stripped)
+    dirs = fresh_sweep_dirs(base, len(boxes)) if base else [None] * len(boxes)
+    return [" ".join([prefix, *(shlex.quote(o) for o in [*box, *extra, *([f"{SWEEP_DIR_KEY}={d}"] if d else [])])])
+            for box, d in zip(boxes, dirs)]
 
 
 def format_jobs(jobs: list[Job]) -> str:
@@ -251,7 +312,8 @@ def format_jobs(jobs: list[Job]) -> str:
     varying = [k for k in keys if len({dict(map(_split, j.overrides)).get(k) for j in jobs}) > 1] or keys
     head = ["status", "samples", "failed", *varying, "run_dir"]
     rows = [[j.status, str(j.samples), str(j.failed), *(dict(map(_split, j.overrides)).get(k, "") for k in varying),
-             str(j.run_dir) + (f"  [{_holder(j.holder)}]" if j.holder is not None else "")] for j in jobs]
+             str(j.run_dir) + (f"  [{_holder(j.holder)}]" if j.holder is not None else "")
+             + (f"  [SLURM task {j.slurm}]" if j.slurm else "")] for j in jobs]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
     line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
     return "\n".join([line(head), line(["-" * w for w in widths]), *(line(r) for r in rows)])
@@ -289,18 +351,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides = list(a.overrides)
     if a.sweep_dir is not None:
         overrides = overrides_from_sweep_dir(a.sweep_dir) + overrides
-    jobs = check(expand(overrides, config_dir=a.config_dir))
+    batches = expand_batches(overrides, config_dir=a.config_dir)
+    known = {a.sweep_dir.resolve(): batches} if a.sweep_dir is not None and not a.overrides else None
+    jobs = check([job for batch in batches for job in batch], known=known, config_dir=a.config_dir)
     if a.json:
         print(json.dumps([j.as_dict() for j in jobs], indent=1))
         return 0
-    n = {s: sum(j.status == s for j in jobs) for s in ("complete", "running", "partial", "missing")}
+    n = {s: sum(j.status == s for j in jobs) for s in ("complete", "running", "queued", "partial", "missing")}
     print(format_jobs(jobs))
-    running = f", {n['running']} running" if n["running"] else ""
-    print(f"\n{len(jobs)} jobs: {n['complete']} complete{running}, {n['partial']} partial, {n['missing']} missing")
+    live = "".join(f", {n[s]} {s}" for s in ("running", "queued") if n[s])
+    print(f"\n{len(jobs)} jobs: {n['complete']} complete{live}, {n['partial']} partial, {n['missing']} missing")
     n_failed = sum(j.failed for j in jobs if j.status == "complete")
     if n_failed and not a.retry_failed:
         print(f"{n_failed} samples of complete jobs failed; --retry-failed resubmits them")
-    cmds = resubmit_commands(jobs, prefix=a.prefix, retry_failed=a.retry_failed)
+    cmds = resubmit_commands(jobs, prefix=a.prefix, retry_failed=a.retry_failed, sweep_dir=a.sweep_dir)
+    if n["running"] or n["queued"]:
+        print(f"{n['running'] + n['queued']} jobs are running or queued (run lock, SLURM): never resubmitted")
     if cmds:
         print("\nresubmit only these (partial jobs resume at their first unfinished sample):")
         print("\n".join(cmds))

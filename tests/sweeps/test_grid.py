@@ -100,4 +100,75 @@ def test_cli_sweep_dir(conf, tmp_path, capsys, monkeypatch):
     assert "4 jobs: 0 complete, 0 partial, 4 missing" in out
     cmd = [l for l in out.splitlines() if l.startswith("python run.py -m")]
     assert len(cmd) == 1
-    assert sorted(cmd[0].split()[3:]) == ["budget=0.2,0.5", "experiment=paper", "method=full,snapkv"]
+    args = cmd[0].split()[3:]
+    new_dir = [a for a in args if a.startswith("hydra.sweep.dir=")]
+    assert sorted(set(args) - set(new_dir)) == ["budget=0.2,0.5", "experiment=paper", "method=full,snapkv"]
+    # the resubmission writes a new sweep folder beside the original (never the original's multirun.yaml)
+    assert len(new_dir) == 1 and new_dir[0].startswith(f"hydra.sweep.dir={sweep}-resubmit-")
+
+
+def test_resubmission_never_reuses_the_sweep_dir(tmp_path):
+    jobs = [grid.Job(["hydra.sweep.dir=/x/sweep", f"method={m}", "budget=0.2"], status=st)
+            for m, st in (("a", "missing"), ("b", "partial"), ("c", "queued"), ("d", "running"), ("e", "complete"))]
+    [cmd] = grid.resubmit_commands(jobs)
+    args = cmd.split()[3:]
+    assert "hydra.sweep.dir=/x/sweep" not in args
+    assert [a for a in args if a.startswith("method=")] == ["method=a,b"]      # never queued/running/complete
+    assert sum(a.startswith("hydra.sweep.dir=/x/sweep-resubmit-") for a in args) == 1
+    # two boxes: two distinct new folders; one that exists already is skipped
+    (tmp_path / "s-resubmit-T").mkdir()
+    assert grid.fresh_sweep_dirs(tmp_path / "s", 2, stamp="T") == [f"{tmp_path}/s-resubmit-T-1",
+                                                                   f"{tmp_path}/s-resubmit-T-2"]
+
+
+def test_cli_queued_and_running_slurm_tasks(conf, tmp_path, capsys, monkeypatch):
+    """squeue's live tasks of a sweep map back to its grid points by array index (task i = job i of the basic
+    sweeper's order): a pending task's point is queued, a running task's point running; neither is resubmitted."""
+    from avkv import slurm
+
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    (sweep / "multirun.yaml").write_text(yaml.safe_dump({"hydra": {"overrides": {"task": ["experiment=paper"]}}}))
+    for i in range(4):
+        (sweep / ".submitit" / f"7_{i}").mkdir(parents=True)
+    out_path = f"{sweep}/.submitit/%A_%a/%A_%a_0_log.out"
+    squeue_out = f"7_1|PENDING|{out_path}   \n7_2|RUNNING|{out_path}\n99|RUNNING|/elsewhere/slurm-99.out\n"
+    (sweep / ".submitit" / "7").mkdir()   # submitit's folder of the array itself: not another submission
+    monkeypatch.setattr(slurm, "squeue_tasks", lambda timeout=30.0: slurm.parse_squeue(squeue_out))
+    monkeypatch.setattr(grid, "default_run_dir", run_dir_of)
+    monkeypatch.setattr(grid.check, "__defaults__", (run_dir_of,))
+    assert grid.main(["--sweep-dir", str(sweep), "--config-dir", str(conf)]) == 0
+    out = capsys.readouterr().out
+    assert "4 jobs: 0 complete, 1 running, 1 queued, 0 partial, 2 missing" in out, out
+    rows = {tuple(l.split()[3:5]): l.split()[0] for l in out.splitlines() if l.split()[:1] in (
+        ["missing"], ["queued"], ["running"])}
+    # the preset's sweeper params are budget, then method (yaml.safe_dump sorts keys); Hydra's basic sweeper
+    # crosses them in that order: (0.2,full) (0.2,snapkv) (0.5,full) (0.5,snapkv) are jobs 0..3
+    assert rows == {("0.2", "full"): "missing", ("0.2", "snapkv"): "queued", ("0.5", "full"): "running",
+                    ("0.5", "snapkv"): "missing"}, out
+    assert "[SLURM task 7_1 PENDING]" in out and "[SLURM task 7_2 RUNNING]" in out
+    cmds = [l for l in out.splitlines() if l.startswith("python run.py -m")]
+    assert len(cmds) == 2 and _covers(cmds, {("full", "0.2"), ("snapkv", "0.5")}), cmds
+    assert len({a for c in cmds for a in c.split() if a.startswith("hydra.sweep.dir=")}) == 2   # one folder each
+
+
+def _covers(cmds, points):
+    got = set()
+    for c in cmds:
+        kv = dict(a.split("=", 1) for a in c.split()[3:])
+        got |= set(itertools.product(kv["method"].split(","), kv["budget"].split(",")))
+    return got == points
+
+
+def test_plain_job_of_a_one_point_sweep(tmp_path):
+    """submitit submits a batch of one job as a plain job (``.submitit/<id>/``): it is task 0 of that batch, and the
+    sweep's later submission (an array) is the next batch."""
+    from avkv import slurm
+
+    sweep = tmp_path / "s"
+    for d in ("40", "41", "41_0", "41_1", "notes"):
+        (sweep / ".submitit" / d).mkdir(parents=True)
+    assert slurm.submission_ids(sweep) == [40, 41]
+    [t] = slurm.parse_squeue(f"40|RUNNING|{sweep}/.submitit/%j/%j_0_log.out\n")
+    assert (t.array_id, t.index, t.status) == (40, 0, "running")
+    assert slurm.sweep_dir_of(t.stdout) == sweep
