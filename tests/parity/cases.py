@@ -67,6 +67,14 @@ CASES: list[dict] = [
      "compare": "measured_only",
      "note": "avkv's own schedule (KVCache-Factory, the window outside n·(1−ratio), mean exactly B) vs kvpress's "
              "(window inside, uniform fallback when the last layer would keep less than the window)"},
+    {"id": "adakv_safeguard_snapkv_w16_k5", "press": "AdaKVPress",
+     "kwargs": {"press": {"press": "SnapKVPress", "kwargs": {"window_size": 16, "kernel_size": 5}},
+                "alpha_safeguard": 0.2},
+     "ratios": [0.5, 0.8], "avkv": {"method": "adakv", "overrides": {
+         "scorer.window": 16, "scorer.kernel": 5, "scorer.pooling": "avg", "floor": 0.2, "floor_rule": "safeguard"}},
+     "compare": "kept+logits",
+     "note": "kvpress's allocation rule (floor_rule=safeguard); kvpress masks the dropped keys, avkv stores the "
+             "heads ragged"},
     {"id": "adakv_snapkv_w16_k5", "press": "AdaKVPress",
      "kwargs": {"press": {"press": "SnapKVPress", "kwargs": {"window_size": 16, "kernel_size": 5}},
                 "alpha_safeguard": 0.2},
