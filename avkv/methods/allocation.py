@@ -17,6 +17,7 @@ The window (``scorer.protected(view)``) is always kept and counts toward every b
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
@@ -80,6 +81,30 @@ def adaptive_head_counts(scores: torch.Tensor, base: int, floor: float = 0.2) ->
     won = torch.bincount(top // P, minlength=R).to(torch.float64)
     cap = round_preserving_sum(won * (1 - floor) + floor * base)
     return cap.clamp(max=P)
+
+
+def safeguard_head_counts(scores: torch.Tensor, n_keep: int, window: int, floor: float = 0.2
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """kvpress ``AdaKVPress``'s allocation: each head first keeps its ``max(1, int(floor·n_keep))`` best entries
+    (the always-kept window counts toward them), then the layer's remaining budget goes to the best of all heads'
+    other prefix entries at once, so the layer keeps kvH·``n_keep`` in total.
+
+    Returns the scores with each head's safeguarded prefix entries raised to +inf (so a per-head top-k keeps them)
+    and the per-head prefix counts (window excluded) for :func:`ragged_topk`.
+    """
+    R, S = scores.shape
+    w = min(window, S)
+    P = S - w
+    n_safe = max(1, int(n_keep * floor)) if floor > 0 else 0
+    extra = max(0, min(n_safe - w, P))                          # safeguarded entries beyond the window
+    s = scores.detach().to(torch.float64).clone()
+    if extra > 0:
+        top = rank_positions(s[:, :P])[:, :extra]
+        s[:, :P] = s[:, :P].scatter(1, top, math.inf)
+    base = max(0, n_keep - w)
+    flat = s[:, :P].reshape(1, R * P)
+    won = rank_positions(flat)[0, : R * base]
+    return s, torch.bincount(won // P, minlength=R)
 
 
 def ragged_topk(scores: torch.Tensor, counts: torch.Tensor, protect_last: int = 0
@@ -254,6 +279,10 @@ class HeadAllocation(Wrapper):
         Gives per-KV-head scores (SnapKV for AdaKV) and the protected window.
     floor : float
         α: every head keeps at least α·(B − w) prefix entries (KVCache-Factory default 0.2).
+    floor_rule : str
+        ``mix`` (AdaKV paper / KVCache-Factory: capacity = won·(1 − α) + α·(B − w) beyond the window) or
+        ``safeguard`` (kvpress 0.5.5 ``AdaKVPress``: each head keeps its top ``int(α·B)`` entries, the window among
+        them, then one global top-k over every head's other entries; :func:`safeguard_head_counts`).
 
     Heads keep different counts, so the selection is padded to the largest head with a ``valid`` mask; the
     engine stores each head's entries without the padding (bytes held = entries kept).
@@ -261,10 +290,13 @@ class HeadAllocation(Wrapper):
 
     scorer: ScoreMethod
     floor: float = 0.2
+    floor_rule: str = "mix"
 
     name = "head_allocation"
 
     def __post_init__(self) -> None:
+        if self.floor_rule not in ("mix", "safeguard"):
+            raise ValueError(f"floor_rule must be 'mix' or 'safeguard', got {self.floor_rule!r}")
         if self.scorer.decode_policy == "fixed":
             raise ValueError("per-head budgets leave a ragged (per-head) cache, and fixed-size decoding over it is "
                              "not implemented: give the scorer decode_policy=grow")
@@ -276,7 +308,10 @@ class HeadAllocation(Wrapper):
         S = view.seq_len
         w = self._protected(view)
         base = max(0, min(view.n_keep, S) - w)
-        counts = adaptive_head_counts(scores[:, : S - w], base, self.floor)
+        if self.floor_rule == "safeguard":
+            scores, counts = safeguard_head_counts(scores, min(view.n_keep, S), w, self.floor)
+        else:
+            counts = adaptive_head_counts(scores[:, : S - w], base, self.floor)
         idx, valid = ragged_topk(scores, counts, w)
         return Selection(indices=idx, valid=valid, info={"head_counts": (counts + w).tolist()})
 

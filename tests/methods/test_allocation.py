@@ -1,4 +1,6 @@
 """Allocation wrappers: counts against loop references, and composition with several scorers."""
+import math
+
 import pytest
 import torch
 
@@ -205,3 +207,26 @@ def test_wrapped_h2o_keeps_its_scores_for_fixed_decoding():
         assert st["scores"].shape == sel.indices.shape
         ref = naive_h2o_scores(v).float()                                   # loop reference, not H2O().score
         assert torch.allclose(st["scores"], ref.gather(1, sel.indices), rtol=1e-4, atol=1e-5)
+
+
+def test_head_allocation_safeguard_rule_is_kvpress_adakv():
+    """floor_rule=safeguard from kvpress AdaKVPress's definition: each head's top max(1, int(α·B)) entries are kept
+    (the window, always kept, among them), then the lowest kvH·(S − B) of all other entries are dropped at once."""
+    from avkv.methods.adakv import AdaKV
+    v = make_view(kv_heads=3, groups=2, seq=70, n_keep=30)
+    w, B, S, alpha = 8, 30, 70, 0.2
+    ref = naive_snapkv_scores(v, w)
+    for a in (alpha, 0.5):
+        n_safe = max(1, int(B * a))
+        s = {(h, j): (math.inf if j >= S - w else float(ref[h, j])) for h in range(3) for j in range(S)}
+        for h in range(3):
+            for j in sorted(range(S), key=lambda j: (-s[(h, j)], -j))[:n_safe]:
+                s[(h, j)] = math.inf
+        order = sorted(s, key=lambda hj: (s[hj], hj[1], hj[0]))            # worst first
+        dropped = set(order[: 3 * (S - B)])
+        want = [[j for j in range(S) if (h, j) not in dropped] for h in range(3)]
+        sel = AdaKV(scorer=SnapKV(window=w), floor=a, floor_rule="safeguard").compress(v)
+        got = [sorted(set(sel.indices[h][sel.valid[h]].tolist() if sel.valid is not None else sel.indices[h].tolist()))
+               for h in range(3)]
+        assert got == want, a
+        assert sum(len(g) for g in got) == 3 * B
