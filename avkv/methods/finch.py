@@ -7,8 +7,9 @@ from dataclasses import dataclass
 import torch
 
 from avkv.methods.allocation import round_preserving_sum
-from avkv.methods.base import LayerView, ScoreMethod, Selection, attention_rows, rank_positions, reduce_gqa
-from avkv.methods.key_rerotation import rerotate
+from avkv.methods.base import (LayerView, ScoreMethod, Selection, attention_rows, check_choice, rank_positions,
+                               reduce_gqa)
+from avkv.methods.key_rerotation import CONTINUE_AT, rerotate
 
 
 @dataclass
@@ -30,6 +31,8 @@ class FINCH(ScoreMethod):
     rerotate : bool
         Re-rotate the kept keys onto positions 0..k-1 (``rerotate_keys``, true); the suffix and the decoded tokens
         follow (see :class:`~avkv.methods.key_rerotation.KeyRerotation`).
+    continue_at : str
+        With ``rerotate``: ``compressed`` (kvpress's pipeline: the rest continues at position k) or ``original``.
 
     The window scores (highest prefix score) + 1 and is kept whenever the budget allows.
     """
@@ -39,8 +42,10 @@ class FINCH(ScoreMethod):
     normalize: bool = True
     chunk_length: int = 0
     rerotate: bool = True
+    continue_at: str = "compressed"
 
     def __post_init__(self) -> None:
+        check_choice("continue_at", self.continue_at, CONTINUE_AT)
         self._question_start: int | None = None
 
     def begin(self, request: dict) -> None:
@@ -82,5 +87,5 @@ class FINCH(ScoreMethod):
                                for (a, b), c in zip(bounds, counts.tolist()) if c > 0], dim=1)
         idx = order.sort(dim=-1).values
         if self.rerotate:
-            return Selection(indices=idx, keys=rerotate(view, idx))
+            return Selection(indices=idx, keys=rerotate(view, idx, continue_at=self.continue_at))
         return Selection(indices=idx)

@@ -7,14 +7,19 @@ from dataclasses import dataclass, field
 import torch
 
 from avkv.methods.allocation import Wrapper
-from avkv.methods.base import LayerView, ScoreMethod, Selection, rotate, unrotate
+from avkv.methods.base import LayerView, ScoreMethod, Selection, check_choice, rotate, unrotate
 from avkv.methods.snapkv import SnapKV
 
 
-def rerotate(view: LayerView, indices: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
+CONTINUE_AT = ("compressed", "original")
+
+
+def rerotate(view: LayerView, indices: torch.Tensor, keys: torch.Tensor | None = None,
+             continue_at: str = "compressed") -> torch.Tensor:
     """Keys of the kept entries ``indices`` [kvH, k] (each row sorted), rotated from their own positions to the
-    positions 0..k-1 (every rotary row: on M-RoPE the kept entries become text-like positions); records in
-    ``view.state['rope_shift']`` how far the suffix and the decoded tokens must move to follow them.
+    positions 0..k-1 (every rotary row: on M-RoPE the kept entries become text-like positions). With
+    ``continue_at=compressed`` it records in ``view.state['rope_shift']`` how far the suffix and the decoded tokens
+    must move to follow them (to position k); ``original`` leaves them at their logical positions.
 
     ``keys`` [kvH, k, D] are the kept keys when a method rewrote them (merging), else they are gathered."""
     kvH, k = indices.shape
@@ -28,8 +33,9 @@ def rerotate(view: LayerView, indices: torch.Tensor, keys: torch.Tensor | None =
     new = torch.arange(k, device=pos.device, dtype=pos.dtype).expand(pos.shape[0], k)
     new_c, new_s = view.rope(new)
     out = rotate(unrotate(keys.float(), old_c, old_s), new_c, new_s).to(view.keys.dtype)
-    nxt = int(view.future_positions(1)[0, 0])
-    view.state.setdefault("rope_shift", {})[view.layer_idx] = nxt - k
+    if continue_at == "compressed":
+        nxt = int(view.future_positions(1)[0, 0])
+        view.state.setdefault("rope_shift", {})[view.layer_idx] = nxt - k
     return out
 
 
@@ -44,6 +50,10 @@ class KeyRerotation(Wrapper):
     scorer : ScoreMethod
         SnapKV by default. Every layer must keep the same count (one shift for the whole model): no per-layer or
         per-head budgets underneath.
+    continue_at : str
+        ``compressed`` (default, kvpress's pipeline): the suffix and the decoded tokens continue at position k;
+        ``original``: they keep their logical positions (a gap after the re-rotated keys; kvpress's bare press
+        followed by a forward at the original position, as the parity reference runs it).
 
     On M-RoPE the kept media entries lose their (t, h, w) layout and become a text-like run 0..k-1 (avkv's
     choice: kvpress cannot run M-RoPE models).
@@ -51,6 +61,10 @@ class KeyRerotation(Wrapper):
 
     name = "key_rerotation"
     scorer: ScoreMethod = field(default_factory=SnapKV)
+    continue_at: str = "compressed"
+
+    def __post_init__(self) -> None:
+        check_choice("continue_at", self.continue_at, CONTINUE_AT)
 
     def compress(self, view: LayerView) -> Selection:
         sel = self.scorer.compress(view)
@@ -59,7 +73,7 @@ class KeyRerotation(Wrapper):
         idx = sel.indices.sort(dim=-1)
         keys = None if sel.keys is None else sel.keys.gather(1, idx.indices[..., None].expand_as(sel.keys))
         values = None if sel.values is None else sel.values.gather(1, idx.indices[..., None].expand_as(sel.values))
-        sel.keys = rerotate(view, idx.values, keys)
+        sel.keys = rerotate(view, idx.values, keys, self.continue_at)
         sel.indices = idx.values
         if values is not None:
             sel.values = values
