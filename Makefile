@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 CACHE  := .cache
 
-.PHONY: venv setup assets run test clean apt proxies proxy-table qwenutils-venv
+.PHONY: venv setup assets run test clean apt proxies proxy-table qwenutils-venv parity-venv
 
 $(STAMP): requirements/cpu.lock.txt pyproject.toml
 	@test -x $(PY) || $(PY_SYS) -m venv $(VENV)
@@ -53,7 +53,29 @@ $(QWENUTILS_STAMP): requirements/qwenutils.txt requirements/cpu.lock.txt
 
 qwenutils-venv: $(QWENUTILS_STAMP)
 
-setup: assets qwenutils-venv
+# Side venv with NVIDIA's kvpress 0.5.5 (it brings transformers 5.2, which the main venv must never see) for the
+# reference-parity suite tests/parity/: torch from the lock first (the local CPU wheel), then kvpress, with numpy and
+# the small shared packages constrained to the lock where kvpress allows it. If it cannot be built, .failed says
+# why and the parity tests fail with that message (they never skip).
+KVPRESS := $(CACHE)/venv-kvpress
+KVPRESS_STAMP := $(KVPRESS)/.installed
+
+$(KVPRESS_STAMP): requirements/kvpress.txt requirements/cpu.lock.txt
+	@mkdir -p $(KVPRESS) && rm -f $(KVPRESS)/.failed
+	@test -x $(KVPRESS)/bin/python || $(PY_SYS) -m venv $(KVPRESS)
+	@{ $(KVPRESS)/bin/pip install -q --disable-pip-version-check \
+	     torch==$$(grep '^torch==' requirements/cpu.lock.txt | cut -d= -f3) && \
+	   grep -E '^(numpy|safetensors|pillow|requests|packaging|pyyaml|filelock|regex)==' requirements/cpu.lock.txt \
+	     > $(KVPRESS)/constraints.txt && \
+	   $(KVPRESS)/bin/pip install -q --disable-pip-version-check -c $(KVPRESS)/constraints.txt \
+	     -r requirements/kvpress.txt && touch $@; } > $(KVPRESS)/build.log 2>&1 || \
+	 { echo "pip install of requirements/kvpress.txt into $(KVPRESS) failed; last lines of $(KVPRESS)/build.log:" \
+	     > $(KVPRESS)/.failed; tail -n 5 $(KVPRESS)/build.log >> $(KVPRESS)/.failed; \
+	   echo "note: side venv $(KVPRESS) not built; the kvpress parity tests will fail"; }
+
+parity-venv: $(KVPRESS_STAMP)
+
+setup: assets qwenutils-venv parity-venv
 
 run: setup
 	$(PY) run.py $(ARGS)

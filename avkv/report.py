@@ -56,7 +56,8 @@ SKIP_DIRS = {".submitit", "wandb", ".hydra", "__pycache__", ".git"}
 
 #: the order methods are listed in when a preset gives none: reference first, then baselines, then papers' methods
 DEFAULT_METHOD_ORDER = [
-    "full", "random", "streamingllm", "h2o", "snapkv", "pyramidkv", "adakv", "lookm", "fastv", "d2o", "kvmerge",
+    "full", "random", "streamingllm", "h2o", "snapkv", "pyramidkv", "adakv", "knorm", "tova", "observed_attention",
+    "keydiff", "lookm", "fastv", "d2o", "kvmerge",
     "acckv", "purekv", "flowmm", "madakv", "audiokv",
 ]
 

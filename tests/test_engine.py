@@ -74,6 +74,22 @@ def test_physical_prune_equals_masked_full_cache(family, attn):
         assert pruned.token_ids == masked.token_ids
 
 
+@pytest.mark.parametrize("name", ["knorm", "tova", "observed_attention", "keydiff"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_5_omni"])
+def test_kvpress_scorers_prune_as_the_masked_full_cache_on_mrope(family, name):
+    """The scorers added with the kvpress parity suite (issue 13) on the M-RoPE families, where kvpress itself cannot
+    run (its query recompute is 1-D RoPE): physical pruning gives the logits and tokens of masking the same entries."""
+    from avkv.config import compose, instantiate
+    ad = adapter(family)
+    enc = ad.encode(av_prompt())
+    m = lambda: instantiate(compose([f"method={name}"]).method)
+    pruned = Engine(ad, m(), budget=0.3, compress_at="context", max_new_tokens=MAX_NEW).generate(enc)
+    masked = Engine(ad, m(), budget=0.3, compress_at="context", max_new_tokens=MAX_NEW, mask_only=True).generate(enc)
+    assert pruned.record["kv_bytes_kept"] < masked.record["kv_bytes_kept"]
+    assert torch.allclose(pruned.first_logits, masked.first_logits, atol=1e-5)
+    assert pruned.token_ids == masked.token_ids
+
+
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_5_omni"])
 def test_decode_positions_after_pruning_equal_generate(family):
     """Compress inside `generate`'s own prefill; our manual decode after the same pruning gives the same tokens

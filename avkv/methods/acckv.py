@@ -30,6 +30,9 @@ Our reading [ours] (each is a field, so a run's config records it):
   * image tokens (absent in audio-video models) are ranked with video and merged only among images;
   * all-query statistics are computed in query chunks (``chunk``), never as an n×n matrix, so SDPA works.
 
+Reference: spec only (no public code). Its scores are redistributed all-query attention, never pooled, so
+SnapKV's pooling convention does not arise.
+
 The record (``Selection.info``) carries the layer's high-priority modality, W_v / W_a, the kept
 audio/video/text counts and the entries cross-calibration evicted (all counts summed over KV heads).
 """

@@ -21,6 +21,10 @@ class AdaKV(HeadAllocation):
         α: each head keeps at least α·(B − w) prefix entries; 0.2 as KVCache-Factory (the AdaKV README example
         uses 0.5).
 
+    Reference: the AdaKV code (``FFY0/AdaKV``, Ada-SnapKV) for the allocation; the scores are SnapKV's, pooled as
+    the SnapKV code and kvpress pool them (prefix only, zero padding counted). The parity suite measures it against
+    kvpress 0.5.5 ``AdaKVPress(SnapKVPress)``, whose safeguard counts the window (``docs/methods.md``).
+
     Heads end up with different counts. The selection is padded to the longest head with a ``valid`` mask, so
     the stored cache is [kvH, max_h count, D]: the record reports the logical kept ratio (valid entries) and
     the bytes actually allocated (padding included). FlashAttention-2 cannot take the per-head mask; the

@@ -106,6 +106,10 @@ def head_budgets(S: torch.Tensor, B: int, n: int, window: int, r_frac: float) ->
 class AudioKV(Method):
     """Head-wise budgets from offline audio-critical head scores + SnapKV scores smoothed by SSS.
 
+    Reference: spec only (``shared/design/methods.md`` §5). Its token scores are SnapKV's window attention with SSS
+    in place of pooling (the paper's choice; over the audio positions, or the prefix before the window with
+    ``sss_scope=all``), so SnapKV's pooling fix (issue 13) does not change it.
+
     Parameters
     ----------
     window : int

@@ -390,18 +390,43 @@ def _fused_accumulated(view: LayerView) -> torch.Tensor | None:
     return _column_sums_fused(view.queries(0, S).float(), repeat_kv(view.keys.float(), view.groups), view.scaling)
 
 
-def pool_scores(scores: torch.Tensor, kernel: int, how: str = "max") -> torch.Tensor:
-    """1-D pooling over positions (stride 1, padding k//2) of [R, S] scores; kernel ≤ 1 returns the input."""
+def pool_scores(scores: torch.Tensor, kernel: int, how: str = "max", count_pad: bool = True) -> torch.Tensor:
+    """1-D pooling over positions (stride 1, padding k//2) of [R, S] scores; kernel ≤ 1 returns the input.
+
+    ``avg`` divides every window by ``kernel``, the zero padding at the edges counted (``count_pad``, torch's
+    ``count_include_pad=True`` default, which the SnapKV code and kvpress use); ``count_pad=False`` divides by the
+    in-range positions only. ``max`` ignores the padding either way.
+    """
     if kernel <= 1:
         return scores
     x = scores.unsqueeze(1)
     if how == "max":
         y = F.max_pool1d(x, kernel, stride=1, padding=kernel // 2)
     elif how == "avg":
-        y = F.avg_pool1d(x, kernel, stride=1, padding=kernel // 2, count_include_pad=False)
+        y = F.avg_pool1d(x, kernel, stride=1, padding=kernel // 2, count_include_pad=bool(count_pad))
     else:
         raise ValueError(f"pooling must be 'max' or 'avg', got {how!r}")
     return y.squeeze(1)[..., : scores.shape[-1]]
+
+
+def pool_prefix(scores: torch.Tensor, window: int, kernel: int, how: str = "max", count_pad: bool = True,
+                pool_window_columns: bool = False) -> torch.Tensor:
+    """SnapKV's smoothing of observation-window scores [R, S]: only the prefix before the window is pooled.
+
+    The reference code (SnapKV ``attn_weights[..., -w:, :-w]``, kvpress ``SnapKVPress``, AdaKV and
+    KVCache-Factory alike) drops the window's own columns before pooling, so a prefix position next to the window
+    never borrows the window's (large, self-attention) scores, and the first and last ``kernel//2`` prefix
+    positions see zero padding. The window columns are returned unchanged (the window is always kept).
+    ``pool_window_columns=True`` pools the whole row instead (avkv before issue 13; no reference does this).
+    """
+    S = scores.shape[-1]
+    if pool_window_columns:
+        return pool_scores(scores, kernel, how, count_pad)
+    P = S - max(0, min(window, S))
+    out = scores.clone()
+    if P > 0:
+        out[..., :P] = pool_scores(scores[..., :P], kernel, how, count_pad)
+    return out
 
 
 def complement(indices: torch.Tensor, size: int) -> torch.Tensor:

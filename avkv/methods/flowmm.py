@@ -43,6 +43,9 @@ from avkv.methods.base import (MODALITIES, TEXT, LayerView, Method, Selection, a
 class FlowMM(Method):
     """Pivot selection by proxy importance + sensitivity-gated, flow-guided (intra/cross-modal) merging.
 
+    Reference: spec only (``shared/design/methods.md`` §3). The importance I is the unpooled proxy attention
+    (:func:`~avkv.methods.base.window_scores`, Eq. 8), so SnapKV's pooling convention does not arise.
+
     Parameters
     ----------
     theta : float

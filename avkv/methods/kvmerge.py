@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from avkv.methods.base import LayerView, ScoreMethod, Selection, accumulated_scores, pool_scores, rank_positions, \
+from avkv.methods.base import LayerView, ScoreMethod, Selection, accumulated_scores, pool_prefix, rank_positions, \
     reduce_gqa, window_scores
 
 
@@ -21,7 +21,8 @@ class KVMerge(ScoreMethod):
         Recent prompt positions kept as they are (32, the harness-wide window).
     pivot_score : str
         What "highest attention" means when picking the pivot: ``accumulated`` (H2O-style column sums over all
-        prompt queries, the paper builds on H2O) or ``window`` (SnapKV window attention, much cheaper).
+        prompt queries, the paper builds on H2O) or ``window`` (SnapKV window attention, much cheaper; pooled as
+        the SnapKV code and kvpress pool it: the prefix before the window only).
     sigma : float, optional
         Bandwidth of the kernel w_j = exp(−‖k_j − k_p‖² / (2σ²)); None: per KV head, σ² is the mean squared
         key distance of merged entries to their pivot [ours].
@@ -47,7 +48,7 @@ class KVMerge(ScoreMethod):
         if self.pivot_score == "accumulated":
             s = accumulated_scores(view, self.chunk)
         elif self.pivot_score == "window":
-            s = pool_scores(window_scores(view, self.window), 7, "max")
+            s = pool_prefix(window_scores(view, self.window), self.window, 7, "max")
         else:
             raise ValueError(f"pivot_score must be 'accumulated' or 'window', got {self.pivot_score!r}")
         return reduce_gqa(s, view.num_kv_heads, self.gqa)

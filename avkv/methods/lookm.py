@@ -36,6 +36,9 @@ class LookM(H2O):
         ``shared/design/methods.md`` says about every step. ``fixed`` evicts one entry per decode step H2O-style
         and merges it the same way.
 
+    Reference: the official LOOK-M code (above); its scores are H2O's accumulated attention, never pooled, so
+    SnapKV's pooling convention does not arise.
+
     Needs all-query attention (computed in chunks from recomputed queries, so SDPA works). Media positions come
     from the modality ids, never from a hard-coded token count (the official code assumes 576 per image).
     """

@@ -51,6 +51,10 @@ from avkv.methods.base import (MODALITIES, LayerView, Method, Selection, allocat
 class MadaKV(Method):
     """Per-head modality budgets from proxy attention, with cross-layer compensation conserving the total budget.
 
+    Reference: spec only (no public code; ``shared/design/methods.md`` §4). ψ is the unpooled window attention
+    (:func:`~avkv.methods.base.window_scores`), so SnapKV's pooling convention does not arise; the proxy
+    positions are never candidates.
+
     Parameters
     ----------
     proxy : int

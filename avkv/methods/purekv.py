@@ -15,7 +15,8 @@ Our reading [ours] (each a field):
     ``group_size`` consecutive layers, each fed by its first layer;
   * source score: window attention of the last ``window``=32 queries summed over the window, averaged over heads,
     avg-pooled with kernel 5 (``clie_scope='window'``); ``clie_scope='all'`` uses accumulated attention over all
-    queries (chunked);
+    queries (chunked); pooling follows the SnapKV code and kvpress (reference of the SnapKV part): only the prefix
+    before the window is pooled, zero padding counted (:func:`~avkv.methods.base.pool_prefix`);
   * layers up to and including a source layer select with their own window scores per KV head (plain SnapKV);
   * ST-SpAttn pattern, for *video query tokens only* during prefill: a video token at (frame t, spatial p) sees
     (a) every non-video token before it, (b) the tokens of its own frame (causal), (c) the tokens at spatial index
@@ -43,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from avkv.methods.base import check_choice
-from avkv.methods.base import (VIDEO, LayerView, Method, Selection, accumulated_scores, keep_topk, pool_scores, reduce_gqa,
+from avkv.methods.base import (VIDEO, LayerView, Method, Selection, accumulated_scores, keep_topk, pool_prefix, reduce_gqa,
                                warn_once, window_scores)
 
 ST_ATTENTION_NAME = "avkv_st_spattn"
@@ -123,7 +124,7 @@ class PureKV(Method):
             s = window_scores(view, self.window, reduce="sum")                  # [H, S]
         else:
             s = accumulated_scores(view, self.chunk)
-        return pool_scores(s.mean(0, keepdim=True), self.kernel, self.pooling)[0]
+        return pool_prefix(s.mean(0, keepdim=True), self.window, self.kernel, self.pooling)[0]
 
     def compress(self, view: LayerView) -> Selection:
         l, S = view.layer_idx, view.seq_len
@@ -131,10 +132,10 @@ class PureKV(Method):
         src = self.source_of(l)
         if src is None:                                                           # a scoring layer: plain SnapKV
             s = window_scores(view, self.window, reduce="sum")
-            own = reduce_gqa(pool_scores(s, self.kernel, self.pooling), view.num_kv_heads, self.gqa)
+            own = reduce_gqa(pool_prefix(s, self.window, self.kernel, self.pooling), view.num_kv_heads, self.gqa)
             if self.is_source(l, view.num_layers):
                 st[l] = (S, self.source_scores(view) if self.clie_scope == "all" else
-                         pool_scores(s.mean(0, keepdim=True), self.kernel, self.pooling)[0])
+                         pool_prefix(s.mean(0, keepdim=True), self.window, self.kernel, self.pooling)[0])
             idx = keep_topk(own, view.n_keep, protect_last=self.window)
             info = {"clie": "self"}
         else:                                                                     # a target layer: no attention at all

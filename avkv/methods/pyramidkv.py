@@ -21,6 +21,11 @@ class PyramidKV(LayerAllocation):
     beta : float
         The last layer keeps (B − w)/β prefix entries; 20 as in KVCache-Factory.
 
+    Reference: the PyramidKV code (``Zefan-Cai/KVCache-Factory``) for the schedule, and SnapKV's own reference
+    (SnapKV code, kvpress ``SnapKVPress``: prefix-only pooling, zero padding counted) for the scores; the parity
+    suite measures it against kvpress 0.5.5 ``PyramidKVPress``, whose schedule counts the window inside
+    ``n·(1−ratio)`` and falls back to uniform budgets below the window (``docs/methods.md``).
+
     Needs only the window queries and the keys, so it runs under SDPA. The schedule is
     :func:`~avkv.methods.allocation.pyramid_budgets` (mean exactly B; KVCache-Factory's integer flooring keeps
     slightly more). Each record carries the layer's budget as ``layer_budget``.

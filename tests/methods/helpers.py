@@ -62,16 +62,21 @@ def naive_gqa_mean(scores_h: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return out
 
 
-def naive_snapkv_scores(v: LayerView, window: int = 8, kernel: int = 7) -> torch.Tensor:
-    """SnapKV from its definition: mean attention of the last ``window`` queries, max-pooled over positions
-    (stride 1, the kernel clipped at the edges), query heads averaged within each KV group: [kvH, S]."""
+def naive_snapkv_scores(v: LayerView, window: int = 8, kernel: int = 7, pooling: str = "max") -> torch.Tensor:
+    """SnapKV from its definition (the SnapKV code's ``attn[..., -w:, :-w]``, kvpress ``SnapKVPress``): mean
+    attention of the last ``window`` queries on the prefix keys only (the window's own columns dropped), pooled
+    over the prefix with stride 1 and ``kernel//2`` zero padding at both ends (``max``: over the in-range
+    positions; ``avg``: the sum divided by ``kernel``, padding counted), query heads averaged within each KV
+    group: [kvH, S]. The window's columns carry their unpooled mean attention (they are always kept)."""
     A = naive_attention(v)
     S = v.seq_len
+    P = S - window
     win = A[:, S - window:].mean(1)                                     # mean over window rows
-    pooled = torch.zeros_like(win)
+    pooled = win.clone()
     for h in range(win.shape[0]):
-        for j in range(S):
-            pooled[h, j] = max(float(win[h, i]) for i in range(max(0, j - kernel // 2), min(S, j + kernel // 2 + 1)))
+        for j in range(P):
+            near = [float(win[h, i]) for i in range(j - kernel // 2, j + kernel // 2 + 1) if 0 <= i < P]
+            pooled[h, j] = max(near) if pooling == "max" else sum(near) / kernel
     return naive_gqa_mean(pooled, v.num_kv_heads)
 
 

@@ -26,8 +26,9 @@ def naive_snapkv(q, k, scaling, window, kernel, n_keep):
                 z = sum(e)
                 for j in range(S):
                     score[j] += e[j] / z / window
-            pooled = [max(score[max(0, j - kernel // 2): j + kernel // 2 + 1]) for j in range(S)]
-            for j in range(S):
+            P = S - window                       # only the prefix is pooled (SnapKV code: attn[..., -w:, :-w])
+            pooled = [max(score[max(0, j - kernel // 2): min(P, j + kernel // 2 + 1)]) for j in range(P)]
+            for j in range(P):
                 agg[j] += pooled[j] / g
         prefix = sorted(range(S - window), key=lambda j: (-agg[j], -j))[: n_keep - window]
         keep.append(sorted(prefix + list(range(S - window, S))))
@@ -40,6 +41,21 @@ def test_snapkv_matches_naive_reference():
         q = view.queries(0, 37)
         sel = SnapKV(window=5, kernel=3).compress(view)
         assert sel.indices.tolist() == naive_snapkv(q, view.keys, view.scaling, 5, 3, 15)
+
+
+def test_snapkv_avg_pooling_counts_the_padding_and_skips_the_window():
+    """kvpress / SnapKV code: avg pooling of the prefix only, each window divided by the kernel (zero padding
+    counted): the first prefix position is (s0 + s1 + s2) / 5 for kernel 5, the last one before the window never
+    sees the window's scores."""
+    from tests.methods.helpers import naive_attention, naive_gqa_mean
+    view = make_view(seq=40, n_keep=12, seed=4)
+    sc = SnapKV(window=6, kernel=5, pooling="avg").score(view)
+    win = naive_gqa_mean(naive_attention(view)[:, 34:].mean(1), 2)
+    assert torch.allclose(sc[:, 0].double(), win[:, 0:3].sum(1) / 5, atol=1e-6)
+    assert torch.allclose(sc[:, 33].double(), win[:, 31:34].sum(1) / 5, atol=1e-6)
+    old = SnapKV(window=6, kernel=5, pooling="avg", pool_window_columns=True, pool_count_pad=False).score(view)
+    assert torch.allclose(old[:, 33].double(), win[:, 31:36].sum(1) / 5, atol=1e-6)     # window columns leak in
+    assert torch.allclose(old[:, 0].double(), win[:, 0:3].sum(1) / 3, atol=1e-6)
 
 
 def test_snapkv_keeps_exactly_the_budget_and_the_window():

@@ -10,7 +10,9 @@ from avkv.methods.h2o import H2O
 from tests.conftest import adapter, av_prompt
 
 METHODS = ["full", "random", "streamingllm", "snapkv", "h2o", "pyramidkv", "adakv", "lookm", "fastv", "d2o",
-           "kvmerge"]
+           "kvmerge", "knorm", "tova", "observed_attention", "keydiff"]
+#: the kvpress scorers added with the parity suite (issue 13): also on every other tiny family
+KVPRESS_SCORERS = ["knorm", "tova", "observed_attention", "keydiff"]
 
 
 def method(name: str, **overrides):
@@ -62,6 +64,37 @@ def test_other_families(family, name):
     ad = adapter(family)
     r = Engine(ad, method(name), budget=0.2, max_new_tokens=3).generate(ad.encode(av_prompt())).record
     check_record(r, name, 0.2)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_audio", "videollama2_av", "qwen2"])
+@pytest.mark.parametrize("name", KVPRESS_SCORERS)
+def test_kvpress_scorers_on_every_tiny_family(family, name):
+    ad = adapter(family)
+    prompt = av_prompt()
+    if family == "videollama2_av":                      # its audio encoder alone gives ~1500 tokens: video only
+        from avkv.tasks.base import Media, Prompt
+        prompt = Prompt(context=[Media("video", prompt.context[0].path, with_audio=False)], question=prompt.question)
+    r = Engine(ad, method(name), budget=0.2, max_new_tokens=3).generate(ad.encode(prompt)).record
+    check_record(r, name, 0.2)
+    assert r["budget_held"]
+
+
+def test_tova_fixed_decode_holds_the_cache_size(omni):
+    """The paper's TOVA: after every decode step the cache is back to its size (one new entry in, one out)."""
+    from avkv.methods.tova import TOVA
+    ad, enc = omni
+    seen = []
+
+    class Spy(TOVA):
+        def decode_step(self, view):
+            out = super().decode_step(view)
+            seen.append((view.seq_len, view.n_keep, None if out is None else out.indices.shape[1]))
+            return out
+
+    g = Engine(ad, Spy(decode_policy="fixed"), budget=0.2, max_new_tokens=5).generate(enc)
+    assert g.record["decode_policy"] == "fixed" and len(seen) >= 2 * 2
+    for S, n_keep, kept in seen:
+        assert S == n_keep + 1 and kept == n_keep
 
 
 def test_fixed_decode_holds_the_cache_size(omni):

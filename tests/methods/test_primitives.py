@@ -66,11 +66,13 @@ def test_pool_scores_match_loops():
     s = torch.rand(3, 17, generator=g)
     for kernel in (3, 7):
         mx, av = pool_scores(s, kernel, "max"), pool_scores(s, kernel, "avg")
+        av_in = pool_scores(s, kernel, "avg", count_pad=False)
         for r in range(3):
             for j in range(17):
                 win = [float(s[r, i]) for i in range(j - kernel // 2, j + kernel // 2 + 1) if 0 <= i < 17]
                 assert mx[r, j] == pytest.approx(max(win))
-                assert av[r, j] == pytest.approx(sum(win) / len(win), rel=1e-5)
+                assert av[r, j] == pytest.approx(sum(win) / kernel, rel=1e-5)        # zero padding counted
+                assert av_in[r, j] == pytest.approx(sum(win) / len(win), rel=1e-5)
     assert torch.equal(pool_scores(s, 1), s)
 
 

@@ -10,14 +10,17 @@ SPEC = [("text", 6), ("video", 48), ("text", 14)]
 L = 5
 
 
-def naive_avg_pool(s, kernel):
-    """1-D average over positions j−k//2 … j+k//2 that exist (the kernel clipped at the edges), row by row."""
+def naive_avg_pool(s, kernel, w=8):
+    """SnapKV's pooling (its code and kvpress): the prefix before the last ``w`` columns only, 1-D average over
+    positions j−k//2 … j+k//2 with the zero padding at the edges counted (the sum divided by ``kernel``); the
+    window's columns stay as they are (always kept)."""
     R, S = s.shape
-    out = torch.zeros_like(s)
+    P = S - w
+    out = s.clone()
     for r in range(R):
-        for j in range(S):
-            lo, hi = max(0, j - kernel // 2), min(S, j + kernel // 2 + 1)
-            out[r, j] = sum(float(s[r, i]) for i in range(lo, hi)) / (hi - lo)
+        for j in range(P):
+            lo, hi = max(0, j - kernel // 2), min(P, j + kernel // 2 + 1)
+            out[r, j] = sum(float(s[r, i]) for i in range(lo, hi)) / kernel
     return out
 
 
