@@ -168,3 +168,64 @@ def test_criticaladakv_head_counts_sum_to_the_layer_budget():
     n_keep = round(0.2 * r["n_prompt"]) - suffix
     assert all(sum(h) == n_keep * r["kv_heads"] for h in per_head)
     assert any(len(set(h)) > 1 for h in per_head)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_5_omni"])
+def test_expected_attention_on_mrope_matches_a_reference_from_the_spec(family):
+    """Expected Attention on M-RoPE, against a reference written from the paper/kvpress formulas with the model's own
+    pieces: pre-RoPE queries from ``q_proj`` of the layer input, the future positions from the adapter's decode
+    continuation (``continue_position_ids``) fed to the model's rotary embedding, rotation matrices built entry by
+    entry, scores exp-normalised per head, group mean, value norms."""
+    import math
+
+    from avkv.methods.expected_attention import ExpectedAttention
+    ad, enc = loaded(family)
+    ea = ExpectedAttention(future=64)
+    got, seen = {}, {}
+    orig = ea.score
+
+    def spy(view):
+        got[view.layer_idx] = (orig(view), view.keys.clone(), view.values.clone(), view.num_heads)
+        return got[view.layer_idx][0]
+    ea.score = spy
+    layer = ad.decoder_layers()[1].self_attn
+
+    def hook(module, args, kwargs, output):
+        seen.setdefault("h", kwargs["hidden_states"][0].clone())
+    hd = layer.register_forward_hook(hook, with_kwargs=True)
+    eng = Engine(ad, ea, budget=0.3, max_new_tokens=1)
+    try:
+        eng.generate(enc)
+    finally:
+        hd.remove()
+    s_got, K, V, H = got[1]
+    kvH, S, d = K.shape
+    h = seen["h"][:S]
+    q = layer.q_proj(h).view(S, H, d).transpose(0, 1)                           # [H, S, d] pre-RoPE
+    q = q[:, 4:]
+    mu = q.mean(1)
+    cen = q - mu[:, None]
+    cov = cen.transpose(1, 2) @ cen / q.shape[1]
+    pos = ad.prompt_position_ids(enc)
+    fut = ad.continue_position_ids(pos, S, 64)
+    fut = fut[1:] if fut.dim() == 3 and fut.shape[0] == 4 else fut
+    cos, sin = ad.rotary_embedding()(torch.zeros(1), fut)
+    cos, sin = cos[0].double(), sin[0].double()
+    Rbar = torch.zeros(d, d, dtype=torch.float64)
+    for t in range(64):                                                          # R_t x = x·cos + rotate_half(x)·sin
+        R = torch.diag(cos[t])
+        for i in range(d // 2):
+            R[i, i + d // 2] = -sin[t, i]
+            R[i + d // 2, i] = sin[t, i + d // 2]
+        Rbar += R / 64
+    mu, cov = mu.double() @ Rbar.T, Rbar @ cov.double() @ Rbar.T
+    g = H // kvH
+    want = torch.zeros(kvH, S - 4, dtype=torch.float64)
+    for head in range(H):
+        k = K[head // g, 4:].double()
+        logit = k @ mu[head] / math.sqrt(d) + torch.einsum("nd,de,ne->n", k, cov[head], k) / (2 * d)
+        want[head // g] += logit.softmax(-1) / g
+    want = want * V[:, 4:].double().norm(dim=-1)
+    assert torch.allclose(s_got[:, 4:].double(), want, rtol=1e-4, atol=1e-9), \
+        float((s_got[:, 4:].double() - want).abs().max() / want.abs().max())
+    assert bool((s_got[:, :4] > s_got[:, 4:].max()).all())                       # sinks first

@@ -20,6 +20,9 @@ CUR_FREE = {"press": "CURPress", "kwargs": {"num_sinks": 0, "use_local_approxima
 CUR_FREE_AVKV = {"_target_": "avkv.methods.cur.CUR", "sink": 0, "local": False}
 CUR = {"_target_": "avkv.methods.cur.CUR"}
 
+SNAPKV = {"press": "SnapKVPress", "kwargs": {"window_size": 16, "kernel_size": 5}}
+SNAPKV_AVKV = {"_target_": "avkv.methods.snapkv.SnapKV", "window": 16, "kernel": 5, "pooling": "avg", "gqa": "mean"}
+
 PRESS_CASES: list[dict] = [
     {"id": "expected_attention", "press": "ExpectedAttentionPress", "kwargs": {}, "ratios": [0.5, 0.8],
      "avkv": {"method": "expected_attention", "overrides": {}}, "compare": "kept+logits",
@@ -66,6 +69,18 @@ PRESS_CASES: list[dict] = [
      "avkv": {"config": {"_target_": "avkv.methods.chunkkv.ChunkKV", "chunk": 20, "scorer": CUR}},
      "compare": "kept+logits", "note": "whole chunks of 20 by summed CUR scores (ratios where kvpress's chunk "
                                        "count fills n_kept)"},
+    {"id": "chunkkv_snapkv", "press": "ChunkKVPress", "kwargs": {"press": SNAPKV, "chunk_length": 20},
+     "ratios": [0.2, 0.6], "avkv_n_kept_from_reference": True,
+     "avkv": {"config": {"_target_": "avkv.methods.chunkkv.ChunkKV", "chunk": 20, "scorer": SNAPKV_AVKV}},
+     "compare": "kept+logits", "note": "the paper's pairing: SnapKV scores (window padded with max + 1, as kvpress)"},
+    {"id": "criticalkv_snapkv", "press": "CriticalKVPress", "kwargs": {"press": SNAPKV}, "ratios": [0.5, 0.8],
+     "avkv": {"config": {"_target_": "avkv.methods.criticalkv.CriticalKV", "scorer": SNAPKV_AVKV}},
+     "compare": "kept+logits", "note": "SnapKV first stage (its window among the first-stage entries)"},
+    {"id": "criticaladakv_snapkv", "press": "CriticalAdaKVPress", "kwargs": {"press": SNAPKV, "alpha_safeguard": 0.2},
+     "ratios": [0.5, 0.8],
+     "avkv": {"config": {"_target_": "avkv.methods.criticalkv.CriticalAdaKV", "scorer": SNAPKV_AVKV,
+                         "alpha_safeguard": 0.2}},
+     "compare": "kept+logits", "note": "SnapKV scores, safeguard, head budgets"},
     {"id": "criticalkv_cur", "press": "CriticalKVPress", "kwargs": {"press": {"press": "CURPress", "kwargs": {}}},
      "ratios": [0.5, 0.8],
      "avkv": {"config": {"_target_": "avkv.methods.criticalkv.CriticalKV", "scorer": CUR}},
