@@ -296,6 +296,26 @@ class _Request:
     info: dict = field(default_factory=dict)
     compress_s: float = 0.0
     ragged: bool = False                       # some layer is stored per head (RaggedLayer)
+    positions: torch.Tensor | None = None      # rotary position ids of the prompt [R, n] (R = 1, or 3 for M-RoPE)
+    question_start: int | None = None          # first question token (FINCH's window: the question)
+
+
+def rotary_rows(pos: torch.Tensor) -> torch.Tensor:
+    """The rotary rows of a prompt's position ids: [1, n] (1-D RoPE) or M-RoPE's t/h/w rows [3, n] (Qwen's
+    4-row layout drops its first, text-position row)."""
+    if pos.dim() == 2:
+        return pos
+    return (pos[1:] if pos.shape[0] == 4 else pos)[:, 0]
+
+
+def shift_positions(pos: torch.Tensor, shift: int) -> torch.Tensor:
+    """Position ids with their rotary rows moved by ``-shift`` (methods that re-rotate the kept keys onto
+    contiguous positions: the suffix and the decoded tokens follow them)."""
+    if not shift:
+        return pos
+    if pos.dim() == 3 and pos.shape[0] == 4:
+        return torch.cat([pos[:1], pos[1:] - shift])
+    return pos - shift
 
 
 class Compressor:
@@ -322,7 +342,8 @@ class Compressor:
             self.handles.append(m.register_forward_hook(self._hook, with_kwargs=True))
         self.method.begin({"model": self.adapter.model, "adapter": self.adapter, "layers": self.layers,
                            "modality": self.req.modality, "n_prompt": self.req.n_prompt, "split": self.req.split,
-                           "layout": self.req.layout, "state": self.req.state, "n_keep": self.req.n_keep})
+                           "layout": self.req.layout, "state": self.req.state, "n_keep": self.req.n_keep,
+                           "question_start": self.req.question_start})
         return self
 
     def __exit__(self, *exc):
@@ -377,11 +398,29 @@ class Compressor:
             return self.adapter.layer_queries(module, h[:, a:b], (cos[:, a:b], sin[:, a:b]))
 
         idx = module._avkv_layer
+        positions = self.req.positions
+        if positions is not None and not decode:
+            lp = self.req.state.get("layer_positions", {}).get(idx)
+            positions = positions[:, :S] if lp is None else positions[:, lp]
+        else:
+            positions = None
         return LayerView(layer_idx=idx, num_layers=self.num_layers, keys=keys, values=values, modality=modality,
                          n_keep=n_keep, num_heads=module.config.num_attention_heads, scaling=module.scaling,
                          state=self.req.state, generator=self.req.generator, query_fn=query_fn,
                          attentions=attentions, layout=self.req.layout,
-                         value_norm_fn=lambda: values.float().norm(dim=-1))
+                         value_norm_fn=lambda: values.float().norm(dim=-1), positions=positions,
+                         rope_fn=self._rope, out_weight_fn=lambda: self.adapter.output_weight(module))
+
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) [T, D] of rotary position ids [R, T], from the decoder's own rotary embedding."""
+        rot = getattr(self, "_rotary", None)
+        if rot is None:
+            rot = self._rotary = self.adapter.rotary_embedding()
+        p = positions.to(self.adapter.device)                   # [R, T]
+        pid = p[:, None] if p.shape[0] == 3 else p               # M-RoPE [3, 1, T]; 1-D [1, T]
+        x = torch.zeros(1, dtype=self.adapter.dtype, device=self.adapter.device)
+        cos, sin = rot(x, pid)
+        return cos[0].float(), sin[0].float()
 
     @torch.no_grad()
     def _hook(self, module, args, kwargs, output):
@@ -526,7 +565,7 @@ class Engine:
         cache = DynamicCache(config=adapter.text_config())
         gen = torch.Generator().manual_seed(int(seed))
         req = _Request(modality=enc.modality.to(dev), n_prompt=n, split=s, n_keep=max(n_keep, 1), generator=gen,
-                       layout=enc.layout)
+                       layout=enc.layout, positions=rotary_rows(pos), question_start=enc.question_start)
         eos = set(adapter.eos_token_ids)
         cm = Compressor(adapter, method, req, self.mask_only) if compress else contextlib.nullcontext()
         mem = _memory_tracker(dev)
@@ -538,8 +577,9 @@ class Engine:
             if compress:
                 cm.phase = "idle"
                 cm.end_prefill(cache)
+            shift = _rope_shift(req) if compress else 0
             if s < n:
-                logits = adapter.forward(input_ids[:, s:], cache, pos[..., s:])
+                logits = adapter.forward(input_ids[:, s:], cache, shift_positions(pos[..., s:], shift))
             t1 = self.clock.now()
             held = measure_cache(cache, cm.attn_modules if compress else None)
             first_logits = logits[0, -1].float().cpu()
@@ -550,7 +590,7 @@ class Engine:
             t2 = self.clock.now()
             steps = 0
             while tok not in eos and len(tokens) < max_new:
-                p = adapter.continue_position_ids(pos, n + steps, 1)
+                p = shift_positions(adapter.continue_position_ids(pos, n + steps, 1), shift)
                 logits = adapter.forward(torch.tensor([[tok]], device=dev), cache, p)
                 tok = int(logits[0, -1].argmax())
                 tokens.append(tok)
@@ -651,6 +691,19 @@ class Engine:
         kl = float((lp.exp() * (lp - lq)).sum())
         return {"fidelity_token_agreement": agree, "fidelity_first_kl": max(kl, 0.0),
                 "fidelity_full_prediction": ref.text}
+
+
+def _rope_shift(req: _Request) -> int:
+    """How far a re-rotating method moved the positions (``state['rope_shift']``, one value per layer): the suffix
+    and the decoded tokens move by as much, so they follow the re-rotated keys. Every layer must agree."""
+    shifts = req.state.get("rope_shift")
+    if not shifts:
+        return 0
+    values = set(shifts.values())
+    if len(values) != 1 or len(shifts) != len(req.kept):
+        raise CompressionError(f"re-rotated layers moved their positions by different amounts {sorted(values)}: "
+                               "key re-rotation needs the same kept count in every layer")
+    return int(values.pop())
 
 
 class _memory_tracker:

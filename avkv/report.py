@@ -59,6 +59,8 @@ DEFAULT_METHOD_ORDER = [
     "full", "random", "streamingllm", "h2o", "snapkv", "pyramidkv", "adakv", "knorm", "tova", "observed_attention",
     "keydiff", "lookm", "fastv", "d2o", "kvmerge",
     "acckv", "purekv", "flowmm", "madakv", "audiokv",
+    "expected_attention", "lagkv", "cur", "compactor", "finch", "simlayerkv", "chunkkv", "criticalkv", "criticaladakv",
+    "block", "chunk", "composed", "per_layer_compression", "key_rerotation", "decoding",
 ]
 
 SAMPLE_NUMERIC = ["score", "kept_ratio", "kv_bytes_full", "kv_bytes_kept", "prefill_s", "decode_s_per_token",

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -58,6 +58,12 @@ class LayerView:
     attentions: torch.Tensor | None = None          # [H, S, S] only when the backend materialises them (eager)
     layout: dict = field(default_factory=dict)      # adapter extras, e.g. video "frame"/"spatial" index per position
     value_norm_fn: Callable[[], torch.Tensor] | None = None
+    #: rotary position ids of the cache entries [R, S] (R = 1 for 1-D RoPE, 3 for M-RoPE's t/h/w rows)
+    positions: torch.Tensor | None = None
+    #: rotary position ids [R, T] -> (cos, sin) [T, D] as the layer's rotary embedding gives them
+    rope_fn: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+    #: the layer's output projection as [H, D, hidden] (query head h's slice of o_proj), for value-output scores
+    out_weight_fn: Callable[[], torch.Tensor] | None = None
 
     @property
     def seq_len(self) -> int:
@@ -79,6 +85,38 @@ class LayerView:
     def window_queries(self, w: int) -> torch.Tensor:
         w = min(w, self.seq_len)
         return self.query_fn(self.seq_len - w, self.seq_len)
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) ``[T, D]`` of rotary position ids ``[R, T]`` (fails loudly where the engine gave none)."""
+        if self.rope_fn is None:
+            raise RuntimeError("this layer view carries no rotary embedding (rope_fn)")
+        return self.rope_fn(positions)
+
+    def entry_positions(self) -> torch.Tensor:
+        """Rotary position ids of the cache entries, ``[R, S]``."""
+        if self.positions is None:
+            raise RuntimeError("this layer view carries no position ids")
+        return self.positions[:, : self.seq_len]
+
+    def future_positions(self, count: int) -> torch.Tensor:
+        """Rotary position ids ``[R, count]`` of ``count`` text tokens following the cache entries: every row
+        continues at (largest position so far) + 1, the rule of 1-D RoPE and of M-RoPE text after media."""
+        p = self.entry_positions()
+        nxt = p.max() + 1 + torch.arange(count, device=p.device, dtype=p.dtype)
+        return nxt.expand(p.shape[0], count)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE of ``x`` [..., T, D] by (cos, sin) [T, D]."""
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def unrotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`rotate` (pre-RoPE vectors from rotated ones); exact also when cos²+sin² ≠ 1 (a rotary
+    embedding with an attention scaling factor)."""
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+    return (x * cos - torch.cat((-x2, x1), dim=-1) * sin) / (cos * cos + sin * sin)
 
 
 @dataclass
@@ -600,3 +638,35 @@ def allocate_integer(weights: torch.Tensor, total: int, lo: torch.Tensor | int =
             base[frac.topk(k).indices] -= 1
             left += k
     return base.to(torch.long).view(shape)
+
+
+def sub_view(view: LayerView, index: torch.Tensor | slice, n_keep: int, *,
+             query_fn: Callable[[int, int], torch.Tensor] | None = None) -> LayerView:
+    """A view of some of ``view``'s entries (wrappers that score parts of the cache: chunks, blocks, stages).
+
+    ``index`` is a slice (the same positions on every head) or per-head positions ``[kvH, k]``. Keys, values and
+    — for a slice, or when every head keeps the same positions — modality and positions follow. ``query_fn``
+    serves the sub-view's queries (default: for a slice, the parent's queries at the same positions; otherwise
+    none, and a scorer that asks for queries fails loudly).
+    """
+    if isinstance(index, slice):
+        a = index.start or 0
+        keys, values = view.keys[:, index], view.values[:, index]
+        modality = view.modality[index]
+        positions = None if view.positions is None else view.positions[:, index]
+        qf = query_fn or (lambda s, e: view.query_fn(a + s, a + e))
+    else:
+        D = view.keys.shape[-1]
+        g = index[..., None].expand(-1, -1, D)
+        keys, values = view.keys.gather(1, g), view.values.gather(1, g)
+        shared = bool((index == index[:1]).all())
+        modality = view.modality[index[0]]
+        positions = None if view.positions is None or not shared else view.positions[:, index[0]]
+
+        def _no_queries(s: int, e: int) -> torch.Tensor:
+            raise RuntimeError("this sub-view of the cache has no queries (its entries differ per head); wrap a "
+                               "scorer that reads only keys and values")
+        qf = query_fn or _no_queries
+    return replace(view, keys=keys, values=values, modality=modality, positions=positions, query_fn=qf,
+                   n_keep=int(n_keep), attentions=None,
+                   value_norm_fn=lambda: values.float().norm(dim=-1))

@@ -149,6 +149,25 @@ class ModelAdapter:
         x1, x2 = q[..., : q.shape[-1] // 2], q[..., q.shape[-1] // 2:]
         return (q * c + torch.cat((-x2, x1), dim=-1) * s)[0]
 
+    def rotary_embedding(self) -> torch.nn.Module:
+        """The decoder's rotary embedding module (``rotary_emb(x, position_ids) -> (cos, sin)``): by default the
+        ``rotary_emb`` of the module that holds the decoder layers (every transformers text model)."""
+        first = self.decoder_layers()[0]
+        for m in self.model.modules():
+            layers = getattr(m, "layers", None)
+            if isinstance(layers, torch.nn.ModuleList) and len(layers) and layers[0] is first \
+                    and isinstance(getattr(m, "rotary_emb", None), torch.nn.Module):
+                return m.rotary_emb
+        raise NotImplementedError(f"{type(self).__name__}: no rotary_emb next to the decoder layers; override "
+                                  "rotary_embedding()")
+
+    def output_weight(self, module: torch.nn.Module) -> torch.Tensor:
+        """The attention layer's output projection as ``[H, d, hidden]``: query head h's slice of ``o_proj``
+        (the Qwen2/Llama layout; a family whose projection differs overrides this)."""
+        w = module.o_proj.weight                                       # [hidden, H*d]
+        H = module.config.num_attention_heads
+        return w.t().reshape(H, module.head_dim, w.shape[0])
+
     # ---------------------------------------------------------------- to implement per family
     def _load(self) -> tuple[torch.nn.Module, Any]:  # pragma: no cover - interface
         raise NotImplementedError

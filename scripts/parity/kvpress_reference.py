@@ -39,18 +39,25 @@ def build_press(spec: dict, kvpress):
         elif isinstance(v, list) and v and all(isinstance(x, dict) and "press" in x for x in v):
             v = [build_press(x, kvpress) for x in v]
         kwargs[k] = v
-    return getattr(kvpress, spec["press"])(**kwargs)
+    press = getattr(kvpress, spec["press"])(**kwargs)
+    for k, v in spec.get("attrs", {}).items():            # fields a press sets outside its constructor (FINCH)
+        setattr(press, k, v)
+    return press
 
 
-def set_ratio(press, ratio: float) -> None:
-    """Set ``compression_ratio`` on the outer press (wrappers forward it), or on every nested press that has one."""
+def set_ratio(press, ratio: float | None) -> None:
+    """Set ``compression_ratio`` on the outer press (wrappers forward it), or on every nested press that has one;
+    ``None``: the press fixes its own ratios (SimLayerKV, PerLayerCompression), nothing is set."""
+    if ratio is None:
+        return
     if hasattr(type(press), "compression_ratio") or "compression_ratio" in getattr(press, "__dataclass_fields__", {}):
         press.compression_ratio = ratio
         return
     for name in getattr(press, "__dataclass_fields__", {}):
         inner = getattr(press, name, None)
-        if hasattr(inner, "compression_ratio"):
-            set_ratio(inner, ratio)
+        for p in inner if isinstance(inner, list) else [inner]:      # ComposedPress: every stage at the ratio
+            if hasattr(p, "compression_ratio"):
+                set_ratio(p, ratio)
 
 
 def scorers(press) -> list:
@@ -98,7 +105,7 @@ def run_case(model, case: dict, ratio: float, ids: torch.Tensor, probe: torch.Te
     from kvpress.utils import compute_n_kept
     n = ids.shape[1]
     press = build_press(case, kvpress)
-    set_ratio(press, ratio)
+    set_ratio(press, None if case.get("ratio_fixed_by_press") else ratio)
     seen_scores: dict[int, torch.Tensor] = {}
     seen_keys: dict[int, torch.Tensor] = {}
     restore = []
@@ -112,12 +119,17 @@ def run_case(model, case: dict, ratio: float, ids: torch.Tensor, probe: torch.Te
                 return s
             p.score = score
             restore.append((p, "score"))
-    orig_compress = press.compress
+    # the press whose compress sees the uncompressed keys: a press with its own forward hook (ComposedPress,
+    # PerLayerCompressionPress) hands the cache to its (first) inner press instead of calling its own compress
+    first = press
+    while type(first).forward_hook is not kvpress.presses.base_press.BasePress.forward_hook:
+        first = first.presses[0] if getattr(first, "presses", None) else first.press
+    orig_compress = first.compress
 
     def compress(module, hidden_states, keys, values, attentions, kwargs):
         seen_keys.setdefault(module.layer_idx, keys.detach().clone())
         return orig_compress(module, hidden_states, keys, values, attentions, kwargs)
-    press.compress = compress
+    first.compress = compress
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
         with press(model):
@@ -145,7 +157,8 @@ def run_case(model, case: dict, ratio: float, ids: torch.Tensor, probe: torch.Te
         if hasattr(layer.self_attn, "masked_key_indices"):
             layer.self_attn.masked_key_indices = None
     return {"case": case["id"], "spec": case, "press": case["press"], "ratio": ratio, "n_ctx": n,
-            "n_kept": int(compute_n_kept(n, ratio)), "layers": layers, "logits": out.logits[0, -1].float().tolist()}
+            "n_kept": None if case.get("ratio_fixed_by_press") else int(compute_n_kept(n, ratio)),
+            "layers": layers, "logits": out.logits[0, -1].float().tolist()}
 
 
 def main() -> None:
@@ -160,8 +173,6 @@ def main() -> None:
     import kvpress
     import transformers
     from transformers import AutoModelForCausalLM, DynamicCache
-    from transformers.utils import logging as hf_logging
-    hf_logging.disable_progress_bar()
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     out = Path(a.out)
@@ -174,6 +185,8 @@ def main() -> None:
         if attn not in models:
             models[attn] = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32, use_safetensors=True,
                                                                 attn_implementation=attn).eval()
+            if getattr(models[attn].config, "head_dim", None) is None:      # CriticalKV reads config.head_dim
+                models[attn].config.head_dim = models[attn].config.hidden_size // models[attn].config.num_attention_heads
         return models[attn]
     m = model_for("sdpa")
     vocab = m.config.vocab_size

@@ -10,7 +10,12 @@ from avkv.methods.h2o import H2O
 from tests.conftest import adapter, av_prompt
 
 METHODS = ["full", "random", "streamingllm", "snapkv", "h2o", "pyramidkv", "adakv", "lookm", "fastv", "d2o",
-           "kvmerge", "knorm", "tova", "observed_attention", "keydiff"]
+           "kvmerge", "knorm", "tova", "observed_attention", "keydiff",
+           # the other kvpress presses (issue 13 item 3; every family and M-RoPE: tests/methods/test_kvpress_presses.py)
+           "expected_attention", "lagkv", "chunkkv", "cur", "compactor", "finch", "simlayerkv", "criticalkv",
+           "criticaladakv", "block", "chunk", "composed", "per_layer_compression", "key_rerotation", "decoding"]
+#: configs that keep what their mechanism keeps (budget_mode: achieved), not the budget
+ACHIEVED = {"simlayerkv", "per_layer_compression"}
 #: the kvpress scorers added with the parity suite (issue 13): also on every other tiny family
 KVPRESS_SCORERS = ["knorm", "tova", "observed_attention", "keydiff"]
 
@@ -31,6 +36,8 @@ def check_record(r: dict, name: str, budget: float) -> None:
     assert r["decode_policy"] in ("grow", "fixed")
     if name == "full":
         assert r["kept_ratio"] == 1.0
+    elif name in ACHIEVED:
+        assert r["budget_mode"] == "achieved" and r["budget_reason"]
     elif name == "fastv":                               # 2-layer model: the budget cannot be met, the record says
         assert r["hidden_state_pruning"] is True and r["kept_ratio"] < 1.0
         assert r["kept_per_layer"][0] == r["n_prompt"] > r["kept_per_layer"][1]

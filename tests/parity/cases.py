@@ -87,6 +87,11 @@ CASES: list[dict] = [
 ]
 
 
+from tests.parity.cases_presses import PRESS_CASES  # noqa: E402  (the presses of issue 13 item 3)
+
+CASES += PRESS_CASES
+
+
 def by_id(case_id: str) -> dict:
     for c in CASES:
         if c["id"] == case_id:
