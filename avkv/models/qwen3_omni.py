@@ -40,7 +40,7 @@ class Qwen3OmniAdapter(Qwen25OmniAdapter):
             kwargs.update(config=Qwen3OmniMoeConfig.from_pretrained(self.path).thinker_config,
                           key_mapping={r"^thinker\.": ""})
         model = Qwen3OmniMoeThinkerForConditionalGeneration.from_pretrained(self.path, **kwargs)
-        return model.to(self.device), load_processor(self.path, self.trust_remote_code, **self.processor_kwargs)
+        return self._placed(model), load_processor(self.path, self.trust_remote_code, **self.processor_kwargs)
 
 
 def load_processor(path: Path, trust_remote_code: bool = False, **kwargs):
