@@ -58,6 +58,16 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def kv_bytes_by_device(cache: Any) -> dict[str, int]:
+    """Bytes of key/value tensors held on each device (layers spread over devices by ``model.device_map``)."""
+    out: dict[str, int] = {}
+    for layer in cache.layers:
+        for t in (layer.keys, layer.values):
+            if t is not None:
+                out[str(t.device)] = out.get(str(t.device), 0) + t.numel() * t.element_size()
+    return out
+
+
 def kv_cache_bytes(cache: Any) -> int:
     """Bytes actually held by a cache's key/value tensors (everything allocated: a masked entry counts)."""
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
@@ -262,16 +272,22 @@ class PeakRSS:
 
 
 class Clock:
-    """Wall-clock sections: CUDA events on GPU, perf_counter on CPU."""
+    """Wall-clock sections: CUDA events on one GPU, perf_counter on CPU; with layers on several GPUs
+    (``model.device_map``) every one of them is synchronized and perf_counter read, since one device's events do
+    not see the others' work."""
 
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
+    def __init__(self, device: torch.device, devices: list | None = None):
+        gpus = {torch.device(d) for d in (devices or [device]) if torch.device(d).type == "cuda"}
+        self.sync = sorted(gpus, key=str) if len(gpus) > 1 else []
+        self.cuda = device.type == "cuda" and not self.sync
 
     def now(self):
         if self.cuda:
             e = torch.cuda.Event(enable_timing=True)
             e.record()
             return e
+        for d in self.sync:
+            torch.cuda.synchronize(d)
         return time.perf_counter()
 
     def elapsed(self, a, b) -> float:
@@ -331,7 +347,7 @@ class Compressor:
         self.attn_modules = [layer.self_attn for layer in self.layers]
         self.text_config = adapter.text_config()
         self.base_impl = self.text_config._attn_implementation or "eager"
-        self.clock = Clock(adapter.device)
+        self.clock = Clock(adapter.device, getattr(adapter, "devices", None))
 
     def __enter__(self):
         if self.method.requires_attentions and self.base_impl != "eager":
@@ -441,6 +457,7 @@ class Compressor:
             positions = self.req.state.get("layer_positions", {}).get(i)
             S = layer.keys.shape[2]
             modality = self.req.modality[: S] if positions is None else self.req.modality[positions]
+            modality = modality.to(layer.keys.device)      # layers may sit on different devices (device_map)
             n_keep = min(self.req.n_keep, S)
             view = self._view(module, kwargs, layer.keys[0], layer.values[0], modality, n_keep, attn)
             if self.method.deferred:          # scores now, selection once every layer has been seen
@@ -457,7 +474,7 @@ class Compressor:
             target = self.req.state.setdefault("decode_size", {}).setdefault(i, S - 1)
             if S > target:
                 view = self._view(module, kwargs, layer.keys[0], layer.values[0],
-                                  torch.zeros(S, dtype=torch.long), target, attn, decode=True)
+                                  torch.zeros(S, dtype=torch.long, device=layer.keys.device), target, attn, decode=True)
                 sel = self.method.decode_step(view)
                 if sel is not None:
                     self._apply(module, cache, i, sel, None, record=False)
@@ -532,7 +549,7 @@ class Engine:
         self.adapter, self.method = adapter, method
         self.budget, self.budget_tokens = budget, budget_tokens
         self.compress_at, self.max_new_tokens, self.mask_only = compress_at, max_new_tokens, mask_only
-        self.clock = Clock(adapter.device)
+        self.clock = Clock(adapter.device, getattr(adapter, "devices", None))
 
     def split_point(self, enc: Encoded) -> int:
         n = enc.input_ids.shape[1]
@@ -568,7 +585,7 @@ class Engine:
                        layout=enc.layout, positions=rotary_rows(pos), question_start=enc.question_start)
         eos = set(adapter.eos_token_ids)
         cm = Compressor(adapter, method, req, self.mask_only) if compress else contextlib.nullcontext()
-        mem = _memory_tracker(dev)
+        mem = _memory_tracker(dev, getattr(adapter, "devices", None))
         with mem, cm:
             t0 = self.clock.now()
             if compress:
@@ -604,6 +621,9 @@ class Engine:
                       decode_s_per_token=(decode_s / steps) if steps else None, decode_s=decode_s,
                       new_tokens=len(tokens), peak_mem_bytes=mem.peak, peak_mem_kind=mem.kind,
                       media_s=enc.media_s)
+        if len(getattr(adapter, "devices", ())) > 1:      # layers spread over devices: where the bytes are
+            record.update(devices=[str(d) for d in adapter.devices], peak_mem_by_device=mem.by_device,
+                          kv_bytes_by_device=kv_bytes_by_device(cache))
         return Generation(token_ids=out_ids, text=adapter.decode(out_ids), first_logits=first_logits, record=record)
 
     def _record(self, enc, cache, req, n, s, held, method, compressed) -> dict:
@@ -707,29 +727,39 @@ def _rope_shift(req: _Request) -> int:
 
 
 class _memory_tracker:
-    """Peak memory over a sample: CUDA ``max_memory_allocated`` on GPU, process peak RSS on CPU."""
+    """Peak memory over a sample: CUDA ``max_memory_allocated`` on GPU (summed over every GPU holding layers, each in
+    ``by_device``), process peak RSS on CPU."""
 
-    def __init__(self, device: torch.device):
-        self.device, self.peak = device, 0
-        self.kind = "cuda_max_allocated" if device.type == "cuda" else "cpu_process_peak_rss"
+    def __init__(self, device: torch.device, devices: list | None = None):
+        self.device, self.peak, self.by_device = device, 0, {}
+        self.gpus = sorted({torch.device(d) for d in (devices or [device]) if torch.device(d).type == "cuda"}, key=str)
+        if device.type == "cuda" and device not in self.gpus:
+            self.gpus.append(device)
+        self.kind = ("cuda_max_allocated" if len(self.gpus) <= 1 else "cuda_max_allocated_sum") if self.gpus \
+            else "cpu_process_peak_rss"
 
     def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
+        if self.gpus:
+            for d in self.gpus:
+                torch.cuda.synchronize(d)
+                torch.cuda.reset_peak_memory_stats(d)
         else:
             self._rss = PeakRSS().__enter__()
         return self
 
     def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak = int(torch.cuda.max_memory_allocated(self.device))
+        if self.gpus:
+            for d in self.gpus:
+                torch.cuda.synchronize(d)
+                self.by_device[str(d)] = int(torch.cuda.max_memory_allocated(d))
+            self.peak = sum(self.by_device.values())
         else:
             self._rss.__exit__(*exc)
             self.peak = int(self._rss.peak)
+            self.by_device = {"cpu": self.peak}
         return False
 
 
 __all__ = ["Engine", "Generation", "Compressor", "CompressionError", "RaggedLayer", "kv_cache_bytes", "measure_cache",
+           "kv_bytes_by_device",
            "within_budget", "COMPRESS_AT", "BUDGET_TOLERANCE"]

@@ -9,7 +9,7 @@ import pytest
 from avkv.config import ROOT
 
 CACHE = ROOT / ".cache"
-FAMILIES = ("qwen2_5_vl", "qwen2_audio", "qwen2_5_omni")
+FAMILIES = ("qwen2_5_vl", "qwen2_audio", "qwen2_5_omni", "qwen3_omni")
 
 
 @functools.lru_cache(maxsize=None)

@@ -61,7 +61,7 @@ def test_cache_shrinks_to_budget(fam, budget):
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_5_omni"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_5_omni", "qwen3_omni"])
 def test_physical_prune_equals_masked_full_cache(family, attn):
     ad = adapter(family, attn)
     enc = ad.encode(av_prompt())
@@ -90,7 +90,7 @@ def test_kvpress_scorers_prune_as_the_masked_full_cache_on_mrope(family, name):
     assert pruned.token_ids == masked.token_ids
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_5_omni"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_5_omni", "qwen3_omni"])
 def test_decode_positions_after_pruning_equal_generate(family):
     """Compress inside `generate`'s own prefill; our manual decode after the same pruning gives the same tokens
     and logits, so the positions we pass (logical, with M-RoPE deltas) are the ones `generate` uses."""
@@ -140,6 +140,40 @@ def test_query_recomputation_matches_cached_keys():
     finally:
         hd.remove()
     assert seen["err"] < 1e-5
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_layer_queries_reproduce_attention_weights(family):
+    """``ModelAdapter.layer_queries`` gives the queries the layer really used: softmax(q·kᵀ·scaling) over the cached
+    keys, causal, equals the attention weights the eager layer returns (for every layer, on the prompt). Checks each
+    family's projection, query norm, RoPE and scaling, whichever override it has."""
+    ad = adapter(family, "eager")
+    enc = ad.encode(av_prompt())
+    errs = {}
+
+    def hook(module, args, kwargs, output):
+        i = module.layer_idx
+        if i in errs:
+            return
+        h, (cos, sin) = kwargs["hidden_states"], kwargs["position_embeddings"]
+        keys = kwargs["past_key_values"].layers[i].keys
+        q = ad.layer_queries(module, h, (cos, sin)).float()                     # [H, T, d]
+        k = keys[0].float().repeat_interleave(q.shape[0] // keys.shape[1], 0)   # [H, S, d]
+        T, S = q.shape[1], k.shape[1]
+        scores = q @ k.transpose(1, 2) * module.scaling
+        causal = torch.ones(T, S, dtype=torch.bool).tril(S - T)
+        w = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+        errs[i] = float((w - output[1][0].float()).abs().max())
+
+    mods = [layer.self_attn for layer in ad.decoder_layers()]
+    hds = [m.register_forward_hook(hook, with_kwargs=True) for m in mods]
+    try:
+        Engine(ad, Full(), max_new_tokens=1, compress_at="prompt").generate(enc)
+    finally:
+        for hd in hds:
+            hd.remove()
+    assert len(errs) == len(mods)
+    assert max(errs.values()) < 1e-4, errs
 
 
 def _step_logits(ad, run):

@@ -94,7 +94,8 @@ class ModelAdapter:
                  make_hint: str | None = None, num_frames: int = 8, fps: float | None = None,
                  max_audio_s: float | None = None, preprocessing: str = "fixed_frames",
                  official: dict | None = None, max_image_pixels: int | None = None,
-                 allow_pickle_weights: bool = False,
+                 allow_pickle_weights: bool = False, device_map: str | dict | None = None,
+                 max_memory: dict | None = None, offload_folder: str | None = None,
                  **processor_kwargs: Any) -> None:
         self.path = Path(path).expanduser()
         if not (self.path / "config.json").exists():
@@ -124,9 +125,41 @@ class ModelAdapter:
             raise ValueError(f"model.official has unknown keys {unknown}; allowed: {sorted(media_io.OFFICIAL_DEFAULTS)}")
         self.max_image_pixels = media_io.DEFAULT_MAX_IMAGE_PIXELS if max_image_pixels is None else int(max_image_pixels)
         self.processor_kwargs = processor_kwargs
+        if device_map is not None and not self.supports_device_map:
+            raise ValueError(f"model.device_map is not supported by the {self.family} adapter (it loads onto one "
+                             f"device: model.device)")
+        self.device_map = dict(device_map) if isinstance(device_map, dict) else device_map
+        self.max_memory = dict(max_memory) if max_memory else None
+        self.offload_folder = offload_folder
         self.model, self.processor = self._load()
         self.model.eval()
+        if self.device_map is not None:
+            # layers spread over devices: inputs go where the token embeddings are (accelerate's hooks move every
+            # layer's inputs to its own device); ``devices`` lists every device holding weights
+            self.device = self.model.get_input_embeddings().weight.device
+        self.devices = sorted({p.device for p in self.model.parameters() if p.device.type != "meta"}, key=str) \
+            or [self.device]
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
+
+    #: whether ``model.device_map`` (layers spread over devices by ``from_pretrained``/accelerate) is supported
+    supports_device_map: bool = False
+
+    def _placement_kwargs(self) -> dict:
+        """``from_pretrained`` kwargs that place the weights: ``device_map`` (``auto``, ``balanced``, or a module ->
+        device mapping; ``cpu``/``disk`` entries offload, with ``offload_folder`` for ``disk``) and ``max_memory``
+        when the config sets them; nothing otherwise (see :meth:`_placed`)."""
+        if self.device_map is None:
+            return {}
+        out = {"device_map": self.device_map}
+        if self.max_memory:
+            out["max_memory"] = self.max_memory
+        if self.offload_folder:
+            out["offload_folder"] = str(self.offload_folder)
+        return out
+
+    def _placed(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The loaded model on ``model.device``, or as ``device_map`` already dispatched it."""
+        return model if self.device_map is not None else model.to(self.device)
 
     # ---------------------------------------------------------------- model knowledge the engine asks for
 

@@ -26,7 +26,7 @@ class Qwen25OmniAdapter(QwenAdapter):
     def _load(self):
         from transformers import Qwen2_5OmniThinkerForConditionalGeneration
         model = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(self.path, **self._from_pretrained_kwargs())
-        return model.to(self.device), load_processor(self.path, self.trust_remote_code, **self.processor_kwargs)
+        return self._placed(model), load_processor(self.path, self.trust_remote_code, **self.processor_kwargs)
 
     def _media_content(self, item: Media, dec: dict, media: dict) -> list[dict]:
         if item.kind == "video":

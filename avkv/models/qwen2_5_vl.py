@@ -18,7 +18,7 @@ class Qwen25VLAdapter(QwenAdapter):
     def _load(self):
         from transformers import Qwen2_5_VLForConditionalGeneration
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(self.path, **self._from_pretrained_kwargs())
-        return model.to(self.device), load_processor(self.path, self.trust_remote_code, **self.processor_kwargs)
+        return self._placed(model), load_processor(self.path, self.trust_remote_code, **self.processor_kwargs)
 
     def _media_content(self, item: Media, dec: dict, media: dict) -> list[dict]:
         if item.kind == "video":

@@ -19,7 +19,7 @@ class Qwen2AudioAdapter(QwenAdapter):
         model = Qwen2AudioForConditionalGeneration.from_pretrained(self.path, **self._from_pretrained_kwargs())
         proc = AutoProcessor.from_pretrained(self.path, trust_remote_code=self.trust_remote_code,
                                              **self.processor_kwargs)
-        return model.to(self.device), proc
+        return self._placed(model), proc
 
     def _media_content(self, item: Media, dec: dict, media: dict) -> list[dict]:
         if dec.get("audio") is None:          # a silent video or an image: nothing this model can hear

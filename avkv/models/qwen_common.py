@@ -16,6 +16,7 @@ from avkv.tasks.base import Media, Prompt
 
 
 class QwenAdapter(ModelAdapter):
+    supports_device_map = True
     #: placeholder token string per modality (looked up in the tokenizer)
     placeholder_tokens: dict[str, str] = {}
 
@@ -29,7 +30,7 @@ class QwenAdapter(ModelAdapter):
 
     def _from_pretrained_kwargs(self) -> dict:
         return dict(dtype=self.dtype, attn_implementation=self.attn_implementation,
-                    trust_remote_code=self.trust_remote_code, **self._weights_kwargs())
+                    trust_remote_code=self.trust_remote_code, **self._weights_kwargs(), **self._placement_kwargs())
 
     # ---------------------------------------------------------------------------------------------- encode
     def _messages(self, prompt: Prompt, decoded: list[dict]) -> tuple[list[dict], dict[str, list]]:

@@ -31,10 +31,12 @@ from avkv.tasks.base import DatasetError, Doc, Media, Prompt, Task
 from avkv.tasks.common import check_family
 from avkv.tasks.speech_common import asr_aggregate
 
-#: per-family ASR instructions: Qwen2-Audio's own eval prompt; the Qwen2.5-Omni cookbook's; lmms-eval's default
+#: per-family ASR instructions: Qwen2-Audio's own eval prompt; the Qwen2.5-Omni cookbook's (Qwen3-Omni takes the
+#: same instruction); lmms-eval's default
 PROMPTS = {
     "qwen2_audio": "Detect the language and recognize the speech: <|en|>",
     "qwen2_5_omni": "Transcribe the English audio into text without any punctuation marks.",
+    "qwen3_omni": "Transcribe the English audio into text without any punctuation marks.",
     "videollama2": "Please recognize the speech and only output the recognized content:",
 }
 WORDS_PER_S = 2.7          # duration estimate for an utterance whose FLAC header cannot be read

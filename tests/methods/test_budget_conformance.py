@@ -16,7 +16,7 @@ from avkv.config import CONFIG_DIR, compose, instantiate
 from avkv.engine import Engine, within_budget
 from tests.conftest import av_prompt, tiny_model_dir
 
-FAMILIES = ("qwen2_5_vl", "qwen2_audio", "qwen2_5_omni", "videollama2_av", "qwen2_5_omni_deep")
+FAMILIES = ("qwen2_5_vl", "qwen2_audio", "qwen2_5_omni", "qwen3_omni", "videollama2_av", "qwen2_5_omni_deep")
 METHODS = sorted(p.stem for p in (CONFIG_DIR / "method").glob("*.yaml") if p.stem != "full")
 BUDGETS = (0.5, 0.2, 0.1)
 DECLARED = {"drop_media", "simlayerkv", "per_layer_compression"}   # configs that declare budget_mode: achieved
