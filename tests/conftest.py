@@ -9,10 +9,10 @@ import pytest
 from avkv.config import ROOT
 
 CACHE = ROOT / ".cache"
-FAMILIES = ("qwen2_5_vl", "qwen2_audio", "qwen2_5_omni", "llava", "qwen2_vl", "llava_onevision")
+FAMILIES = ("qwen2_5_vl", "qwen2_audio", "qwen2_5_omni", "llava", "qwen2_vl", "llava_onevision", "internvl")
 #: the transformers vision-language families added for the papers' tables (issue 19); image-only ones get
 #: :func:`family_prompt`'s two-image prompt
-VLM_FAMILIES = ("llava", "qwen2_vl", "llava_onevision")
+VLM_FAMILIES = ("llava", "qwen2_vl", "llava_onevision", "internvl")
 
 
 @functools.lru_cache(maxsize=None)
