@@ -9,7 +9,10 @@ import pytest
 from avkv.config import ROOT
 
 CACHE = ROOT / ".cache"
-FAMILIES = ("qwen2_5_vl", "qwen2_audio", "qwen2_5_omni", "qwen3_omni")
+FAMILIES = ("qwen2_5_vl", "qwen2_audio", "qwen2_5_omni", "qwen3_omni", "llava", "qwen2_vl", "llava_onevision", "internvl")
+#: the transformers vision-language families added for the papers' tables (issue 19); image-only ones get
+#: :func:`family_prompt`'s two-image prompt
+VLM_FAMILIES = ("llava", "qwen2_vl", "llava_onevision", "internvl")
 
 
 @functools.lru_cache(maxsize=None)
@@ -49,3 +52,16 @@ def av_prompt(question: str = "What colour is the moving square? Answer with the
     from avkv.tasks.base import Media, Prompt
     video = sorted((fixtures_dir() / "avqa" / "videos").glob("*.mp4"))[0]
     return Prompt(context=[Media("video", str(video), with_audio=True)], question=question)
+
+
+def image_prompt(question: str = "What colour is the moving square? Answer with the letter."):
+    """A prompt with two MileBench fixture images interleaved with text (for families without video input)."""
+    from avkv.tasks.base import Media, Prompt
+    imgs = sorted((fixtures_dir() / "milebench" / "ALFRED" / "images" / "0").glob("*.jpg"))[:2]
+    return Prompt(context=["First image: ", Media("image", str(imgs[0])), " second image: ",
+                           Media("image", str(imgs[1])), "\n"], question=question)
+
+
+def family_prompt(ad, question: str = "What colour is the moving square? Answer with the letter."):
+    """:func:`av_prompt` for families that take video or audio, :func:`image_prompt` for image-only ones."""
+    return av_prompt(question) if {"video", "audio"} & set(ad.modalities) else image_prompt(question)

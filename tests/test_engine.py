@@ -6,7 +6,7 @@ import torch
 from avkv.engine import Compressor, Engine, _Request, kv_cache_bytes
 from avkv.methods.full import Full
 from avkv.methods.snapkv import SnapKV
-from tests.conftest import FAMILIES, adapter, av_prompt
+from tests.conftest import FAMILIES, VLM_FAMILIES, adapter, av_prompt, family_prompt
 from tests.engine_checks import check_budget_one_equals_no_compression, check_split_prefill_equals_one_forward
 
 MAX_NEW = 6
@@ -15,7 +15,7 @@ MAX_NEW = 6
 @pytest.fixture(scope="module", params=FAMILIES)
 def fam(request):
     ad = adapter(request.param)
-    return ad, ad.encode(av_prompt())
+    return ad, ad.encode(family_prompt(ad))
 
 
 def test_encoding_has_media_and_split_points(fam):
@@ -61,10 +61,10 @@ def test_cache_shrinks_to_budget(fam, budget):
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_5_omni", "qwen3_omni"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_5_omni", "qwen3_omni", *VLM_FAMILIES])
 def test_physical_prune_equals_masked_full_cache(family, attn):
     ad = adapter(family, attn)
-    enc = ad.encode(av_prompt())
+    enc = ad.encode(family_prompt(ad))
     for at in ("question", "context"):
         pruned = Engine(ad, SnapKV(window=8), budget=0.3, compress_at=at, max_new_tokens=MAX_NEW).generate(enc)
         masked = Engine(ad, SnapKV(window=8), budget=0.3, compress_at=at, max_new_tokens=MAX_NEW,
@@ -90,14 +90,14 @@ def test_kvpress_scorers_prune_as_the_masked_full_cache_on_mrope(family, name):
     assert pruned.token_ids == masked.token_ids
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_5_omni", "qwen3_omni"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_5_omni", "qwen3_omni", *VLM_FAMILIES])
 def test_decode_positions_after_pruning_equal_generate(family):
     """Compress inside `generate`'s own prefill; our manual decode after the same pruning gives the same tokens
     and logits, so the positions we pass (logical, with M-RoPE deltas) are the ones `generate` uses."""
     ad = adapter(family)
-    enc = ad.encode(av_prompt())
+    enc = ad.encode(family_prompt(ad))
     eng = Engine(ad, SnapKV(window=8), budget=0.3, compress_at="prompt", max_new_tokens=MAX_NEW)
-    ours = eng.generate(enc)
+    ours, steps = _step_logits(ad, lambda: eng.generate(enc))
     n = enc.input_ids.shape[1]
     req = _Request(modality=enc.modality, n_prompt=n, split=n, n_keep=eng.target_kept(n),
                    generator=torch.Generator().manual_seed(0), layout=enc.layout)
@@ -111,8 +111,11 @@ def test_decode_positions_after_pruning_equal_generate(family):
     eos = set(ad.eos_token_ids)
     k = next((i + 1 for i, t in enumerate(ref) if t in eos), len(ref))
     assert ours.token_ids == [t for t in ref[:k] if t not in eos]
-    # logits of every decode step match, not only the first
+    # logits of every decode step match, not only the first (a position off by one changes them)
     assert torch.allclose(ours.first_logits, out.logits[0][0].float(), atol=1e-5)
+    assert len(steps) == min(k, MAX_NEW) >= 2
+    for i, a in enumerate(steps):
+        assert torch.allclose(a.float(), out.logits[i][0].float(), atol=1e-5), (i, float((a - out.logits[i][0]).abs().max()))
     assert kv_cache_bytes(cache) < ours.record["kv_bytes_full"]
 
 

@@ -117,9 +117,7 @@ class QwenAdapter(ModelAdapter):
         inputs.pop("attention_mask", None)          # batch size 1, no padding: the causal mask is implied
         input_ids = inputs["input_ids"]
         n = input_ids.shape[1]
-        ids = input_ids[0]
-        im_start = self.tokenizer.convert_tokens_to_ids("<|im_start|>")
-        assistant_start = int((ids == im_start).nonzero().max())
+        assistant_start = self._assistant_start(messages, text, input_ids)
         question_start = self._question_start(text, prompt.question, n)
         modality = self.token_modality(input_ids, self.placeholder_ids())
         used = sorted({name for name, key in (("image", "images"), ("video", "videos"), ("audio", "audio"))
@@ -128,6 +126,11 @@ class QwenAdapter(ModelAdapter):
                        assistant_start=assistant_start, media_s=media_s, modalities_used=used, notes=self._notes,
                        layout=self._video_layout(inputs, modality),
                        preprocessing=self._preprocessing_record(decoded))
+
+    def _assistant_start(self, messages: list[dict], text: str, input_ids: torch.Tensor) -> int:
+        """Token index of the assistant preamble: the last ``<|im_start|>`` (ChatML templates)."""
+        im_start = self.tokenizer.convert_tokens_to_ids("<|im_start|>")
+        return int((input_ids[0] == im_start).nonzero().max())
 
     def _question_start(self, text: str, question: str, n: int) -> int:
         """Token index where the question text starts, counted on the un-expanded template text."""

@@ -105,3 +105,35 @@ class TorchQwenVideoProcessor(VideoProcessorMixin):
         rh, rw = smart_resize(height, width, self.patch_size * self.merge_size, self.min_pixels, self.max_pixels)
         t = num_frames + (-num_frames % self.temporal_patch_size)
         return t // self.temporal_patch_size * (rh // self.patch_size) * (rw // self.patch_size)
+
+
+class TorchResizeVideoProcessor(VideoProcessorMixin):
+    """A plain-torch stand-in for transformers' LLaVA-OneVision video processor (which needs torchvision): every
+    frame resized to ``size`` (bicubic, antialiased; not bit-identical to torchvision), rescaled by 1/255 and
+    normalised; ``pixel_values_videos`` is ``[videos, frames, 3, H, W]`` (videos of one call have as many frames)."""
+
+    model_input_names = ["pixel_values_videos"]
+
+    def __init__(self, size: dict | None = None, image_mean=CLIP_MEAN, image_std=CLIP_STD, **kwargs):
+        for k in ("do_resize", "resample", "do_rescale", "rescale_factor", "do_normalize", "do_convert_rgb",
+                  "video_processor_type", "processor_class", "crop_size", "do_center_crop", "do_sample_frames"):
+            kwargs.pop(k, None)
+        super().__init__(**kwargs)
+        self.size = dict(size or {"height": 384, "width": 384})
+        self.image_mean, self.image_std = list(image_mean), list(image_std)
+
+    def _one(self, v) -> torch.Tensor:
+        x = torch.as_tensor(np.asarray(v)).permute(0, 3, 1, 2).float()          # T,C,H,W
+        h, w = int(self.size["height"]), int(self.size["width"])
+        if tuple(x.shape[-2:]) != (h, w):
+            x = F.interpolate(x, size=(h, w), mode="bicubic", antialias=True, align_corners=False)
+        mean = torch.tensor(self.image_mean).view(1, 3, 1, 1)
+        std = torch.tensor(self.image_std).view(1, 3, 1, 1)
+        return (x / 255.0 - mean) / std
+
+    def __call__(self, videos, return_tensors=None, **kwargs):
+        if isinstance(videos, (np.ndarray, torch.Tensor)) and np.ndim(videos) == 4:
+            videos = [videos]
+        videos = [v[0] if isinstance(v, (list, tuple)) and len(v) == 1 else v for v in videos]
+        return BatchFeature({"pixel_values_videos": torch.stack([self._one(v) for v in videos])},
+                            tensor_type=return_tensors)

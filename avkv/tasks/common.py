@@ -7,7 +7,8 @@ from typing import Iterable, Sequence
 from avkv.metrics.text import extract_choice, option_letters, render_options
 from avkv.tasks.base import is_failed, record_field
 
-FAMILIES = ("qwen2_5_vl", "qwen2_audio", "qwen2_5_omni", "qwen3_omni", "videollama2", "mobilevlm")
+FAMILIES = ("qwen2_5_vl", "qwen2_audio", "qwen2_5_omni", "qwen3_omni", "videollama2", "mobilevlm", "llava",
+            "qwen2_vl", "llava_onevision", "internvl")
 
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 #: VideoLLaMA2's own MC suffix (eval_video_mcqa_mvbench.py)

@@ -14,9 +14,9 @@ import torch
 
 from avkv.config import CONFIG_DIR, compose, instantiate
 from avkv.engine import Engine, within_budget
-from tests.conftest import av_prompt, tiny_model_dir
+from tests.conftest import VLM_FAMILIES, av_prompt, family_prompt, tiny_model_dir
 
-FAMILIES = ("qwen2_5_vl", "qwen2_audio", "qwen2_5_omni", "qwen3_omni", "videollama2_av", "qwen2_5_omni_deep")
+FAMILIES = ("qwen2_5_vl", "qwen2_audio", "qwen2_5_omni", "qwen3_omni", "videollama2_av", "qwen2_5_omni_deep", *VLM_FAMILIES)
 METHODS = sorted(p.stem for p in (CONFIG_DIR / "method").glob("*.yaml") if p.stem != "full")
 BUDGETS = (0.5, 0.2, 0.1)
 DECLARED = {"drop_media", "simlayerkv", "per_layer_compression"}   # configs that declare budget_mode: achieved
@@ -38,7 +38,7 @@ def model(family, tmp_path_factory):
         tiny_model_dir(f"tiny_{family}")
         ad = instantiate(compose([f"model=tiny_{family}"]).model, device="cpu")
         from avkv.tasks.base import Media, Prompt
-        p = av_prompt(question="What?")
+        p = av_prompt(question="What?") if family not in VLM_FAMILIES else family_prompt(ad, question="What?")
         if family == "videollama2_av":
             p = Prompt(context=[Media("video", p.context[0].path, with_audio=False)], question=p.question)
         tc = ad.text_config()

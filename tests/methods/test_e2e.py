@@ -7,7 +7,7 @@ from avkv.engine import Engine
 from avkv.methods.fastv import FastV
 from avkv.methods.full import Full
 from avkv.methods.h2o import H2O
-from tests.conftest import adapter, av_prompt
+from tests.conftest import VLM_FAMILIES, adapter, av_prompt, family_prompt
 
 METHODS = ["full", "random", "streamingllm", "snapkv", "h2o", "pyramidkv", "adakv", "lookm", "fastv", "d2o",
            "kvmerge", "knorm", "tova", "observed_attention", "keydiff",
@@ -67,10 +67,11 @@ def test_methods_under_eager(omni, name):
 
 @pytest.mark.parametrize("family,name", [("qwen2_5_vl", "adakv"), ("qwen2_5_vl", "fastv"),
                                          ("qwen2_audio", "lookm"), ("qwen2_audio", "pyramidkv"),
-                                         ("mobilevlm", "lookm"), ("mobilevlm", "adakv")])
+                                         ("mobilevlm", "lookm"), ("mobilevlm", "adakv"),
+                                         *[(f, m) for f in VLM_FAMILIES for m in ("snapkv", "adakv", "lookm")]])
 def test_other_families(family, name):
     ad = adapter(family)
-    r = Engine(ad, method(name), budget=0.2, max_new_tokens=3).generate(ad.encode(av_prompt())).record
+    r = Engine(ad, method(name), budget=0.2, max_new_tokens=3).generate(ad.encode(family_prompt(ad))).record
     check_record(r, name, 0.2)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-TINY = ("tiny_qwen2_5_omni", "tiny_qwen2_5_vl", "tiny_videollama2_av")
+TINY = ("tiny_qwen2_5_omni", "tiny_qwen2_5_vl", "tiny_videollama2_av", "tiny_llava")
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ import pytest
 from avkv.config import ROOT, compose
 from avkv.experiment import run
 from avkv.tasks.fixtures import unavailable
-from tests.conftest import fixtures_dir, tiny_model_dir
+from tests.conftest import VLM_FAMILIES, fixtures_dir, tiny_model_dir
 
 pytestmark = pytest.mark.slow
 
@@ -42,6 +42,10 @@ CASES = [
                                       "dataset.n_tokens_per_image=64"],
      ["dataset", "image_quantity_level", "truncation"],
      ["score", "score_by_dataset", "score_by_group", "score_by_image_quantity_level"]),
+    # the transformers vision-language families (issue 19) on two MileBench tasks each
+    *[("milebench", f"tiny_{f}", ["dataset.tasks=[Spot-the-Diff,MMCoQA]", "dataset.limit=2",
+                                  "dataset.n_tokens_per_image=64"],
+       ["dataset", "image_quantity_level"], ["score", "score_by_dataset"]) for f in VLM_FAMILIES],
     ("librispeech", "tiny_qwen2_audio", ["dataset.split=[test-clean,test-other]", "dataset.limit=4"],
      ["errors", "ref_words", "source"], ["wer", "wer_by_source", "acc_100_minus_wer"]),
     # the MoE thinker on AudioKV Table 1's ASR column (its audio path: standalone audio, no video)
@@ -51,7 +55,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("dataset,model,overrides,fields,keys", CASES, ids=[c[0] if c[1] != "tiny_qwen3_omni" else f"{c[0]}-qwen3_omni" for c in CASES])
+@pytest.mark.parametrize("dataset,model,overrides,fields,keys", CASES, ids=[f"{c[0]}-{c[1]}" for c in CASES])
 def test_family_end_to_end(tmp_path, dataset, model, overrides, fields, keys):
     if dataset.startswith("librispeech") and unavailable("librispeech"):
         pytest.skip(f"speech fixture unavailable: {unavailable('librispeech')}")
