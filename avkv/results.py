@@ -101,6 +101,9 @@ def _portable(value: Any, roots: list[str]) -> Any:
         return [_portable(v, roots) for v in value]
     if isinstance(value, str) and value.startswith(os.sep):
         norm = os.path.normpath(value)
+        from avkv.config import PACKAGE           # the package's own files (committed proxies), clone or installed
+        if norm.startswith(str(PACKAGE) + os.sep):
+            return PROJECT + "/avkv/" + os.path.relpath(norm, str(PACKAGE)).replace(os.sep, "/")
         for r in roots:
             if norm == r:
                 return PROJECT
@@ -118,6 +121,8 @@ def identity_core(cfg: Mapping) -> dict:
     if not uses_budget(cfg):
         for k in BUDGET_KEYS:
             core[k] = None
+    if isinstance(core.get("dataset"), Mapping) and core["dataset"].get("limit_per_task", 0) is None:
+        core["dataset"] = {k: v for k, v in core["dataset"].items() if k != "limit_per_task"}   # unset: as before
     return _portable(json.loads(json.dumps(core, sort_keys=True, default=str)), _roots(cfg))
 
 
