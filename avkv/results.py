@@ -559,10 +559,10 @@ def spread(values: Iterable[float | None]) -> dict | None:
     v = [x for x in values if x is not None and not (isinstance(x, float) and math.isnan(x))]
     if not v:
         return None
-    s = sorted(v)
-    q = lambda p: s[min(len(s) - 1, int(round(p * (len(s) - 1))))]  # noqa: E731
+    import numpy as np
+    p50, p90 = np.quantile(np.asarray(v, dtype=np.float64), [0.5, 0.9], method="nearest")   # a recorded value
     return {"mean": statistics.fmean(v), "std": statistics.pstdev(v) if len(v) > 1 else 0.0,
-            "p50": q(0.5), "p90": q(0.9), "min": s[0], "max": s[-1], "n": len(v)}
+            "p50": float(p50), "p90": float(p90), "min": min(v), "max": max(v), "n": len(v)}
 
 
 def efficiency_summary(records: list[dict]) -> dict:
