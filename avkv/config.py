@@ -355,9 +355,9 @@ def require_known_overrides(args: Sequence[str], config_dir: str | Path | None =
 
 
 # ------------------------------------------------------------------------------------------------ environment
-GPU_INSTALL_HINT = ("install the GPU stack: `conda env create -f environment.yml` (CUDA torch, flash-attn optional), "
-                    "or `pip install torch --index-url https://download.pytorch.org/whl/cu124 && pip install "
-                    "'avkv[gpu]'`; or run with device=cpu")
+GPU_INSTALL_HINT = ("install the GPU stack: `conda env create -f environment.yml` (CUDA torch, accelerate; flash-attn "
+                    "optional), or a CUDA torch from https://download.pytorch.org/whl/ then `pip install 'avkv[gpu]'`; "
+                    "or run with device=cpu")
 
 
 def device_problem(device: str) -> Problem | None:
