@@ -94,9 +94,10 @@ class Harness:
     def docs(self, dataset: str | None = None, limit: int | None = None, overrides: Sequence[str] = ()) -> list:
         """The dataset's documents (``dataset.limit`` and ``dataset.limit_per_task`` apply), to pass to
         :meth:`run` for several methods."""
-        from avkv.experiment import dataset_docs
+        from avkv.experiment import ensure_fixture, load_task
         cfg = self.config(self._dataset_overrides(dataset, limit, overrides))
-        return dataset_docs(cfg, self.task(dataset, limit, overrides))
+        ensure_fixture(cfg)
+        return load_task(cfg)[1]
 
     def run(self, method: str = "snapkv", budget: float = 0.2, docs: Iterable | None = None,
             dataset: str | None = None, limit: int | None = None, compress_at: str = "question",
@@ -110,9 +111,9 @@ class Harness:
         cfg = self.config(extra)
         from avkv.experiment import ensure_fixture
         ensure_fixture(cfg)
-        task = instantiate(cfg.dataset)
-        from avkv.experiment import dataset_docs
-        docs = dataset_docs(cfg, task) if docs is None else list(docs)
+        from avkv.experiment import load_task
+        task, all_docs = load_task(cfg)
+        docs = all_docs if docs is None else list(docs)
         if not docs:
             raise DatasetError("no documents to run (an empty list, or dataset.limit/filters leave nothing)")
         meth = instantiate(cfg.method)

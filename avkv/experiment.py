@@ -136,10 +136,21 @@ def per_task(docs: list, n: int | None) -> list:
     return out
 
 
-def dataset_docs(cfg: DictConfig, task) -> list:
-    """The documents a run evaluates: the loader's (``dataset.limit`` applies there), then at most
-    ``dataset.limit_per_task`` of each sub-task."""
-    return per_task(list(task.docs()), OmegaConf.select(cfg, "dataset.limit_per_task", default=None))
+def load_task(cfg: DictConfig):
+    """(task, documents) of a run. Without ``dataset.limit_per_task`` the loader applies ``dataset.limit``. With
+    it, a dataset whose documents carry sub-tasks (MileBench, MVBench) keeps the first ``limit_per_task`` of each
+    and ``limit`` is not applied (so every sub-task is there); a one-task dataset keeps the first ``limit``."""
+    n = OmegaConf.select(cfg, "dataset.limit_per_task", default=None)
+    if n is None:
+        task = instantiate(cfg.dataset)
+        return task, list(task.docs())
+    limit = cfg.dataset.get("limit")
+    task = instantiate(cfg.dataset, limit=None)
+    docs = list(task.docs())
+    if any(task_label(d) for d in docs):
+        return task, per_task(docs, n)
+    task.limit = limit
+    return task, docs if limit is None else docs[:int(limit)]
 
 
 def shard_docs(docs: list, shard: int = 0, num_shards: int = 1) -> list:
@@ -203,8 +214,8 @@ def run(cfg: DictConfig) -> dict:
     with RunStore(run_dir) as store:                # the run directory's one writer (RunLocked otherwise)
         follow_launcher()
         ensure_fixture(cfg)
-        task = instantiate(cfg.dataset)
-        docs = shard_docs(dataset_docs(cfg, task), cfg.get("shard", 0), cfg.get("num_shards", 1))
+        task, docs = load_task(cfg)
+        docs = shard_docs(docs, cfg.get("shard", 0), cfg.get("num_shards", 1))
         if not docs:
             raise DatasetError(no_samples_message(cfg))
         adapter = load_adapter(cfg)

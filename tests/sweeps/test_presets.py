@@ -87,7 +87,7 @@ def test_preset_composes(name, tmp_path):
                           f"paths.runs={tmp_path}", *one])
     c = job.config
     assert c.model.name == g["at"]["smoke"]["model"] and c.dataset.limit_per_task == 2 and c.max_new_tokens == 4
-    assert c.dataset.limit is None                      # per sub-task: Avg covers every task of the preset
+    assert c.dataset.limit == 2                         # one-task datasets; multi-task ones: 2 per sub-task
     assert str(c.dataset.root).startswith(str(c.paths.fixtures))
 
 
