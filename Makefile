@@ -4,10 +4,12 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 CACHE  := .cache
+# a folder holding the torch CPU wheel (for `make lock`), when pip finds it there
+FIND_LINKS ?= $(PIP_FIND_LINKS)
 
-.PHONY: venv setup assets run test test-slurm clean apt proxies proxy-table qwenutils-venv parity-venv
+.PHONY: venv setup assets run test test-slurm clean apt proxies proxy-table qwenutils-venv parity-venv lock
 
-$(STAMP): requirements/cpu.lock.txt pyproject.toml
+$(STAMP): requirements/cpu.lock.txt pyproject.toml setup.py
 	@test -x $(PY) || $(PY_SYS) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check torch==$$(grep '^torch==' requirements/cpu.lock.txt | cut -d= -f3)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements/cpu.lock.txt
@@ -15,6 +17,14 @@ $(STAMP): requirements/cpu.lock.txt pyproject.toml
 	@touch $(STAMP)
 
 venv: $(STAMP)
+
+# Regenerate the complete CPU lock from pyproject.toml (runtime + test + wandb extras) and requirements/cpu.in (the
+# torch CPU wheel), with uv from PyPI; the venv then reinstalls from it.
+lock: venv
+	$(PY) -m pip install -q --disable-pip-version-check uv
+	@{ sed -n 1,3p requirements/cpu.lock.txt; $(VENV)/bin/uv pip compile pyproject.toml requirements/cpu.in --extra test \
+	   --extra wandb --python-version 3.11 $(if $(FIND_LINKS),--find-links $(FIND_LINKS)) --no-emit-find-links --quiet -o -; } > requirements/cpu.lock.new
+	mv requirements/cpu.lock.new requirements/cpu.lock.txt
 
 # espeak-ng gives real speech for the ASR fixtures; tests that need it skip with a reason where it cannot be installed.
 apt:

@@ -18,16 +18,34 @@ from typing import Any, Callable, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-ROOT = Path(__file__).resolve().parent.parent
-CONFIG_DIR = ROOT / "configs"
+PACKAGE = Path(__file__).resolve().parent
 
-#: keys of a model/dataset config group that describe the entry and are not constructor arguments
-META_KEYS = ("name", "tiny_builder", "hub_id", "families", "notes", "preprocessing_source")
+
+def _project_root() -> tuple[Path, bool]:
+    """(project root, is a clone). In a clone (``configs/config.yaml`` beside the package) the root is
+    the clone; in an installed package it is ``$AVKV_HOME`` or the current directory (``.cache/``, ``runs/`` go
+    there) and the configs are the ones shipped as package data (``avkv/configs``)."""
+    clone = PACKAGE.parent
+    if (clone / "configs" / "config.yaml").is_file():
+        return clone, True
+    import os
+    return Path(os.environ.get("AVKV_HOME") or os.getcwd()).resolve(), False
+
+
+ROOT, IN_CLONE = _project_root()
+CONFIG_DIR = (ROOT / "configs") if IN_CLONE else PACKAGE / "configs"
+PAPERS_DIR = (ROOT / "results" / "papers") if IN_CLONE else PACKAGE / "papers"   # the papers' published numbers
+
+#: keys of a model/dataset config group that describe the entry or are the harness's (``dataset.limit_per_task``:
+#: applied by the run to the loader's documents), not constructor arguments
+META_KEYS = ("name", "tiny_builder", "hub_id", "families", "notes", "preprocessing_source", "limit_per_task")
 
 
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("avkv_root"):
         OmegaConf.register_new_resolver("avkv_root", lambda: str(ROOT))
+    if not OmegaConf.has_resolver("avkv_pkg"):        # the installed package (committed proxy checkpoints)
+        OmegaConf.register_new_resolver("avkv_pkg", lambda: str(PACKAGE))
     from avkv.grid import register_resolvers as _sweep_resolvers  # ${avkv.sweep:...} in experiment presets
     _sweep_resolvers()
 
@@ -66,16 +84,30 @@ class Problem:
     choices: tuple | None = None          # the allowed values when they are a closed set
 
     def __str__(self) -> str:
-        return f"{self.key}={self.value!r}: {self.allowed}"
+        hint = ""
+        if self.choices and isinstance(self.value, str):
+            near = close_match(self.value, [str(c) for c in self.choices])
+            hint = f" (did you mean {near!r}?)" if near else ""
+        return f"{self.key}={self.value!r}: {self.allowed}{hint}"
+
+
+def close_match(word: str, options: Sequence[str], cutoff: float = 0.6) -> str | None:
+    """The option closest to ``word`` (difflib's ratio), None when none is close enough."""
+    import difflib
+    got = difflib.get_close_matches(str(word), [str(o) for o in options], n=1, cutoff=cutoff)
+    return got[0] if got else None
 
 
 class ConfigError(ValueError):
-    """Bad config values, each named by key (``problems``)."""
+    """Bad config values, each named by key (``problems``); one problem reads as one line."""
 
     def __init__(self, problems: Sequence[Problem]):
         self.problems = list(problems)
-        super().__init__("invalid config value" + ("s" if len(self.problems) > 1 else "") + ":\n  "
-                         + "\n  ".join(map(str, self.problems)))
+        if len(self.problems) == 1:
+            text = f"invalid config value {self.problems[0]}"
+        else:
+            text = "invalid config values:\n  " + "\n  ".join(map(str, self.problems))
+        super().__init__(text)
 
 
 def _is_int(v: Any) -> bool:
@@ -139,6 +171,7 @@ RULES: dict[str, Rule] = {
     "model.allow_pickle_weights": BOOL,
     "dataset.root": NONEMPTY_STR,
     "dataset.limit": _int_at_least(1, nullable=True),
+    "dataset.limit_per_task": _int_at_least(1, nullable=True),
 }
 #: method fields that are sizes (at least 1); every other integer field of a method must be >= 0
 POSITIVE_METHOD_FIELDS = ("chunk", "kernel", "group_size", "proxy")
@@ -225,6 +258,122 @@ def validate(cfg: DictConfig | dict) -> None:
     problems = check_config(cfg)
     if problems:
         raise ConfigError(problems)
+
+
+# ------------------------------------------------------------------------------------------------ overrides
+class OverrideError(ValueError):
+    """A command-line override that names no config key or group option (one line per problem)."""
+
+    def __init__(self, messages: Sequence[str]):
+        self.messages = list(messages)
+        super().__init__("\n".join(self.messages))
+
+
+#: Hydra flags that may stand beside the overrides without stopping the pre-check
+_PLAIN_FLAGS = ("-m", "--multirun")
+
+
+def _groups(config_dir: Path) -> dict[str, list[str]]:
+    """Config group → its option names (``method`` → ``[adakv, ...]``), from the folder tree."""
+    out: dict[str, list[str]] = {}
+    for f in sorted(config_dir.rglob("*.yaml")):
+        rel = f.relative_to(config_dir)
+        if len(rel.parts) > 1:
+            out.setdefault("/".join(rel.parts[:-1]), []).append(f.stem)
+    return out
+
+
+def _dotted_keys(d: Any, prefix: str = "") -> list[str]:
+    keys = []
+    if isinstance(d, dict):
+        for k, v in d.items():
+            key = f"{prefix}{k}"
+            keys.append(key)
+            keys += _dotted_keys(v, key + ".")
+    return keys
+
+
+def check_overrides(args: Sequence[str], config_dir: str | Path | None = None) -> list[str]:
+    """One line per override in ``args`` that names no key of the composed config and no option of a config group,
+    each with the closest key or option (difflib). Keys added with ``+``, deleted with ``~`` and Hydra's own
+    (``hydra.*``, ``hydra/...``) are left to Hydra. An empty list when every override is known."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    overrides = [a for a in args if a not in _PLAIN_FLAGS]
+    if any(a.startswith("-") for a in overrides):
+        return []                                    # other Hydra flags (--cfg, -cn, ...): Hydra checks those
+    config_dir = Path(config_dir or CONFIG_DIR)
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as e:
+        return [f"cannot parse the overrides: {str(e).splitlines()[0]}"]
+    groups = _groups(config_dir)
+    problems, chosen = [], []
+    for o in parsed:
+        key = o.key_or_group
+        if key.startswith("hydra") or o.is_delete() or o.package:
+            continue
+        if key in groups:
+            values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
+            for v in values:
+                if v in ("null", "None") or v in groups[key]:
+                    continue
+                near = close_match(v, groups[key])
+                opts = ", ".join(groups[key]) if len(groups[key]) <= 30 else f"{len(groups[key])} options"
+                problems.append(f"{key}={v}: no config {key}/{v}.yaml; one of {opts}"
+                                + (f" (did you mean {key}={near}?)" if near else ""))
+            if values and not problems:
+                chosen.append(f"{key}={values[0]}")
+    if problems:
+        return problems
+    plain = [o for o in parsed if o.key_or_group not in groups and not o.key_or_group.startswith("hydra")
+             and not (o.is_add() or o.is_force_add() or o.is_delete() or o.package)]
+    if not plain:
+        return []
+    try:
+        base = OmegaConf.to_container(compose(chosen, validate_values=False), resolve=False)
+    except Exception as e:  # noqa: BLE001 - composition errors are Hydra's to report
+        return [f"cannot compose {' '.join(chosen) or 'the config'}: {str(e).splitlines()[0]}"]
+    known = set(_dotted_keys(base))
+    for o in plain:
+        key = o.key_or_group
+        if key in known:
+            continue
+        parent = key.rpartition(".")[0]
+        siblings = [k for k in known if k.rpartition(".")[0] == parent]
+        near = close_match(key, siblings) or close_match(key, sorted(known))
+        problems.append(f"{key}: no such config key" + (f" (did you mean {near}?)" if near else "")
+                        + f"; to add a new key write +{key}=...")
+    return problems
+
+
+def require_known_overrides(args: Sequence[str], config_dir: str | Path | None = None) -> None:
+    """Raise :class:`OverrideError` when :func:`check_overrides` finds a problem."""
+    problems = check_overrides(args, config_dir)
+    if problems:
+        raise OverrideError(problems)
+
+
+# ------------------------------------------------------------------------------------------------ environment
+GPU_INSTALL_HINT = ("install the GPU stack: `conda env create -f environment.yml` (CUDA torch, accelerate; flash-attn "
+                    "optional), or a CUDA torch from https://download.pytorch.org/whl/ then `pip install 'avkv[gpu]'`; "
+                    "or run with device=cpu")
+
+
+def device_problem(device: str) -> Problem | None:
+    """A device this torch cannot use (``device=cuda`` on a CPU build, an index past the last GPU), else None."""
+    import torch
+    dev = str(device)
+    if dev.startswith("cuda"):
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}, no GPU visible"
+            return Problem("device", dev, f"torch {torch.__version__} is {build}; {GPU_INSTALL_HINT}")
+        idx = dev.partition(":")[2]
+        if idx and int(idx) >= torch.cuda.device_count():
+            return Problem("device", dev, f"only {torch.cuda.device_count()} GPU(s) visible (cuda:0..)")
+    if dev == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        return Problem("device", dev, f"MPS is not available in torch {torch.__version__}; use device=cpu")
+    return None
 
 
 register_resolvers()

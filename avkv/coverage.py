@@ -27,9 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-ROOT = Path(__file__).resolve().parent.parent
-PAPERS_DIR = ROOT / "results" / "papers"
-CONFIG_DIR = ROOT / "configs"
+from avkv.config import CONFIG_DIR, PAPERS_DIR, ROOT  # noqa: E402,F401 - clone or installed package data
 KEYS_FILE = "keys/config_keys.csv"   # in a subfolder: report.paper_numbers reads every *.csv of papers/
 GROUP = {"model": "model", "method": "method", "task": "dataset"}
 

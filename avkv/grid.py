@@ -40,7 +40,13 @@ from typing import Any, Callable, Iterable, Sequence
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def _config_dir() -> Path:
+    """The clone's ``configs/`` or the installed package data (``avkv.config`` decides; imported late: it
+    registers this module's resolvers when it loads)."""
+    from avkv.config import CONFIG_DIR
+    return CONFIG_DIR
 
 
 # ------------------------------------------------------------------------------------------------ resolvers
@@ -74,7 +80,7 @@ def available(values: Any, group: str = "method", config_dir: str | Path | None 
         if GlobalHydra.instance().is_initialized():
             options = set(GlobalHydra.instance().config_loader().get_group_options(group))
     if options is None:
-        root = Path(config_dir) if config_dir else CONFIG_DIR
+        root = Path(config_dir) if config_dir else _config_dir()
         options = {p.stem for p in (root / group).glob("*.yaml")}
     items = [v for v in names if str(v) in options]
     if not items:
@@ -131,7 +137,7 @@ def expand_batches(overrides: Sequence[str], config_dir: str | Path | None = Non
     from avkv.config import register_resolvers as _all_resolvers  # avkv_root and ours
 
     _all_resolvers()
-    config_dir = str(Path(config_dir or CONFIG_DIR).resolve())
+    config_dir = str(Path(config_dir or _config_dir()).resolve())
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=config_dir, version_base="1.3", job_name="avkv_missing"):
         loader = GlobalHydra.instance().config_loader()
@@ -351,9 +357,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides = list(a.overrides)
     if a.sweep_dir is not None:
         overrides = overrides_from_sweep_dir(a.sweep_dir) + overrides
-    batches = expand_batches(overrides, config_dir=a.config_dir)
-    known = {a.sweep_dir.resolve(): batches} if a.sweep_dir is not None and not a.overrides else None
-    jobs = check([job for batch in batches for job in batch], known=known, config_dir=a.config_dir)
+    from avkv.config import check_overrides
+    problems = check_overrides(overrides, config_dir=a.config_dir)
+    if problems:
+        for line in problems:
+            print(f"avkv missing: {line}", file=sys.stderr)
+        return 2
+    try:
+        batches = expand_batches(overrides, config_dir=a.config_dir)
+        known = {a.sweep_dir.resolve(): batches} if a.sweep_dir is not None and not a.overrides else None
+        jobs = check([job for batch in batches for job in batch], known=known, config_dir=a.config_dir)
+    except Exception as e:  # noqa: BLE001 - Hydra's composition errors: their first line, not a traceback
+        from hydra.errors import HydraException
+        if not isinstance(e, (HydraException, ValueError)):
+            raise
+        print(f"avkv missing: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
     if a.json:
         print(json.dumps([j.as_dict() for j in jobs], indent=1))
         return 0

@@ -101,6 +101,9 @@ def _portable(value: Any, roots: list[str]) -> Any:
         return [_portable(v, roots) for v in value]
     if isinstance(value, str) and value.startswith(os.sep):
         norm = os.path.normpath(value)
+        from avkv.config import PACKAGE           # the package's own files (committed proxies), clone or installed
+        if norm.startswith(str(PACKAGE) + os.sep):
+            return PROJECT + "/avkv/" + os.path.relpath(norm, str(PACKAGE)).replace(os.sep, "/")
         for r in roots:
             if norm == r:
                 return PROJECT
@@ -118,6 +121,8 @@ def identity_core(cfg: Mapping) -> dict:
     if not uses_budget(cfg):
         for k in BUDGET_KEYS:
             core[k] = None
+    if isinstance(core.get("dataset"), Mapping) and core["dataset"].get("limit_per_task", 0) is None:
+        core["dataset"] = {k: v for k, v in core["dataset"].items() if k != "limit_per_task"}   # unset: as before
     return _portable(json.loads(json.dumps(core, sort_keys=True, default=str)), _roots(cfg))
 
 
@@ -554,10 +559,10 @@ def spread(values: Iterable[float | None]) -> dict | None:
     v = [x for x in values if x is not None and not (isinstance(x, float) and math.isnan(x))]
     if not v:
         return None
-    s = sorted(v)
-    q = lambda p: s[min(len(s) - 1, int(round(p * (len(s) - 1))))]  # noqa: E731
+    import numpy as np
+    p50, p90 = np.quantile(np.asarray(v, dtype=np.float64), [0.5, 0.9], method="nearest")   # a recorded value
     return {"mean": statistics.fmean(v), "std": statistics.pstdev(v) if len(v) > 1 else 0.0,
-            "p50": q(0.5), "p90": q(0.9), "min": s[0], "max": s[-1], "n": len(v)}
+            "p50": float(p50), "p90": float(p90), "min": min(v), "max": max(v), "n": len(v)}
 
 
 def efficiency_summary(records: list[dict]) -> dict:

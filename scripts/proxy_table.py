@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from avkv.config import CONFIG_DIR, compose  # noqa: E402
 from avkv.engine import within_budget  # noqa: E402
-from avkv.experiment import run  # noqa: E402
+from avkv.experiment import display_path, run  # noqa: E402
 from avkv.models.base import weights_digest  # noqa: E402
 from avkv.models.proxy import PROXIES, build_init  # noqa: E402
 
@@ -65,7 +65,7 @@ def run_cell(proxy: str, method: str, budget: float, out: Path, args, extra: lis
     cell = {"proxy": proxy, "method": method, "budget": budget, "mean": mean, "lo": lo, "hi": hi, "n": len(recs),
             "n_failed": len(recs) - len(ok), "kept_ratio": s.get("kept_ratio_mean"), **budget_fields(ok, budget),
             "error": next((r["error"].split("\n")[0][:300] for r in recs if r.get("error")), None),
-            "by_type": {k: float(np.mean(v)) for k, v in sorted(by_type.items())}, "run_dir": str(s["run_dir"])}
+            "by_type": {k: float(np.mean(v)) for k, v in sorted(by_type.items())}, "run_dir": display_path(s["run_dir"])}
     print(json.dumps({k: v for k, v in cell.items() if k != "run_dir"}), flush=True)
     return cell
 

@@ -119,8 +119,9 @@ def test_unknown_names_list_the_available_ones():
         p = _run_py(f"{group}={bad}")
         assert p.returncode != 0
         err = p.stderr + p.stdout
-        assert f"Could not find '{group}/{bad}'" in err and f"Available options in '{group}'" in err
+        assert f"{group}={bad}: no config {group}/{bad}.yaml; one of " in err and "Traceback" not in err
     assert "snapkv" in _run_py("method=nosuchmethod").stderr
+    assert "(did you mean method=snapkv?)" in _run_py("method=snapk").stderr      # the closest option
 
 
 def test_missing_checkpoint_names_path_and_script(tmp_path):

@@ -163,6 +163,11 @@ def normalize_short_answer(s: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------ ROUGE-L
+# Two ROUGE-L variants are kept because two official scorers compute different numbers and avkv reproduces both
+# (goldens in tests/tasks/golden): coco-caption's (PTB tokens, max P / max R over references, beta 1.2), used by the
+# DSTC7/DSTC10 AVSD evaluation, and pltrdy ``rouge`` 1.0.1's (summary-level, set counts), used by MileBench's
+# evaluate.py. Neither is available as a maintained Python package for the coco one (it shells out to Java's
+# PTBTokenizer), and ``rouge`` 1.0.1 is reimplemented rather than depended on to stay pure and pinned by goldens.
 
 
 def _lcs(a: Sequence[str], b: Sequence[str]) -> int:
@@ -175,21 +180,6 @@ def _lcs(a: Sequence[str], b: Sequence[str]) -> int:
             cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
         prev = cur
     return prev[-1]
-
-
-def rouge_l(hyp: str, ref: str, beta: float = 1.0) -> float:
-    """Sentence-level ROUGE-L F on whitespace tokens: ``(1 + b²) P R / (R + b² P)`` with LCS precision/recall.
-
-    ``beta=1`` is the plain F1; ``beta=1.2`` is the COCO-caption variant the DSTC AVSD evaluation uses.
-    """
-    h, r = str(hyp).split(), str(ref).split()
-    if not h or not r:
-        return 0.0
-    lcs = _lcs(h, r)
-    if lcs == 0:
-        return 0.0
-    p, rec = lcs / len(h), lcs / len(r)
-    return ((1 + beta ** 2) * p * rec) / (rec + beta ** 2 * p)
 
 
 def ptb_tokenize(text: str) -> list[str]:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from avkv.metrics.text import (exact_match, extract_choice, option_letters, render_options, rouge_l,
+from avkv.metrics.text import (exact_match, extract_choice, option_letters, render_options, rouge_l_coco,
                                rouge_l_pltrdy, videollama2_exact_match)
 
 CH = ["red", "green", "blue", "yellow"]
@@ -55,12 +55,12 @@ def test_clean_exact_match():
 
 def test_rouge_l_known_pairs():
     # LCS("the cat sat on the mat", "the cat is on the mat") = "the cat on the mat" = 5 → P = R = F = 5/6
-    assert rouge_l("the cat sat on the mat", "the cat is on the mat") == pytest.approx(5 / 6)
+    assert rouge_l_coco("the cat sat on the mat", ["the cat is on the mat"]) == pytest.approx(5 / 6)
     # LCS = 2, P = 2/4, R = 2/2 → F1 = 2/3; COCO beta = 1.2: (1 + 1.44) * 0.5 * 1 / (1 + 1.44 * 0.5)
-    assert rouge_l("a b c d", "a c") == pytest.approx(2 / 3)
-    assert rouge_l("a b c d", "a c", beta=1.2) == pytest.approx(2.44 * 0.5 / 1.72)
-    assert rouge_l("", "a") == 0.0 and rouge_l("x y", "a b") == 0.0
-    assert rouge_l("same words here", "same words here") == pytest.approx(1.0)
+    assert rouge_l_coco("a b c d", ["a c"], beta=1.0) == pytest.approx(2 / 3)
+    assert rouge_l_coco("a b c d", ["a c"]) == pytest.approx(2.44 * 0.5 / 1.72)
+    assert rouge_l_coco("", ["a"]) == 0.0 and rouge_l_coco("x y", ["a b"]) == 0.0
+    assert rouge_l_coco("same words here", ["same words here"]) == pytest.approx(1.0)
 
 
 def test_rouge_l_pltrdy_quirks():

@@ -102,7 +102,7 @@ def smoke_runs(assets, tmp_path_factory) -> dict:
         runs = root / f.stem
         for job in grid.expand([f"experiment={f.stem}", "smoke=tiny", f"budget={','.join(map(str, budgets))}",
                                 f"method={','.join(methods)}", f"paths.runs={runs}", "max_new_tokens=2",
-                                "threads=1"]):
+                                "threads=1", "dataset.limit_per_task=1"]):   # every sub-task, one sample each
             run(job.config)
         out[f.stem] = runs
     return out

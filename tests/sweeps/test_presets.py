@@ -86,7 +86,8 @@ def test_preset_composes(name, tmp_path):
     (job,) = grid.expand([f"experiment={name}", "smoke=tiny", "method=full", f"budget={b0}",
                           f"paths.runs={tmp_path}", *one])
     c = job.config
-    assert c.model.name == g["at"]["smoke"]["model"] and c.dataset.limit == 2 and c.max_new_tokens == 4
+    assert c.model.name == g["at"]["smoke"]["model"] and c.dataset.limit_per_task == 2 and c.max_new_tokens == 4
+    assert c.dataset.limit == 2                         # one-task datasets; multi-task ones: 2 per sub-task
     assert str(c.dataset.root).startswith(str(c.paths.fixtures))
 
 

@@ -87,12 +87,12 @@ def test_points_have_ci_and_paired_diff(grid):
 def test_tables_markdown_latex(grid, tmp_path):
     res = report.build([grid], out=tmp_path / "rep", n_boot=200, quiet=True)
     md = res["markdown"]
-    assert "| model | method | budget | ALFRED | IEdit | Avg | Δ Full |" in md
+    assert "| model | method | budget | n | ALFRED | IEdit | Avg | Δ Full |" in md
     assert md.count("| tiny_qwen25vl | full |") == 1  # full shown once though it ran with budget 0.2
     assert "±" in md
     tex = (tmp_path / "rep" / "table.tex").read_text()
     assert r"\begin{tabular}" in tex and r"$\pm$" in tex
-    for f in ["samples.parquet", "samples.csv", "points.csv", "table.md", "plots/tiny_qwen25vl__milebench.png"]:
+    for f in ["samples.parquet", "samples.csv", "points.csv", "table.md", "plots/exp__tiny_qwen25vl__milebench.png"]:
         assert (tmp_path / "rep" / f).is_file(), f
     back = report.read_table(tmp_path / "rep")
     assert len(back) == len(res["samples"])
@@ -243,3 +243,84 @@ def test_each_paper_model_gets_its_own_table(tmp_path):
     mob = sides["flowmm_table1 · MobileVLM-V2-3B"].to_string()
     assert "(25.18)" in mob and "(36.92)" not in mob
     assert "(36.92)" in sides["flowmm_table1 · Qwen2.5-VL-7B"].to_string()
+
+
+# ---------------------------------------------------------------------------------------------- unlike points
+@pytest.fixture
+def mixed(tmp_path):
+    """One experiment run at two dataset limits (8 and 16 samples) and a second experiment with compress_at=context:
+    the same (model, method, budget) appears in three contexts."""
+    root = tmp_path / "mixed"
+    for name, n, extra, exp in [("a8", 8, {"dataset": {"name": "avqa", "root": "/d", "limit": 8}}, "budget_demo"),
+                                ("a16", 16, {"dataset": {"name": "avqa", "root": "/d", "limit": 16}}, "budget_demo"),
+                                ("c8", 8, {"dataset": {"name": "avqa", "root": "/d", "limit": 8},
+                                           "compress_at": "context"}, "context_demo")]:
+        ids = [f"s{i}" for i in range(n)]
+        make_run(root, f"full-{name}", method="full", budget=0.2, dataset="avqa", ids=ids, scores=[1] * n,
+                 experiment=exp, extra_cfg=extra)
+        make_run(root, f"snap-{name}", method="snapkv", budget=0.2, dataset="avqa", ids=ids,
+                 scores=[1] * (n // 2) + [0] * (n - n // 2) if n == 8 else [1] * n, experiment=exp, extra_cfg=extra)
+    return root
+
+
+def test_points_of_different_limits_and_experiments_are_never_pooled(mixed, tmp_path):
+    res = report.build([mixed], out=tmp_path / "rep", n_boot=100, quiet=True)
+    pts = res["points"]
+    snap = pts[pts["method"] == "snapkv"].sort_values(["experiment", "score_n"])
+    assert list(snap["score_n"]) == [8, 16, 8]                  # three points, n kept apart
+    assert sorted(snap["score_mean"]) == [50.0, 50.0, 100.0]
+    assert set(snap["limit"]) == {"8", "16"} and set(snap["compress_at"].astype(str)) >= {"context"}
+    md = res["markdown"]
+    assert md.count("### budget_demo · avqa") == 2 and md.count("### context_demo · avqa") == 1
+    assert "n=8" in md and "n=16" in md and "never pooled" in md
+    plots = sorted(p.name for p in res["plots"])
+    assert len(plots) == 3 and any(p.startswith("context_demo__") for p in plots)
+
+
+def test_wide_table_refuses_points_that_would_share_a_cell(mixed):
+    res = report.build([mixed], n_boot=50, quiet=True, plots=False)
+    with pytest.raises(report.MixedPoints, match="differ in .*limit"):
+        report.wide_table(res["points"][res["points"]["experiment"] == "budget_demo"])
+
+
+def test_experiment_and_filter_select_a_sweep(mixed, tmp_path, capsys):
+    res = report.build([mixed], n_boot=50, quiet=True, plots=False, experiments=["context_demo"])
+    assert set(res["points"]["experiment"]) == {"context_demo"}
+    res = report.build([mixed], n_boot=50, quiet=True, plots=False, filters=["limit=16"])
+    assert set(res["points"]["score_n"]) == {16}
+    with pytest.raises(report.ReportError, match=r"experiment=contxt_demo: no run has it.*did you mean context_demo"):
+        report.build([mixed], n_boot=50, quiet=True, plots=False, experiments=["contxt_demo"])
+    with pytest.raises(report.ReportError, match="key one of"):
+        report.build([mixed], n_boot=50, quiet=True, plots=False, filters=["mehtod=snapkv"])
+    assert report.main([str(mixed), "--experiment", "budget_demo", "--filter", "method=snapkv,full",
+                        "--no-plots", "--n-boot", "50"]) == 0
+    assert "context_demo" not in capsys.readouterr().out
+
+
+def test_report_exit_codes(tmp_path, capsys):
+    assert report.main([str(tmp_path / "absent")]) == 2
+    assert "no such path" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert report.main([str(tmp_path / "empty")]) == 1
+    assert "no runs found" in capsys.readouterr().err
+
+
+def test_plot_title_names_model_dataset_metric_and_n(mixed, tmp_path, monkeypatch):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.figure
+    titles, ylabels = [], []
+    orig_suptitle, orig_save = matplotlib.figure.Figure.suptitle, matplotlib.figure.Figure.savefig
+
+    def save(fig, *a, **k):
+        ylabels.append([ax.get_ylabel() for ax in fig.axes])
+        return orig_save(fig, *a, **k)
+    monkeypatch.setattr(matplotlib.figure.Figure, "suptitle",
+                        lambda fig, t, **k: titles.append(t) or orig_suptitle(fig, t, **k))
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", save)
+    res = report.build([mixed], n_boot=50, quiet=True, plots=False, experiments=["context_demo"])
+    pts = res["points"].assign(metric="accuracy")
+    report.plot_budget_curves(pts, tmp_path / "p", res["avg"])
+    assert titles == ["tiny_qwen25vl · avqa · accuracy · n=8  —  experiment context_demo (limit 8, compress_at "
+                      "context)"]
+    assert ylabels[0][0].startswith("accuracy") and "ms/token, mean ± 95% CI" in ylabels[0][2]

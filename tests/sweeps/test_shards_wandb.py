@@ -48,12 +48,20 @@ class FakeRun:
         self.finished = True
 
 
+class FakeTable(dict):
+    def __init__(self, columns, data=None, log_mode=None):
+        super().__init__(columns=columns, data=list(data or []), log_mode=log_mode)
+
+    def add_data(self, *row):
+        self["data"].append(list(row))
+
+
 def test_wandb_conventions(monkeypatch, tmp_path):
     """group = experiment, tags model/method/dataset/budget, id = config hash, resume='allow', the full table."""
     runs = []
     fake = types.SimpleNamespace(
         init=lambda **kw: runs.append(FakeRun(**kw)) or runs[-1],
-        Table=lambda columns, data: {"columns": columns, "data": data},
+        Table=FakeTable,
         Settings=lambda **kw: kw)
     monkeypatch.setitem(sys.modules, "wandb", fake)
     from avkv.tracking import make_tracker
@@ -70,6 +78,36 @@ def test_wandb_conventions(monkeypatch, tmp_path):
     table = r.logged[-1]["samples"]
     assert [row[0] for row in table["data"]] == ["1", "2"]  # every stored sample, as after a requeue
     assert r.finished
+    # the sample logged while running was streamed at once: its numbers and a row of the incremental table
+    streamed = r.logged[0]
+    assert streamed["sample/score"] == 1.0 and streamed["samples_done"] == 1
+    assert streamed["samples_live"]["log_mode"] == "INCREMENTAL" and streamed["samples_live"]["data"][0][0] == "3"
+
+
+def test_wandb_group_is_the_sweep(monkeypatch):
+    """logger.group, else the preset's grid.name, else experiment_name (not 'default'), else none outside a sweep."""
+    from omegaconf import OmegaConf
+
+    from avkv.tracking import group_name
+    cfg = lambda **kw: OmegaConf.create({"experiment_name": "default", "logger": {"group": None}, **kw})
+    assert group_name(cfg()) is None
+    assert group_name(cfg(experiment_name="ablation")) == "ablation"
+    assert group_name(cfg(experiment_name="ablation", grid={"name": "flowmm_table1"})) == "flowmm_table1"
+    assert group_name(cfg(logger={"group": "mine"}, grid={"name": "flowmm_table1"})) == "mine"
+
+
+def test_wandb_offline_folder_and_sync_command_printed_once(monkeypatch, tmp_path, capsys):
+    runs = []
+    fake = types.SimpleNamespace(init=lambda **kw: runs.append(FakeRun(**kw)) or runs[-1], Table=FakeTable,
+                                 Settings=lambda **kw: kw)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    from avkv import tracking
+    monkeypatch.setattr(tracking, "_ANNOUNCED", set())
+    for i in range(3):                                    # three runs of one sweep in one process
+        tracking.make_tracker({"name": "wandb", "mode": "offline", "dir": str(tmp_path)}, run_id=f"r{i}",
+                              name="run", tags=[], group="g")
+    err = capsys.readouterr().err
+    assert err.count(f"wandb sync {tmp_path}/wandb/offline-run-*") == 1, err
 
 
 @pytest.mark.slow
