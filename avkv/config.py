@@ -319,7 +319,7 @@ def check_overrides(args: Sequence[str], config_dir: str | Path | None = None) -
                 if v in ("null", "None") or v in groups[key]:
                     continue
                 near = close_match(v, groups[key])
-                opts = ", ".join(groups[key]) if len(groups[key]) <= 30 else f"{len(groups[key])} options"
+                opts = ", ".join(groups[key])          # every name: a user must see what exists (≈40 methods fit)
                 problems.append(f"{key}={v}: no config {key}/{v}.yaml; one of {opts}"
                                 + (f" (did you mean {key}={near}?)" if near else ""))
             if values and not problems:
