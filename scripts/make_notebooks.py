@@ -77,7 +77,7 @@ def notebook(name: str, spec: dict) -> nbformat.NotebookNode:
             metadata={"tags": ["parameters"]}),
         new_code_cell(
             "import sys\nfrom pathlib import Path\n\n"
-            "ROOT = next(p for p in [Path.cwd(), *Path.cwd().parents] if (p / 'avkv' / 'report.py').is_file())\n"
+            "ROOT = next(p for p in [Path.cwd(), *Path.cwd().parents] if (p / 'avkv' / 'report' / '__init__.py').is_file())\n"
             "sys.path.insert(0, str(ROOT))\n\n"
             "import pandas as pd\nfrom IPython.display import Image, Markdown, display\n\nfrom avkv import report\n\n"
             "show = lambda t: display(Markdown(report.to_markdown(t)))\n"

@@ -105,7 +105,7 @@ def test_prompt_snapshot(fixture_root, family, kind, text):
 def test_prompt_unknown_family(fixture_root):
     t = AVQA(fixture_root / "avqa")
     with pytest.raises(ValueError, match="unknown model family"):
-        t.prompt(next(iter(t.docs())), "llava")
+        t.prompt(next(iter(t.docs())), "nosuchfamily")
 
 
 def test_score_and_aggregate(fixture_root):
