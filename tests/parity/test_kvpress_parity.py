@@ -110,6 +110,10 @@ def test_avkv_matches_kvpress(qwen2, kvpress_refs, case_id, ratio):
         n_kept = ref["n_ctx"] // 2
     elif case.get("avkv_n_kept_from_reference"):   # the press's own count (layer 0's cache)
         n_kept = ref["layers"][0]["cache_len"]
+    elif case.get("avkv_n_kept_mean_from_reference"):   # one selection over all heads: the same total kept
+        kept_all = [len(k) for layer in ref["layers"] for k in layer["kept"]]
+        assert sum(kept_all) % len(kept_all) == 0, f"kvpress keeps {sum(kept_all)} over {len(kept_all)} heads"
+        n_kept = sum(kept_all) // len(kept_all)
     if case.get("avkv_layer_counts_from_reference"):       # a per-layer allocation at kvpress's own layer counts
         counts = [len(layer["kept"][0]) for layer in ref["layers"]]
         n_kept = round(sum(counts) / len(counts))
