@@ -12,7 +12,7 @@ The instruction is plain text, tokenized by the adapter's tokenizer with every c
 :func:`template_parts`); the context chunk is the decoder's own input of the prefill, *embeddings* captured by
 :class:`Capture` (media features included, so a video or audio context is repeated as the model saw it, not as
 placeholder ids). The reconstruction tokens take the positions that follow the chunk ``[0, s)``
-(:func:`next_positions`: 1-D RoPE continues at s, M-RoPE every row at its largest position + 1).
+(:func:`next_positions`: every rotary row continues at its last value + 1, as the question would).
 
 In each decoder layer, right after its attention, a hook hands the method the reconstruction queries and the
 layer's keys (:class:`ReconstructionView`, ``method.score_reconstruction``) and then cuts the layer's cache back
@@ -73,19 +73,15 @@ class Capture:
 
 def next_positions(pos: torch.Tensor | None, s: int, count: int, device) -> torch.Tensor:
     """Position ids of ``count`` text tokens after the prefilled chunk, in the layout the decoder was given:
-    ``[1, s]`` → s, s+1, …; M-RoPE ``[3, 1, s]`` → each row from the largest position + 1; a leading text row
-    (``[4, 1, s]``) continues at its own last value + 1."""
+    every row continues at its own last value + 1 (``[1, s]`` → s, s+1, …; M-RoPE ``[3|4, 1, s]``: text after the
+    chunk's last, text token, the rule of ``ModelAdapter.continue_position_ids``)."""
     step = torch.arange(1, count + 1, device=device)
     if pos is None:
         return (s - 1 + step)[None]
     pos = pos.to(device)
     if pos.dim() == 2:
         return pos[:, -1:] + step[None]
-    rope = pos[-3:]
-    rows = (rope.max() + step).expand(3, pos.shape[1], count)
-    if pos.shape[0] == 4:
-        rows = torch.cat([(pos[0, :, -1:] + step)[None], rows])
-    return rows
+    return pos[:, :, -1:] + step
 
 
 def template_parts(adapter) -> tuple[int, list[int]]:
