@@ -13,7 +13,8 @@ METHODS = ["full", "random", "streamingllm", "snapkv", "h2o", "pyramidkv", "adak
            "kvmerge", "knorm", "tova", "observed_attention", "keydiff",
            # the other kvpress presses (issue 13 item 3; every family and M-RoPE: tests/methods/test_kvpress_presses.py)
            "expected_attention", "lagkv", "chunkkv", "cur", "compactor", "finch", "simlayerkv", "criticalkv",
-           "criticaladakv", "block", "chunk", "composed", "per_layer_compression", "key_rerotation", "decoding"]
+           "criticaladakv", "block", "chunk", "composed", "per_layer_compression", "key_rerotation", "decoding",
+           "kvzip"]
 #: configs that keep what their mechanism keeps (budget_mode: achieved), not the budget
 ACHIEVED = {"simlayerkv", "per_layer_compression"}
 #: the kvpress scorers added with the parity suite (issue 13): also on every other tiny family
