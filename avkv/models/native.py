@@ -55,6 +55,8 @@ class NativeLM(nn.Module):
     port_name = "native"
     #: what the features are called in the missing-features error
     feature_name = "media"
+    #: the port's config class (``from_pretrained(folder, vision_tower_path)`` parses an official config.json)
+    config_class: type = object
 
     def __init__(self, cfg: Any, decoder_cls: type) -> None:
         super().__init__()
@@ -130,8 +132,23 @@ class NativeLM(nn.Module):
         return out
 
 
+    @classmethod
+    def build(cls, cfg: Any, dtype: torch.dtype = torch.float32, init: bool = True) -> "NativeLM":
+        """Instantiate the module tree in ``dtype``; ``init=False`` skips transformers' weight init (real loads)."""
+        return build_model(cls, cfg, dtype, init)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, dtype: torch.dtype = torch.float32,
+                        device: str | torch.device = "cpu", vision_tower_path: str | Path | None = None,
+                        attn_implementation: str | None = None, allow_pickle: bool = False) -> "NativeLM":
+        """config.json + weights (official layout) → an eval-mode model on ``device``; ``model.load_report`` says
+        what was read (:func:`load_official_weights`)."""
+        cfg = cls.config_class.from_pretrained(folder, vision_tower_path)
+        return from_pretrained(cls, cfg, folder, dtype, device, vision_tower_path, attn_implementation, allow_pickle)
+
+
 def build_model(model_cls: type, cfg: Any, dtype: torch.dtype = torch.float32, init: bool = True) -> NativeLM:
-    """Instantiate the module tree in ``dtype``; ``init=False`` skips transformers' weight init (real loads)."""
+    """Instantiate ``model_cls(cfg)`` in ``dtype``; ``init=False`` skips transformers' weight init (real loads)."""
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -160,6 +177,29 @@ def from_pretrained(model_cls: type, cfg: Any, folder: str | Path, dtype: torch.
         from transformers import GenerationConfig
         model.generation_config = GenerationConfig.from_pretrained(folder)
     return model.to(device).eval()
+
+
+def tower_config(raw: dict, tower: str, vision_tower_path: str | Path | None, config_cls: type,
+                 presets: dict[str, dict]) -> Any:
+    """The vision tower's config, which the official config.json lacks (the official code reads it from the hub by
+    the ``mm_vision_tower`` name ``tower``): a ``vision_config`` dict in config.json (the tiny builders write one),
+    else ``vision_tower_path/config.json``, else the published config among ``presets`` (hub name part → fields)
+    whose key ``tower`` contains. ``mm_hidden_size`` must equal the tower's width."""
+    if raw.get("vision_config"):
+        vcfg = config_cls(**raw["vision_config"])
+    elif vision_tower_path is not None:
+        vraw = json.loads((Path(vision_tower_path) / "config.json").read_text())
+        vraw = vraw.get("vision_config", vraw)          # a full CLIP/SigLIP folder nests it
+        vcfg = config_cls(**{k: v for k, v in vraw.items() if k != "model_type"})
+    else:
+        preset = next((p for key, p in presets.items() if key in tower), None)
+        if preset is None:
+            raise ValueError(f"no config for vision tower {tower!r}: pass vision_tower_path= a local copy of it")
+        vcfg = config_cls(**preset)
+    mm_hidden = int(raw.get("mm_hidden_size", vcfg.hidden_size))
+    if mm_hidden != vcfg.hidden_size:
+        raise ValueError(f"mm_hidden_size {mm_hidden} != vision tower hidden_size {vcfg.hidden_size}")
+    return vcfg
 
 
 # ------------------------------------------------------------------------------------ checkpoint names

@@ -5,6 +5,7 @@ run (:meth:`NativeAdapter._run`).
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import torch
 
 from avkv.methods.base import MODALITIES, TEXT
 from avkv.models.base import Encoded, ModelAdapter
+from avkv.tasks.base import Media, Prompt
 
 
 class NativeAdapter(ModelAdapter):
@@ -38,6 +40,21 @@ class NativeAdapter(ModelAdapter):
 
     def text_config(self):
         return self.model.config.text_config
+
+    def _media_item(self, media: Media, notes: list[str], record: list[dict]) -> Any:  # pragma: no cover
+        """One media item decoded and preprocessed (what differs from the file is added to ``notes``, what the
+        model is fed to ``record``)."""
+        raise NotImplementedError
+
+    def _prepared(self, prompt: Prompt) -> tuple[Prompt, list, list[str], list[dict], float]:
+        """``prompt`` with its text made safe (dataset text never becomes a control token or tag), its media items,
+        the notes, the preprocessing record and the seconds spent on media."""
+        t0 = time.perf_counter()
+        notes: list[str] = []
+        prompt = self.safe_prompt(prompt, notes)
+        record: list[dict] = []
+        items = [self._media_item(p, notes, record) for p in prompt.context if isinstance(p, Media)]
+        return prompt, items, notes, record, time.perf_counter() - t0
 
     def _run(self, item: Any, t_offset: int) -> tuple[list[int], list[int], list[int], list[int], int, dict]:
         """One media item's placeholder run: (ids, modality, frame, spatial per position, temporal groups it adds

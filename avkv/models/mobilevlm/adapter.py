@@ -1,7 +1,6 @@
 """The avkv adapter for MobileVLM V2 (MobileLLaMA + CLIP ViT-L/14-336 + LDPv2), from an official checkpoint."""
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from avkv.methods.base import IMAGE, VIDEO
@@ -68,12 +67,7 @@ class MobileVLMAdapter(NativeAdapter):
         return P.user_turn([None if isinstance(p, Media) else p for p in prompt.context], prompt.question)
 
     def encode(self, prompt: Prompt) -> Encoded:
-        t0 = time.perf_counter()
-        notes: list[str] = []
-        prompt = self.safe_prompt(prompt, notes)            # dataset text never becomes a control token or tag
-        record: list[dict] = []
-        items = [self._media_item(p, notes, record) for p in prompt.context if isinstance(p, Media)]
-        media_s = time.perf_counter() - t0
+        prompt, items, notes, record, media_s = self._prepared(prompt)
 
         user = self.user_text(prompt)
         text = P.v1_prompt(user) if prompt.system is None else P.v1_prompt(user, prompt.system)

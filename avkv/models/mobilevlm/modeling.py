@@ -21,15 +21,14 @@ fills those rows with the features and calls the decoder with ``inputs_embeds``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from transformers import CLIPVisionModel, LlamaModel
 
 from avkv.models import native
+from avkv.models.native import CheckpointKeyError, official_key_groups, official_state_dict  # noqa: F401  (the port API)
 from avkv.models.mobilevlm.config import MobileVLMConfig
 from avkv.models.mobilevlm.projector import build_vision_projector
-from avkv.models.native import CheckpointKeyError, official_key_groups, official_state_dict  # noqa: F401
 
 
 @dataclass
@@ -47,6 +46,7 @@ class MediaItem:
 
 
 class MobileVLMForCausalLM(native.NativeLM):
+    config_class = MobileVLMConfig
     port_name = "MobileVLM"
     feature_name = "image"
 
@@ -91,25 +91,8 @@ class MobileVLMForCausalLM(native.NativeLM):
                 f"by {self.config.vision_tower_name!r} from the hub")
 
 
-def load_official_weights(model: MobileVLMForCausalLM, folder: str | Path,
-                          vision_tower_path: str | Path | None = None, allow_pickle: bool = False) -> dict:
-    """:func:`avkv.models.native.load_official_weights`. The vision tower comes from the checkpoint when the official
-    loader keeps it (``'v2'`` in ``mm_projector_type``); ``vision_tower_path`` (a local CLIP folder) supplies it
-    instead — required when the checkpoint bundles none or when the official loader would reload it from the hub
-    (the other projector types)."""
-    return native.load_official_weights(model, folder, vision_tower_path, allow_pickle)
-
-
-def build_model(cfg: MobileVLMConfig, dtype: torch.dtype = torch.float32, init: bool = True) -> MobileVLMForCausalLM:
-    """Instantiate the module tree in ``dtype``; ``init=False`` skips transformers' weight init (real loads)."""
-    return native.build_model(MobileVLMForCausalLM, cfg, dtype, init)
-
-
-def from_pretrained(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                    vision_tower_path: str | Path | None = None, attn_implementation: str | None = None,
-                    allow_pickle: bool = False) -> MobileVLMForCausalLM:
-    """config.json + weights (official layout) → an eval-mode model on ``device``; ``model.load_report`` says what
-    was read."""
-    cfg = MobileVLMConfig.from_pretrained(folder, vision_tower_path)
-    return native.from_pretrained(MobileVLMForCausalLM, cfg, folder, dtype, device, vision_tower_path,
-                                  attn_implementation, allow_pickle)
+#: the strict loader (:func:`avkv.models.native.load_official_weights`); ``vision_tower_path`` supplies the tower
+#: as the official code loads it from the ``mm_vision_tower`` hub id
+load_official_weights = native.load_official_weights
+build_model = MobileVLMForCausalLM.build
+from_pretrained = MobileVLMForCausalLM.from_pretrained

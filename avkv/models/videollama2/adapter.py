@@ -1,7 +1,6 @@
 """The avkv adapter for VideoLLaMA2 / VideoLLaMA2.1 / VideoLLaMA2.1-AV."""
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -97,12 +96,7 @@ class VideoLLaMA2Adapter(NativeAdapter):
         return ([{"role": "system", "content": system}] if system else []) + msgs
 
     def encode(self, prompt: Prompt) -> Encoded:
-        t0 = time.perf_counter()
-        notes: list[str] = []
-        prompt = self.safe_prompt(prompt, notes)            # dataset text never becomes a control token or tag
-        record: list[dict] = []
-        items = [self._media_item(p, notes, record) for p in prompt.context if isinstance(p, Media)]
-        media_s = time.perf_counter() - t0
+        prompt, items, notes, record, media_s = self._prepared(prompt)
 
         msgs = self.messages(prompt)
         text = self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)

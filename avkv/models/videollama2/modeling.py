@@ -24,17 +24,16 @@ replaces those positions' embeddings with the encoder features before calling th
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from transformers import CLIPVisionModel, MistralModel, Qwen2Model, SiglipVisionModel
 
 from avkv.models import native
+from avkv.models.native import CheckpointKeyError, official_key_groups, official_state_dict  # noqa: F401  (the port API)
 from avkv.models.videollama2.beats import BEATs
 from avkv.models.videollama2.config import VideoLLaMA2Config
 from avkv.models.videollama2.processing import AUDIO_PAD_S, AUDIO_SR, num_kaldi_frames
 from avkv.models.videollama2.projector import STCConnector, build_audio_projector, build_vision_projector
-from avkv.models.native import CheckpointKeyError, official_key_groups, official_state_dict  # noqa: F401
 
 
 @dataclass
@@ -54,6 +53,7 @@ class MediaItem:
 
 
 class VideoLLaMA2ForCausalLM(native.NativeLM):
+    config_class = VideoLLaMA2Config
     port_name = "VideoLLaMA2"
 
     def __init__(self, cfg: VideoLLaMA2Config) -> None:
@@ -123,24 +123,8 @@ class VideoLLaMA2ForCausalLM(native.NativeLM):
         return feats
 
 
-def load_official_weights(model: VideoLLaMA2ForCausalLM, folder: str | Path,
-                          vision_tower_path: str | Path | None = None, allow_pickle: bool = False) -> dict:
-    """:func:`avkv.models.native.load_official_weights`; ``vision_tower_path`` (a local SigLIP/CLIP folder) supplies
-    the tower as the official code loads it from the ``mm_vision_tower`` hub id, required when the checkpoint
-    bundles none."""
-    return native.load_official_weights(model, folder, vision_tower_path, allow_pickle)
-
-
-def build_model(cfg: VideoLLaMA2Config, dtype: torch.dtype = torch.float32, init: bool = True) -> VideoLLaMA2ForCausalLM:
-    """Instantiate the module tree in ``dtype``; ``init=False`` skips transformers' weight init (real loads)."""
-    return native.build_model(VideoLLaMA2ForCausalLM, cfg, dtype, init)
-
-
-def from_pretrained(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                    vision_tower_path: str | Path | None = None, attn_implementation: str | None = None,
-                    allow_pickle: bool = False) -> VideoLLaMA2ForCausalLM:
-    """config.json + weights (official layout) → an eval-mode model on ``device``; ``model.load_report`` says what
-    was read."""
-    cfg = VideoLLaMA2Config.from_pretrained(folder, vision_tower_path)
-    return native.from_pretrained(VideoLLaMA2ForCausalLM, cfg, folder, dtype, device, vision_tower_path,
-                                  attn_implementation, allow_pickle)
+#: the strict loader (:func:`avkv.models.native.load_official_weights`); ``vision_tower_path`` supplies the tower
+#: as the official code loads it from the ``mm_vision_tower`` hub id
+load_official_weights = native.load_official_weights
+build_model = VideoLLaMA2ForCausalLM.build
+from_pretrained = VideoLLaMA2ForCausalLM.from_pretrained
