@@ -4,7 +4,8 @@ rebuilt on transformers v5 classes that load an official checkpoint by its own t
 * :class:`NativeLM`: a decoder (``model``: a transformers text model) and ``lm_head``, with the encoders hanging off
   ``model`` where the official code puts them. A prompt holds one run of negative placeholder ids per media item,
   as long as its features; the forward replaces those rows' embeddings with the features (picked by absolute
-  position, so a chunk holding part of a run gets the matching rows) and calls the decoder with ``inputs_embeds``.
+  position, so a chunk holding part of a run gets the matching rows; an item's features are computed once per
+  model) and calls the decoder with ``inputs_embeds``.
   Decoding is plain 1-D RoPE; :meth:`NativeLM.generate` is greedy (the official evaluations are).
 * Checkpoint names: transformers v5 dropped the ``vision_model.`` level of ``CLIPVisionModel`` /
   ``SiglipVisionModel``; checkpoints keep it (``model.vision_tower.vision_tower.vision_model.…``), and
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 import re
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +82,17 @@ class NativeLM(nn.Module):
         """Why the official loader would not use the vision tower bundled in a checkpoint (None: it uses it)."""
         return None
 
+    def item_features(self, item: Any) -> torch.Tensor:
+        """:meth:`encode_item`, computed once per item and model where no gradient is recorded: a split prefill
+        (each chunk holding part of a run) and every further run over the same encoded prompt reuse the rows."""
+        if torch.is_grad_enabled():
+            return self.encode_item(item)
+        memo = item.__dict__.get("_features")
+        if memo is None or memo[0]() is not self:
+            memo = (weakref.ref(self), self.encode_item(item))
+            item.__dict__["_features"] = memo
+        return memo[1]
+
     def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor, media: list | None = None) -> torch.Tensor:
         """Token embeddings with every placeholder position replaced by its media feature row."""
         ids = input_ids.reshape(-1)
@@ -92,7 +105,7 @@ class NativeLM(nn.Module):
         for item in media or []:
             sel = holes & (pos >= item.start) & (pos < item.end)
             if sel.any():
-                emb[sel] = self.encode_item(item)[pos[sel] - item.start].to(emb.dtype)
+                emb[sel] = self.item_features(item)[pos[sel] - item.start].to(emb.dtype)
                 filled |= sel
         if not torch.equal(filled, holes):
             missing = pos[holes & ~filled].tolist()
