@@ -146,6 +146,10 @@ class Method:
     #: the method allocates across layers (D2O): the engine calls :meth:`observe` in each layer's prefill (queries
     #: available) and :meth:`compress` for every layer after the chunk's forward (no queries then)
     deferred: ClassVar[bool] = False
+    #: the method scores from a context reconstruction (KVzip): a deferred method whose :meth:`observe` runs in the
+    #: prefill, then the engine runs ``avkv.reconstruct.reconstruct`` (which calls ``score_reconstruction``) before
+    #: the deferred :meth:`compress` calls
+    needs_reconstruction: ClassVar[bool] = False
     #: ``held``: the method keeps the budget (entries and bytes within ±1 %, the engine checks every sample);
     #: ``achieved``: it keeps what its mechanism keeps and ``budget_reason`` says why (records and reports then put
     #: it at its achieved ratio, apart from the methods that hold the budget)
