@@ -314,6 +314,11 @@ def follow_launcher(poll_s: float = 0.5) -> threading.Thread | None:
     return t
 
 
+def build_prompt(task, adapter, doc):
+    """The prompt of ``doc`` for ``adapter``'s model family: where a task meets a model."""
+    return task.prompt(doc, adapter.family)
+
+
 def run_sample(cfg: DictConfig, task, adapter, engine: Engine, doc) -> dict:
     """One sample; any failure is recorded with its error and never stops the run."""
     rec: dict = {"sample_id": str(doc.id), "target": doc.target, "prediction": None, "score": None, "error": None}
@@ -324,7 +329,7 @@ def run_sample(cfg: DictConfig, task, adapter, engine: Engine, doc) -> dict:
         return rec
     t0 = time.perf_counter()
     try:
-        prompt = task.prompt(doc, adapter.family)
+        prompt = build_prompt(task, adapter, doc)
         enc = adapter.encode(prompt)
         max_new = cfg.get("max_new_tokens") or prompt.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
         seed = sample_seed(int(cfg.seed), str(doc.id))
