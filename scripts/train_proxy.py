@@ -52,8 +52,7 @@ def make_adapter(name: str, path: Path):
 def encode_item(adapter, task, family: str, spec, item: dict) -> tuple[dict, torch.Tensor, torch.Tensor, dict]:
     """One generated item through the evaluation path: AVQA prompt → adapter → (inputs, input_ids, positions of
     the prompt and of the two answer tokens, layout: the engine's two split points and the media mask)."""
-    from avkv.methods.base import TEXT
-    from avkv.tasks.base import Doc, Media
+    from avkv.schema import TEXT, Doc, Media
     doc = Doc(id="train", media=[Media("video", "<generated>", with_audio=True)], question=item["question"],
               target=item["answer"], choices=item["choices"])
     prompt = task.prompt(doc, family)

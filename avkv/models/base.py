@@ -1,6 +1,6 @@
 """The model-adapter contract: everything model-specific lives behind it.
 
-An adapter loads a checkpoint folder with ``from_pretrained``, turns a :class:`~avkv.tasks.base.Prompt` into
+An adapter loads a checkpoint folder with ``from_pretrained``, turns a :class:`~avkv.schema.Prompt` into
 processor inputs (:class:`Encoded`), says where the decoder layers are, gives the modality of every prompt
 position, and produces the position ids the engine passes explicitly to every forward (so decode positions
 continue from the logical prompt length, never from a pruned cache length).
@@ -13,15 +13,13 @@ so dataset text can never become a chat control token or a media placeholder.
 from __future__ import annotations
 
 import dataclasses
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from avkv.methods.base import AUDIO, IMAGE, TEXT, VIDEO
-from avkv.tasks.base import Media, Prompt
+from avkv.schema import AUDIO, IMAGE, TEXT, VIDEO, Prompt
 
 
 def weights_digest(model_path: str | Path) -> str:
@@ -323,15 +321,3 @@ class ModelAdapter:
                 "num_kv_heads": tc.num_key_value_heads, "num_heads": tc.num_attention_heads,
                 "head_dim": getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads}
 
-
-def load_media(media: Media, num_frames: int = 8, fps: float | None = None, sr: int = 16000,
-               max_audio_s: float | None = None) -> dict:
-    """Decode one media item: ``{"frames": uint8 [T,H,W,3]}`` / ``{"audio": float32 [N]}`` / ``{"image": PIL}``.
-
-    Errors name the file (a broken sample is recorded and the run goes on).
-    """
-    from avkv.models import media_io
-    t0 = time.perf_counter()
-    out = media_io.load(media, num_frames=num_frames, fps=fps, sr=sr, max_audio_s=max_audio_s)
-    out["decode_s"] = time.perf_counter() - t0
-    return out

@@ -11,7 +11,7 @@ import torch
 
 from avkv.models.qwen_common import QwenAdapter
 from avkv.models.video_processing import TorchQwenVideoProcessor, stock_video_processor_available
-from avkv.tasks.base import Media, Prompt
+from avkv.schema import Media, Prompt
 
 
 class Qwen25OmniAdapter(QwenAdapter):

@@ -7,7 +7,7 @@ import torch
 
 from avkv.models.qwen_common import QwenAdapter
 from avkv.models.video_processing import TorchQwenVideoProcessor, stock_video_processor_available
-from avkv.tasks.base import Media
+from avkv.schema import Media
 
 
 class Qwen25VLAdapter(QwenAdapter):

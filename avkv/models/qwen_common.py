@@ -9,10 +9,9 @@ from typing import Any
 
 import torch
 
-from avkv.methods.base import VIDEO
 from avkv.models import media_io
 from avkv.models.base import Encoded, ModelAdapter
-from avkv.tasks.base import Media, Prompt
+from avkv.schema import VIDEO, Media, Prompt
 
 
 class QwenAdapter(ModelAdapter):

@@ -7,12 +7,11 @@ from typing import Any
 
 import torch
 
-from avkv.methods.base import IMAGE, MODALITIES, TEXT, VIDEO
 from avkv.models import media_io
 from avkv.models.base import Encoded, ModelAdapter
 from avkv.models.mobilevlm import processing as P
 from avkv.models.mobilevlm.modeling import MediaItem, MobileVLMForCausalLM, from_pretrained
-from avkv.tasks.base import Media, Prompt
+from avkv.schema import IMAGE, MODALITIES, TEXT, VIDEO, Media, Prompt
 
 
 class MobileVLMAdapter(ModelAdapter):

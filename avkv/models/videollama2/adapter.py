@@ -7,11 +7,10 @@ from typing import Any
 
 import torch
 
-from avkv.methods.base import AUDIO, IMAGE, MODALITIES, TEXT, VIDEO
 from avkv.models.base import Encoded, ModelAdapter
 from avkv.models.videollama2 import processing as P
 from avkv.models.videollama2.modeling import MediaItem, VideoLLaMA2ForCausalLM, from_pretrained
-from avkv.tasks.base import Media, Prompt
+from avkv.schema import AUDIO, IMAGE, MODALITIES, TEXT, VIDEO, Media, Prompt
 
 _TAG = {"video": "<video>", "image": "<image>", "audio": "<audio>"}
 
