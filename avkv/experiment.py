@@ -315,8 +315,13 @@ def follow_launcher(poll_s: float = 0.5) -> threading.Thread | None:
 
 
 def build_prompt(task, adapter, doc):
-    """The prompt of ``doc`` for ``adapter``'s model family: where a task meets a model."""
-    return task.prompt(doc, adapter.family)
+    """The prompt of ``doc`` for ``adapter``'s model family: where a task meets a model. The dataset config may
+    refuse the family (``prompts.<family>: null``, or no entry and no default); the task writes the prompt text
+    of the family; the adapter fits the media to what the model takes (:meth:`ModelAdapter.fit_prompt`)."""
+    why = task.prompts.refusal(adapter.family)
+    if why:
+        raise ValueError(f"{task.name}: {why}")
+    return adapter.fit_prompt(task.prompt(doc, adapter.family))
 
 
 def run_sample(cfg: DictConfig, task, adapter, engine: Engine, doc) -> dict:

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from avkv.schema import AUDIO, IMAGE, TEXT, VIDEO, Prompt
+from avkv.schema import AUDIO, IMAGE, TEXT, VIDEO, Media, Prompt
 
 
 def weights_digest(model_path: str | Path) -> str:
@@ -198,6 +198,23 @@ class ModelAdapter:
         w = module.o_proj.weight                                       # [hidden, H*d]
         H = module.config.num_attention_heads
         return w.t().reshape(H, module.head_dim, w.shape[0])
+
+    def fit_prompt(self, prompt: Prompt) -> Prompt:
+        """``prompt`` as this model can take it, before encoding (where a task's prompt meets the model).
+
+        A task writes the item as the dataset has it (a video with its audio track); the model knows what it takes:
+        a model that hears but cannot see gets a with-audio video as that audio track (same file and clip bounds).
+        A text-only model refuses a prompt that carries media (its answer would not be about them).
+        """
+        media = [c for c in prompt.context if isinstance(c, Media)]
+        if media and not self.modalities:
+            raise ValueError(f"the {self.family} model takes text only; this prompt carries "
+                             f"{', '.join(sorted({m.kind for m in media}))}")
+        if "video" in self.modalities or "audio" not in self.modalities:
+            return prompt
+        context = [Media("audio", c.path, start=c.start, end=c.end)
+                   if isinstance(c, Media) and c.kind == "video" and c.with_audio else c for c in prompt.context]
+        return dataclasses.replace(prompt, context=context)
 
     # ---------------------------------------------------------------- to implement per family
     def _load(self) -> tuple[torch.nn.Module, Any]:  # pragma: no cover - interface

@@ -86,7 +86,7 @@ def build_tiny(out_dir: str | Path, seed: int = 0, hidden: int = 64, vision_hidd
     and audio towers.
 
     The sizes, the tokenizer's extra corpus (``texts``), the video pixel range and the audio chunk are
-    parameters so the trained proxies (``avkv/models/proxy.py``) start from the same builder.
+    parameters so the trained proxies (``avkv/proxies/build.py``) start from the same builder.
     """
     from transformers import (Qwen2_5OmniProcessor, Qwen2_5OmniThinkerConfig,
                               Qwen2_5OmniThinkerForConditionalGeneration, Qwen2VLImageProcessorPil,

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from avkv.schema import Doc, Media, Prompt  # noqa: F401 - the task contract's records
+from avkv.tasks.prompts import PromptSet
 
 
 class DatasetError(ValueError):
@@ -106,6 +107,8 @@ class Task:
     """Base class for a dataset family. Subclasses set ``name`` and implement the five methods."""
 
     name: str = "task"
+    #: the dataset config's per-family prompt text (:mod:`avkv.tasks.prompts`); none given: every family runs
+    prompts: PromptSet = PromptSet(None)
     #: the headline metric reported in summaries (e.g. ``accuracy``, ``wer``, ``rouge_l``)
     metric: str = "score"
     higher_is_better: bool = True
