@@ -77,11 +77,11 @@ def ensure_fixture(cfg: DictConfig) -> bool:
     if not root or not fixtures_root or Path(root).exists() or not _inside(root, fixtures_root):
         return False
     from avkv.tasks import fixtures
-    family = Path(root).resolve().relative_to(Path(fixtures_root).resolve()).parts[0]
-    if family not in fixtures.FAMILIES or fixtures.unavailable(family):
+    name = Path(root).resolve().relative_to(Path(fixtures_root).resolve()).parts[0]
+    if name not in fixtures.GENERATORS or fixtures.unavailable(name):
         return False
-    log.info("generating the %s fixture under %s (once)", family, fixtures_root)
-    fixtures.build(fixtures_root, only=[family])
+    log.info("generating the %s fixture under %s (once)", name, fixtures_root)
+    fixtures.build(fixtures_root, only=[name])
     return True
 
 

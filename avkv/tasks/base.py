@@ -1,7 +1,7 @@
 """The task contract: load documents from an official on-disk layout, render prompts, parse, score, aggregate.
 
 A task never touches the model or the cache. It yields :class:`Doc` records (media are *paths*, never decoded
-here), turns a doc into a model-family-specific :class:`Prompt`, and scores the model's raw text output.
+here), turns a doc into a :class:`Prompt` (per model family: the prompt text is the dataset config's data), and scores the model's raw text output.
 
 Two rules hold for every task, enforced here once:
 
@@ -104,7 +104,7 @@ def is_failed(record: dict) -> bool:
 
 
 class Task:
-    """Base class for a dataset family. Subclasses set ``name`` and implement the five methods."""
+    """Base class for a dataset (one official layout). Subclasses set ``name`` and implement the five methods."""
 
     name: str = "task"
     #: the dataset config's per-family prompt text (:mod:`avkv.tasks.prompts`); none given: every family runs
