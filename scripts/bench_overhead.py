@@ -33,7 +33,7 @@ import torch  # noqa: E402
 
 from avkv.config import compose, instantiate  # noqa: E402
 from avkv.engine import Engine  # noqa: E402
-from avkv.methods.base import TEXT, VIDEO  # noqa: E402
+from avkv.schema import TEXT, VIDEO  # noqa: E402
 from avkv.models.base import Encoded, ModelAdapter  # noqa: E402
 
 METHODS = ["full", "streamingllm", "random", "snapkv", "pyramidkv", "adakv", "fastv", "h2o", "lookm", "d2o",
