@@ -34,10 +34,11 @@ class H2O(ScoreMethod):
     """
 
     name = "h2o"
+    all_query_stats = True
     sink: int = 0
     recent_share: float = 0.5
     gqa: str = "mean"
-    chunk: int = 512
+    chunk: int = 128
     decode_policy: str = "fixed"
 
     def protected(self, view: LayerView) -> int:

@@ -28,9 +28,10 @@ class ObservedAttention(ScoreMethod):
     """
 
     name = "observed_attention"
+    all_query_stats = True
     window: int = 0
     gqa: str = "mean"
-    chunk: int = 512
+    chunk: int = 128
 
     def __post_init__(self) -> None:
         check_choice("gqa", self.gqa, ("mean", "max", "sum"))
