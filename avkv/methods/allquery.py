@@ -40,6 +40,8 @@ class PrefillStats:
 
 #: rows per chunk (memory O(H·chunk·S)); chosen by measurement, see ``results/bench/README.md``
 DEFAULT_CHUNK = 128
+#: key columns per tile of the ``lse`` route (a tile's exp and row sum run while it is in cache)
+TILE = 1024
 
 
 def column_pass(queries, keys: torch.Tensor, scale: float, num_heads: int, lse: torch.Tensor | None = None,
@@ -65,19 +67,22 @@ def column_pass(queries, keys: torch.Tensor, scale: float, num_heads: int, lse: 
         e = min(S, a + c)
         r = e - a
         qg = qf(a, e).float().reshape(kvH, g * r, D)                      # query heads grouped on their KV head
-        kt = k[:, :e].transpose(1, 2)                                     # rows [a, e) see keys [0, e) at most
-        if lse is not None:
-            bias = lse[:, a:e].to(dev, torch.float32).reshape(kvH, g * r, 1).neg()
-            p = torch.baddbmm(bias, qg, kt, alpha=scale).view(H, r, e).exp_()
-            p[:, :, a:].masked_fill_(_upper(r, dev), 0.0)
-        else:
-            p = torch.bmm(qg, kt).mul_(scale).view(H, r, e)
-            p[:, :, a:].masked_fill_(_upper(r, dev), float("-inf"))
-            p = p.softmax(-1)
-        if rw is None:
-            out[:, 0, :e] += p.sum(1)
-        else:
-            out[:, :, :e] += torch.matmul(rw[:, a:e], p)
+        bias = None if lse is None else lse[:, a:e].to(dev, torch.float32).reshape(kvH, g * r, 1).neg()
+        for b in range(0, e, TILE if lse is not None else e):             # rows [a, e) see keys [0, e) at most
+            b2 = min(e, b + TILE) if lse is not None else e
+            kt = k[:, b:b2].transpose(1, 2)
+            if lse is not None:                                           # column tiles stay in cache: exp + sum
+                p = torch.baddbmm(bias, qg, kt, alpha=scale).view(H, r, b2 - b).exp_()
+                if b2 > a:
+                    p[:, :, max(a, b) - b:].masked_fill_(_upper(r, dev)[:, max(a, b) - a:b2 - a], 0.0)
+            else:                                                         # softmax needs whole rows
+                p = torch.bmm(qg, kt).mul_(scale).view(H, r, e)
+                p[:, :, a:].masked_fill_(_upper(r, dev), float("-inf"))
+                p = p.softmax(-1)
+            if rw is None:
+                out[:, 0, b:b2] += p.sum(1)
+            else:
+                out[:, :, b:b2] += torch.matmul(rw[:, a:e], p)
     return out
 
 
