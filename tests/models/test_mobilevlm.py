@@ -5,15 +5,15 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import subprocess
-import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from avkv.config import ROOT
+from avkv.config import compose
 from avkv.engine import Engine
+from avkv.experiment import run
 from avkv.methods.base import IMAGE, TEXT, VIDEO
 from avkv.methods.full import Full
 from avkv.models.mobilevlm import CheckpointKeyError, MobileVLMConfig, build_tiny, from_pretrained
@@ -475,17 +475,16 @@ def test_query_recomputation_matches_cached_keys(vid):
     assert seen["err"] < 1e-5
 
 
-def test_run_py_flowmm_on_milebench(tmp_path):
+def test_flowmm_end_to_end_on_milebench(tmp_path):
+    """The experiment loop on this family (in process; the run.py command line itself is tested once, in
+    tests/tasks/test_end_to_end.py)."""
     tiny_model_dir("tiny_mobilevlm")
     fixtures_dir()
-    p = subprocess.run([sys.executable, str(ROOT / "run.py"), "model=tiny_mobilevlm", "method=flowmm", "budget=0.2",
-                        "dataset=milebench_flowmm", f"dataset.root={fixtures_dir() / 'milebench'}",
-                        "dataset.limit=2", "dataset.n_tokens_per_image=144", "max_new_tokens=3",
-                        f"paths.runs={tmp_path}", "progress=false"],
-                       capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
-    (run_dir,) = [d for d in tmp_path.iterdir() if d.is_dir()]
-    recs = [json.loads(x) for x in (run_dir / "samples.jsonl").read_text().splitlines()]
+    s = run(compose(["model=tiny_mobilevlm", "method=flowmm", "budget=0.2", "dataset=milebench_flowmm",
+                     f"dataset.root={fixtures_dir() / 'milebench'}", "dataset.limit=2",
+                     "dataset.n_tokens_per_image=144", "max_new_tokens=3", f"paths.runs={tmp_path}",
+                     "progress=false"]))
+    recs = [json.loads(x) for x in (Path(s["run_dir"]) / "samples.jsonl").read_text().splitlines()]
     assert len(recs) == 2
     for r in recs:
         assert r["error"] is None and r["score"] is not None

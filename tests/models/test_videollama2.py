@@ -3,15 +3,15 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from avkv.config import ROOT
+from avkv.config import compose
 from avkv.engine import Engine
+from avkv.experiment import run
 from avkv.methods.base import AUDIO, IMAGE, TEXT, VIDEO
 from avkv.methods.full import Full
 from avkv.methods.snapkv import SnapKV
@@ -132,15 +132,14 @@ def test_image_is_repeated_to_num_frames_and_audio_file_alone(tmp_path):
 # kept) run on every family, this one included, in tests/test_engine.py
 
 
-def test_run_py_snapkv_on_the_default_av_dataset(tmp_path):
+def test_snapkv_end_to_end_on_the_default_av_dataset(tmp_path):
+    """The experiment loop on this family (in process; the run.py command line itself is tested once, in
+    tests/tasks/test_end_to_end.py)."""
     tiny_model_dir("tiny_videollama2_av")
     fixtures_dir()
-    p = subprocess.run([sys.executable, str(ROOT / "run.py"), "model=tiny_videollama2_av", "method=snapkv",
-                        "budget=0.2", "dataset.limit=2", "max_new_tokens=3", f"paths.runs={tmp_path}",
-                        "progress=false"], capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
-    (run_dir,) = [d for d in tmp_path.iterdir() if d.is_dir()]
-    recs = [json.loads(x) for x in (run_dir / "samples.jsonl").read_text().splitlines()]
+    s = run(compose(["model=tiny_videollama2_av", "method=snapkv", "budget=0.2", "dataset.limit=2",
+                     "max_new_tokens=3", f"paths.runs={tmp_path}", "progress=false"]))
+    recs = [json.loads(x) for x in (Path(s["run_dir"]) / "samples.jsonl").read_text().splitlines()]
     assert len(recs) == 2
     for r in recs:
         assert r["error"] is None
