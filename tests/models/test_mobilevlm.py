@@ -16,11 +16,12 @@ from avkv.engine import Engine
 from avkv.experiment import run
 from avkv.methods.base import IMAGE, TEXT, VIDEO
 from avkv.methods.full import Full
-from avkv.models.mobilevlm import CheckpointKeyError, MobileVLMConfig, build_tiny, from_pretrained
+from avkv.models.mobilevlm import CheckpointKeyError, MobileVLMConfig, from_pretrained
 from avkv.models.mobilevlm import processing as P
 from avkv.models.mobilevlm.modeling import build_model, official_key_groups, official_state_dict
 from avkv.tasks.base import Media, Prompt
 from tests.conftest import adapter, av_prompt, fixtures_dir, tiny_model_dir
+from tests.models.test_native_ports import rewrite as _rewrite
 
 FAMILY = "mobilevlm"
 
@@ -98,52 +99,8 @@ def test_module_tree_names_equal_the_official_names(tiny_dir):
     assert sd["model.mm_projector.peg.peg.0.weight"].shape == (d, 1, 3, 3)          # depthwise
 
 
-def test_save_load_round_trip_and_deterministic_builder(tiny_dir, tmp_path):
-    from safetensors.torch import load_file
-    saved = load_file(str(tiny_dir / "model.safetensors"))
-    model = from_pretrained(tiny_dir)
-    assert model.load_report["tensors"] == len(saved) and model.load_report["vision_tower"] == "checkpoint"
-    for k, v in official_state_dict(model).items():
-        assert torch.equal(saved[k], v), k
-    again = build_tiny(tmp_path / "again")
-    assert (again / "model.safetensors").read_bytes() == (tiny_dir / "model.safetensors").read_bytes()
-    assert (again / "tokenizer.model").read_bytes() == (tiny_dir / "tokenizer.model").read_bytes()
-
-
-def _rewrite(src, dst, edit):
-    from safetensors.torch import load_file, save_file
-    shutil.copytree(src, dst)
-    sd = load_file(str(src / "model.safetensors"))
-    edit(sd)
-    save_file(sd, str(dst / "model.safetensors"), metadata={"format": "pt"})
-    return dst
-
-
-def test_strict_loading_names_a_renamed_or_missing_key(tiny_dir, tmp_path):
-    key = "model.mm_projector.peg.peg.0.weight"
-    bad = _rewrite(tiny_dir, tmp_path / "renamed",
-                   lambda sd: sd.__setitem__("model.mm_projector.peg.0.weight", sd.pop(key)))
-    with pytest.raises(CheckpointKeyError) as e:
-        from_pretrained(bad)
-    msg = str(e.value)
-    assert "model.mm_projector.peg.0.weight" in msg and "unexpected" in msg
-    assert key in msg and "missing" in msg
-    gone = "model.layers.1.mlp.down_proj.weight"
-    bad2 = _rewrite(tiny_dir, tmp_path / "missing", lambda sd: sd.pop(gone))
-    with pytest.raises(CheckpointKeyError, match="1 missing tensor name") as e:
-        from_pretrained(bad2)
-    assert gone in str(e.value) and "unexpected" not in str(e.value)
-    extra = _rewrite(tiny_dir, tmp_path / "extra",
-                     lambda sd: sd.__setitem__("model.mm_projector.dwn.weight", torch.zeros(1)))
-    with pytest.raises(CheckpointKeyError, match="model.mm_projector.dwn.weight"):
-        from_pretrained(extra)
-
-
-def test_strict_loading_shapes_and_legacy_buffers(tiny_dir, tmp_path):
-    k = "model.mm_projector.mlp.mlp.2.weight"
-    bad = _rewrite(tiny_dir, tmp_path / "shape", lambda sd: sd.__setitem__(k, sd[k][:, :-1].clone()))
-    with pytest.raises(CheckpointKeyError, match="mlp.mlp.2.weight: checkpoint"):
-        from_pretrained(bad)
+# the round trip, the deterministic builder and the strict name and shape checks: tests/models/test_native_ports.py
+def test_strict_loading_of_legacy_buffers(tiny_dir, tmp_path):
     # buffers older transformers saved (CLIP position_ids, LLaMA rotary inv_freq) load when they hold the values
     # the model computes, and fail when they do not
     raw = _raw(tiny_dir)

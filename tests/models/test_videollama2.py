@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ from avkv.models.videollama2 import CheckpointKeyError, VideoLLaMA2Config, build
 from avkv.models.videollama2.modeling import build_model, official_key_groups, official_state_dict
 from avkv.tasks.base import Media, Prompt
 from tests.conftest import adapter, av_prompt, fixtures_dir, tiny_model_dir
+from tests.models.test_native_ports import rewrite as _rewrite
 
 MAX_NEW = 6
 FAMILY = "videollama2_av"
@@ -244,42 +244,8 @@ def test_timm_regstage_shapes_follow_the_official_block(tiny_dir):
     assert sd["model.audio_tower.encoder.pos_conv.0.weight_g"].shape == (1, 1, raw["audio_config"]["conv_pos"])
 
 
-def test_save_load_round_trip(tiny_dir, tmp_path):
-    from safetensors.torch import load_file
-    saved = load_file(str(tiny_dir / "model.safetensors"))
-    model = from_pretrained(tiny_dir)
-    for k, v in official_state_dict(model).items():
-        assert torch.equal(saved[k], v), k
-    # the builder is deterministic (fixed seed)
-    again = build_tiny(tmp_path / "again")
-    assert (again / "model.safetensors").read_bytes() == (tiny_dir / "model.safetensors").read_bytes()
-
-
-def _rewrite(src, dst, edit):
-    from safetensors.torch import load_file, save_file
-    shutil.copytree(src, dst)
-    sd = load_file(str(src / "model.safetensors"))
-    edit(sd)
-    save_file(sd, str(dst / "model.safetensors"), metadata={"format": "pt"})
-    return dst
-
-
-def test_strict_loading_names_a_renamed_key(tiny_dir, tmp_path):
-    key = "model.mm_projector.s1.b1.conv2.conv.weight"
-    bad = _rewrite(tiny_dir, tmp_path / "renamed",
-                   lambda sd: sd.__setitem__("model.mm_projector.s1.b1.conv_2.conv.weight", sd.pop(key)))
-    with pytest.raises(CheckpointKeyError) as e:
-        from_pretrained(bad)
-    msg = str(e.value)
-    assert "model.mm_projector.s1.b1.conv_2.conv.weight" in msg and "unexpected" in msg
-    assert key in msg and "missing" in msg
-
-
-def test_strict_loading_shapes_and_shared_tensors(tiny_dir, tmp_path):
-    k = "model.mm_projector.readout.0.weight"
-    bad = _rewrite(tiny_dir, tmp_path / "shape", lambda sd: sd.__setitem__(k, sd[k][:, :-1].clone()))
-    with pytest.raises(CheckpointKeyError, match="readout.0.weight"):
-        from_pretrained(bad)
+# the round trip, the deterministic builder and the strict name and shape checks: tests/models/test_native_ports.py
+def test_strict_loading_of_shared_tensors(tiny_dir, tmp_path):
     # every name of the shared BEATs bias table may be present (deepspeed-consolidated saves) if the values agree
     rel = "model.audio_tower.encoder.layers.{}.self_attn.relative_attention_bias.weight"
     ok = _rewrite(tiny_dir, tmp_path / "alias", lambda sd: sd.__setitem__(rel.format(1), sd[rel.format(0)].clone()))
