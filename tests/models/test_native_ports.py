@@ -1,7 +1,8 @@
 """What every native port (avkv/models/native.py: MobileVLM, VideoLLaMA2) must do with its official checkpoint
-layout: a save/load round trip under the official names, a deterministic tiny builder, and a strict loader that
-names every renamed, missing, extra or wrong-shape tensor. Port-specific loading rules (legacy buffers, shared
-tensors, the vision tower's source) are tested in the ports' own files."""
+layout: a save/load round trip under the official names, a deterministic tiny builder, a strict loader that names
+every renamed, missing, extra or wrong-shape tensor, a vision tower from a separate folder, pickle weights only when
+opted in. Port-specific loading rules (MobileVLM's legacy buffers and non-v2 towers, VideoLLaMA2's shared tensors)
+are tested in the ports' own files."""
 from __future__ import annotations
 
 import shutil
@@ -28,7 +29,8 @@ PORTS = {
                       ("model.mm_projector.peg.peg.0.weight", "model.mm_projector.peg.0.weight"),
                       "model.mm_projector.mlp.mlp.2.weight"),
     "videollama2_av": Port("tiny_videollama2_av", videollama2,
-                           ("model.mm_projector.s1.b1.conv2.conv.weight", "model.mm_projector.s1.b1.conv_2.conv.weight"),
+                           ("model.mm_projector.s1.b1.conv2.conv.weight",
+                            "model.mm_projector.s1.b1.conv_2.conv.weight"),
                            "model.mm_projector.readout.0.weight"),
 }
 
@@ -89,3 +91,36 @@ def test_strict_loading_names_a_shape_mismatch(port, tmp_path):
     bad = rewrite(tiny, tmp_path / "shape", lambda sd: sd.__setitem__(k, sd[k][:, :-1].clone()))
     with pytest.raises(CheckpointKeyError, match=f"{k}: checkpoint .* vs model"):
         p.module.from_pretrained(bad)
+
+
+def test_checkpoint_without_a_vision_tower_needs_vision_tower_path(port, tmp_path):
+    p, tiny = port
+    from safetensors.torch import load_file, save_file
+    tower = "model.vision_tower.vision_tower."
+    no_tower = rewrite(tiny, tmp_path / "no_tower",
+                       lambda sd: [sd.pop(k) for k in [k for k in sd if k.startswith(tower)]])
+    with pytest.raises(CheckpointKeyError, match="vision_tower_path"):
+        p.module.from_pretrained(no_tower)
+    # a CLIP / SigLIP folder as transformers 4.x saves it (vision_model.* names) fills the tower
+    sd = load_file(str(tiny / "model.safetensors"))
+    vdir = tmp_path / "tower"
+    vdir.mkdir()
+    save_file({k[len(tower):]: v for k, v in sd.items() if k.startswith(tower)}, str(vdir / "model.safetensors"))
+    m = p.module.from_pretrained(no_tower, vision_tower_path=vdir)
+    ref = p.module.from_pretrained(tiny)
+    assert m.load_report["vision_tower"] == str(vdir)
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), ref.state_dict().values()))
+
+
+def test_pickle_weights_only_with_opt_in(port, tmp_path):
+    p, tiny = port
+    from safetensors.torch import load_file
+    d = tmp_path / "bin"
+    shutil.copytree(tiny, d)
+    torch.save(load_file(str(d / "model.safetensors")), d / "pytorch_model.bin")
+    (d / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="allow_pickle_weights"):
+        p.module.from_pretrained(d)
+    m = p.module.from_pretrained(d, allow_pickle=True)
+    ref = p.module.from_pretrained(tiny)
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), ref.state_dict().values()))

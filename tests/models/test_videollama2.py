@@ -256,23 +256,6 @@ def test_strict_loading_of_shared_tensors(tiny_dir, tmp_path):
         from_pretrained(bad2)
 
 
-def test_checkpoint_without_vision_tower_needs_vision_tower_path(tiny_dir, tmp_path):
-    from safetensors.torch import load_file, save_file
-    tower = "model.vision_tower.vision_tower."
-    no_tower = _rewrite(tiny_dir, tmp_path / "no_tower",
-                        lambda sd: [sd.pop(k) for k in [k for k in sd if k.startswith(tower)]])
-    with pytest.raises(CheckpointKeyError, match="vision_tower_path"):
-        from_pretrained(no_tower)
-    # a SigLIP folder as transformers 4.x saves it (vision_model.* names) fills the tower
-    sd = load_file(str(tiny_dir / "model.safetensors"))
-    vdir = tmp_path / "siglip"
-    vdir.mkdir()
-    save_file({k[len(tower):]: v for k, v in sd.items() if k.startswith(tower)}, str(vdir / "model.safetensors"))
-    m = from_pretrained(no_tower, vision_tower_path=vdir)
-    ref = from_pretrained(tiny_dir)
-    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), ref.state_dict().values()))
-
-
 def test_config_parsing_of_official_fields(tiny_dir):
     raw = _raw(tiny_dir)
     cfg = VideoLLaMA2Config.from_dict(raw)
