@@ -12,10 +12,8 @@ import pytest
 import torch
 
 from avkv.config import compose
-from avkv.engine import Engine
 from avkv.experiment import run
 from avkv.methods.base import IMAGE, TEXT, VIDEO
-from avkv.methods.full import Full
 from avkv.models.mobilevlm import CheckpointKeyError, MobileVLMConfig, from_pretrained
 from avkv.models.mobilevlm import processing as P
 from avkv.models.mobilevlm.modeling import build_model, official_key_groups, official_state_dict
@@ -377,31 +375,8 @@ def test_audio_only_is_refused(vid, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- engine
-# the engine equivalences (generate, budget 1, split prefill, physical pruning, budget conformance) run on every
-# family, this one included, in tests/test_engine.py
-
-
-def test_query_recomputation_matches_cached_keys(vid):
-    """The default Llama query recipe, applied to k_proj, reproduces the cached (post-RoPE) keys."""
-    from avkv.engine import rotate_half
-    ad, enc = vid
-    seen = {}
-
-    def hook(module, args, kwargs, output):
-        if "err" in seen:
-            return
-        h = kwargs["hidden_states"]
-        cos, sin = kwargs["position_embeddings"]
-        k = module.k_proj(h).view(1, h.shape[1], -1, module.head_dim).transpose(1, 2)
-        k = k * cos.unsqueeze(1) + rotate_half(k) * sin.unsqueeze(1)
-        seen["err"] = (k - kwargs["past_key_values"].layers[module.layer_idx].keys).abs().max().item()
-
-    hd = ad.decoder_layers()[1].self_attn.register_forward_hook(hook, with_kwargs=True)
-    try:
-        Engine(ad, Full(), max_new_tokens=1).generate(enc)
-    finally:
-        hd.remove()
-    assert seen["err"] < 1e-5
+# the engine equivalences (generate, budget 1, split prefill, physical pruning, budget conformance, the query
+# recipe against the cached keys) run on every family, this one included, in tests/test_engine.py
 
 
 def test_flowmm_end_to_end_on_milebench(tmp_path):
