@@ -133,7 +133,9 @@ class Engine:
             raise CompressionError(f"budget keeps {target} of {n} prompt entries, fewer than the {n - s} "
                                    f"uncompressed entries after the split (compress_at={self.compress_at})")
         mm = adapter.media_inputs(enc)
-        pos = adapter.prompt_position_ids(enc).to(dev)
+        tp = self.clock.now()
+        pos = adapter.prompt_position_ids(enc).to(dev)   # M-RoPE: the model's own rope index (timed on its own)
+        position_ids_s = self.clock.elapsed(tp, self.clock.now())
         from transformers import DynamicCache
         cache = DynamicCache(config=adapter.text_config())
         eos = set(adapter.eos_token_ids)
@@ -150,6 +152,7 @@ class Engine:
                 logits = adapter.forward(input_ids[:, s:], cache, shift_positions(pos[..., s:], shift))
             t1 = self.clock.now()
             held = measure_cache(cache, cm.attn_modules if cm else None)
+            mem.mark()                                    # between the clock's sections: prefill done, decode next
             first_logits = logits[0, -1].float().cpu()
             tok = int(logits[0, -1].argmax())
             tokens = [tok]
@@ -169,7 +172,7 @@ class Engine:
         record = write_record(cm.ledger if cm else None, enc, cache, held, n=n, s=s, method=method,
                               compress_at=self.compress_at, target_kept=target,
                               num_heads=adapter.text_config().num_attention_heads, mask_only=self.mask_only)
-        record.update(prefill_s=prefill_s, compress_s=cm.ledger.compress_s if cm else 0.0,
+        record.update(prefill_s=prefill_s, position_ids_s=position_ids_s, compress_s=cm.ledger.compress_s if cm else 0.0,
                       decode_s_per_token=(decode_s / steps) if steps else None, decode_s=decode_s,
                       new_tokens=len(tokens), peak_mem_bytes=mem.peak, peak_mem_kind=mem.kind,
                       media_s=enc.media_s)

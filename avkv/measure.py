@@ -5,38 +5,50 @@ process's peak resident memory, which includes weights, activations and allocato
 """
 from __future__ import annotations
 
-import threading
+import sys
 import time
 
 import torch
 
 
 class PeakRSS:
-    """Peak resident memory of this process (bytes), sampled every ``interval`` s in a thread (CPU only).
+    """Peak resident memory of this process over a section (bytes), with no sampler thread competing with the
+    timed work: RSS is read when the section starts and ends and at each :meth:`mark` (phase boundaries, between
+    clock sections), and the kernel's high-water mark ``ru_maxrss`` is read at both ends — if it rose during the
+    section, that peak was reached inside it and is the value. Otherwise the section's peak stayed below an earlier
+    one and the largest boundary reading is reported (a lower bound of the true peak).
 
     It includes weights, activations and allocator slack, not only the KV cache: it is the process peak.
     """
 
-    def __init__(self, interval: float = 0.002):
+    def __init__(self):
         import psutil
-        self.proc, self.interval, self.peak = psutil.Process(), interval, 0
-        self._stop = threading.Event()
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            self._stop.wait(self.interval)
+        self.proc, self.peak = psutil.Process(), 0
+        self._hwm0 = 0
 
     def __enter__(self):
+        self._hwm0 = _high_water()
         self.peak = self.proc.memory_info().rss
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
         return self
 
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
+    def mark(self) -> None:
         self.peak = max(self.peak, self.proc.memory_info().rss)
+
+    def __exit__(self, *exc):
+        self.mark()
+        hwm = _high_water()
+        if hwm > self._hwm0:
+            self.peak = max(self.peak, hwm)
+
+
+def _high_water() -> int:
+    """The process's peak RSS so far (bytes; 0 where ``resource`` is missing)."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not POSIX
+        return 0
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(r) if sys.platform == "darwin" else int(r) * 1024
 
 
 class Clock:
@@ -85,6 +97,11 @@ class MemoryTracker:
         else:
             self._rss = PeakRSS().__enter__()
         return self
+
+    def mark(self) -> None:
+        """A phase boundary (outside the clock's sections): the CPU probe reads the process memory here."""
+        if not self.gpus:
+            self._rss.mark()
 
     def __exit__(self, *exc):
         if self.gpus:
