@@ -100,8 +100,9 @@ class AttentionBackend:
 
     def __init__(self, text_config: Any, modules: list | None = None):
         self.config, self.modules = text_config, list(modules or [])
-        self.base_impl = text_config._attn_implementation or "eager"
-        if self.base_impl in (MASKED_IMPL,) or self.base_impl.startswith("avkv_"):
+        self.model_impl = text_config._attn_implementation or "eager"
+        self.base_impl = self.model_impl             # what every switch falls back to (route_base may change it)
+        if self.base_impl.startswith("avkv_"):
             raise CompressionError(f"the decoder is already switched to {self.base_impl!r} (nested samples?)")
 
     @property
@@ -112,7 +113,7 @@ class AttentionBackend:
         return self
 
     def __exit__(self, *exc) -> bool:
-        self.config._attn_implementation = self.base_impl
+        self.config._attn_implementation = self.base_impl = self.model_impl
         for m in self.modules:
             if hasattr(m, "_avkv_base_impl"):
                 delattr(m, "_avkv_base_impl")
@@ -129,6 +130,13 @@ class AttentionBackend:
                 yield
         finally:
             self.config._attn_implementation = prev
+
+    def route_base(self, impl: str) -> None:
+        """For the whole sample the decoder's base attention is the registered ``impl`` (a drop-in for the model's
+        own, e.g. :mod:`avkv.lse_attention`'s SDPA that keeps the prefill's statistics); later switches fall back to
+        it."""
+        self.base_impl = impl
+        self.config._attn_implementation = impl
 
     def masked(self) -> None:
         """From now on every layer attends through :func:`masked_attention` (layers differ in length or per head)."""

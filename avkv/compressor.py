@@ -20,6 +20,7 @@ from typing import Any, Iterator
 
 import torch
 
+from avkv import lse_attention
 from avkv.attention import AttentionBackend
 from avkv.kvstore import CompressionError, RaggedLayer, apply_selection
 from avkv.ledger import KeepLedger
@@ -50,6 +51,7 @@ class Compressor:
         self.plan = PrefillPlan()
         self._prune_keep: torch.Tensor | None = None
         self._pruned: set = set()
+        self.capture = None                    # needs_reconstruction: the prefill's decoder input (avkv.reconstruct)
 
     def __enter__(self):
         if self.method.requires_attentions and self.backend.base_impl != "eager":
@@ -60,6 +62,10 @@ class Compressor:
             m._avkv_layer = i
             self.handles.append(m.register_forward_hook(self._hook, with_kwargs=True))
         try:
+            lse_attention.install(self.backend, self.method)   # all-query methods: the prefill's own statistics
+            if getattr(self.method, "needs_reconstruction", False):
+                from avkv.reconstruct import Capture            # KVzip: the decoder input of the prefill
+                self.capture = Capture(self.adapter)
             self.plan = self.method.begin(self.req) or PrefillPlan()
             self._install(self.plan)
         except BaseException:
@@ -74,6 +80,8 @@ class Compressor:
         return False
 
     def _remove(self) -> None:
+        if self.capture is not None:
+            self.capture.remove()
         for h in self.handles:
             h.remove()
         self.handles = []
@@ -81,6 +89,7 @@ class Compressor:
             for attr in ("_avkv_valid", "_avkv_ragged", "_avkv_layer"):
                 if hasattr(m, attr):
                     delattr(m, attr)
+        lse_attention.uninstall(self.backend)
         self.backend.__exit__(None, None, None)
 
     def _install(self, plan: PrefillPlan) -> None:
@@ -114,7 +123,12 @@ class Compressor:
 
     def end_prefill(self, cache) -> None:
         """After the compressed chunk: run deferred compressions (methods that allocate across layers see every
-        layer first), then give layers whose caches now differ in length per-layer masks."""
+        layer first), then give layers whose caches now differ in length per-layer masks. A method that scores
+        from a context reconstruction (``needs_reconstruction``: KVzip) gets it first (:mod:`avkv.reconstruct`; its
+        time is in ``compress_s`` and, on its own, ``reconstruct_s``)."""
+        if getattr(self.method, "needs_reconstruction", False) and self.pending:
+            from avkv.reconstruct import reconstruct
+            self.ledger.compress_s += reconstruct(self, cache)
         if self.pending:
             t0 = self.clock.now()
             for i in sorted(self.pending):
@@ -191,7 +205,8 @@ class Compressor:
             modality = self.modality[: S] if positions is None else self.modality[positions]
             modality = modality.to(layer.keys.device)      # layers may sit on different devices (device_map)
             n_keep = min(self.req.n_keep, S)
-            view = self._view(module, kwargs, layer.keys[0], layer.values[0], modality, n_keep, attn)
+            view = lse_attention.attach(self._view(module, kwargs, layer.keys[0], layer.values[0], modality, n_keep,
+                                                   attn), module)
             if self.method.deferred:          # scores now, selection once every layer has been seen
                 self.method.observe(view)
                 self.pending[i] = (module, modality, n_keep)
