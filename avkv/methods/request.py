@@ -18,7 +18,6 @@ layers lives in ``view.scratch(self)``, a dict the engine gives each method inst
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, ContextManager, Mapping
 
@@ -82,8 +81,4 @@ def one_plan(plans: list[PrefillPlan | None], owner: str) -> PrefillPlan | None:
     return PrefillPlan(prune_from=main.prune_from, attention=main.attention, record=record)
 
 
-def no_pattern(base_fn: Callable) -> ContextManager:
-    return contextlib.nullcontext()
-
-
-__all__ = ["Request", "PrefillPlan", "AttentionPattern", "one_plan", "no_pattern"]
+__all__ = ["Request", "PrefillPlan", "AttentionPattern", "one_plan"]
