@@ -325,13 +325,17 @@ def run_sample(cfg: DictConfig, task, adapter, engine: Engine, doc) -> dict:
     t0 = time.perf_counter()
     try:
         prompt = task.prompt(doc, adapter.family)
+        t_enc = time.perf_counter()
         enc = adapter.encode(prompt)
+        # the encode beyond the media decode (media_s): chat template, tokenizer, image/video/audio processors
+        processor_s = max(0.0, time.perf_counter() - t_enc - float(enc.media_s or 0.0))
         max_new = cfg.get("max_new_tokens") or prompt.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
         seed = sample_seed(int(cfg.seed), str(doc.id))
         gen = engine.generate(enc, seed=seed, max_new_tokens=int(max_new))
         rec["prediction"] = gen.text
         rec.update(task.score(doc, gen.text))
         rec.update(gen.record)
+        rec["processor_s"] = processor_s
         if cfg.get("fidelity"):
             rec.update(engine.fidelity(enc, gen, seed=seed, max_new_tokens=int(max_new)))
     except Exception as e:  # a broken sample is data, not a crash

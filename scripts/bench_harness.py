@@ -30,7 +30,7 @@ from pathlib import Path
 T_SCRIPT = time.perf_counter()
 ROOT = Path(__file__).resolve().parent.parent
 #: record fields that time work of the sample (inclusive ones — compress_s inside prefill_s — are not summed)
-TIMED_FIELDS = ("media_s", "media_decode_s", "processor_s", "position_ids_s", "prefill_s", "decode_s")
+TIMED_FIELDS = ("media_s", "processor_s", "position_ids_s", "prefill_s", "decode_s")
 
 
 # ------------------------------------------------------------------------------------------------ child side
@@ -141,7 +141,7 @@ def analyse(wall: float, t_spawn_to_script: float, ph: dict, records: list[dict]
     sample_s = g("run_sample")
     # per sample, outside the records' clocks: encode beyond media/processor, generate beyond prefill+decode
     encode_untimed = g("adapter.encode") - sum(timed.get(f, 0.0) for f in
-                                                 ("media_s", "media_decode_s", "processor_s"))
+                                                 ("media_s", "processor_s"))
     generate_untimed = g("engine.generate") - sum(timed.get(f, 0.0) for f in
                                                     ("position_ids_s", "prefill_s", "decode_s"))
     sample_rest = sample_s - g("adapter.encode") - g("engine.generate") - g("task.prompt") - g("task.score")
@@ -159,7 +159,8 @@ def analyse(wall: float, t_spawn_to_script: float, ph: dict, records: list[dict]
         "per sample: generate outside position/prefill/decode fields": generate_untimed,
         "per sample: task.prompt + task.score": g("task.prompt") + g("task.score"),
         "per sample: rest of run_sample": sample_rest,
-        "after run (summary print, exit)": (ph["end"] - marks["run_end"]) + (wall - t_spawn_to_script - in_script),
+        "after run() (summary print, Hydra teardown)": ph["end"] - marks["run_end"],
+        "interpreter exit (atexit, module teardown)": wall - t_spawn_to_script - in_script,
     }
     named = sum(untimed.values()) - untimed["per sample: rest of run_sample"]
     inside_run = (run_s - sample_s - g("check_environment") - g("setup_torch") - g("ensure_fixture")
