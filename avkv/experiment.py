@@ -182,6 +182,12 @@ def check_environment(cfg: DictConfig) -> None:
     bad_device = device_problem(str(cfg.device))
     if bad_device is not None:
         raise ConfigError([bad_device])
+    attn = str(OmegaConf.select(cfg, "model.attn_implementation", default="sdpa") or "sdpa")
+    if attn != "sdpa":                              # eager / flash_attention_2: can this method run on it?
+        from avkv.attention_support import attention_problem
+        problem = attention_problem(instantiate(cfg.method), attn)
+        if problem is not None:
+            raise ConfigError([Problem("model.attn_implementation", attn, problem)])
     if OmegaConf.select(cfg, "logger.name", default="none") == "wandb":
         import importlib.util
         if importlib.util.find_spec("wandb") is None:

@@ -115,7 +115,8 @@ def child(overrides: list[str], phases_out: str) -> int:
     out = {"script_start": T_SCRIPT, "main_start": t_main, "end": t_end, "marks": marks,
            "timers": timers.total, "counts": timers.count}
     Path(phases_out).write_text(json.dumps(out))
-    return rc
+    from avkv.cli import exit_now
+    exit_now(rc)                                  # as run.py ends
 
 
 # ------------------------------------------------------------------------------------------------ parent side
