@@ -91,8 +91,9 @@ run: setup
 	$(PY) run.py $(ARGS)
 
 # `make test`: the main suite (fake SLURM in tests/sweeps), then the real-SLURM tier; both run, either failing fails.
+# The 25 slowest tests are listed at the end, so CI shows where the suite's time goes.
 test: setup
-	@rc=0; $(PY) -m pytest --ignore=tests/slurm $(PYTEST_ARGS) || rc=1; \
+	@rc=0; $(PY) -m pytest --ignore=tests/slurm --durations=25 $(PYTEST_ARGS) || rc=1; \
 	  $(MAKE) --no-print-directory test-slurm || rc=1; exit $$rc
 
 # The real-SLURM tier alone: a single-node SLURM (+ accounting) on 127.0.0.1 started for the tests and stopped

@@ -377,7 +377,12 @@ class Compressor:
     # ------------------------------------------------------------------------------------------------
     def end_prefill(self, cache) -> None:
         """After the compressed chunk: run deferred compressions (methods that allocate across layers see every
-        layer first), then give layers whose caches now differ in length per-layer masks."""
+        layer first), then give layers whose caches now differ in length per-layer masks. A method that scores
+        from a context reconstruction (``needs_reconstruction``: KVzip) gets it first (``avkv/reconstruct.py``;
+        its time is in ``compress_s`` and, on its own, ``reconstruct_s``)."""
+        if getattr(self.method, "needs_reconstruction", False) and self.pending:
+            from avkv.reconstruct import reconstruct
+            self.req.compress_s += reconstruct(self, cache)
         if self.pending:
             t0 = self.clock.now()
             for i in sorted(self.pending):

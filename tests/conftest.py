@@ -13,6 +13,8 @@ FAMILIES = ("qwen2_5_vl", "qwen2_audio", "qwen2_5_omni", "qwen3_omni", "llava", 
 #: the transformers vision-language families added for the papers' tables (issue 19); image-only ones get
 #: :func:`family_prompt`'s two-image prompt
 VLM_FAMILIES = ("llava", "qwen2_vl", "llava_onevision", "internvl")
+#: the native ports (avkv/models/native.py): no transformers ``generate``, their own greedy ``adapter.generate``
+NATIVE_FAMILIES = ("mobilevlm", "videollama2_av")
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,18 +1,20 @@
-"""Engine equivalences on every tiny family: budget 1.0 = no compression, split prefill = one forward,
-physical pruning = masking, decode positions = generate's, and the cache really shrinks to the budget."""
+"""Engine equivalences on every tiny family (the native ports included): budget 1.0 = no compression, split
+prefill = one forward, physical pruning = masking, decode positions = generate's, and the cache really shrinks to
+the budget."""
 import pytest
 import torch
 
 from avkv.engine import Compressor, Engine, _Request, kv_cache_bytes
 from avkv.methods.full import Full
 from avkv.methods.snapkv import SnapKV
-from tests.conftest import FAMILIES, VLM_FAMILIES, adapter, av_prompt, family_prompt
+from avkv.models.native_adapter import NativeAdapter
+from tests.conftest import FAMILIES, NATIVE_FAMILIES, VLM_FAMILIES, adapter, av_prompt, family_prompt
 from tests.engine_checks import check_budget_one_equals_no_compression, check_split_prefill_equals_one_forward
 
 MAX_NEW = 6
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+@pytest.fixture(scope="module", params=(*FAMILIES, *NATIVE_FAMILIES))
 def fam(request):
     ad = adapter(request.param)
     return ad, ad.encode(family_prompt(ad))
@@ -30,17 +32,23 @@ def test_encoding_has_media_and_split_points(fam):
 
 
 def test_full_engine_equals_generate(fam):
-    """Manual prefill + decode with explicit positions reproduces `generate` tokens and logits."""
+    """Manual prefill + decode with explicit positions reproduces `generate` tokens and logits (a native port: its
+    own greedy ``generate``, and the logits of one forward over the prompt)."""
     ad, enc = fam
     g = Engine(ad, Full(), max_new_tokens=MAX_NEW).generate(enc)
-    with torch.no_grad():
-        out = ad.model.generate(**enc.inputs, max_new_tokens=MAX_NEW, do_sample=False,
-                                output_logits=True, return_dict_in_generate=True)
-    ref = out.sequences[0, enc.input_ids.shape[1]:].tolist()
+    if isinstance(ad, NativeAdapter):
+        ref = ad.generate(enc, max_new_tokens=MAX_NEW)
+        with torch.no_grad():
+            first = ad.forward(enc.input_ids, None, ad.prompt_position_ids(enc), ad.media_inputs(enc))[0, -1]
+    else:
+        with torch.no_grad():
+            out = ad.model.generate(**enc.inputs, max_new_tokens=MAX_NEW, do_sample=False,
+                                    output_logits=True, return_dict_in_generate=True)
+        ref, first = out.sequences[0, enc.input_ids.shape[1]:].tolist(), out.logits[0][0]
     eos = set(ad.eos_token_ids)
     n_cmp = next((i + 1 for i, t in enumerate(ref) if t in eos), len(ref))
     assert g.token_ids == [t for t in ref[:n_cmp] if t not in eos]
-    assert torch.allclose(g.first_logits, out.logits[0][0].float(), atol=1e-5)
+    assert torch.allclose(g.first_logits, first.float(), atol=1e-5)
 
 
 def test_budget_one_equals_no_compression(fam):
@@ -58,10 +66,13 @@ def test_cache_shrinks_to_budget(fam, budget):
     assert abs(r["kv_bytes_kept"] / r["kv_bytes_full"] - budget) <= 0.02
     assert abs(r["kept_ratio"] - budget) <= 0.02
     assert sum(v["kept"] for v in r["kept_by_modality"].values()) == pytest.approx(r["kept_ratio"] * r["n_prompt"])
+    if isinstance(ad, NativeAdapter):    # a native port's media run keeps entries of each medium (VideoLLaMA2's
+        # audio-visual item: its video run and its audio run); not so for every family (SnapKV may drop a medium)
+        assert all(r["kept_by_modality"][m]["kept"] > 0 for m in enc.modalities_used)
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_5_omni", "qwen3_omni", *VLM_FAMILIES])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_5_omni", "qwen3_omni", *VLM_FAMILIES, *NATIVE_FAMILIES])
 def test_physical_prune_equals_masked_full_cache(family, attn):
     ad = adapter(family, attn)
     enc = ad.encode(family_prompt(ad))

@@ -19,6 +19,7 @@ KVPRESS_PRESSES = {
     "per_layer_compression": ("PerLayerCompressionPress", "0.5.5"),
     "key_rerotation": ("KeyRerotationPress", "0.5.5"),
     "decoding": ("DecodingPress", "0.5.5"),
+    "kvzip": ("KVzipPress", "0.5.5"),
 }
 
 __all__ = ["LayerView", "Method", "ScoreMethod", "Selection", "KVPRESS_PRESSES"]

@@ -43,8 +43,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from avkv.methods.base import (AUDIO, IMAGE, TEXT, VIDEO, LayerView, Method, Selection, attention_sums, keep_topk,
-                               merge_into_nearest, modality_counts, pad_ragged, rank_positions, reduce_gqa)
+from avkv.methods.base import (AUDIO, IMAGE, TEXT, VIDEO, LayerView, Method, Selection, attention_sums, complement,
+                               keep_topk, merge_into_nearest, modality_counts, rank_positions, reduce_gqa)
+from avkv.methods.counts import mask_to_indices
 
 
 @dataclass
@@ -171,17 +172,15 @@ class AccKV(Method):
             km = mod[keep]                                                                # [kvH, k]
             lo_m = ((km == lo) | ((km == IMAGE) & (lo == VIDEO))) & ~window_mask[keep]
             hi_m = (km == hi) | ((km == IMAGE) & (hi == VIDEO))
-            kn = F.normalize(keys_out.float(), dim=-1)
+            kn = F.normalize(keys_out.float(), dim=-1)                                    # [kvH, k, D]
+            n_hi = hi_m.sum(1)                                                            # [kvH]
+            centre = (kn * hi_m[..., None]).sum(1) / n_hi.clamp(min=1)[:, None]          # mean of kept K_hi
+            c = torch.einsum("hkd,hd->hk", kn, centre)                                    # mean cosine to K_hi
             # no kept high-priority token: nothing to align with, the low-priority tokens stay [ours]
             if self.per_head:
-                for h in range(kvH):
-                    if bool(hi_m[h].any()) and bool(lo_m[h].any()):
-                        c = kn[h] @ kn[h][hi_m[h]].mean(0)                                # mean cosine to K_hi
-                        keep_col[h] &= ~(lo_m[h] & (c < self.tau))
-            elif bool(hi_m[0].any()):
-                # shared index set: per-head mean cosine, averaged over heads
-                c = torch.stack([kn[h] @ kn[h][hi_m[h]].mean(0) for h in range(kvH)]).mean(0)       # [k]
-                keep_col &= ~(lo_m[0] & (c < self.tau))[None, :]
+                keep_col = ~(lo_m & (c < self.tau) & (n_hi > 0)[:, None])
+            elif int(n_hi[0]) > 0:                 # shared index set: per-head mean cosine, averaged over heads
+                keep_col = ~(lo_m[0] & (c.mean(0) < self.tau))[None, :].expand(kvH, -1)
             calib_out = int((~keep_col).sum())                                           # summed over heads
 
         refilled = restored = 0
@@ -189,37 +188,18 @@ class AccKV(Method):
             sel = Selection(indices=keep, keys=keys_out, values=vals_out)
         elif self.refill:
             # freed slots → the next-best entries of the layer; the merge is redone on the final kept set
-            new_rows, dropped = [], []
-            for r in range(rows.shape[0]):
-                kept_r, drop_r = rows[r][keep_col[r]], rows[r][~keep_col[r]]
-                taken = torch.zeros(S, dtype=torch.bool, device=dev)
-                taken[rows[r]] = True
-                order = rank_positions(scores[r:r + 1])[0]                               # best first
-                fill = order[~taken[order]][: drop_r.numel()]
-                back = drop_r[rank_positions(scores[r, drop_r][None])[0]][: drop_r.numel() - fill.numel()]
-                refilled += fill.numel()
-                restored += back.numel()
-                new_rows.append(torch.cat([kept_r, fill, back]).sort().values)
-                gone = torch.zeros(S, dtype=torch.bool, device=dev)
-                gone[drop_r] = True
-                gone[back] = False
-                dropped.append(gone)
-            keep = torch.stack(new_rows)
-            dropped = torch.stack(dropped)
+            kept, dropped, refilled, restored = refill(scores, rows, keep_col[: rows.shape[0]])
+            keep = mask_to_indices(kept)[0]
             if keep.shape[0] == 1:
                 keep, dropped = keep.expand(kvH, -1), dropped.expand(kvH, -1)
                 refilled, restored = refilled * kvH, restored * kvH
             keys_out, vals_out = self._merged(view, keep, mod, vid | aud, exclude=dropped)
             sel = Selection(indices=keep, keys=keys_out, values=vals_out)
         else:
-            idx_list = [keep[h][keep_col[h]] for h in range(kvH)]
-            idx, valid = pad_ragged(idx_list)
-            # gather the surviving merged entries in the same (sorted) order as idx
-            K2, V2 = [], []
-            for h in range(kvH):
-                K2.append(_pad_rows(keys_out[h][keep_col[h]], idx.shape[1]))
-                V2.append(_pad_rows(vals_out[h][keep_col[h]], idx.shape[1]))
-            sel = Selection(indices=idx, keys=torch.stack(K2), values=torch.stack(V2), valid=valid)
+            cols, valid = mask_to_indices(keep_col)              # surviving columns of keep, in order, padded
+            g = cols[..., None].expand(-1, -1, keys_out.shape[-1])
+            sel = Selection(indices=keep.gather(1, cols), keys=keys_out.gather(1, g), values=vals_out.gather(1, g),
+                            valid=valid)
 
         counts = modality_counts(mod, sel.indices, sel.valid)
         sel.info = {
@@ -236,28 +216,37 @@ class AccKV(Method):
                 exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys/values of the kept entries [kvH, k, D]; with ``merge``, every evicted media entry (but those in
         ``exclude`` [kvH, S]) averaged into its most key-similar kept entry of the same modality."""
-        S, dev = view.seq_len, view.keys.device
-        keys_out, vals_out = [], []
-        for h in range(view.num_kv_heads):
-            kh = keep[h]
-            if self.merge:
-                kept_mask = torch.zeros(S, dtype=torch.bool, device=dev)
-                kept_mask[kh] = True
-                ev = ~kept_mask & media
-                if exclude is not None:
-                    ev &= ~exclude[h]
-                evicted = ev.nonzero().flatten()
-                allowed = mod[evicted][:, None] == mod[kh][None, :]
-                Kh, Vh = merge_into_nearest(view.keys[h], view.values[h], kh, evicted, self.merge_mode, allowed)
-            else:
-                Kh, Vh = view.keys[h, kh], view.values[h, kh]
-            keys_out.append(Kh)
-            vals_out.append(Vh)
-        return torch.stack(keys_out), torch.stack(vals_out)
+        if not self.merge:
+            g = keep[..., None].expand(-1, -1, view.keys.shape[-1])
+            return view.keys.gather(1, g), view.values.gather(1, g)
+        evicted = complement(keep, view.seq_len)                                         # [kvH, S − k]
+        mergeable = media[evicted]
+        if exclude is not None:
+            mergeable &= ~exclude.gather(1, evicted)
+        # an evicted entry with no allowed target (text, excluded, or no kept entry of its modality) is dropped
+        allowed = (mod[evicted][..., None] == mod[keep][:, None, :]) & mergeable[..., None]
+        return merge_into_nearest(view.keys, view.values, keep, evicted, self.merge_mode, allowed)
 
 
-def _pad_rows(x: torch.Tensor, k: int) -> torch.Tensor:
-    """[n, D] → [k, D] repeating the last row (padding entries are masked out by ``valid``)."""
-    if x.shape[0] == k:
-        return x
-    return torch.cat([x, x[-1:].expand(k - x.shape[0], -1)], 0)
+def refill(scores: torch.Tensor, rows: torch.Tensor, keep_col: torch.Tensor
+           ) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """Give the slots cross-calibration freed to the next-best entries of the row.
+
+    ``scores`` [R, S], ``rows`` [R, k] the kept positions, ``keep_col`` [R, k] False where calibration evicted.
+    Each row's d freed slots go to its best never-kept positions (by :func:`rank_positions`); when fewer than d are
+    left, the best of its evicted ones come back. Returns the final keep mask [R, S] (k per row), the evicted mask
+    [R, S] (those not back), and how many slots were refilled and restored (summed over rows).
+    """
+    R, S = scores.shape
+    taken = torch.zeros(R, S, dtype=torch.bool, device=scores.device).scatter_(1, rows, True)
+    gone = torch.zeros_like(taken).scatter_(1, rows, ~keep_col)
+    d = (~keep_col).sum(1, keepdim=True)                                                 # freed per row
+    order = rank_positions(scores)                                                       # best first
+    free = ~taken.gather(1, order)
+    fill = free & (free.cumsum(1) <= d)
+    short = d - fill.sum(1, keepdim=True)
+    was = gone.gather(1, order)
+    back = was & (was.cumsum(1) <= short)
+    fill_m = torch.zeros_like(taken).scatter_(1, order, fill)
+    back_m = torch.zeros_like(taken).scatter_(1, order, back)
+    return (taken & ~gone) | fill_m | back_m, gone & ~back_m, int(fill.sum()), int(back.sum())

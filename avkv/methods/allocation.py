@@ -24,21 +24,10 @@ from typing import Any, Sequence
 import torch
 
 from avkv.methods.base import MODALITIES, LayerView, Method, ScoreMethod, Selection, rank_positions, warn_once
+from avkv.methods.counts import apportion, mask_to_indices, modality_budgets, ragged_topk
 
 
 # ------------------------------------------------------------------------------------------------ counting
-def round_preserving_sum(x: torch.Tensor) -> torch.Tensor:
-    """Round non-negative reals to integers whose sum is round(sum(x)) (largest remainder; ties to the first)."""
-    x = x.to(torch.float64)
-    floor = x.floor()
-    short = int(round(float(x.sum()))) - int(floor.sum())
-    if short > 0:
-        rem = x - floor
-        order = torch.sort(rem, descending=True, stable=True).indices[:short]
-        floor[order] += 1
-    return floor.long()
-
-
 def pyramid_budgets(n_keep: int, window: int, num_layers: int, seq_len: int, beta: float = 20.0) -> list[int]:
     """PyramidKV per-layer kept counts (window included), ``shared/design/methods.md`` §6.
 
@@ -47,8 +36,8 @@ def pyramid_budgets(n_keep: int, window: int, num_layers: int, seq_len: int, bet
     min = 2(B − w) − max. As in KVCache-Factory, a prompt shorter than 2(B − w) gets the uniform budget.
 
     Difference from KVCache-Factory: it floors min and the step to integers, which makes the layers keep more
-    than B on average; here the schedule is real-valued and rounded with the sum preserved, so the mean over
-    layers is exactly B (the budget the run reports).
+    than B on average; here the schedule is real-valued and rounded by :func:`~avkv.methods.counts.apportion`
+    (L·(B − w) in all), so the mean over layers is exactly B (the budget the run reports).
     """
     w = min(window, n_keep, seq_len)
     base = n_keep - w
@@ -62,7 +51,7 @@ def pyramid_budgets(n_keep: int, window: int, num_layers: int, seq_len: int, bet
         hi = prefix
         lo = 2 * base - hi
     step = (hi - lo) / (L - 1)
-    counts = round_preserving_sum(torch.tensor([hi - l * step for l in range(L)]).clamp(0, prefix))
+    counts = apportion(torch.tensor([hi - l * step for l in range(L)]).clamp(0, prefix), L * base, 0, prefix)
     return [int(c) + w for c in counts]
 
 
@@ -71,16 +60,16 @@ def adaptive_head_counts(scores: torch.Tensor, base: int, floor: float = 0.2) ->
 
     All heads' scores are pooled and the global top ``kvH·base`` decides how many entries c_h each head wins;
     the capacity is c_h·(1 − floor) + floor·base, so every head keeps at least ``floor·base``. KVCache-Factory
-    rounds each head independently and floors ``floor·base``; here the rounding preserves the layer total
-    kvH·base exactly. Ties between heads are broken deterministically (later position, then later head).
+    rounds each head independently and floors ``floor·base``; here :func:`~avkv.methods.counts.apportion` rounds
+    them to the layer total kvH·base exactly. Ties between heads are broken deterministically (later position,
+    then later head).
     """
     R, P = scores.shape
     base = max(0, min(int(base), P))
     flat = scores.detach().reshape(1, R * P)
     top = rank_positions(flat)[0, : R * base]
     won = torch.bincount(top // P, minlength=R).to(torch.float64)
-    cap = round_preserving_sum(won * (1 - floor) + floor * base)
-    return cap.clamp(max=P)
+    return apportion(won * (1 - floor) + floor * base, R * base, 0, P)
 
 
 def safeguard_head_counts(scores: torch.Tensor, n_keep: int, window: int, floor: float = 0.2
@@ -90,7 +79,7 @@ def safeguard_head_counts(scores: torch.Tensor, n_keep: int, window: int, floor:
     other prefix entries at once, so the layer keeps kvH·``n_keep`` in total.
 
     Returns the scores with each head's safeguarded prefix entries raised to +inf (so a per-head top-k keeps them)
-    and the per-head prefix counts (window excluded) for :func:`ragged_topk`.
+    and the per-head prefix counts (window excluded).
     """
     R, S = scores.shape
     w = min(window, S)
@@ -105,71 +94,6 @@ def safeguard_head_counts(scores: torch.Tensor, n_keep: int, window: int, floor:
     flat = s[:, :P].reshape(1, R * P)
     won = rank_positions(flat)[0, : R * base]
     return s, torch.bincount(won // P, minlength=R)
-
-
-def ragged_topk(scores: torch.Tensor, counts: torch.Tensor, protect_last: int = 0
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Row r keeps its top ``counts[r]`` positions among [0, S − protect_last) plus the last ``protect_last``.
-
-    Returns what :func:`mask_to_indices` returns for that keep mask.
-    """
-    R, S = scores.shape
-    w = min(protect_last, S)
-    P = S - w
-    counts = counts.to(device=scores.device, dtype=torch.long).clamp(0, P)
-    ranked = rank_positions(scores[:, :P])                                   # [R, P] best first
-    wins = torch.arange(P, device=scores.device)[None, :] < counts[:, None]
-    keep = torch.ones(R, S, dtype=torch.bool, device=scores.device)
-    keep[:, :P] = torch.zeros(R, P, dtype=torch.bool, device=scores.device).scatter_(1, ranked, wins)
-    return mask_to_indices(keep)
-
-
-def mask_to_indices(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Keep mask [R, S] → (``indices`` [R, kmax], ``valid`` [R, kmax] or None when all rows keep as many).
-
-    Each row lists its kept positions in order, then pads to the longest row by repeating its last kept
-    position (a harmless gather) with ``valid`` False.
-    """
-    R, S = keep.shape
-    n = keep.sum(1)
-    kmax = int(n.max()) if R else 0
-    pos = torch.arange(S, device=keep.device).expand(R, S)
-    idx = torch.where(keep, pos, pos + S).sort(dim=-1).values[:, :kmax]
-    if bool((n == kmax).all()):
-        return idx, None
-    valid = torch.arange(kmax, device=keep.device)[None, :] < n[:, None]
-    last = idx.gather(1, (n - 1).clamp(min=0)[:, None])
-    return torch.where(valid, idx, last), valid
-
-
-def modality_budgets(available: dict[str, int], shares: dict[str, float], total: int) -> dict[str, int]:
-    """Split ``total`` entries over modalities by ``shares``, never beyond what a modality has.
-
-    Water-filling: each modality gets its share of what is left; a modality that cannot use its share is capped
-    and the surplus goes to the others in proportion to their shares (then, if still short, to modalities with
-    no share, in proportion to what they have). Integer counts summing to min(total, Σ available).
-    """
-    names = [m for m in available if available[m] > 0]
-    total = min(int(total), sum(available[m] for m in names))
-    out = {m: 0 for m in available}
-    for weights in ({m: max(0.0, float(shares.get(m, 0.0))) for m in names},
-                    {m: float(available[m]) for m in names}):
-        while True:
-            left = total - sum(out.values())
-            open_ = [m for m in names if out[m] < available[m] and weights[m] > 0]
-            if left <= 0 or not open_:
-                break
-            wsum = sum(weights[m] for m in open_)
-            want = round_preserving_sum(torch.tensor([left * weights[m] / wsum for m in open_]))
-            moved = 0
-            for m, add in zip(open_, want.tolist()):
-                add = min(add, available[m] - out[m])
-                out[m] += add
-                moved += add
-            if moved == 0:                      # rounding gave nothing: hand out one by one, largest share first
-                for m in sorted(open_, key=lambda m: -weights[m])[:left]:
-                    out[m] += 1
-    return out
 
 
 # ------------------------------------------------------------------------------------------------ wrappers
@@ -250,7 +174,7 @@ class LayerAllocation(Wrapper):
                 if self.weights is None or len(self.weights) != L:
                     raise ValueError(f"schedule=weights needs {L} per-layer weights, got {self.weights}")
                 w = torch.tensor([float(x) for x in self.weights], dtype=torch.float64)
-                cached = round_preserving_sum(w / w.mean() * view.n_keep).clamp(1, S).tolist()
+                cached = apportion(w, L * view.n_keep, 1, S).tolist()
             else:
                 raise ValueError(f"schedule must be 'pyramid' or 'weights', got {self.schedule!r}")
             view.state[key] = cached
@@ -312,7 +236,7 @@ class HeadAllocation(Wrapper):
             scores, counts = safeguard_head_counts(scores, min(view.n_keep, S), w, self.floor)
         else:
             counts = adaptive_head_counts(scores[:, : S - w], base, self.floor)
-        idx, valid = ragged_topk(scores, counts, w)
+        idx, valid = ragged_topk(scores, counts + w, w)
         return Selection(indices=idx, valid=valid, info={"head_counts": (counts + w).tolist()})
 
 

@@ -13,7 +13,8 @@ From the paper [paper/2nd]:
 
 Our reading [ours] (each a field):
   * w = ``window`` = 32, r = ``r_frac``·(B − w) with r_frac = 0.5, B_score = L·H_kv·(B − w − r) so the budgets sum to
-    L·H_kv·B; integer budgets by largest remainder, clipped to [w, n] with the excess shared among the other heads;
+    L·H_kv·B; integer budgets by the harness's apportioner (:func:`~avkv.methods.counts.apportion`: largest
+    remainder, each within [w, n], the excess shared among the other heads);
   * token scores: SnapKV window scores (mean over the window queries, GQA mean), SSS instead of pooling;
   * SSS on the audio positions only (``sss_scope='audio'``; concatenated in order when the audio is interleaved with
     video), per head; DC excluded from the energy; α = 0.5, γ = 0.9 (values not published);
@@ -36,8 +37,8 @@ from pathlib import Path
 import torch
 
 from avkv.methods.base import check_choice
-from avkv.methods.base import (AUDIO, LayerView, Method, Selection, allocate_integer, keep_topk, pad_ragged,
-                               reduce_gqa, window_scores)
+from avkv.methods.base import AUDIO, LayerView, Method, Selection, reduce_gqa, window_scores
+from avkv.methods.counts import apportion, ragged_topk
 
 HEAD_SCORE_FILENAME = "audiokv_head_scores.json"
 
@@ -99,7 +100,7 @@ def head_budgets(S: torch.Tensor, B: int, n: int, window: int, r_frac: float) ->
     if float(weights.sum()) <= 0:
         weights = torch.ones_like(weights)
     real = base + pool * weights / weights.sum()
-    return allocate_integer(real, total, lo=w, hi=n)
+    return apportion(real, total, lo=w, hi=n)
 
 
 @dataclass
@@ -222,8 +223,7 @@ class AudioKV(Method):
     def compress(self, view: LayerView) -> Selection:
         s = self.token_scores(view)
         b = self.layer_budgets(view)
-        per_head = [keep_topk(s[h:h + 1], int(b[h]), protect_last=self.window)[0] for h in range(view.num_kv_heads)]
-        idx, valid = pad_ragged(per_head)
+        idx, valid = ragged_topk(s, b, protect_last=self.window)
         return Selection(indices=idx, valid=valid, info={"head_budgets": b.tolist()})
 
 

@@ -146,6 +146,10 @@ class Method:
     #: the method allocates across layers (D2O): the engine calls :meth:`observe` in each layer's prefill (queries
     #: available) and :meth:`compress` for every layer after the chunk's forward (no queries then)
     deferred: ClassVar[bool] = False
+    #: the method scores from a context reconstruction (KVzip): a deferred method whose :meth:`observe` runs in the
+    #: prefill, then the engine runs ``avkv.reconstruct.reconstruct`` (which calls ``score_reconstruction``) before
+    #: the deferred :meth:`compress` calls
+    needs_reconstruction: ClassVar[bool] = False
     #: ``held``: the method keeps the budget (entries and bytes within ±1 %, the engine checks every sample);
     #: ``achieved``: it keeps what its mechanism keeps and ``budget_reason`` says why (records and reports then put
     #: it at its achieved ratio, apart from the methods that hold the budget)
@@ -550,94 +554,6 @@ def attention_sums(view: LayerView, chunk: int = 512, row_weight: torch.Tensor |
             if bool(r.any()):
                 out[name] += a[:, r][:, :, cmask[:end]].sum((1, 2))
     return cols, out
-
-
-def pad_ragged(per_head: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-head sorted index lists of different lengths → ``(indices [kvH, kmax], valid [kvH, kmax] | None)``.
-
-    Padding repeats a head's last real index (so a gather never goes out of range); ``valid`` is ``None`` when
-    all heads keep the same count (nothing to mask).
-    """
-    lens = [int(t.numel()) for t in per_head]
-    kmax = max(lens)
-    dev = per_head[0].device
-    if all(n == kmax for n in lens):
-        return torch.stack([t.sort().values for t in per_head]), None
-    idx = torch.zeros(len(per_head), kmax, dtype=torch.long, device=dev)
-    valid = torch.zeros(len(per_head), kmax, dtype=torch.bool, device=dev)
-    for h, t in enumerate(per_head):
-        t = t.sort().values
-        n = t.numel()
-        if n == 0:
-            raise ValueError(f"head {h} keeps no entry; every head must keep at least one")
-        idx[h, :n] = t
-        idx[h, n:] = t[-1]
-        valid[h, :n] = True
-    return idx, valid
-
-
-def allocate_integer(weights: torch.Tensor, total: int, lo: torch.Tensor | int = 0,
-                     hi: torch.Tensor | int | None = None) -> torch.Tensor:
-    """Split the integer ``total`` in proportion to ``weights`` (any shape) within integer bounds ``lo ≤ x ≤ hi``.
-
-    The real-valued split is x_i = clip(λ·w_i, lo_i, hi_i) with λ found by bisection so that Σ x = total
-    (water-filling); capacity that positive weights cannot absorb goes uniformly to the zero-weight entries.
-    Rounding is by largest remainder (ties to the earlier entry), so the result sums to ``total`` exactly
-    whenever Σ lo ≤ total ≤ Σ hi (otherwise ``total`` is first clipped into that range). All-zero weights split
-    uniformly. Used by AudioKV (head budgets) and MadaKV (modality quotas).
-    """
-    shape = weights.shape
-    w = weights.detach().to(torch.float64).flatten().cpu().clamp_min(0)
-    n = w.numel()
-
-    def _bound(b, default):
-        if b is None:
-            return torch.full((n,), default, dtype=torch.float64)
-        return torch.as_tensor(b, dtype=torch.float64).flatten().cpu().expand(n).clone()
-
-    lo_t = _bound(lo, 0.0)
-    hi_t = torch.maximum(_bound(hi, math.inf), lo_t)
-    total = int(min(max(total, math.ceil(lo_t.sum().item())), hi_t.sum().item()))
-    if float(w.sum()) <= 0:
-        w = torch.ones(n, dtype=torch.float64)
-
-    def fill(wt: torch.Tensor, lo_: torch.Tensor, hi_: torch.Tensor, tot: float) -> torch.Tensor:
-        f = lambda lam: torch.minimum(torch.maximum(lam * wt, lo_), hi_)
-        a, b = 0.0, 1.0
-        while f(b).sum().item() < tot and b < 1e30:
-            b *= 2
-        for _ in range(200):
-            m = (a + b) / 2
-            a, b = (m, b) if f(m).sum().item() < tot else (a, m)
-        return f(b)
-
-    x = fill(w, lo_t, hi_t, total)
-    short = total - x.sum().item()
-    if short > 1e-6:                                   # positive weights saturated: zero-weight entries take the rest
-        z = (w == 0) & (x < hi_t)
-        if bool(z.any()):
-            x[z] = fill(torch.ones(int(z.sum()), dtype=torch.float64), x[z], hi_t[z], x[z].sum().item() + short)
-    base = torch.floor(x + 1e-9)
-    left = int(round(total - base.sum().item()))
-    order = torch.arange(n, 0, -1, dtype=torch.float64) * 1e-12
-    while left != 0:
-        if left > 0:
-            frac = (x - base) + order
-            frac[base + 1 > hi_t + 1e-9] = -math.inf
-            k = min(left, int(torch.isfinite(frac).sum()))
-            if k == 0:
-                break
-            base[frac.topk(k).indices] += 1
-            left -= k
-        else:
-            frac = (base - x) + order
-            frac[base - 1 < lo_t - 1e-9] = -math.inf
-            k = min(-left, int(torch.isfinite(frac).sum()))
-            if k == 0:
-                break
-            base[frac.topk(k).indices] -= 1
-            left += k
-    return base.to(torch.long).view(shape)
 
 
 def sub_view(view: LayerView, index: torch.Tensor | slice, n_keep: int, *,

@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from avkv.methods.allocation import Wrapper, round_preserving_sum
+from avkv.methods.allocation import Wrapper
+from avkv.methods.counts import apportion
 from avkv.methods.base import LayerView, ScoreMethod, Selection, sub_view
 from avkv.methods.snapkv import SnapKV
 
@@ -46,8 +47,7 @@ class Chunk(Wrapper):
         n = max(1, min(view.n_keep, S))
         bounds = [(a, min(S, a + self.chunk)) for a in range(0, S, self.chunk)]
         lengths = torch.tensor([b - a for a, b in bounds], dtype=torch.float64)
-        counts = round_preserving_sum(lengths * n / S).clamp(min=1)
-        counts = torch.minimum(counts, lengths.long())
+        counts = apportion(lengths, n, 1, lengths)                       # ∝ length, at least 1 per chunk
         parts = []
         for (a, b), c in zip(bounds, counts.tolist()):
             sel = self.scorer.compress(sub_view(view, slice(a, b), c))

@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from avkv.methods.allocation import Wrapper, mask_to_indices
+from avkv.methods.allocation import Wrapper
+from avkv.methods.counts import mask_to_indices
 from avkv.methods.base import LayerView, ScoreMethod, Selection, rank_positions, repeat_kv
 from avkv.methods.snapkv import SnapKV
 

@@ -6,7 +6,7 @@ from typing import ClassVar
 
 import torch
 
-from avkv.methods.allocation import round_preserving_sum
+from avkv.methods.counts import apportion
 from avkv.methods.base import LayerView, Selection, accumulated_scores, complement, merge_into_nearest, reduce_gqa
 from avkv.methods.h2o import H2O
 
@@ -21,8 +21,8 @@ class D2O(H2O):
 
     * density of layer l: per query head, the variance over keys of the accumulated attention (column sums of
       the prompt attention); min-max normalised across heads, averaged → v_l;
-    * layer budgets ∝ softmax(−v) over layers (sparser attention → fewer entries), times L·B, clamped to
-      [1%, 100%] of the prompt;
+    * layer budgets ∝ softmax(−v) over layers (sparser attention → fewer entries), L·B in all, each within
+      [1%, 100%] of the prompt (integers by the harness's apportioner, :func:`~avkv.methods.counts.apportion`);
     * per layer: the first ``sink`` entries, the heavy hitters and the recent window are kept (H2O);
     * each evicted entry is merged into its most cosine-similar kept entry when that similarity reaches a
       threshold τ, an EMA over calls of the mean best similarity (τ ← α·τ + (1 − α)·mean); contribution
@@ -84,8 +84,8 @@ class D2O(H2O):
             S = torch.tensor([layers[i]["seq_len"] for i in ids], dtype=torch.float64)
             B = torch.tensor([layers[i]["n_keep"] for i in ids], dtype=torch.float64)
             want = torch.softmax(-dens, 0) * len(ids) * B                       # mean over layers = B
-            want = torch.minimum(torch.maximum(want, (0.01 * S).clamp(min=1)), S)
-            view.state[key] = dict(zip(ids, round_preserving_sum(want).tolist()))
+            counts = apportion(want, int(B.sum()), (0.01 * S).clamp(min=1), S)    # within [1 % of n, n]
+            view.state[key] = dict(zip(ids, counts.tolist()))
         return view.state[key]
 
     def select(self, view: LayerView, idx: torch.Tensor) -> Selection:

@@ -13,7 +13,7 @@ Our reading [ours] (each a field):
   * ``allocation='conserve'`` (default): scoring is deferred (:meth:`observe` keeps every layer's ψ and demands while
     its queries exist); once every layer is scored, the global budget L·H·B is split across layers in proportion to
     their demand beyond |P| (D^l − H·|P|), each layer within [H·|P|, H·n], by the project's integer apportioner
-    (:func:`~avkv.methods.base.allocate_integer`); each layer's share is then split across its heads the same way
+    (:func:`~avkv.methods.counts.apportion`); each layer's share is then split across its heads the same way
     (within [|P|, n]) — φ^l = (layer share)/H is the per-head layer budget and Σ_l Σ_h N^{l,h} = L·H·B exactly, so no
     layer falls to |P| unless its demand does. ``shared/design/methods.md`` §4 (turn-2 finding) explains why;
   * ``allocation='sequential'`` (ablation, the notes' literal recurrence): each layer in order keeps its demand per
@@ -43,8 +43,8 @@ from typing import ClassVar
 import torch
 
 from avkv.methods.base import check_choice
-from avkv.methods.base import (MODALITIES, LayerView, Method, Selection, allocate_integer, pad_ragged, reduce_gqa,
-                               window_scores)
+from avkv.methods.base import MODALITIES, LayerView, Method, Selection, reduce_gqa, window_scores
+from avkv.methods.counts import apportion, mask_to_indices, rows_to_mask
 
 
 @dataclass
@@ -121,7 +121,7 @@ class MadaKV(Method):
         present = [m for m in range(len(MODALITIES)) if bool((cand & (mod == m)).any())]
         pref = torch.stack([psi[cand & (mod == m)].sum() for m in present]).float()
         avail = torch.tensor([int((cand & (mod == m)).sum()) for m in present])
-        quota = allocate_integer(pref, n_extra, 0, avail)
+        quota = apportion(pref, n_extra, 0, avail)
         chosen = []
         for m, qm in zip(present, quota.tolist()):
             if qm > 0:
@@ -163,7 +163,8 @@ class MadaKV(Method):
 
     def conserving_counts(self, layers: dict, H: int) -> dict[int, torch.Tensor]:
         """Per-layer, per-head kept counts: L·H·B split by demand beyond |P| across layers, then across heads
-        (both within [w_min, n] per head), integers by :func:`allocate_integer`; the sum is exactly Σ_l H·B_l."""
+        (both within [w_min, n] per head), integers by :func:`~avkv.methods.counts.apportion`; the sum is exactly
+        Σ_l H·B_l."""
         ids = sorted(layers)
         if self.mode == "mpa":
             return {i: torch.full((H,), max(layers[i]["B"], layers[i]["w_min"]), dtype=torch.long) for i in ids}
@@ -171,11 +172,11 @@ class MadaKV(Method):
         floor = sum(H * layers[i]["w_min"] for i in ids)
         extra = torch.tensor([float((layers[i]["demand"] - layers[i]["w_min"]).sum()) for i in ids])
         room = torch.tensor([float(H * (layers[i]["S"] - layers[i]["w_min"])) for i in ids])
-        shares = allocate_integer(extra, max(0, total - floor), 0, room)
+        shares = apportion(extra, max(0, total - floor), 0, room)
         out = {}
         for i, share in zip(ids, shares.tolist()):
             d = layers[i]
-            head_extra = allocate_integer((d["demand"] - d["w_min"]).float(), int(share), 0, d["S"] - d["w_min"])
+            head_extra = apportion((d["demand"] - d["w_min"]).float(), int(share), 0, d["S"] - d["w_min"])
             out[i] = head_extra + d["w_min"]
         return out
 
@@ -194,13 +195,13 @@ class MadaKV(Method):
             if layers_left == 0 and self.hcc_norm_heads:
                 # the last layer takes what is left, split over heads by demand
                 tot = max(H * w_min, min(H * S, remaining))
-                counts = allocate_integer(demand.float(), tot, w_min, S)
+                counts = apportion(demand.float(), tot, w_min, S)
             else:
                 counts = demand
                 if self.hcc_norm_heads:                                    # leave w_min per head for later layers
                     cap = remaining - layers_left * H * w_min
                     if int(counts.sum()) > cap:
-                        counts = allocate_integer(demand.float(), max(cap, H * w_min), w_min, S)
+                        counts = apportion(demand.float(), max(cap, H * w_min), w_min, S)
             K = float(counts.sum()) - H * phi
             if layers_left > 0:
                 div = (H if self.hcc_norm_heads else 1) * layers_left
@@ -241,7 +242,7 @@ class MadaKV(Method):
         for h in range(H):
             extra = self.select_head(psi[h], mod, cand, int(counts[h]) - P, by_mod)
             per_head.append(torch.cat([extra, window]))
-        idx, valid = pad_ragged(per_head)
+        idx, valid = mask_to_indices(rows_to_mask(per_head, S))
         return Selection(indices=idx, valid=valid,
                          info={"layer_total": int(counts.sum()), "per_head": counts.tolist(), "phi": round(phi, 4),
                                "demand": int(d["demand"].sum()), "budget_spent": st["spent"],

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from avkv.models.qwen_common import QwenAdapter
-from avkv.models.video_processing import TorchQwenVideoProcessor, stock_video_processor_available
+from avkv.models.video_processing import TorchQwenVideoProcessor
 from avkv.tasks.base import Media, Prompt
 
 
@@ -18,15 +18,12 @@ class Qwen25OmniAdapter(QwenAdapter):
     family = "qwen2_5_omni"
     modalities = ("image", "video", "audio")
     placeholder_tokens = {"image": "<|IMAGE|>", "video": "<|VIDEO|>", "audio": "<|AUDIO|>"}
+    model_class = "Qwen2_5OmniThinkerForConditionalGeneration"
+    processor_class = "Qwen2_5OmniProcessor"
 
     def __init__(self, *args, use_audio_in_video: bool = True, **kwargs):
         self.use_audio_in_video = use_audio_in_video
         super().__init__(*args, **kwargs)
-
-    def _load(self):
-        from transformers import Qwen2_5OmniThinkerForConditionalGeneration
-        model = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(self.path, **self._from_pretrained_kwargs())
-        return self._placed(model), load_processor(self.path, self.trust_remote_code, **self.processor_kwargs)
 
     def _media_content(self, item: Media, dec: dict, media: dict) -> list[dict]:
         if item.kind == "video":
@@ -67,18 +64,6 @@ class Qwen25OmniAdapter(QwenAdapter):
         return enc
 
 
-def load_processor(path: Path, trust_remote_code: bool = False, **kwargs):
-    from transformers import (AutoProcessor, AutoTokenizer, Qwen2_5OmniProcessor, Qwen2VLImageProcessorPil,
-                              WhisperFeatureExtractor)
-    if stock_video_processor_available():
-        return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
-    return Qwen2_5OmniProcessor(image_processor=Qwen2VLImageProcessorPil.from_pretrained(path, **kwargs),
-                                video_processor=TorchQwenVideoProcessor.from_pretrained(path, **kwargs),
-                                feature_extractor=WhisperFeatureExtractor.from_pretrained(path),
-                                tokenizer=AutoTokenizer.from_pretrained(path),
-                                chat_template=(Path(path) / "chat_template.jinja").read_text())
-
-
 def build_tiny(out_dir: str | Path, seed: int = 0, hidden: int = 64, vision_hidden: int = 32, vision_depth: int = 2, audio_hidden: int = 32,
                texts: list[str] | None = None, min_pixels: int = 56 * 56, max_pixels: int = 112 * 112,
                chunk_s: int = 30, vocab_size: int = 640, layers: int = 2) -> None:
@@ -91,7 +76,8 @@ def build_tiny(out_dir: str | Path, seed: int = 0, hidden: int = 64, vision_hidd
     from transformers import (Qwen2_5OmniProcessor, Qwen2_5OmniThinkerConfig,
                               Qwen2_5OmniThinkerForConditionalGeneration, Qwen2VLImageProcessorPil,
                               WhisperFeatureExtractor)
-    from avkv.models.tiny import OMNI_TOKEN_ATTRS, atomic_dir, chat_template, hf_tokenizer, mrope_section
+    from avkv.models.tiny import OMNI_TOKEN_ATTRS, chat_template, eval_model, hf_tokenizer, mrope_section, \
+        qwen_text_config, save_checkpoint
     torch.manual_seed(seed)
     template = chat_template("qwen2_5_omni")
     tok = hf_tokenizer(template, extra_special_tokens=OMNI_TOKEN_ATTRS, texts=texts, vocab_size=vocab_size)
@@ -102,23 +88,15 @@ def build_tiny(out_dir: str | Path, seed: int = 0, hidden: int = 64, vision_hidd
                           n_window=50, output_dim=hidden),
         vision_config=dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_heads=2,
                            out_hidden_size=hidden, fullatt_block_indexes=[vision_depth - 1], window_size=56),
-        text_config=dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1e6,
-                                          "mrope_section": mrope_section(hidden // 4)},
-                         bos_token_id=t("<|endoftext|>"), eos_token_id=t("<|im_end|>"), pad_token_id=t("<|endoftext|>")),
+        text_config=qwen_text_config(tok, hidden, layers, mrope=mrope_section(hidden // 4)),
         audio_token_index=t("<|AUDIO|>"), image_token_index=t("<|IMAGE|>"), video_token_index=t("<|VIDEO|>"),
         audio_start_token_id=t("<|audio_bos|>"), audio_end_token_id=t("<|audio_eos|>"),
         # read by get_rope_index; real checkpoints carry them although the v5 dataclass does not declare them
         vision_start_token_id=t("<|vision_bos|>"), vision_end_token_id=t("<|vision_eos|>"))
-    model = Qwen2_5OmniThinkerForConditionalGeneration(cfg).eval()
-    model.generation_config.eos_token_id = t("<|im_end|>")
+    model = eval_model(Qwen2_5OmniThinkerForConditionalGeneration, cfg, tok)
     pix = dict(min_pixels=min_pixels, max_pixels=max_pixels)
     proc = Qwen2_5OmniProcessor(image_processor=Qwen2VLImageProcessorPil(**pix), video_processor=TorchQwenVideoProcessor(**pix),
                                 feature_extractor=WhisperFeatureExtractor(feature_size=128, sampling_rate=16000,
                                                                           chunk_length=chunk_s),
                                 tokenizer=tok, chat_template=template)
-    with atomic_dir(out_dir) as d:
-        model.save_pretrained(d)
-        proc.save_pretrained(d)
-        proc.video_processor.save_pretrained(d)
+    save_checkpoint(out_dir, model, proc)

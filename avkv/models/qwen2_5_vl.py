@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from avkv.models.qwen_common import QwenAdapter
-from avkv.models.video_processing import TorchQwenVideoProcessor, stock_video_processor_available
+from avkv.models.video_processing import TorchQwenVideoProcessor
 from avkv.tasks.base import Media
 
 
@@ -14,11 +14,8 @@ class Qwen25VLAdapter(QwenAdapter):
     family = "qwen2_5_vl"
     modalities = ("image", "video")
     placeholder_tokens = {"image": "<|image_pad|>", "video": "<|video_pad|>"}
-
-    def _load(self):
-        from transformers import Qwen2_5_VLForConditionalGeneration
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(self.path, **self._from_pretrained_kwargs())
-        return self._placed(model), load_processor(self.path, self.trust_remote_code, **self.processor_kwargs)
+    model_class = "Qwen2_5_VLForConditionalGeneration"
+    processor_class = "Qwen2_5_VLProcessor"
 
     def _media_content(self, item: Media, dec: dict, media: dict) -> list[dict]:
         if item.kind == "video":
@@ -39,17 +36,6 @@ class Qwen25VLAdapter(QwenAdapter):
         return {"images": [], "videos": [], "audio": [], "video_metadata": []}
 
 
-def load_processor(path: Path, trust_remote_code: bool = False, **kwargs):
-    """The real Qwen2.5-VL processor; the torch-only video processor stands in where torchvision is missing."""
-    from transformers import AutoProcessor, AutoTokenizer, Qwen2_5_VLProcessor, Qwen2VLImageProcessorPil
-    if stock_video_processor_available():
-        return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
-    return Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessorPil.from_pretrained(path, **kwargs),
-                               tokenizer=AutoTokenizer.from_pretrained(path),
-                               video_processor=TorchQwenVideoProcessor.from_pretrained(path, **kwargs),
-                               chat_template=(Path(path) / "chat_template.jinja").read_text())
-
-
 def build_tiny(out_dir: str | Path, seed: int = 0, hidden: int = 64, vision_hidden: int = 32, vision_depth: int = 2,
                texts: list[str] | None = None, min_pixels: int = 56 * 56, max_pixels: int = 112 * 112,
                vocab_size: int = 640, layers: int = 2) -> None:
@@ -59,28 +45,21 @@ def build_tiny(out_dir: str | Path, seed: int = 0, hidden: int = 64, vision_hidd
     Sizes, the tokenizer's extra corpus and the pixel range are parameters (the trained proxies use them)."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, \
         Qwen2VLImageProcessorPil
-    from avkv.models.tiny import atomic_dir, chat_template, hf_tokenizer, mrope_section
+    from avkv.models.tiny import chat_template, eval_model, hf_tokenizer, mrope_section, qwen_text_config, \
+        save_checkpoint
     torch.manual_seed(seed)
     template = chat_template("qwen2_5_vl")
     tok = hf_tokenizer(template, texts=texts, vocab_size=vocab_size)
     t = tok.convert_tokens_to_ids
     cfg = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1e6,
-                                          "mrope_section": mrope_section(hidden // 4)},
-                         bos_token_id=t("<|endoftext|>"), eos_token_id=t("<|im_end|>"), pad_token_id=t("<|endoftext|>")),
+        text_config=qwen_text_config(tok, hidden, layers, mrope=mrope_section(hidden // 4)),
         vision_config=dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_heads=2,
                            out_hidden_size=hidden,
                            window_size=56, fullatt_block_indexes=[vision_depth - 1], tokens_per_second=2),
         image_token_id=t("<|image_pad|>"), video_token_id=t("<|video_pad|>"),
         vision_start_token_id=t("<|vision_start|>"), vision_end_token_id=t("<|vision_end|>"))
-    model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
-    model.generation_config.eos_token_id = t("<|im_end|>")
+    model = eval_model(Qwen2_5_VLForConditionalGeneration, cfg, tok)
     pix = dict(min_pixels=min_pixels, max_pixels=max_pixels)
     proc = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessorPil(**pix), tokenizer=tok,
                                video_processor=TorchQwenVideoProcessor(**pix), chat_template=template)
-    with atomic_dir(out_dir) as d:
-        model.save_pretrained(d)
-        proc.save_pretrained(d)
-        proc.video_processor.save_pretrained(d)
+    save_checkpoint(out_dir, model, proc)

@@ -13,13 +13,7 @@ class Qwen2AudioAdapter(QwenAdapter):
     family = "qwen2_audio"
     modalities = ("audio",)
     placeholder_tokens = {"audio": "<|AUDIO|>"}
-
-    def _load(self):
-        from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
-        model = Qwen2AudioForConditionalGeneration.from_pretrained(self.path, **self._from_pretrained_kwargs())
-        proc = AutoProcessor.from_pretrained(self.path, trust_remote_code=self.trust_remote_code,
-                                             **self.processor_kwargs)
-        return self._placed(model), proc
+    model_class = "Qwen2AudioForConditionalGeneration"
 
     def _media_content(self, item: Media, dec: dict, media: dict) -> list[dict]:
         if dec.get("audio") is None:          # a silent video or an image: nothing this model can hear
@@ -38,7 +32,7 @@ def build_tiny(out_dir: str | Path, seed: int = 0, hidden: int = 64, audio_hidde
     """
     from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor, \
         WhisperFeatureExtractor
-    from avkv.models.tiny import atomic_dir, chat_template, hf_tokenizer
+    from avkv.models.tiny import chat_template, eval_model, hf_tokenizer, qwen_text_config, save_checkpoint
     torch.manual_seed(seed)
     template = chat_template("qwen2_audio")
     tok = hf_tokenizer(template, texts=texts, vocab_size=vocab_size)
@@ -47,19 +41,13 @@ def build_tiny(out_dir: str | Path, seed: int = 0, hidden: int = 64, audio_hidde
         audio_config=dict(model_type="qwen2_audio_encoder", num_mel_bins=128, encoder_layers=2,
                           encoder_attention_heads=2, encoder_ffn_dim=2 * audio_hidden, d_model=audio_hidden,
                           max_source_positions=chunk_s * 100 // 2),
-        text_config=dict(model_type="qwen2", vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=4096, bos_token_id=t("<|endoftext|>"),
-                         eos_token_id=t("<|im_end|>"), pad_token_id=t("<|endoftext|>")),
+        text_config=qwen_text_config(tok, hidden, layers, model_type="qwen2"),
         audio_token_index=t("<|AUDIO|>"))
-    model = Qwen2AudioForConditionalGeneration(cfg).eval()
+    model = eval_model(Qwen2AudioForConditionalGeneration, cfg, tok)
     from transformers.models.whisper.modeling_whisper import sinusoids
     with torch.no_grad():             # Whisper's sinusoidal start for the learned positions (random init hides time)
         pos = next(m for n, m in model.named_modules() if n.endswith("audio_tower.embed_positions"))
         pos.weight.copy_(sinusoids(*pos.weight.shape))
-    model.generation_config.eos_token_id = t("<|im_end|>")
     fe = WhisperFeatureExtractor(feature_size=128, sampling_rate=16000, chunk_length=chunk_s)
     proc = Qwen2AudioProcessor(feature_extractor=fe, tokenizer=tok, chat_template=template)
-    with atomic_dir(out_dir) as d:
-        model.save_pretrained(d)
-        proc.save_pretrained(d)
+    save_checkpoint(out_dir, model, proc)

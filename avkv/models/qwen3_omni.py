@@ -2,8 +2,9 @@
 
 Only the thinker loads (``Qwen3OmniMoeThinkerForConditionalGeneration``); the talker and code2wav do not touch the
 text KV cache. Real checkpoints: ``Qwen/Qwen3-Omni-30B-A3B-Instruct`` (AudioKV Table 1). The full checkpoint's
-folder holds the whole model (``model_type: qwen3_omni_moe``, weights under ``thinker.``): :meth:`_load` reads the
-thinker's config from it and maps ``thinker.*`` weights onto the thinker, so the talker's weights are never read.
+folder holds the whole model (``model_type: qwen3_omni_moe``, weights under ``thinker.``):
+:meth:`~Qwen3OmniAdapter._from_pretrained_kwargs` reads the thinker's config from it and maps ``thinker.*`` weights
+onto the thinker, so the talker's weights are never read. Everything else (prompt, media, audio-in-video interleaving) is Qwen2.5-Omni's adapter.
 
 KV semantics are the Qwen2/Llama ones: one K/V per decoder layer, every layer full attention. The MoE sits in the
 MLP (router + experts) and never touches the cache, so a budget means the same as on a dense model. The attention
@@ -23,36 +24,23 @@ from pathlib import Path
 import torch
 
 from avkv.models.qwen2_5_omni import Qwen25OmniAdapter
-from avkv.models.video_processing import TorchQwenVideoProcessor, stock_video_processor_available
+from avkv.models.video_processing import TorchQwenVideoProcessor
 
 
 class Qwen3OmniAdapter(Qwen25OmniAdapter):
     family = "qwen3_omni"
-    modalities = ("image", "video", "audio")
     placeholder_tokens = {"image": "<|image_pad|>", "video": "<|video_pad|>", "audio": "<|audio_pad|>"}
+    model_class = "Qwen3OmniMoeThinkerForConditionalGeneration"
+    processor_class = "Qwen3OmniMoeProcessor"
 
-    def _load(self):
-        from transformers import Qwen3OmniMoeThinkerForConditionalGeneration
-        kwargs = self._from_pretrained_kwargs()
+    def _from_pretrained_kwargs(self) -> dict:
+        kwargs = super()._from_pretrained_kwargs()
         raw = json.loads((self.path / "config.json").read_text())
         if raw.get("model_type") == "qwen3_omni_moe":            # the full model's folder: its thinker part
             from transformers import Qwen3OmniMoeConfig
             kwargs.update(config=Qwen3OmniMoeConfig.from_pretrained(self.path).thinker_config,
                           key_mapping={r"^thinker\.": ""})
-        model = Qwen3OmniMoeThinkerForConditionalGeneration.from_pretrained(self.path, **kwargs)
-        return self._placed(model), load_processor(self.path, self.trust_remote_code, **self.processor_kwargs)
-
-
-def load_processor(path: Path, trust_remote_code: bool = False, **kwargs):
-    from transformers import (AutoProcessor, AutoTokenizer, Qwen2VLImageProcessorPil, Qwen3OmniMoeProcessor,
-                              WhisperFeatureExtractor)
-    if stock_video_processor_available():
-        return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
-    return Qwen3OmniMoeProcessor(image_processor=Qwen2VLImageProcessorPil.from_pretrained(path, **kwargs),
-                                 video_processor=TorchQwenVideoProcessor.from_pretrained(path, **kwargs),
-                                 feature_extractor=WhisperFeatureExtractor.from_pretrained(path),
-                                 tokenizer=AutoTokenizer.from_pretrained(path),
-                                 chat_template=(Path(path) / "chat_template.jinja").read_text())
+        return kwargs
 
 
 #: Qwen3-Omni's media tokens (the real tokenizer's added tokens; the processor reads them by these attribute names)
@@ -77,7 +65,7 @@ def build_tiny(out_dir: str | Path, seed: int = 0, hidden: int = 64, vision_hidd
     from transformers import (PreTrainedTokenizerFast, Qwen2VLImageProcessorPil, Qwen3OmniMoeProcessor,
                               Qwen3OmniMoeThinkerConfig, Qwen3OmniMoeThinkerForConditionalGeneration,
                               WhisperFeatureExtractor)
-    from avkv.models.tiny import atomic_dir, chat_template, train_tokenizer
+    from avkv.models.tiny import chat_template, eval_model, qwen_text_config, save_checkpoint, train_tokenizer
     torch.manual_seed(seed)
     template = chat_template("qwen3_omni")
     extra = [s for s in QWEN3_OMNI_TOKEN_ATTRS.values()]
@@ -93,36 +81,31 @@ def build_tiny(out_dir: str | Path, seed: int = 0, hidden: int = 64, vision_hidd
         vision_config=dict(depth=2, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_heads=2,
                            patch_size=16, spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=hidden,
                            num_position_embeddings=64, deepstack_visual_indexes=[0]),
-        text_config=dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim,
-                         max_position_embeddings=4096, moe_intermediate_size=hidden, num_experts=experts,
-                         num_experts_per_tok=2, decoder_sparse_step=1,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1e6,
-                                          "mrope_section": [4, 2, 2], "mrope_interleaved": True},
-                         bos_token_id=t("<|endoftext|>"), eos_token_id=t("<|im_end|>"), pad_token_id=t("<|endoftext|>")),
+        text_config=qwen_text_config(tok, hidden, layers, head_dim=head_dim, moe_intermediate_size=hidden,
+                                     num_experts=experts, num_experts_per_tok=2, decoder_sparse_step=1,
+                                     rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                                                      "mrope_section": [4, 2, 2], "mrope_interleaved": True}),
         audio_token_id=t("<|audio_pad|>"), image_token_id=t("<|image_pad|>"), video_token_id=t("<|video_pad|>"),
         audio_start_token_id=t("<|audio_start|>"), vision_start_token_id=t("<|vision_start|>"),
         position_id_per_seconds=13)
     cfg.audio_end_token_id = t("<|audio_end|>")
     cfg.vision_end_token_id = t("<|vision_end|>")
-    model = Qwen3OmniMoeThinkerForConditionalGeneration(cfg).eval()
-    model.generation_config.eos_token_id = t("<|im_end|>")
+    model = eval_model(Qwen3OmniMoeThinkerForConditionalGeneration, cfg, tok)
     pix = dict(min_pixels=min_pixels, max_pixels=max_pixels)
     proc = Qwen3OmniMoeProcessor(image_processor=Qwen2VLImageProcessorPil(patch_size=16, **pix),
                                  video_processor=TorchQwenVideoProcessor(patch_size=16, **pix),
                                  feature_extractor=WhisperFeatureExtractor(feature_size=128, sampling_rate=16000,
                                                                            chunk_length=chunk_s),
                                  tokenizer=tok, chat_template=template)
-    with atomic_dir(out_dir) as d:
-        model.save_pretrained(d)
-        proc.save_pretrained(d)
-        proc.video_processor.save_pretrained(d)
-        if full_layout:
-            from safetensors.torch import load_file
-            from transformers import Qwen3OmniMoeConfig
-            sd = {}
-            for f in sorted(Path(d).glob("*.safetensors")):
-                sd.update({"thinker." + k: v for k, v in load_file(f).items()})
-                f.unlink()
-            Qwen3OmniMoeConfig(thinker_config=cfg.to_dict(), enable_audio_output=False).save_pretrained(d)
-            save_file(sd, Path(d) / "model.safetensors", metadata={"format": "pt"})
+
+    def full_model_layout(d: Path) -> None:      # the thinker inside Qwen3OmniMoeConfig, weights under thinker.
+        from safetensors.torch import load_file
+        from transformers import Qwen3OmniMoeConfig
+        sd = {}
+        for f in sorted(Path(d).glob("*.safetensors")):
+            sd.update({"thinker." + k: v for k, v in load_file(f).items()})
+            f.unlink()
+        Qwen3OmniMoeConfig(thinker_config=cfg.to_dict(), enable_audio_output=False).save_pretrained(d)
+        save_file(sd, Path(d) / "model.safetensors", metadata={"format": "pt"})
+
+    save_checkpoint(out_dir, model, proc, then=full_model_layout if full_layout else None)

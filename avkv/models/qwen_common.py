@@ -1,10 +1,13 @@
-"""What the three Qwen families share: chat-template rendering through the real processor, split points,
-modality per position and the video layout. Family files (``qwen2_5_vl.py``, ``qwen2_audio.py``,
-``qwen2_5_omni.py``) say how to load and which media each model takes.
+"""What the Qwen families share: loading by class name, the processor (assembled with the torch-only video
+processor where torchvision is missing), chat-template rendering through the real processor, split points,
+modality per position and the video layout. Family files (``qwen2_5_vl.py``, ``qwen2_vl.py``, ``qwen2_audio.py``,
+``qwen2_5_omni.py``, ``qwen3_omni.py``) name their transformers classes, say which media each model takes, and
+build their tiny checkpoint.
 """
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,13 +15,45 @@ import torch
 from avkv.methods.base import VIDEO
 from avkv.models import media_io
 from avkv.models.base import Encoded, ModelAdapter
+from avkv.models.video_processing import TorchQwenVideoProcessor, stock_video_processor_available
 from avkv.tasks.base import Media, Prompt
+
+
+def load_processor(path: str | Path, processor_class: str | None = None, trust_remote_code: bool = False,
+                   audio: bool = False, **kwargs):
+    """The checkpoint's real processor (``AutoProcessor``). Where torchvision is missing (the stock video processor
+    needs it) the transformers class ``processor_class`` is assembled from its parts with the torch-only video
+    processor; ``audio`` adds the Whisper feature extractor. ``processor_class=None``: a model without video."""
+    from transformers import AutoProcessor
+    if processor_class is None or stock_video_processor_available():
+        return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
+    import transformers
+    from transformers import AutoTokenizer, Qwen2VLImageProcessorPil, WhisperFeatureExtractor
+    parts = dict(image_processor=Qwen2VLImageProcessorPil.from_pretrained(path, **kwargs),
+                 video_processor=TorchQwenVideoProcessor.from_pretrained(path, **kwargs),
+                 tokenizer=AutoTokenizer.from_pretrained(path),
+                 chat_template=(Path(path) / "chat_template.jinja").read_text())
+    if audio:
+        parts["feature_extractor"] = WhisperFeatureExtractor.from_pretrained(path)
+    return getattr(transformers, processor_class)(**parts)
 
 
 class QwenAdapter(ModelAdapter):
     supports_device_map = True
     #: placeholder token string per modality (looked up in the tokenizer)
     placeholder_tokens: dict[str, str] = {}
+    #: the transformers model class :meth:`_load` reads the checkpoint with
+    model_class: str = ""
+    #: the transformers processor class :func:`load_processor` assembles where torchvision is missing (None: the
+    #: model takes no video, ``AutoProcessor`` always)
+    processor_class: str | None = None
+
+    def _load(self):
+        import transformers
+        model = getattr(transformers, self.model_class).from_pretrained(self.path, **self._from_pretrained_kwargs())
+        proc = load_processor(self.path, self.processor_class, self.trust_remote_code, audio="audio" in self.modalities,
+                              **self.processor_kwargs)
+        return self._placed(model), proc
 
     def decoder_layers(self) -> list[torch.nn.Module]:
         return list(self.model.model.language_model.layers)

@@ -87,6 +87,39 @@ def mrope_section(head_dim: int) -> list[int]:
     return [t, h, half - t - h]
 
 
+def qwen_text_config(tok, hidden: int, layers: int, mrope: list[int] | None = None, **extra) -> dict:
+    """The text decoder of every tiny Qwen family: ``layers`` layers of width ``hidden``, 4 query / 2 KV heads, the
+    ChatML special tokens of ``tok``; ``mrope`` (sections) gives an M-RoPE decoder, ``extra`` adds or overrides
+    fields (Qwen2-Audio's ``model_type``, Qwen3-Omni's MoE sizes)."""
+    t = tok.convert_tokens_to_ids
+    cfg = dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+    if mrope is not None:
+        cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": mrope}
+    cfg.update(bos_token_id=t("<|endoftext|>"), eos_token_id=t("<|im_end|>"), pad_token_id=t("<|endoftext|>"))
+    cfg.update(extra)
+    return cfg
+
+
+def eval_model(model_cls, cfg, tok):
+    """``model_cls(cfg)`` in eval mode, generation stopping at ``<|im_end|>`` (every ChatML tiny model)."""
+    model = model_cls(cfg).eval()
+    model.generation_config.eos_token_id = tok.convert_tokens_to_ids("<|im_end|>")
+    return model
+
+
+def save_checkpoint(out_dir: str | Path, model, processor, then=None) -> None:
+    """Write ``model`` and ``processor`` (and its video processor, if any) atomically to ``out_dir``; ``then(folder)``
+    may rewrite the folder before it is moved into place."""
+    with atomic_dir(out_dir) as d:
+        model.save_pretrained(d)
+        processor.save_pretrained(d)
+        if getattr(processor, "video_processor", None) is not None:
+            processor.video_processor.save_pretrained(d)
+        if then is not None:
+            then(d)
+
+
 @contextmanager
 def atomic_dir(out_dir: str | Path):
     """Write a checkpoint into a temp folder and move it into place at the end (no half-written checkpoints)."""

@@ -11,9 +11,10 @@ full-cache logits of the probe step, versions) and, per case and ratio, ``<id>__
 * ``n_kept``: kvpress's count per KV head, ``max(1, int(n·(1−ratio)))``;
 * ``layers[l].kept[h]``: the context positions KV head h of layer l keeps, recovered by matching each row of the
   compressed cache to the rows of the uncompressed keys (exact equality; a row that matches none is -1, e.g. a
-  merged entry); for presses that mask instead of dropping (AdaKV), the positions not masked;
+  merged entry); for presses that mask instead of dropping (AdaKV, KVzip), the positions not masked;
 * ``layers[l].scores[h]``: the press's scores (when it has a ``score``), ``tied[h]``: whether the scores on both
-  sides of the head's cut are equal within ``tie_rtol``, ``gap[h]``: their difference;
+  sides of the head's cut are equal within ``tie_rtol``, ``gap[h]``: their difference (a selection over several
+  heads at once, KVzip's: the group's cut, :func:`selection_ties`);
 * ``logits``: the logits of the probe step on the compressed cache (its position is n, the logical one).
 
 Compression happens at the end of the context prefill (kvpress's hook during prefilling, ``compress_at=context``
@@ -100,6 +101,33 @@ def cut_ties(scores: torch.Tensor, counts: list[int], rtol: float) -> tuple[list
     return tied, gaps
 
 
+def selection_ties(scores: torch.Tensor, keep: torch.Tensor, layerwise: bool, rtol: float
+                   ) -> tuple[list[list[bool]], list[list[float | None]]]:
+    """Ties of a selection over several heads at once (KVzip: one top-k over every layer and head, or per layer):
+    the cut is the smallest kept and the largest dropped score of the group; when the two are equal within
+    ``rtol``, every head holding a score in that band is tied (which of them keeps it is not defined)."""
+    L, H, _ = scores.shape
+    tied = [[False] * H for _ in range(L)]
+    gaps: list[list[float | None]] = [[None] * H for _ in range(L)]
+    for group in ([[i] for i in range(L)] if layerwise else [list(range(L))]):
+        s, k = scores[group].double(), keep[group]
+        fin = torch.isfinite(s)
+        if not (k & fin).any() or not (~k & fin).any():
+            continue
+        a, b = float(s[k & fin].min()), float(s[~k & fin].max())
+        for j, i in enumerate(group):
+            for h in range(H):
+                gaps[i][h] = a - b
+        if abs(a - b) > rtol * max(abs(a), abs(b), 1e-30):
+            continue
+        lo, hi = min(a, b) - rtol * abs(min(a, b)), max(a, b) + rtol * abs(max(a, b))
+        band = fin & (s >= lo) & (s <= hi)
+        for j, i in enumerate(group):
+            for h in range(H):
+                tied[i][h] = bool(band[j, h].any())
+    return tied, gaps
+
+
 def run_case(model, case: dict, ratio: float, ids: torch.Tensor, probe: torch.Tensor, kvpress, rtol: float) -> dict:
     from transformers import DynamicCache
     from kvpress.utils import compute_n_kept
@@ -119,24 +147,35 @@ def run_case(model, case: dict, ratio: float, ids: torch.Tensor, probe: torch.Te
                 return s
             p.score = score
             restore.append((p, "score"))
-    # the press whose compress sees the uncompressed keys: a press with its own forward hook (ComposedPress,
-    # PerLayerCompressionPress) hands the cache to its (first) inner press instead of calling its own compress
-    first = press
-    while type(first).forward_hook is not kvpress.presses.base_press.BasePress.forward_hook:
-        first = first.presses[0] if getattr(first, "presses", None) else first.press
-    orig_compress = first.compress
+    # a press that drives its own passes after the prefill (KVzip's context reconstruction): its scores over every
+    # layer are read when it selects (``compress_post``); the prefill's keys are the rows its cache keeps
+    driven = hasattr(press, "compress_post")
+    if driven:
+        orig_post = press.compress_post
 
-    def compress(module, hidden_states, keys, values, attentions, kwargs):
-        seen_keys.setdefault(module.layer_idx, keys.detach().clone())
-        return orig_compress(module, hidden_states, keys, values, attentions, kwargs)
-    first.compress = compress
+        def compress_post(model_):
+            orig_post(model_)
+            seen_scores["all"] = press.score_val.detach().clone()[:, 0]                   # [L, kvH, n]
+        press.compress_post = compress_post
+    else:
+        # the press whose compress sees the uncompressed keys: a press with its own forward hook (ComposedPress,
+        # PerLayerCompressionPress) hands the cache to its (first) inner press instead of calling its own compress
+        first = press
+        while type(first).forward_hook is not kvpress.presses.base_press.BasePress.forward_hook:
+            first = first.presses[0] if getattr(first, "presses", None) else first.press
+        orig_compress = first.compress
+
+        def compress(module, hidden_states, keys, values, attentions, kwargs):
+            seen_keys.setdefault(module.layer_idx, keys.detach().clone())
+            return orig_compress(module, hidden_states, keys, values, attentions, kwargs)
+        first.compress = compress
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
         with press(model):
             model(input_ids=ids, past_key_values=cache, use_cache=True)
         layers = []
         for i, layer in enumerate(model.model.layers):
-            full = seen_keys[i][0]
+            full = cache.layers[i].keys[0] if driven else seen_keys[i][0]
             masked = getattr(layer.self_attn, "masked_key_indices", None)
             if masked is not None:                       # head-wise masking (AdaKV): the cache keeps every row
                 _, hh, ss = (t.cpu() for t in masked)
@@ -151,6 +190,15 @@ def run_case(model, case: dict, ratio: float, ids: torch.Tensor, probe: torch.Te
                 entry["scores"] = s.tolist()
                 entry["tied"], entry["gap"] = cut_ties(s, [len(k) for k in kept], rtol)
             layers.append(entry)
+        if driven and "all" in seen_scores:             # one selection over every layer (or per layer): its ties
+            sc = seen_scores["all"].float()
+            keep = torch.zeros(sc.shape, dtype=torch.bool)
+            for i, entry in enumerate(layers):
+                for h, kept_h in enumerate(entry["kept"]):
+                    keep[i, h, kept_h] = True
+            tied, gaps = selection_ties(sc, keep, bool(getattr(press, "layerwise", False)), rtol)
+            for i, entry in enumerate(layers):
+                entry.update(scores=sc[i].tolist(), tied=tied[i], gap=gaps[i])
         out = model(input_ids=probe, past_key_values=cache, use_cache=True,
                     position_ids=torch.tensor([[n]]))
     for layer in model.model.layers:

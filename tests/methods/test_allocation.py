@@ -6,8 +6,7 @@ import torch
 
 from avkv.methods.adakv import AdaKV
 from avkv.methods.allocation import (HeadAllocation, LayerAllocation, ModalityAllocation, adaptive_head_counts,
-                                     mask_to_indices, modality_budgets, pyramid_budgets, ragged_topk,
-                                     round_preserving_sum)
+                                     pyramid_budgets)
 from avkv.methods.base import AUDIO, MODALITIES, TEXT, VIDEO
 from avkv.methods.h2o import H2O
 from avkv.methods.pyramidkv import PyramidKV
@@ -41,12 +40,6 @@ def test_pyramid_budgets_uniform_when_prompt_short_or_single_layer():
     assert pyramid_budgets(30, 8, 1, 1000) == [30]
 
 
-def test_round_preserving_sum():
-    x = torch.tensor([1.5, 2.5, 3.0, 0.4, 0.6])
-    r = round_preserving_sum(x)
-    assert int(r.sum()) == 8 and (r - x).abs().max() < 1
-
-
 def naive_adakv_counts(scores, base, floor):
     R, P = len(scores), len(scores[0])
     flat = sorted(((float(scores[h][j]), j, h) for h in range(R) for j in range(P)), key=lambda t: (-t[0], -t[1], -t[2]))
@@ -65,35 +58,6 @@ def test_adaptive_head_counts_match_global_topk():
         assert int(got.sum()) == 4 * base
         assert all(abs(a - b) < 1 for a, b in zip(got.tolist(), ref))
         assert int(got.min()) >= int(floor * base)
-
-
-def test_ragged_topk_keeps_each_heads_best_and_pads_with_a_mask():
-    g = torch.Generator().manual_seed(2)
-    s = torch.rand(3, 20, generator=g)
-    counts = torch.tensor([2, 6, 0])
-    idx, valid = ragged_topk(s, counts, protect_last=3)
-    assert idx.shape == (3, 9) and valid.sum(1).tolist() == [5, 9, 3]
-    for r in range(3):
-        real = idx[r][valid[r]].tolist()
-        assert real == naive_topk(s[r].tolist(), int(counts[r]) + 3, 3)
-        assert (idx[r][~valid[r]] == real[-1]).all()                  # padding repeats the last real entry
-    same, none = ragged_topk(s, torch.tensor([4, 4, 4]), protect_last=2)
-    assert none is None and same.shape == (3, 6)
-
-
-def test_mask_to_indices():
-    keep = torch.tensor([[True, False, True, True], [False, True, False, False]])
-    idx, valid = mask_to_indices(keep)
-    assert idx.tolist() == [[0, 2, 3], [1, 1, 1]] and valid.tolist() == [[True] * 3, [True, False, False]]
-
-
-def test_modality_budgets_cap_and_redistribute():
-    avail = {"text": 10, "image": 0, "video": 100, "audio": 5}
-    b = modality_budgets(avail, {"text": 0.5, "video": 0.25, "audio": 0.25}, 40)
-    assert b == {"text": 10, "image": 0, "video": 25, "audio": 5}
-    b = modality_budgets(avail, {"text": 1.0}, 30)                  # unshared modalities fill what is left
-    assert sum(b.values()) == 30 and b["text"] == 10
-    assert sum(modality_budgets(avail, {"video": 1.0}, 500).values()) == 115
 
 
 # ------------------------------------------------------------------------------------------ composition

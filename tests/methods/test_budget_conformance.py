@@ -1,5 +1,6 @@
 """One budget means one budget: every method config × budgets {0.5, 0.2, 0.1} × every tiny family and the 8-layer
-model holds the budget in entries *and* bytes (±1 %, one entry of rounding aside) — or declares what it holds
+model (both lists read from ``configs/`` by ``tests/discover.py``: a new method or tiny model config is tested here
+with no edit) holds the budget in entries *and* bytes (±1 %, one entry of rounding aside) — or declares what it holds
 (``budget_mode: achieved`` with a reason, or FastV's ``budget_infeasible`` where even pruning every media token from
 layer 1 cannot reach it, checked here to be really so). Bytes are counted from the cache tensors, so storage
 padding would show.
@@ -8,18 +9,26 @@ Cheap on purpose: one short prompt per model (VideoLLaMA2 video-only: its audio 
 tokens), each method config composed once, one new token.
 """
 import json
+from dataclasses import dataclass, replace
 
 import pytest
 import torch
 
-from avkv.config import CONFIG_DIR, compose, instantiate
+from avkv.config import compose, instantiate
 from avkv.engine import Engine, within_budget
+from avkv.methods.snapkv import SnapKV
+from tests import discover
 from tests.conftest import VLM_FAMILIES, av_prompt, family_prompt, tiny_model_dir
 
-FAMILIES = ("qwen2_5_vl", "qwen2_audio", "qwen2_5_omni", "qwen3_omni", "videollama2_av", "qwen2_5_omni_deep", *VLM_FAMILIES)
-METHODS = sorted(p.stem for p in (CONFIG_DIR / "method").glob("*.yaml") if p.stem != "full")
+#: tiny families left out, and why (every other configs/model/tiny_*.yaml is tested)
+SKIP_FAMILIES = {"qwen2": "text-only: the media are dropped, the prompt is 47 tokens and every budget here keeps fewer "
+                           "than its uncompressed question (the engine refuses: CompressionError)"}
+FAMILIES = tuple(f for f in discover.tiny_families() if f not in SKIP_FAMILIES)
+METHODS = discover.methods()                      # every configs/method/*.yaml but the full cache
 BUDGETS = (0.5, 0.2, 0.1)
-DECLARED = {"drop_media", "simlayerkv", "per_layer_compression"}   # configs that declare budget_mode: achieved
+#: the configs known to declare budget_mode: achieved; a config that starts declaring it fails until listed here,
+#: so a method cannot leave the budget by a config edit alone
+DECLARED = {"drop_media", "simlayerkv", "per_layer_compression"}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -50,35 +59,81 @@ def model(family, tmp_path_factory):
     return _MODELS[family]
 
 
-@pytest.mark.parametrize("name", METHODS)
-@pytest.mark.parametrize("family", FAMILIES)
-def test_every_method_holds_its_budget_or_declares_it(family, name, method_cfgs, tmp_path_factory):
+def check_conformance(r: dict, name: str, n: int, entry: int, where) -> None:
+    """One record against the rule: bytes = entries (no padding), and the budget held in both within ±1 % (one
+    entry aside), unless the config is a known declared exception or FastV's checked infeasibility."""
+    assert r["budget_achieved"] == r["kv_bytes_ratio"]
+    held_entries = sum(r["kept_per_layer"]) * r["kv_heads"]
+    assert r["kv_bytes_kept"] == round(held_entries) * entry, where             # bytes = entries, no padding
+    if name in DECLARED:
+        assert r["budget_mode"] == "achieved" and r["budget_reason"], where
+        return
+    assert r["budget_mode"] == "held", where
+    if r.get("budget_infeasible"):                # FastV only, and only where it truly cannot reach it
+        assert name == "fastv", where
+        assert r["fastv_layer"] == 1 and r["fastv_ratio"] == 1.0, where
+        assert r["fastv_pruned_tokens"] == r["fastv_media_tokens"], where
+        assert r["kept_ratio"] > r["budget_target"], where
+        return
+    assert r["budget_held"], where
+    assert within_budget(r["kept_ratio"], r["budget_target"], n), where
+    assert within_budget(r["kv_bytes_ratio"], r["budget_target"], n), where
+
+
+def run_budgets(family, name, cfg_of, tmp_path_factory):
     ad, enc, head_scores = model(family, tmp_path_factory)
     n = enc.input_ids.shape[1]
     entry = 2 * ad.decoder_layers()[0].self_attn.head_dim * 4                  # K + V, float32
     for budget in BUDGETS:
-        cfg = method_cfgs[name].copy()
-        if name == "audiokv":
+        cfg = cfg_of(name).copy()
+        if "head_scores" in cfg:                       # a method that reads per-model head scores (AudioKV)
             cfg.head_scores = head_scores
         r = Engine(ad, instantiate(cfg), budget=budget, max_new_tokens=1).generate(enc).record
         where = (family, name, budget, round(r["kept_ratio"], 4), round(r["kv_bytes_ratio"], 4))
         assert r["budget_target"] == pytest.approx(round(budget * n) / n)
-        assert r["budget_achieved"] == r["kv_bytes_ratio"]
-        held_entries = sum(r["kept_per_layer"]) * r["kv_heads"]
-        assert r["kv_bytes_kept"] == round(held_entries) * entry, where             # bytes = entries, no padding
-        if name in DECLARED:
-            assert r["budget_mode"] == "achieved" and r["budget_reason"], where
-            continue
-        assert r["budget_mode"] == "held", where
-        if r.get("budget_infeasible"):                # FastV only, and only where it truly cannot reach it
-            assert name == "fastv", where
-            assert r["fastv_layer"] == 1 and r["fastv_ratio"] == 1.0, where
-            assert r["fastv_pruned_tokens"] == r["fastv_media_tokens"], where
-            assert r["kept_ratio"] > r["budget_target"], where
-            continue
-        assert r["budget_held"], where
-        assert within_budget(r["kept_ratio"], r["budget_target"], n), where
-        assert within_budget(r["kv_bytes_ratio"], r["budget_target"], n), where
+        check_conformance(r, name, n, entry, where)
+
+
+@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_method_holds_its_budget_or_declares_it(family, name, method_cfgs, tmp_path_factory):
+    run_budgets(family, name, method_cfgs.__getitem__, tmp_path_factory)
+
+
+def test_a_new_method_config_is_discovered_and_a_bad_budget_caught(tmp_path, tmp_path_factory, monkeypatch):
+    """A config dropped into configs/method/ is listed by discovery (so parametrised above), and a method that keeps
+    less than its budget, or declares ``achieved`` without being a known exception, fails the check."""
+    cfgs = tmp_path / "method"
+    cfgs.mkdir()
+    (cfgs / "half_snapkv.yaml").write_text("_target_: tests.methods.test_budget_conformance.HalfSnapKV\n")
+    monkeypatch.setattr(discover, "CONFIG_DIR", tmp_path)
+    assert discover.methods() == ["half_snapkv"]
+    from omegaconf import OmegaConf
+    cfg = OmegaConf.create({"_target_": "tests.methods.test_budget_conformance.HalfSnapKV"})
+    with pytest.raises(AssertionError):
+        run_budgets("qwen2_5_omni", "half_snapkv", lambda _: cfg, tmp_path_factory)
+    declared = OmegaConf.create({"_target_": "tests.methods.test_budget_conformance.HalfSnapKV",
+                                 "declare": True})
+    with pytest.raises(AssertionError, match="half_snapkv"):
+        run_budgets("qwen2_5_omni", "half_snapkv", lambda _: declared, tmp_path_factory)
+
+
+@dataclass
+class HalfSnapKV(SnapKV):
+    """A deliberately wrong method: SnapKV keeping half its budget (``declare``: and claiming ``achieved``)."""
+
+    declare: bool = False
+
+    @property
+    def budget_mode(self) -> str:  # type: ignore[override]
+        return "achieved" if self.declare else "held"
+
+    @property
+    def budget_reason(self) -> str | None:  # type: ignore[override]
+        return "keeps half" if self.declare else None
+
+    def compress(self, view):
+        return super().compress(replace(view, n_keep=max(1, view.n_keep // 2)))
 
 
 def test_proxy_table_flags_cells_off_budget_both_ways_on_entries_and_bytes():

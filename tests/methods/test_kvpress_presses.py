@@ -16,7 +16,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 #: every press config of issue 13 item 3
 PRESSES = ["expected_attention", "lagkv", "chunkkv", "cur", "compactor", "finch", "simlayerkv", "criticalkv",
-           "criticaladakv", "block", "chunk", "composed", "per_layer_compression", "key_rerotation", "decoding"]
+           "criticaladakv", "block", "chunk", "composed", "per_layer_compression", "key_rerotation", "decoding",
+           "kvzip"]
 #: configs whose kept fraction is not the budget (they declare budget_mode=achieved)
 ACHIEVED = {"simlayerkv", "per_layer_compression"}
 FAMILIES = ["qwen2_5_vl", "qwen2_audio", "qwen2_5_omni", "videollama2_av", "qwen2", "proxy_av"]

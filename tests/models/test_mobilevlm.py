@@ -16,15 +16,12 @@ from avkv.config import ROOT
 from avkv.engine import Engine
 from avkv.methods.base import IMAGE, TEXT, VIDEO
 from avkv.methods.full import Full
-from avkv.methods.snapkv import SnapKV
 from avkv.models.mobilevlm import CheckpointKeyError, MobileVLMConfig, build_tiny, from_pretrained
 from avkv.models.mobilevlm import processing as P
 from avkv.models.mobilevlm.modeling import build_model, official_key_groups, official_state_dict
 from avkv.tasks.base import Media, Prompt
 from tests.conftest import adapter, av_prompt, fixtures_dir, tiny_model_dir
-from tests.engine_checks import check_budget_one_equals_no_compression, check_split_prefill_equals_one_forward
 
-MAX_NEW = 6
 FAMILY = "mobilevlm"
 
 
@@ -451,35 +448,8 @@ def test_audio_only_is_refused(vid, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- engine
-def test_full_engine_equals_model_generate(vid):
-    """The engine's explicit positions (prefill, then logical decode positions) give the tokens of the model's
-    own greedy ``generate``."""
-    ad, enc = vid
-    g = Engine(ad, Full(), max_new_tokens=MAX_NEW).generate(enc)
-    ref = ad.generate(enc, max_new_tokens=MAX_NEW)
-    eos = set(ad.eos_token_ids)
-    assert g.token_ids == [t for t in ref if t not in eos]
-
-
-def test_budget_one_equals_no_compression(vid):
-    check_budget_one_equals_no_compression(*vid, MAX_NEW)
-
-
-def test_split_prefill_equals_one_forward(vid):
-    check_split_prefill_equals_one_forward(*vid, MAX_NEW)
-
-
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_physical_prune_equals_masked_full_cache(attn):
-    ad = adapter(FAMILY, attn)
-    enc = ad.encode(av_prompt())
-    for at in ("question", "context"):
-        pruned = Engine(ad, SnapKV(window=8), budget=0.3, compress_at=at, max_new_tokens=MAX_NEW).generate(enc)
-        masked = Engine(ad, SnapKV(window=8), budget=0.3, compress_at=at, max_new_tokens=MAX_NEW,
-                        mask_only=True).generate(enc)
-        assert pruned.record["kv_bytes_kept"] < masked.record["kv_bytes_kept"]
-        assert torch.allclose(pruned.first_logits, masked.first_logits, atol=1e-5)
-        assert pruned.token_ids == masked.token_ids
+# the engine equivalences (generate, budget 1, split prefill, physical pruning, budget conformance) run on every
+# family, this one included, in tests/test_engine.py
 
 
 def test_query_recomputation_matches_cached_keys(vid):
@@ -503,14 +473,6 @@ def test_query_recomputation_matches_cached_keys(vid):
     finally:
         hd.remove()
     assert seen["err"] < 1e-5
-
-
-def test_snapkv_shrinks_the_cache_to_the_budget(vid):
-    ad, enc = vid
-    r = Engine(ad, SnapKV(window=8), budget=0.2, max_new_tokens=2).generate(enc).record
-    assert abs(r["kv_bytes_kept"] / r["kv_bytes_full"] - 0.2) <= 0.02
-    assert r["kept_by_modality"]["video"]["kept"] > 0
-    assert sum(v["kept"] for v in r["kept_by_modality"].values()) == pytest.approx(r["kept_ratio"] * r["n_prompt"])
 
 
 def test_run_py_flowmm_on_milebench(tmp_path):

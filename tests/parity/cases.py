@@ -21,70 +21,67 @@ Other helpers extend :data:`CASES` (append entries); nothing else needs to chang
 """
 from __future__ import annotations
 
+import copy
+
 #: tolerance of the probe-step logits (max absolute difference)
 LOGIT_TOL = 1e-4
 #: two scores closer than this (relative to the larger) count as tied at the cut: float sums in another order
 #: (avkv's grouped matmul vs kvpress's repeat_kv) may swap them, so which one is kept is not defined
 TIE_RTOL = 1e-5
 
-CASES: list[dict] = [
-    {"id": "snapkv_w16_k5", "press": "SnapKVPress", "kwargs": {"window_size": 16, "kernel_size": 5},
-     "ratios": [0.5, 0.8],
-     "avkv": {"method": "snapkv", "overrides": {"window": 16, "kernel": 5, "pooling": "avg", "gqa": "mean"}},
-     "compare": "kept+logits", "note": "window attention, prefix-only avg pooling with zero padding counted"},
-    {"id": "snapkv_w64_k5", "press": "SnapKVPress", "kwargs": {"window_size": 64, "kernel_size": 5},
-     "ratios": [0.5],
-     "avkv": {"method": "snapkv", "overrides": {"window": 64, "kernel": 5, "pooling": "avg", "gqa": "mean"}},
-     "compare": "kept+logits", "note": "kvpress's default window"},
-    {"id": "streamingllm_4", "press": "StreamingLLMPress", "kwargs": {"n_sink": 4}, "ratios": [0.5, 0.8],
-     "avkv": {"method": "streamingllm", "overrides": {"sink": 4}},
-     "compare": "kept+logits", "note": "sinks + most recent"},
-    {"id": "knorm", "press": "KnormPress", "kwargs": {}, "ratios": [0.5, 0.8],
-     "avkv": {"method": "knorm", "overrides": {}}, "compare": "kept+logits", "note": "lowest key L2 norms, no window"},
-    {"id": "keydiff", "press": "KeyDiffPress", "kwargs": {}, "ratios": [0.5, 0.8],
-     "avkv": {"method": "keydiff", "overrides": {}}, "compare": "kept+logits",
-     "note": "least cosine-similar to the mean unit key, no window"},
-    {"id": "tova", "press": "TOVAPress", "kwargs": {}, "ratios": [0.5, 0.8],
-     "avkv": {"method": "tova", "overrides": {}}, "compare": "kept+logits",
-     "note": "last query's attention, mean over all heads, last position kept"},
-    {"id": "observed_attention", "press": "ObservedAttentionPress", "kwargs": {}, "kvpress_attn": "eager",
-     "ratios": [0.5, 0.8], "avkv": {"method": "observed_attention", "overrides": {}}, "compare": "kept+logits",
-     "note": "kvpress reads eager attention weights; avkv recomputes the column sums under SDPA"},
-    {"id": "h2o_vs_observed_attention", "press": "ObservedAttentionPress", "kwargs": {}, "kvpress_attn": "eager",
-     "ratios": [0.5, 0.8], "avkv": {"method": "h2o", "overrides": {"decode_policy": "grow"}},
-     "compare": "measured_only",
-     "note": "closest kvpress press to H2O; H2O keeps raw column sums (not divided by n−j) and half the budget as "
-             "a recent window"},
-    {"id": "pyramidkv_w16_k5", "press": "PyramidKVPress", "kwargs": {"window_size": 16, "kernel_size": 5},
-     "ratios": [0.5, 0.8], "avkv": {"method": "pyramidkv", "overrides": {
-         "scorer.window": 16, "scorer.kernel": 5, "scorer.pooling": "avg"}},
-     "avkv_layer_counts_from_reference": True, "compare": "kept+logits",
-     "note": "same scorer at kvpress's per-layer counts (schedule=weights); the schedules themselves differ: "
-             "see pyramidkv_w16_k5_schedule"},
-    {"id": "pyramidkv_w16_k5_schedule", "press": "PyramidKVPress", "kwargs": {"window_size": 16, "kernel_size": 5},
-     "ratios": [0.5, 0.8], "avkv": {"method": "pyramidkv", "overrides": {
-         "scorer.window": 16, "scorer.kernel": 5, "scorer.pooling": "avg"}},
-     "compare": "measured_only",
-     "note": "avkv's own schedule (KVCache-Factory, the window outside n·(1−ratio), mean exactly B) vs kvpress's "
-             "(window inside, uniform fallback when the last layer would keep less than the window)"},
-    {"id": "adakv_safeguard_snapkv_w16_k5", "press": "AdaKVPress",
-     "kwargs": {"press": {"press": "SnapKVPress", "kwargs": {"window_size": 16, "kernel_size": 5}},
-                "alpha_safeguard": 0.2},
-     "ratios": [0.5, 0.8], "avkv": {"method": "adakv", "overrides": {
-         "scorer.window": 16, "scorer.kernel": 5, "scorer.pooling": "avg", "floor": 0.2, "floor_rule": "safeguard"}},
-     "compare": "kept+logits",
-     "note": "kvpress's allocation rule (floor_rule=safeguard); kvpress masks the dropped keys, avkv stores the "
-             "heads ragged"},
-    {"id": "adakv_snapkv_w16_k5", "press": "AdaKVPress",
-     "kwargs": {"press": {"press": "SnapKVPress", "kwargs": {"window_size": 16, "kernel_size": 5}},
-                "alpha_safeguard": 0.2},
-     "ratios": [0.5, 0.8], "avkv": {"method": "adakv", "overrides": {
-         "scorer.window": 16, "scorer.kernel": 5, "scorer.pooling": "avg", "floor": 0.2}},
-     "compare": "measured_only",
-     "note": "same scorer and layer budget; kvpress's safeguard keeps each head's top int(0.2·n_kept) entries "
-             "(the window among them) then prunes globally, avkv (AdaKV paper) mixes the global win count with a "
-             "floor of 0.2·(B − w) prefix entries beyond the window"},
+def case(id: str, press: str, kwargs: dict, method: str, overrides: dict, note: str, ratios=(0.5, 0.8),
+         compare: str = "kept+logits", kvpress_attn: str | None = None, layer_counts: bool = False) -> dict:
+    """One case dict (the fields above, in that order); ``layer_counts``: ``avkv_layer_counts_from_reference``."""
+    c = {"id": id, "press": press, "kwargs": copy.deepcopy(kwargs)}
+    if kvpress_attn:
+        c["kvpress_attn"] = kvpress_attn
+    c.update(ratios=list(ratios), avkv={"method": method, "overrides": dict(overrides)})
+    if layer_counts:
+        c["avkv_layer_counts_from_reference"] = True
+    c.update(compare=compare, note=note)
+    return c
+
+
+SNAP_W16 = {"window_size": 16, "kernel_size": 5}
+#: avkv's SnapKV scorer as kvpress computes it, inside a wrapper method (PyramidKV, AdaKV)
+SCORER_W16 = {"scorer.window": 16, "scorer.kernel": 5, "scorer.pooling": "avg"}
+ADAKV_SNAP_W16 = {"press": {"press": "SnapKVPress", "kwargs": SNAP_W16}, "alpha_safeguard": 0.2}
+MEASURED = dict(compare="measured_only")
+EAGER = dict(kvpress_attn="eager")
+
+#: id, kvpress press, its kwargs, avkv method, its overrides, note, options (ratios, compare, kvpress_attn, ...)
+TABLE = [
+    ("snapkv_w16_k5", "SnapKVPress", SNAP_W16, "snapkv", {"window": 16, "kernel": 5, "pooling": "avg", "gqa": "mean"},
+     "window attention, prefix-only avg pooling with zero padding counted", {}),
+    ("snapkv_w64_k5", "SnapKVPress", {"window_size": 64, "kernel_size": 5},
+     "snapkv", {"window": 64, "kernel": 5, "pooling": "avg", "gqa": "mean"}, "kvpress's default window",
+     dict(ratios=[0.5])),
+    ("streamingllm_4", "StreamingLLMPress", {"n_sink": 4}, "streamingllm", {"sink": 4}, "sinks + most recent", {}),
+    ("knorm", "KnormPress", {}, "knorm", {}, "lowest key L2 norms, no window", {}),
+    ("keydiff", "KeyDiffPress", {}, "keydiff", {}, "least cosine-similar to the mean unit key, no window", {}),
+    ("tova", "TOVAPress", {}, "tova", {}, "last query's attention, mean over all heads, last position kept", {}),
+    ("observed_attention", "ObservedAttentionPress", {}, "observed_attention", {},
+     "kvpress reads eager attention weights; avkv recomputes the column sums under SDPA", EAGER),
+    ("h2o_vs_observed_attention", "ObservedAttentionPress", {}, "h2o", {"decode_policy": "grow"},
+     "closest kvpress press to H2O; H2O keeps raw column sums (not divided by n−j) and half the budget as "
+     "a recent window", {**EAGER, **MEASURED}),
+    ("pyramidkv_w16_k5", "PyramidKVPress", SNAP_W16, "pyramidkv", SCORER_W16,
+     "same scorer at kvpress's per-layer counts (schedule=weights); the schedules themselves differ: "
+     "see pyramidkv_w16_k5_schedule", dict(layer_counts=True)),
+    ("pyramidkv_w16_k5_schedule", "PyramidKVPress", SNAP_W16, "pyramidkv", SCORER_W16,
+     "avkv's own schedule (KVCache-Factory, the window outside n·(1−ratio), mean exactly B) vs kvpress's "
+     "(window inside, uniform fallback when the last layer would keep less than the window)", MEASURED),
+    ("adakv_safeguard_snapkv_w16_k5", "AdaKVPress", ADAKV_SNAP_W16, "adakv",
+     {**SCORER_W16, "floor": 0.2, "floor_rule": "safeguard"},
+     "kvpress's allocation rule (floor_rule=safeguard); kvpress masks the dropped keys, avkv stores the "
+     "heads ragged", {}),
+    ("adakv_snapkv_w16_k5", "AdaKVPress", ADAKV_SNAP_W16, "adakv", {**SCORER_W16, "floor": 0.2},
+     "same scorer and layer budget; kvpress's safeguard keeps each head's top int(0.2·n_kept) entries "
+     "(the window among them) then prunes globally, avkv (AdaKV paper) mixes the global win count with a "
+     "floor of 0.2·(B − w) prefix entries beyond the window", MEASURED),
 ]
+
+CASES: list[dict] = [case(*row[:6], **row[6]) for row in TABLE]
 
 
 from tests.parity.cases_presses import PRESS_CASES  # noqa: E402  (the presses of issue 13 item 3)

@@ -6,6 +6,8 @@
 * ``avkv_n_kept_from_reference``: avkv runs at the count kvpress's cache holds (layer 0), when the press keeps a
   different count than ``n_kept`` (ChunkKV's whole chunks, a composition);
 * ``attrs``: press attributes set after construction (FINCH's window, outside its constructor);
+* ``avkv_n_kept_mean_from_reference``: one selection over every layer and head (KVzip): avkv runs at kvpress's
+  total kept count over layers and heads, as a mean per head (``int(L·kvH·n·ratio)`` pruned, not ``n_kept``);
 * ``avkv.config``: a whole avkv method config (wrappers around another scorer) instead of ``method`` + ``overrides``;
 * ``compare: kept``: kept sets only (kvpress's probe logits are not defined there, ``note`` says why);
 * ``compare: logits``: the kept keys are rewritten (re-rotated), so no row matches the uncompressed keys; the probe
@@ -115,6 +117,21 @@ PRESS_CASES: list[dict] = [
                          "ratios": [0.3, 0.7], "scorer": CUR}},
      "compare": "kept", "note": "layer 0 keeps 210, layer 1 keeps 90; layers of different lengths, where kvpress's "
                                 "SDPA probe is not defined (its warning: flash attention only), so kept sets only"},
+    {"id": "kvzip", "press": "KVzipPress", "kwargs": {}, "ratios": [0.5, 0.8], "avkv_n_kept_mean_from_reference": True,
+     "avkv": {"method": "kvzip", "overrides": {}}, "compare": "kept+logits",
+     "note": "context reconstruction (one chunk: 32 template-prefix entries skipped, 268 repeated), max attention "
+             "per KV head, 4 sinks, one top-k over both layers and all heads"},
+    {"id": "kvzip_chunk100", "press": "KVzipPress", "kwargs": {"chunk_size": 100}, "ratios": [0.5, 0.8],
+     "avkv_n_kept_mean_from_reference": True, "avkv": {"method": "kvzip", "overrides": {"chunk": 100}},
+     "compare": "kept+logits", "note": "three reconstruction chunks (100, 100, 68), later ones prompted with the "
+                                       "previous chunk's last 8 ids"},
+    {"id": "kvzip_layerwise", "press": "KVzipPress", "kwargs": {"layerwise": True}, "ratios": [0.5, 0.8],
+     "avkv_n_kept_mean_from_reference": True, "avkv": {"method": "kvzip", "overrides": {"layerwise": True}},
+     "compare": "kept+logits", "note": "one top-k per layer over its heads"},
+    {"id": "kvzip_plus", "press": "KVzipPress", "kwargs": {"kvzip_plus_normalization": True}, "ratios": [0.5, 0.8],
+     "avkv_n_kept_mean_from_reference": True,
+     "avkv": {"method": "kvzip", "overrides": {"plus_normalization": True}}, "compare": "kept+logits",
+     "note": "KVzip+: weights / ‖h‖ · ‖v W_o‖"},
     {"id": "key_rerotation_cur", "press": "KeyRerotationPress", "kwargs": {"press": {"press": "CURPress", "kwargs": {}}},
      "ratios": [0.5, 0.8],
      "avkv": {"config": {"_target_": "avkv.methods.key_rerotation.KeyRerotation", "scorer": CUR,

@@ -22,6 +22,7 @@ from typing import Any
 
 from transformers import CLIPVisionConfig, LlamaConfig
 
+from avkv.models.native import tower_config
 from avkv.models.videollama2.config import VISION_PRESETS
 
 #: config.json keys that are not the decoder's (the multimodal and training fields the official code writes)
@@ -89,20 +90,9 @@ class MobileVLMConfig:
         if raw.get("vision_tower_type") != "clip":
             raise ValueError(f"config.json vision_tower_type {raw.get('vision_tower_type')!r}: the official "
                              f"build_vision_tower only accepts 'clip'")
-        if raw.get("vision_config"):
-            vcfg = CLIPVisionConfig(**raw["vision_config"])
-        elif vision_tower_path is not None:
-            vraw = json.loads((Path(vision_tower_path) / "config.json").read_text())
-            vraw = vraw.get("vision_config", vraw)          # a full CLIP folder nests it
-            vcfg = CLIPVisionConfig(**{k: v for k, v in vraw.items() if k != "model_type"})
-        else:
-            preset = VISION_PRESETS["clip-vit-large-patch14-336"]
-            if "clip-vit-large-patch14-336" not in tower:
-                raise ValueError(f"no config for vision tower {tower!r}: pass vision_tower_path= a local copy of it")
-            vcfg = CLIPVisionConfig(**preset[1])
-        mm_hidden = int(raw.get("mm_hidden_size", vcfg.hidden_size))
-        if mm_hidden != vcfg.hidden_size:
-            raise ValueError(f"mm_hidden_size {mm_hidden} != vision tower hidden_size {vcfg.hidden_size}")
+        vcfg = tower_config(raw, tower, vision_tower_path, CLIPVisionConfig,
+                            {"clip-vit-large-patch14-336": VISION_PRESETS["clip-vit-large-patch14-336"][1]})
+        mm_hidden = vcfg.hidden_size
         select_feature = raw.get("mm_vision_select_feature", "patch")
         if select_feature not in ("patch", "cls_patch"):
             raise ValueError(f"unsupported mm_vision_select_feature {select_feature!r} (official: patch, cls_patch)")

@@ -1,14 +1,13 @@
 """The avkv adapter for VideoLLaMA2 / VideoLLaMA2.1 / VideoLLaMA2.1-AV."""
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
-import torch
 
-from avkv.methods.base import AUDIO, IMAGE, MODALITIES, TEXT, VIDEO
-from avkv.models.base import Encoded, ModelAdapter
+from avkv.methods.base import AUDIO, IMAGE, VIDEO
+from avkv.models.base import Encoded
+from avkv.models.native_adapter import NativeAdapter
 from avkv.models.videollama2 import processing as P
 from avkv.models.videollama2.modeling import MediaItem, VideoLLaMA2ForCausalLM, from_pretrained
 from avkv.tasks.base import Media, Prompt
@@ -16,13 +15,14 @@ from avkv.tasks.base import Media, Prompt
 _TAG = {"video": "<video>", "image": "<image>", "audio": "<audio>"}
 
 
-class VideoLLaMA2Adapter(ModelAdapter):
+class VideoLLaMA2Adapter(NativeAdapter):
     """VideoLLaMA2 (Mistral, CLIP) and VideoLLaMA2.1(-AV) (Qwen2, SigLIP, BEATs) from an official checkpoint folder.
 
     Prompts follow the official ``mm_infer``: the user turn is ``<tag>\\n…\\n{question}`` rendered with the
     checkpoint's chat template (Mistral models get the official system message). Every media tag becomes a run of
     placeholder ids as long as its features, so ``input_ids``, ``modality`` and positions are 1:1 with the
-    sequence the decoder sees; :meth:`forward` splices the features in through ``inputs_embeds``.
+    sequence the decoder sees; the forward splices the features in through ``inputs_embeds``
+    (:mod:`avkv.models.native`).
     A video with ``with_audio`` given to the AV model is one ``<video>`` item whose run is the video features
     followed by its audio features (the official audio-visual input).
     """
@@ -36,18 +36,12 @@ class VideoLLaMA2Adapter(ModelAdapter):
         if video_audio not in ("whole", "clip"):
             raise ValueError(f"model.video_audio={video_audio!r}: allowed values are 'whole' (official: the whole "
                              f"audio track of a clipped video) and 'clip' (the track cut to the clip)")
-        self.vision_tower_path = vision_tower_path
         self.video_audio, self.audio_window_seed = video_audio, audio_window_seed
-        super().__init__(path, num_frames=num_frames, **kwargs)
+        super().__init__(path, num_frames=num_frames, vision_tower_path=vision_tower_path, **kwargs)
 
     # ------------------------------------------------------------------------------------ loading
     def _load(self):
-        from transformers import AutoTokenizer
-        model = from_pretrained(self.path, dtype=self.dtype, device=self.device,
-                                vision_tower_path=self.vision_tower_path,
-                                attn_implementation=self.attn_implementation)
-        # the LLM config tells AutoTokenizer the family (the official code registers videollama2_* model types)
-        tok = AutoTokenizer.from_pretrained(str(self.path), config=model.config.text_config)
+        model, tok = self._load_native(from_pretrained)
         if not tok.chat_template:
             tok.chat_template = P.chat_template(model.config.llm)
         cfg = model.config
@@ -55,12 +49,6 @@ class VideoLLaMA2Adapter(ModelAdapter):
         self.image_processor = P.ImageProcessor.for_tower(cfg.vision_kind, cfg.vision_config.image_size)
         self.modalities = ("video", "image", "audio") if cfg.has_audio else ("video", "image")
         return model, tok
-
-    def decoder_layers(self) -> list[torch.nn.Module]:
-        return list(self.model.model.layers)
-
-    def text_config(self):
-        return self.model.config.text_config
 
     # ------------------------------------------------------------------------------------ encoding
     def _media_item(self, media: Media, notes: list[str], record: list[dict] | None = None) -> MediaItem:
@@ -108,12 +96,7 @@ class VideoLLaMA2Adapter(ModelAdapter):
         return ([{"role": "system", "content": system}] if system else []) + msgs
 
     def encode(self, prompt: Prompt) -> Encoded:
-        t0 = time.perf_counter()
-        notes: list[str] = []
-        prompt = self.safe_prompt(prompt, notes)            # dataset text never becomes a control token or tag
-        record: list[dict] = []
-        items = [self._media_item(p, notes, record) for p in prompt.context if isinstance(p, Media)]
-        media_s = time.perf_counter() - t0
+        prompt, items, notes, record, media_s = self._prepared(prompt)
 
         msgs = self.messages(prompt)
         text = self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
@@ -128,66 +111,21 @@ class VideoLLaMA2Adapter(ModelAdapter):
         a_char = len(head) if text.startswith(head) and len(head) < len(text) and len(head) >= q_end else q_end
         q_tok, a_tok = P.first_token_at(spans, q_char), P.first_token_at(spans, a_char)
 
-        tags = [i for i, t in enumerate(ids) if t < 0]
-        if len(tags) != len(items):
-            raise ValueError(f"prompt has {len(tags)} media tags for {len(items)} media items")
-        out_ids: list[int] = []
-        modality: list[int] = []
-        frame: list[int] = []
-        spatial: list[int] = []
-        new_index = []                      # new position of each original token
-        spans_out = []
-        t_offset = 0
-        it = iter(items)
-        for t in ids:
-            new_index.append(len(out_ids))
-            if t >= 0:
-                out_ids.append(t)
-                modality.append(TEXT)
-                frame.append(-1)
-                spatial.append(-1)
-                continue
-            item = next(it)
-            item.start = len(out_ids)
-            vis_mod = IMAGE if item.kind == "image" else VIDEO
-            if item.n_visual:
-                out_ids += [P.IMAGE_TOKEN_INDEX if item.kind == "image" else P.VIDEO_TOKEN_INDEX] * item.n_visual
-                modality += [vis_mod] * item.n_visual
-                if item.kind == "video":        # STC output order is (t h w): temporal group, then spatial cell
-                    gt, gh, gw = self.model.video_grid(item.pixel_values.shape[0])
-                    frame += [t_offset + j // (gh * gw) for j in range(item.n_visual)]
-                    spatial += [j % (gh * gw) for j in range(item.n_visual)]
-                    t_offset += gt
-                else:
-                    frame += [-1] * item.n_visual
-                    spatial += [-1] * item.n_visual
-            out_ids += [P.AUDIO_TOKEN_INDEX] * item.n_audio
-            modality += [AUDIO] * item.n_audio
-            frame += [-1] * item.n_audio
-            spatial += [-1] * item.n_audio
-            spans_out.append({"kind": item.kind, "start": item.start, "end": item.end,
-                              "n_visual": item.n_visual, "n_audio": item.n_audio})
-        new_index.append(len(out_ids))
-        input_ids = torch.tensor([out_ids], dtype=torch.long)
-        mod = torch.tensor(modality, dtype=torch.long)
-        used = sorted(MODALITIES[m] for m in set(modality) if m != TEXT)     # as the other adapters record it
-        layout = {"video_frame": torch.tensor(frame), "video_spatial": torch.tensor(spatial), "media_spans": spans_out}
-        return Encoded(inputs={"input_ids": input_ids, "media": items}, input_ids=input_ids, modality=mod,
-                       question_start=new_index[q_tok], assistant_start=new_index[a_tok], media_s=media_s,
-                       layout=layout, modalities_used=used, notes=notes,
-                       preprocessing={"mode": "official", "items": record})
+        return self._expanded(ids, items, q_tok, a_tok, media_s, notes, record)
 
-    # ------------------------------------------------------------------------------------ forward
-    def prompt_position_ids(self, enc: Encoded) -> torch.Tensor:
-        return torch.arange(enc.input_ids.shape[1], device=enc.input_ids.device)[None]
-
-    def forward(self, input_ids: torch.Tensor, cache: Any, position_ids: torch.Tensor,
-                mm_inputs: dict | None = None, logits_to_keep: int = 1) -> torch.Tensor:
-        media = (mm_inputs or {}).get("media")
-        return self.model(input_ids.to(self.device), cache, position_ids.to(self.device), media=media,
-                          logits_to_keep=logits_to_keep)
-
-    def generate(self, enc: Encoded, max_new_tokens: int = 16) -> list[int]:
-        """Greedy decoding without any compression (reference path for tests)."""
-        return self.model.generate(enc.input_ids.to(self.device), enc.inputs["media"], max_new_tokens,
-                                   self.eos_token_ids)
+    def _run(self, item: MediaItem, t_offset: int):
+        nv, na = item.n_visual, item.n_audio
+        ids, mod, frame, spatial, groups = [], [], [], [], 0
+        if nv:
+            ids += [P.IMAGE_TOKEN_INDEX if item.kind == "image" else P.VIDEO_TOKEN_INDEX] * nv
+            mod += [IMAGE if item.kind == "image" else VIDEO] * nv
+            if item.kind == "video":        # STC output order is (t h w): temporal group, then spatial cell
+                gt, gh, gw = self.model.video_grid(item.pixel_values.shape[0])
+                frame += [t_offset + j // (gh * gw) for j in range(nv)]
+                spatial += [j % (gh * gw) for j in range(nv)]
+                groups = gt
+            else:
+                frame += [-1] * nv
+                spatial += [-1] * nv
+        return (ids + [P.AUDIO_TOKEN_INDEX] * na, mod + [AUDIO] * na, frame + [-1] * na, spatial + [-1] * na, groups,
+                {"n_visual": nv, "n_audio": na})

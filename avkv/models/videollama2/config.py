@@ -21,6 +21,7 @@ from typing import Any
 
 from transformers import CLIPVisionConfig, MistralConfig, PretrainedConfig, Qwen2Config, SiglipVisionConfig
 
+from avkv.models.native import tower_config
 from avkv.models.videollama2.beats import BEATsConfig
 from avkv.models.videollama2.processing import NUM_FRAMES
 
@@ -97,21 +98,8 @@ class VideoLLaMA2Config:
             raise ValueError("config.json has no mm_vision_tower: not a VideoLLaMA2 checkpoint")
         kind = vision_kind(tower)
         vcls = SiglipVisionConfig if kind == "siglip" else CLIPVisionConfig
-        if raw.get("vision_config"):
-            vcfg = vcls(**raw["vision_config"])
-        elif vision_tower_path is not None:
-            vraw = json.loads((Path(vision_tower_path) / "config.json").read_text())
-            vraw = vraw.get("vision_config", vraw)          # a full SigLIP/CLIP folder nests it
-            vcfg = vcls(**{k: v for k, v in vraw.items() if k != "model_type"})
-        else:
-            preset = next((p for key, p in VISION_PRESETS.items() if key in tower), None)
-            if preset is None:
-                raise ValueError(f"no config for vision tower {tower!r}: pass vision_tower_path= a local copy of it")
-            vcfg = vcls(**preset[1])
-
-        mm_hidden = int(raw.get("mm_hidden_size", vcfg.hidden_size))
-        if mm_hidden != vcfg.hidden_size:
-            raise ValueError(f"mm_hidden_size {mm_hidden} != vision tower hidden_size {vcfg.hidden_size}")
+        vcfg = tower_config(raw, tower, vision_tower_path, vcls, {k: p[1] for k, p in VISION_PRESETS.items()})
+        mm_hidden = vcfg.hidden_size
         select_feature = raw.get("mm_vision_select_feature", "patch")
         if select_feature not in ("patch", "cls_patch") or (kind == "siglip" and select_feature != "patch"):
             raise ValueError(f"unsupported mm_vision_select_feature {select_feature!r} for a {kind} tower")
