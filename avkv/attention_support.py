@@ -17,7 +17,7 @@ their default configs stay uniform there: which layers they compress depends on 
 from __future__ import annotations
 
 #: class names (anywhere in a method's MRO) whose compressed caches can differ in length across layers or heads
-VARYING_CACHE = ("HeadAllocation", "LayerAllocation", "AudioKV", "MadaKV", "CriticalAdaKV", "D2O", "FastV",
+VARYING_CACHE = ("HeadAllocation", "LayerAllocation", "AudioKV", "MadaKV", "CriticalAdaKV", "D2O", "FastV", "KVzip",
                  "SimLayerKV", "PerLayerCompression")
 #: attributes of wrapper/composite methods that hold the methods they run
 _INNER = ("scorer", "press", "base", "methods")
