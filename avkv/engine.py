@@ -39,6 +39,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from avkv import lse_attention
 from avkv.methods.base import MODALITIES, LayerView, Method, Selection, as_record, warn_once
 from avkv.models.base import Encoded, ModelAdapter
 
@@ -356,6 +357,7 @@ class Compressor:
         for i, m in enumerate(self.attn_modules):
             m._avkv_layer = i
             self.handles.append(m.register_forward_hook(self._hook, with_kwargs=True))
+        lse_attention.install(self)          # all-query methods: queries and row log-sum-exps from the prefill
         self.method.begin({"model": self.adapter.model, "adapter": self.adapter, "layers": self.layers,
                            "modality": self.req.modality, "n_prompt": self.req.n_prompt, "split": self.req.split,
                            "layout": self.req.layout, "state": self.req.state, "n_keep": self.req.n_keep,
@@ -372,6 +374,7 @@ class Compressor:
                     delattr(m, attr)
         if self.text_config._attn_implementation == MASKED_IMPL:
             self.text_config._attn_implementation = self.base_impl
+        lse_attention.uninstall(self)
         self.method.end()
 
     # ------------------------------------------------------------------------------------------------
@@ -464,7 +467,8 @@ class Compressor:
             modality = self.req.modality[: S] if positions is None else self.req.modality[positions]
             modality = modality.to(layer.keys.device)      # layers may sit on different devices (device_map)
             n_keep = min(self.req.n_keep, S)
-            view = self._view(module, kwargs, layer.keys[0], layer.values[0], modality, n_keep, attn)
+            view = lse_attention.attach(self._view(module, kwargs, layer.keys[0], layer.values[0], modality, n_keep,
+                                                   attn), module)
             if self.method.deferred:          # scores now, selection once every layer has been seen
                 self.method.observe(view)
                 self.pending[i] = (module, modality, n_keep)

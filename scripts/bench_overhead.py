@@ -33,15 +33,16 @@ import torch  # noqa: E402
 
 from avkv.config import compose, instantiate  # noqa: E402
 from avkv.engine import Engine  # noqa: E402
-from avkv.methods.base import TEXT, VIDEO  # noqa: E402
+from avkv.schema import TEXT, VIDEO  # noqa: E402
 from avkv.models.base import Encoded, ModelAdapter  # noqa: E402
 
 METHODS = ["full", "streamingllm", "random", "snapkv", "pyramidkv", "adakv", "fastv", "h2o", "lookm", "d2o",
-           "kvmerge"]
+           "kvmerge", "acckv", "flowmm"]
 #: how each method scores, for the targets (window methods ≤ 3%, all-query methods ≤ 10% at 16k)
 FAMILY = {"full": "none", "streamingllm": "positional", "random": "positional", "snapkv": "window",
           "pyramidkv": "window", "adakv": "window", "fastv": "one row", "h2o": "all-query", "lookm": "all-query",
-          "d2o": "all-query", "kvmerge": "all-query"}
+          "d2o": "all-query", "kvmerge": "all-query", "acckv": "all-query", "flowmm": "all-query",
+          "observed_attention": "all-query"}
 TARGET = {"window": 0.03, "positional": 0.03, "one row": 0.03, "all-query": 0.10}
 OUT = Path(__file__).resolve().parent.parent / "results" / "bench"
 #: per-layer shapes of the Qwen2.5 family (the benchmark model has fewer layers; every cost here is per layer)

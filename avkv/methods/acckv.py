@@ -80,6 +80,7 @@ class AccKV(Method):
     """
 
     name = "acckv"
+    all_query_stats = True
     window: int = 32
     tau: float = 0.6
     redistribution: bool = True
@@ -90,7 +91,7 @@ class AccKV(Method):
     redistributed_focus: bool = True
     per_head: bool = False
     refill: bool = True
-    chunk: int = 512
+    chunk: int = 128
 
     @property
     def budget_mode(self) -> str:

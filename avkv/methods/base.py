@@ -10,7 +10,8 @@ Conventions (``shared/design/methods.md`` §0):
 
 * batch size is 1; tensors in a view carry no batch dimension;
 * keys are post-RoPE, ``[kv_heads, S, head_dim]``; queries are recomputed post-RoPE from the layer's input
-  hidden states, so scores never need a materialised attention matrix and everything runs under SDPA;
+  hidden states (or, for ``all_query_stats`` methods, captured from the prefill with its row log-sum-exps), so
+  scores never need a materialised attention matrix and everything runs under SDPA;
 * ``view.n_keep`` is the number of entries *per KV head* this layer should keep on average; the observation
   window counts toward it;
 * modality ids: 0 text, 1 image, 2 video, 3 audio (``MODALITIES``).
@@ -25,8 +26,8 @@ from typing import Any, Callable, ClassVar
 import torch
 import torch.nn.functional as F
 
-MODALITIES = ("text", "image", "video", "audio")
-TEXT, IMAGE, VIDEO, AUDIO = range(4)
+from avkv.methods import allquery
+from avkv.schema import AUDIO, IMAGE, MODALITIES, TEXT, VIDEO  # noqa: F401 - the methods read them from here too
 
 log = logging.getLogger("avkv")
 _WARNED: set = set()
@@ -64,6 +65,9 @@ class LayerView:
     rope_fn: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
     #: the layer's output projection as [H, D, hidden] (query head h's slice of o_proj), for value-output scores
     out_weight_fn: Callable[[], torch.Tensor] | None = None
+    #: what the prefill's own attention captured for this layer (queries, row log-sum-exps), when the method declared
+    #: ``all_query_stats`` (:mod:`avkv.lse_attention`); None otherwise
+    stats: Any = None
 
     @property
     def seq_len(self) -> int:
@@ -81,10 +85,6 @@ class LayerView:
         """Post-RoPE queries of prompt positions [start, end) of this chunk: [H, end-start, D]."""
         end = self.seq_len if end is None else end
         return self.query_fn(start, end)
-
-    def window_queries(self, w: int) -> torch.Tensor:
-        w = min(w, self.seq_len)
-        return self.query_fn(self.seq_len - w, self.seq_len)
 
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin) ``[T, D]`` of rotary position ids ``[R, T]`` (fails loudly where the engine gave none)."""
@@ -158,6 +158,9 @@ class Method:
     #: False for a method that keeps every entry whatever the budget (the full cache): its runs at every budget are
     #: one run directory (``avkv.results.identity_core``)
     uses_budget: ClassVar[bool] = True
+    #: the method needs the attention of every prompt query (:func:`accumulated_scores`, :func:`attention_sums`): the
+    #: engine then captures each layer's queries and row log-sum-exps from the prefill itself (SDPA models)
+    all_query_stats: ClassVar[bool] = False
 
     def compress(self, view: LayerView) -> Selection:  # pragma: no cover - interface
         raise NotImplementedError
@@ -299,99 +302,23 @@ def window_scores(view: LayerView, window: int, reduce: str = "mean") -> torch.T
     return a.mean(1) if reduce == "mean" else a.sum(1)
 
 
-def accumulated_scores(view: LayerView, chunk: int = 512, normalize: bool = False,
-                       max_elements: int = 1 << 26, fused: bool | None = None) -> torch.Tensor:
+def accumulated_scores(view: LayerView, chunk: int = allquery.DEFAULT_CHUNK, normalize: bool = False,
+                       max_elements: int = 1 << 26) -> torch.Tensor:
     """H2O accumulated attention: column sums of the causal softmax over *all* prompt queries, [H, S].
 
-    No S×S matrix ever exists. Two exact ways, same result:
-
-    * ``fused`` (default when the device has a fused attention kernel that returns log-sum-exps): a row pass
-      gets every query's normaliser lse_i; then the column sums are themselves log-sum-exps of a second,
-      "transposed" causal attention in which the keys query the queries:
-      Σ_{i≥j} exp(q_i·k_j·s − lse_i) = exp(LSE_j) with queries [k_j, 1], keys [s·q_i, −lse_i], on reversed
-      positions so that i ≥ j becomes the causal mask. Two fused kernel calls, O(S) memory.
-    * chunked: rows in chunks; a chunk holds complete rows (each over the keys it can see), so its softmax
-      normalisers are exact in one pass; rows [s, e) only touch keys [0, e). The chunk shrinks so that its
-      logits stay under ``max_elements`` (64 Mi floats), so extra memory is O(H·chunk·S).
+    No S×S matrix ever exists: query rows go in chunks of complete rows (exact), keys are never repeated per query
+    head, and extra memory is O(H·chunk·S) (the chunk shrinks so its logits stay under ``max_elements``). When the
+    prefill captured the layer's queries and row log-sum-exps (``view.stats``), the pass is one ``exp`` of the
+    logits minus the log-sum-exps per element and no query is recomputed; otherwise an exact chunked softmax over
+    recomputed queries (:mod:`avkv.methods.allquery`).
 
     With ``normalize`` each column is divided by the number of rows that can see it (mean instead of sum).
     """
-    S, H = view.seq_len, view.num_heads
-    out = _fused_accumulated(view) if fused is not False else None
-    if out is None:
-        if fused:
-            raise RuntimeError("no fused attention kernel with log-sum-exp output on this device")
-        chunk = max(1, min(chunk, max_elements // max(1, H * S)))
-        out = torch.zeros(H, S, dtype=torch.float32, device=view.keys.device)
-        for start in range(0, S, chunk):
-            end = min(S, start + chunk)
-            p = _causal_softmax_(_grouped_logits(view, view.queries(start, end), end), start)
-            out[:, :end] += p.sum(1)
+    S = view.seq_len
+    out = allquery.accumulated(view, chunk, max_elements)
     if normalize:
         out = out / torch.arange(S, 0, -1, device=out.device, dtype=out.dtype)
     return out
-
-
-def _causal_lse(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor | None:
-    """Log-sum-exp of each row of the causal attention of q [H, S, P] over k [H, S, P] (fp32) with a fused
-    kernel, or None when the device offers none (the caller then computes exactly in chunks)."""
-    v = torch.zeros_like(q)
-    try:
-        if q.device.type == "cpu":
-            _, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                q[None], k[None], v[None], 0.0, True, scale=scale)
-        elif q.device.type == "cuda":
-            _, lse, *_ = torch.ops.aten._scaled_dot_product_efficient_attention(
-                q[None], k[None], v[None], None, True, 0.0, True, scale=scale)
-        else:
-            return None
-    except (RuntimeError, AttributeError, NotImplementedError):
-        return None
-    return lse[0, :, : q.shape[1]].float()
-
-
-def _column_sums_fused(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor | None:
-    """Causal attention column sums of q [H, S, D] over k [H, S, D] with two fused kernel passes (or None)."""
-    H, S, D = q.shape
-    lse = _causal_lse(q, k, scale)
-    if lse is None:
-        return None
-    P = (D + 1 + 7) // 8 * 8                                                 # one extra coordinate, aligned
-    qa = q.new_zeros(H, S, P)
-    qa[..., :D] = q * scale
-    qa[..., D] = -lse
-    ka = q.new_zeros(H, S, P)
-    ka[..., :D] = k
-    ka[..., D] = 1.0
-    col = _causal_lse(ka.flip(1), qa.flip(1), 1.0)                           # keys query the queries
-    return None if col is None else col.flip(-1).exp()
-
-
-_FUSED_OK: dict[str, bool] = {}
-
-
-def _fused_available(device: torch.device) -> bool:
-    """Once per device type: does the fused route exist here and agree with the exact one on a small problem?
-    (The kernels are private ATen ops; a wrong result must never pass silently.)"""
-    key = device.type
-    if key not in _FUSED_OK:
-        g = torch.Generator().manual_seed(0)
-        q, k = torch.randn(2, 96, 16, generator=g).to(device), torch.randn(2, 96, 16, generator=g).to(device)
-        got = _column_sums_fused(q, k, 0.25)
-        if got is None:
-            _FUSED_OK[key] = False
-        else:
-            logits = (q @ k.transpose(1, 2) * 0.25).masked_fill(
-                torch.ones(96, 96, dtype=torch.bool, device=device).triu(1), float("-inf"))
-            _FUSED_OK[key] = bool(torch.allclose(got, logits.softmax(-1).sum(1), rtol=1e-3, atol=1e-4))
-    return _FUSED_OK[key]
-
-
-def _fused_accumulated(view: LayerView) -> torch.Tensor | None:
-    if not _fused_available(view.keys.device):
-        return None
-    S = view.seq_len
-    return _column_sums_fused(view.queries(0, S).float(), repeat_kv(view.keys.float(), view.groups), view.scaling)
 
 
 def pool_scores(scores: torch.Tensor, kernel: int, how: str = "max", count_pad: bool = True) -> torch.Tensor:
@@ -518,7 +445,7 @@ def as_record(obj: Any) -> Any:
 
 
 # ------------------------------------------------------------------------- primitives of the seed methods
-def attention_sums(view: LayerView, chunk: int = 512, row_weight: torch.Tensor | None = None,
+def attention_sums(view: LayerView, chunk: int = allquery.DEFAULT_CHUNK, row_weight: torch.Tensor | None = None,
                    col_weight: torch.Tensor | None = None,
                    blocks: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
                    max_elements: int = 1 << 26) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -529,31 +456,12 @@ def attention_sums(view: LayerView, chunk: int = 512, row_weight: torch.Tensor |
     * ``cols`` [H, S]: column sums Σ_i Ã[i, j] (H2O's accumulated score when both weights are 1);
     * ``block[name]`` [H]: Σ_{i ∈ rows, j ∈ cols} Ã[i, j] for every ``name: (rows [S] bool, cols [S] bool)``.
 
-    Used by AccKV (redistribution and text→modality focus) and FlowMM (cross-modal ratio ρ). Chunks hold complete
-    rows (exact normalisers, as :func:`accumulated_scores`), rows [s, e) only touch keys [0, e), and the chunk
-    shrinks so its logits stay under ``max_elements``; the result equals the eager attention sums.
+    Used by AccKV (redistribution and text→modality focus) and FlowMM (cross-modal ratio ρ). Every chunk of rows
+    is read once: the column sums and every block's row-weighted sums are one product with a small matrix of row
+    weights (:func:`avkv.methods.allquery.weighted_sums`); with ``view.stats`` the prefill's log-sum-exps are used,
+    as in :func:`accumulated_scores`. The result equals the eager attention sums.
     """
-    S, H = view.seq_len, view.num_heads
-    dev = view.keys.device
-    chunk = max(1, min(chunk, max_elements // max(1, H * S)))
-    cols = torch.zeros(H, S, dtype=torch.float32, device=dev)
-    blocks = blocks or {}
-    out = {name: torch.zeros(H, dtype=torch.float32, device=dev) for name in blocks}
-    cw = None if col_weight is None else col_weight.to(dev, torch.float32)
-    bl = {name: (r.to(dev), c.to(dev)) for name, (r, c) in blocks.items()}
-    for start in range(0, S, chunk):
-        end = min(S, start + chunk)
-        a = _causal_softmax_(_grouped_logits(view, view.queries(start, end), end), start)   # [H, c, end]
-        if row_weight is not None:
-            a = a * row_weight[start:end].to(dev, torch.float32)[None, :, None]
-        if cw is not None:
-            a = a * cw[None, None, :end]
-        cols[:, :end] += a.sum(1)
-        for name, (rows, cmask) in bl.items():
-            r = rows[start:end]
-            if bool(r.any()):
-                out[name] += a[:, r][:, :, cmask[:end]].sum((1, 2))
-    return cols, out
+    return allquery.weighted_sums(view, chunk, row_weight, col_weight, blocks, max_elements)
 
 
 def sub_view(view: LayerView, index: torch.Tensor | slice, n_keep: int, *,
@@ -584,5 +492,5 @@ def sub_view(view: LayerView, index: torch.Tensor | slice, n_keep: int, *,
                                "scorer that reads only keys and values")
         qf = query_fn or _no_queries
     return replace(view, keys=keys, values=values, modality=modality, positions=positions, query_fn=qf,
-                   n_keep=int(n_keep), attentions=None,
+                   n_keep=int(n_keep), attentions=None, stats=None,
                    value_norm_fn=lambda: values.float().norm(dim=-1))

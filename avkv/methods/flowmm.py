@@ -85,10 +85,14 @@ class FlowMM(Method):
     rho_source: str = "online"
     calibration_file: str | None = None
     media: tuple[str, ...] = ("image", "video", "audio")
-    chunk: int = 512
+    chunk: int = 128
     gqa: str = "mean"
 
     _rho_table: list | None = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def all_query_stats(self) -> bool:
+        return self.rho_source == "online"
 
     def __post_init__(self) -> None:
         check_choice("rho_source", self.rho_source, ("online", "offline"))

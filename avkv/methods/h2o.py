@@ -29,15 +29,17 @@ class H2O(ScoreMethod):
         scores and the lowest-scored non-recent entry is evicted, so the cache holds its post-prefill size.
         ``grow``: decode tokens are appended and never evicted.
 
-    Needs the attention of every prompt query: computed from recomputed queries and cached keys in chunks
-    (:func:`~avkv.methods.base.accumulated_scores`), so it runs under SDPA too, at O(n²·d) extra cost.
+    Needs the attention of every prompt query (``all_query_stats``): under SDPA the prefill's own kernel gives each
+    row's log-sum-exp and its queries, and one chunked column pass adds O(n²·d) (no P·V, no recomputed queries);
+    otherwise recomputed queries in chunks (:func:`~avkv.methods.base.accumulated_scores`).
     """
 
     name = "h2o"
+    all_query_stats = True
     sink: int = 0
     recent_share: float = 0.5
     gqa: str = "mean"
-    chunk: int = 512
+    chunk: int = 128
     decode_policy: str = "fixed"
 
     def protected(self, view: LayerView) -> int:

@@ -42,7 +42,11 @@ class KVMerge(ScoreMethod):
     pivot_score: str = "accumulated"
     sigma: float | None = None
     gqa: str = "mean"
-    chunk: int = 512
+    chunk: int = 128
+
+    @property
+    def all_query_stats(self) -> bool:
+        return self.pivot_score == "accumulated"
 
     def score(self, view: LayerView) -> torch.Tensor:
         if self.pivot_score == "accumulated":

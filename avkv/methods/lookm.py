@@ -39,7 +39,7 @@ class LookM(H2O):
     Reference: the official LOOK-M code (above); its scores are H2O's accumulated attention, never pooled, so
     SnapKV's pooling convention does not arise.
 
-    Needs all-query attention (computed in chunks from recomputed queries, so SDPA works). Media positions come
+    Needs all-query attention (H2O's pass on the prefill's captured log-sum-exps, so SDPA works). Media positions come
     from the modality ids, never from a hard-coded token count (the official code assumes 576 per image).
     """
 

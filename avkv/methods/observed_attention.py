@@ -14,8 +14,8 @@ class ObservedAttention(ScoreMethod):
     (n − j), averaged over the query heads of each KV group; top-k per KV head, no window.
 
     Reference: kvpress 0.5.5 ``ObservedAttentionPress`` (it reads the eager attention weights; here the same
-    column sums come from recomputed queries in chunks or fused kernels, :func:`~avkv.methods.base.accumulated_scores`,
-    so it runs under SDPA), checked by the parity suite (``tests/parity``). It is H2O's accumulated attention
+    column sums come from one chunked pass on the prefill's captured queries and log-sum-exps,
+    :func:`~avkv.methods.base.accumulated_scores`, so it runs under SDPA), checked by the parity suite (``tests/parity``). It is H2O's accumulated attention
     normalised by the number of queries that see each entry; avkv's ``h2o`` keeps the raw sums and a recent window
     (the H2O paper), which favours early positions.
 
@@ -24,13 +24,14 @@ class ObservedAttention(ScoreMethod):
     gqa : str
         Reduction of query-head scores within a KV group (``mean`` as kvpress).
     chunk : int
-        Query rows per chunk when no fused kernel is available.
+        Query rows per chunk of the column pass (memory O(H·chunk·S)).
     """
 
     name = "observed_attention"
+    all_query_stats = True
     window: int = 0
     gqa: str = "mean"
-    chunk: int = 512
+    chunk: int = 128
 
     def __post_init__(self) -> None:
         check_choice("gqa", self.gqa, ("mean", "max", "sum"))

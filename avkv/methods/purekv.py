@@ -91,7 +91,7 @@ class PureKV(Method):
     kernel: int = 5
     pooling: str = "avg"
     clie_scope: str = "window"
-    chunk: int = 512
+    chunk: int = 128
     gqa: str = "mean"
     st_spattn: bool = True
     st_dense_layers: int = 2

@@ -14,30 +14,22 @@ def test_chunked_accumulated_scores_equal_eager_column_sums(chunk):
     v = make_view(seq=48)
     A = naive_attention(v)
     ref = A.sum(1)                                                    # column sums over all query rows
-    assert torch.allclose(accumulated_scores(v, chunk=chunk, fused=False).double(), ref, atol=1e-5)
-    norm = accumulated_scores(v, chunk=chunk, normalize=True, fused=False).double()
+    assert torch.allclose(accumulated_scores(v, chunk=chunk).double(), ref, atol=1e-5)
+    norm = accumulated_scores(v, chunk=chunk, normalize=True).double()
     assert torch.allclose(norm, ref / torch.tensor([48 - j for j in range(48)], dtype=torch.float64), atol=1e-5)
-
-
-def test_fused_accumulated_scores_equal_eager_column_sums():
-    """The two-kernel log-sum-exp route (row normalisers, then the transposed attention) is exact too."""
-    v = make_view(seq=48, dim=16)
-    ref = naive_attention(v).sum(1)
-    assert torch.allclose(accumulated_scores(v, fused=True).double(), ref, rtol=1e-4, atol=1e-5)
 
 
 def test_accumulated_scores_memory_cap_shrinks_chunks():
     """With a tiny element budget every chunk is one row, and the result does not change."""
     v = make_view(seq=40)
-    assert torch.allclose(accumulated_scores(v, chunk=512, max_elements=1, fused=False),
-                          accumulated_scores(v, chunk=512, fused=False), atol=1e-6)
+    assert torch.allclose(accumulated_scores(v, chunk=512, max_elements=1),
+                          accumulated_scores(v, chunk=512), atol=1e-6)
 
 
-@pytest.mark.parametrize("fused", [True, False])
-def test_accumulated_scores_on_gqa_groups_match_repeated_keys(fused):
+def test_accumulated_scores_on_gqa_groups_match_repeated_keys():
     v = make_view(kv_heads=2, groups=3, seq=30)
     ref = naive_attention(v).sum(1)
-    assert torch.allclose(accumulated_scores(v, chunk=4, fused=fused).double(), ref, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(accumulated_scores(v, chunk=4).double(), ref, rtol=1e-4, atol=1e-5)
 
 
 def test_window_scores_and_rows():

@@ -1,0 +1,150 @@
+"""The prefill attention that also keeps what all-query methods need: its queries and its rows' log-sum-exps.
+
+Methods that declare ``all_query_stats = True`` (H2O, LOOK-M, D2O, KVMerger, ObservedAttention, AccKV, FlowMM) need
+the attention of every prompt query (:mod:`avkv.methods.allquery`). Their row normalisers are computed by the prefill
+anyway, so while such a method is installed the decoder's attention runs through :func:`stats_attention`
+(registered with transformers' ``AttentionInterface`` as ``avkv_stats``, with SDPA's mask function): for the prefill
+of a layer from an empty cache (causal, no mask, batch 1) it calls the fused kernel SDPA itself dispatches to, asking
+it for the log-sum-exps as well, and stashes them with the post-RoPE queries on the module; the engine hands them to
+the method through ``LayerView.stats``. The attention output is the kernel's own (on CPU bit-identical to
+``F.scaled_dot_product_attention``, checked once per device and dtype before the route is used). Anything else (decode
+steps, a suffix on a cache, a mask, another base backend) goes to the base SDPA function unchanged, and the method
+then computes its statistics from recomputed queries.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from avkv.methods.allquery import PrefillStats
+
+STATS_IMPL = "avkv_stats"
+_SINK = "_avkv_stats_sink"
+_CHECKED: dict = {}
+
+
+def _kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
+    """Causal attention of [1, H, S, D] queries over [1, kvH, S, D] keys/values with the rows' log-sum-exps, through
+    the kernel SDPA uses on this device, or None where there is no such kernel."""
+    if q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=scale)
+        return out, lse
+    if q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16):
+        g = q.shape[1] // k.shape[1]
+        if g > 1:
+            k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+        res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False, scale=scale)
+        return res[0], res[1]
+    return None
+
+
+def kernel_ok(device: torch.device, dtype: torch.dtype) -> bool:
+    """Once per (device type, dtype): the kernel exists and its output and log-sum-exps agree with SDPA and with the
+    definition on a small GQA problem (private ATen ops: a wrong result must never pass silently)."""
+    key = (device.type, dtype)
+    if key not in _CHECKED:
+        g = torch.Generator().manual_seed(0)
+        q = torch.randn(1, 4, 70, 16, generator=g).to(device, dtype)
+        k = torch.randn(1, 2, 70, 16, generator=g).to(device, dtype)
+        v = torch.randn(1, 2, 70, 16, generator=g).to(device, dtype)
+        try:
+            res = _kernel(q, k, v, 0.25)
+        except (RuntimeError, AttributeError, NotImplementedError, TypeError):
+            res = None
+        ok = res is not None
+        if ok:
+            out, lse = res
+            ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.25, enable_gqa=True)
+            kr = k.repeat_interleave(2, 1).float()
+            logits = (q.float() @ kr.transpose(-1, -2) * 0.25).masked_fill(
+                torch.ones(70, 70, dtype=torch.bool, device=device).triu(1), float("-inf"))
+            tol = 1e-5 if dtype == torch.float32 else 2e-2
+            ok = (tuple(lse.shape[:3]) == (1, 4, 70) and torch.allclose(out.float(), ref.float(), atol=tol, rtol=tol)
+                  and torch.allclose(lse.float(), logits.logsumexp(-1), atol=1e-4, rtol=1e-4))
+        _CHECKED[key] = bool(ok)
+    return _CHECKED[key]
+
+
+def stats_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
+                    is_causal: bool | None = None, **kwargs):
+    """``AttentionInterface`` function: SDPA, plus the captured statistics for the layers that asked for them."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    sink = getattr(module, _SINK, None)
+    q_len = query.shape[2]
+    if (sink is not None and attention_mask is None and q_len > 1 and key.shape[2] == q_len and query.shape[0] == 1
+            and not dropout and is_causal is not False and getattr(module, "is_causal", True)
+            and kwargs.get("position_bias") is None and kwargs.get("softcap") is None
+            and query.shape[-1] == value.shape[-1] and kernel_ok(query.device, query.dtype)):
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        res = _kernel(query, key, value, scale)
+        if res is not None:
+            out, lse = res
+            sink["stats"] = PrefillStats(queries=query[0], lse=lse[0, :, :q_len].float())
+            return out.transpose(1, 2).contiguous(), None
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  is_causal=is_causal, **kwargs)
+
+
+def wants_stats(method) -> bool:
+    """The method, or the scorer a wrapper method runs (AdaKV-style allocation, PyramidKV, ...), declared
+    ``all_query_stats``."""
+    for _ in range(8):
+        if method is None:
+            return False
+        if getattr(method, "all_query_stats", False):
+            return True
+        method = getattr(method, "scorer", None)
+    return False
+
+
+def attach(view, module):
+    """``view`` with the statistics the module's prefill captured for it (queries served from them: nothing is
+    recomputed), or unchanged when there are none for this cache length."""
+    from dataclasses import replace
+    st = take(module, view.seq_len)
+    if st is None:
+        return view
+    q = st.queries
+    return replace(view, stats=st, query_fn=lambda a, b: q[:, a:b])
+
+
+def install(compressor) -> bool:
+    """Route the decoder's attention through :func:`stats_attention` for one request when the method declared
+    ``all_query_stats`` and the model runs SDPA; returns whether it did. Later switches to the engine's per-layer
+    attention keep it as their base function."""
+    if not wants_stats(compressor.method) or compressor.base_impl != "sdpa":
+        return False
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    AttentionInterface.register(STATS_IMPL, stats_attention)
+    AttentionMaskInterface.register(STATS_IMPL, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    for m in compressor.attn_modules:
+        setattr(m, _SINK, {})
+    compressor._stats_from = compressor.base_impl
+    compressor.base_impl = STATS_IMPL
+    compressor.text_config._attn_implementation = STATS_IMPL
+    return True
+
+
+def uninstall(compressor) -> None:
+    base = getattr(compressor, "_stats_from", None)
+    if base is None:
+        return
+    for m in compressor.attn_modules:
+        if hasattr(m, _SINK):
+            delattr(m, _SINK)
+    if compressor.text_config._attn_implementation == STATS_IMPL:
+        compressor.text_config._attn_implementation = base
+    compressor.base_impl = base
+    compressor._stats_from = None
+
+
+def take(module, seq_len: int) -> PrefillStats | None:
+    """The statistics the module's last prefill captured when they cover ``seq_len`` entries (consumed: a layer's
+    queries are held only until its compression has run)."""
+    sink = getattr(module, _SINK, None)
+    st = sink.pop("stats", None) if sink is not None else None
+    return st if st is not None and st.seq_len == seq_len else None
+
+
+__all__ = ["STATS_IMPL", "stats_attention", "install", "uninstall", "take", "attach", "wants_stats", "kernel_ok"]
