@@ -172,7 +172,8 @@ class Engine:
         record = write_record(cm.ledger if cm else None, enc, cache, held, n=n, s=s, method=method,
                               compress_at=self.compress_at, target_kept=target,
                               num_heads=adapter.text_config().num_attention_heads, mask_only=self.mask_only)
-        record.update(prefill_s=prefill_s, position_ids_s=position_ids_s, compress_s=cm.ledger.compress_s if cm else 0.0,
+        record.update(prefill_s=prefill_s, position_ids_s=position_ids_s,
+                      compress_s=cm.ledger.compress_s if cm else 0.0,
                       decode_s_per_token=(decode_s / steps) if steps else None, decode_s=decode_s,
                       new_tokens=len(tokens), peak_mem_bytes=mem.peak, peak_mem_kind=mem.kind,
                       media_s=enc.media_s)
