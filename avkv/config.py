@@ -46,8 +46,8 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("avkv_root", lambda: str(ROOT))
     if not OmegaConf.has_resolver("avkv_pkg"):        # the installed package (committed proxy checkpoints)
         OmegaConf.register_new_resolver("avkv_pkg", lambda: str(PACKAGE))
-    from avkv.grid import register_resolvers as _sweep_resolvers  # ${avkv.sweep:...} in experiment presets
-    _sweep_resolvers()
+    from avkv.resolvers import register  # ${avkv.sweep:...} / ${avkv.available:...} in experiment presets
+    register(lambda: CONFIG_DIR)
 
 
 def constructor_args(node: DictConfig | dict) -> dict:

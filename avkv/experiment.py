@@ -77,11 +77,11 @@ def ensure_fixture(cfg: DictConfig) -> bool:
     if not root or not fixtures_root or Path(root).exists() or not _inside(root, fixtures_root):
         return False
     from avkv.tasks import fixtures
-    family = Path(root).resolve().relative_to(Path(fixtures_root).resolve()).parts[0]
-    if family not in fixtures.FAMILIES or fixtures.unavailable(family):
+    name = Path(root).resolve().relative_to(Path(fixtures_root).resolve()).parts[0]
+    if name not in fixtures.GENERATORS or fixtures.unavailable(name):
         return False
-    log.info("generating the %s fixture under %s (once)", family, fixtures_root)
-    fixtures.build(fixtures_root, only=[family])
+    log.info("generating the %s fixture under %s (once)", name, fixtures_root)
+    fixtures.build(fixtures_root, only=[name])
     return True
 
 
@@ -182,6 +182,12 @@ def check_environment(cfg: DictConfig) -> None:
     bad_device = device_problem(str(cfg.device))
     if bad_device is not None:
         raise ConfigError([bad_device])
+    attn = str(OmegaConf.select(cfg, "model.attn_implementation", default="sdpa") or "sdpa")
+    if attn != "sdpa":                              # eager / flash_attention_2: can this method run on it?
+        from avkv.attention_support import attention_problem
+        problem = attention_problem(instantiate(cfg.method), attn)
+        if problem is not None:
+            raise ConfigError([Problem("model.attn_implementation", attn, problem)])
     if OmegaConf.select(cfg, "logger.name", default="none") == "wandb":
         import importlib.util
         if importlib.util.find_spec("wandb") is None:
@@ -314,6 +320,16 @@ def follow_launcher(poll_s: float = 0.5) -> threading.Thread | None:
     return t
 
 
+def build_prompt(task, adapter, doc):
+    """The prompt of ``doc`` for ``adapter``'s model family: where a task meets a model. The dataset config may
+    refuse the family (``prompts.<family>: null``, or no entry and no default); the task writes the prompt text
+    of the family; the adapter fits the media to what the model takes (:meth:`ModelAdapter.fit_prompt`)."""
+    why = task.prompts.refusal(adapter.family)
+    if why:
+        raise ValueError(f"{task.name}: {why}")
+    return adapter.fit_prompt(task.prompt(doc, adapter.family))
+
+
 def run_sample(cfg: DictConfig, task, adapter, engine: Engine, doc) -> dict:
     """One sample; any failure is recorded with its error and never stops the run."""
     rec: dict = {"sample_id": str(doc.id), "target": doc.target, "prediction": None, "score": None, "error": None}
@@ -324,14 +340,18 @@ def run_sample(cfg: DictConfig, task, adapter, engine: Engine, doc) -> dict:
         return rec
     t0 = time.perf_counter()
     try:
-        prompt = task.prompt(doc, adapter.family)
+        prompt = build_prompt(task, adapter, doc)
+        t_enc = time.perf_counter()
         enc = adapter.encode(prompt)
+        # the encode beyond the media decode (media_s): chat template, tokenizer, image/video/audio processors
+        processor_s = max(0.0, time.perf_counter() - t_enc - float(enc.media_s or 0.0))
         max_new = cfg.get("max_new_tokens") or prompt.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
         seed = sample_seed(int(cfg.seed), str(doc.id))
         gen = engine.generate(enc, seed=seed, max_new_tokens=int(max_new))
         rec["prediction"] = gen.text
         rec.update(task.score(doc, gen.text))
         rec.update(gen.record)
+        rec["processor_s"] = processor_s
         if cfg.get("fidelity"):
             rec.update(engine.fidelity(enc, gen, seed=seed, max_new_tokens=int(max_new)))
     except Exception as e:  # a broken sample is data, not a crash

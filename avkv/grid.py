@@ -34,11 +34,13 @@ import argparse
 import json
 import shlex
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from avkv.resolvers import _as_list, available, sweep_string  # noqa: F401 - the sweep resolvers, re-exported
 
 
 
@@ -50,49 +52,12 @@ def _config_dir() -> Path:
 
 
 # ------------------------------------------------------------------------------------------------ resolvers
-def _as_list(x: Any) -> list:
-    if isinstance(x, (ListConfig, list, tuple)):
-        return list(x)
-    if isinstance(x, str):
-        return [s.strip() for s in x.split(",") if s.strip()]
-    return [x]
-
-
-def sweep_string(values: Any) -> str:
-    """``[a, b, 0.2]`` → ``"a,b,0.2"`` (Hydra's sweep syntax; a single value stays a plain override)."""
-    items = _as_list(values)
-    if not items:
-        raise ValueError("an empty sweep list")
-    return ",".join(str(v) for v in items)
-
-
-def available(values: Any, group: str = "method", config_dir: str | Path | None = None) -> str:
-    """The names in ``values`` that have a config in group ``group``, as a sweep string (in the given order).
-
-    Asks the running Hydra's config repository (every config source, as composition would); outside Hydra, or
-    with ``config_dir``, looks for ``<config_dir>/<group>/<name>.yaml``.
-    """
-    names = _as_list(values)
-    options = None
-    if config_dir is None:
-        from hydra.core.global_hydra import GlobalHydra
-
-        if GlobalHydra.instance().is_initialized():
-            options = set(GlobalHydra.instance().config_loader().get_group_options(group))
-    if options is None:
-        root = Path(config_dir) if config_dir else _config_dir()
-        options = {p.stem for p in (root / group).glob("*.yaml")}
-    items = [v for v in names if str(v) in options]
-    if not items:
-        raise ValueError(f"none of {names} has a config in group {group!r}")
-    return ",".join(str(v) for v in items)
 
 
 def register_resolvers() -> None:
     """Idempotent; called by ``run.py`` at import (before Hydra composes) and by :func:`expand`."""
-    for name, fn in (("avkv.sweep", sweep_string), ("avkv.available", available)):
-        if not OmegaConf.has_resolver(name):
-            OmegaConf.register_new_resolver(name, fn)
+    from avkv.config import register_resolvers as _all
+    _all()
 
 
 # ------------------------------------------------------------------------------------------------ expansion
@@ -106,7 +71,6 @@ class Job:
     failed: int = 0                          # samples whose last record is an error
     holder: dict | None = None               # the lock holder of a running job (pid, host, started, ...)
     slurm: str | None = None                 # the live SLURM task of the point ("<array>_<task> <STATE>")
-    extra: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return {"overrides": self.overrides, "run_dir": str(self.run_dir) if self.run_dir else None,
@@ -208,7 +172,8 @@ def check(jobs: list[Job], run_dir_of: Callable[[DictConfig], Path] = default_ru
     → its expanded batches, already at hand (spares expanding it again for its SLURM tasks)."""
     from avkv import slurm
 
-    live = slurm.live_run_dirs(run_dir_of=run_dir_of, known=known, config_dir=config_dir)
+    live = slurm.live_run_dirs(lambda sweep: expand_batches(overrides_from_sweep_dir(sweep), config_dir=config_dir),
+                               run_dir_of, known=known)
     for job in jobs:
         job.run_dir = Path(run_dir_of(job.config))
         job.status, job.samples, job.failed, job.holder = run_state(job.run_dir)

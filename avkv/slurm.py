@@ -107,17 +107,15 @@ def submission_ids(sweep_dir: Path) -> list[int]:
     return sorted(ids)
 
 
-def live_run_dirs(tasks: list[Task] | None = None, run_dir_of=None, known: dict | None = None,
-                  config_dir: str | Path | None = None) -> dict[Path, Task]:
+def live_run_dirs(expand, run_dir_of, tasks: list[Task] | None = None,
+                  known: dict | None = None) -> dict[Path, Task]:
     """Run directory → the live SLURM task that will write it, for every task of an avkv sweep that SLURM holds.
 
-    ``run_dir_of(cfg)`` maps a composed job config to its run directory (default: the results store's).
-    Tasks whose sweep folder has no ``multirun.yaml`` (not a Hydra sweep) or that cannot be mapped are skipped.
-    ``known``: sweep folder → its batches (``grid.expand_batches``), where the caller has expanded it already;
-    ``config_dir``: the Hydra config folder the sweeps were composed from (default ``configs/``).
+    ``expand(sweep_dir)`` gives a sweep folder's batches of jobs (``grid`` passes its ``expand_batches`` of the
+    folder's overrides: this module needs no import of it) and ``run_dir_of(cfg)`` maps a job config to its run
+    directory. Tasks whose sweep folder has no ``multirun.yaml`` (not a Hydra sweep) or that cannot be mapped are
+    skipped. ``known``: sweep folder → its batches, where the caller has expanded it already.
     """
-    from avkv import grid
-
     tasks = squeue_tasks() if tasks is None else tasks
     by_sweep: dict[Path, list[Task]] = {}
     for t in tasks:
@@ -127,8 +125,7 @@ def live_run_dirs(tasks: list[Task] | None = None, run_dir_of=None, known: dict 
     live: dict[Path, Task] = {}
     for sweep, ts in by_sweep.items():
         try:
-            batches = (known or {}).get(sweep) or grid.expand_batches(grid.overrides_from_sweep_dir(sweep),
-                                                                          config_dir=config_dir)
+            batches = (known or {}).get(sweep) or expand(sweep)
         except Exception as e:  # noqa: BLE001 - a sweep folder from another code version: say so, go on
             print(f"avkv missing: cannot expand the sweep {sweep} of SLURM tasks "
                   f"{', '.join(t.job_id for t in ts)}: {e}", file=sys.stderr)
@@ -141,7 +138,7 @@ def live_run_dirs(tasks: list[Task] | None = None, run_dir_of=None, known: dict 
                       file=sys.stderr)
                 continue
             job = batches[k][t.index]
-            rd = Path(run_dir_of(job.config) if run_dir_of else grid.default_run_dir(job.config)).resolve()
+            rd = Path(run_dir_of(job.config)).resolve()
             # a requeued task that already runs again is the same grid point: keep the running state
             if rd not in live or t.status == "running":
                 live[rd] = t

@@ -42,7 +42,7 @@ def off_budget(ratio: float, budget: float, n: int) -> bool:
 
 def measure(model: str, methods: list[str], budgets: list[float], limit: int, max_new: int) -> list[dict]:
     from avkv.engine import Engine
-    from avkv.experiment import sample_seed
+    from avkv.experiment import build_prompt, sample_seed
     if model.startswith("tiny_"):
         from tests.conftest import tiny_model_dir
         tiny_model_dir(model)
@@ -51,7 +51,7 @@ def measure(model: str, methods: list[str], budgets: list[float], limit: int, ma
     adapter = instantiate(cfg.model, device="cpu")
     task = instantiate(cfg.dataset)
     docs = list(task.docs())[:limit]
-    encs = [(str(d.id), adapter.encode(task.prompt(d, adapter.family))) for d in docs]
+    encs = [(str(d.id), adapter.encode(build_prompt(task, adapter, d))) for d in docs]
     cells = []
     for name in methods:
         for b in budgets:

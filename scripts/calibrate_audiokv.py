@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from avkv.methods.audiokv import (HeadHitCounter, align_words, proportional_word_times,  # noqa
                                   step_word_index, word_audio_span)
-from avkv.methods.base import AUDIO  # noqa: E402
+from avkv.schema import AUDIO  # noqa: E402
 from avkv.models.base import weights_digest  # noqa: E402
 
 INSTRUCTION = "Transcribe the audio exactly."
@@ -114,7 +114,7 @@ def score_sample(adapter, sample: dict, counter: HeadHitCounter, delta: float, t
                  teacher_forcing: bool, max_new_tokens: int, min_confidence: float) -> dict:
     """Run one utterance and add its hits to ``counter``; returns a small per-sample summary."""
     from transformers import DynamicCache
-    from avkv.tasks.base import Media, Prompt
+    from avkv.schema import Media, Prompt
     enc = adapter.encode(Prompt(context=[Media("audio", sample["audio"])], question=INSTRUCTION))
     dev = adapter.device
     ids = enc.input_ids.to(dev)

@@ -27,7 +27,7 @@ FILENAME = "flowmm_rho.json"
 def calibrate(cfg, samples: int, log=print) -> dict:
     from avkv.config import instantiate
     from avkv.engine import Engine
-    from avkv.experiment import load_adapter, sample_seed
+    from avkv.experiment import build_prompt, load_adapter, sample_seed
     from avkv.methods.flowmm import FlowMM
     task = instantiate(cfg.dataset)
     adapter = load_adapter(cfg)
@@ -37,7 +37,7 @@ def calibrate(cfg, samples: int, log=print) -> dict:
     per_layer: dict[int, list[float]] = {}
     used, t0 = 0, time.perf_counter()
     for doc in list(task.docs())[:samples]:
-        enc = adapter.encode(task.prompt(doc, adapter.family))
+        enc = adapter.encode(build_prompt(task, adapter, doc))
         gen = engine.generate(enc, seed=sample_seed(int(cfg.seed), str(doc.id)), max_new_tokens=1)
         info = gen.record.get("method_info")
         if not info:

@@ -342,7 +342,7 @@ def case_untrusted() -> None:
                      f"failed {[x['error'][:170] for x in recs if x['error']]} {last_err(r) if r.returncode else ''}")
     # chat markers in a question, per family
     from tests.models.test_untrusted import FAMILIES, FORGED_TURN, PLAIN, _adapter, _controls, _media
-    from avkv.tasks.base import Prompt
+    from avkv.schema import Prompt
     for fam in FAMILIES:
         ad = _adapter(fam)
         m = _media(fam)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Write the dataset fixtures in their official layouts: ``python scripts/make_fixtures.py --out .cache/fixtures``.
 
-Deterministic and fast (seconds); each family is skipped when already present and complete (``--force`` rebuilds).
+Deterministic and fast (seconds); each dataset is skipped when already present and complete (``--force`` rebuilds).
 Ground-truth content facts go to ``<out>/_fixture/facts.json``, outside every layout.
 """
 from __future__ import annotations
@@ -18,8 +18,8 @@ from avkv.tasks import fixtures  # noqa: E402
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True, help="folder receiving <family>/ layouts and _fixture/")
-    ap.add_argument("--only", nargs="*", help=f"families to build (default all: {' '.join(fixtures.FAMILIES)})")
+    ap.add_argument("--out", required=True, help="folder receiving <dataset>/ layouts and _fixture/")
+    ap.add_argument("--only", nargs="*", help=f"datasets to build (default all: {' '.join(fixtures.GENERATORS)})")
     ap.add_argument("--force", action="store_true", help="rebuild even when complete")
     a = ap.parse_args(argv)
     t0 = time.perf_counter()

@@ -29,7 +29,7 @@ from avkv.config import CONFIG_DIR, compose  # noqa: E402
 from avkv.engine import within_budget  # noqa: E402
 from avkv.experiment import display_path, run  # noqa: E402
 from avkv.models.base import weights_digest  # noqa: E402
-from avkv.models.proxy import PROXIES, build_init  # noqa: E402
+from avkv.proxies.build import PROXIES, build_init  # noqa: E402
 
 CONTROLS = ("full", "drop_media")
 CHANCE = 0.25

@@ -1,6 +1,6 @@
 """Train one proxy checkpoint on CPU: ``python scripts/train_proxy.py --proxy {video,audio,av}``.
 
-The model starts from its family's tiny builder at proxy sizes (``avkv/models/proxy.py``) and is trained on an
+The model starts from its family's tiny builder at proxy sizes (``avkv/proxies/build.py``) and is trained on an
 endless stream of synthetic clips from ``avkv.tasks.fixtures.proxy.make_item`` (seeded), rendered exactly as the
 evaluation renders them: the AVQA task's prompt for the family, then the adapter's ``encode_decoded`` (chat
 template, the real processor, placeholder expansion) and its position ids. The loss is cross-entropy on the
@@ -39,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from avkv.models.proxy import PROXIES, build_init  # noqa: E402
+from avkv.proxies.build import PROXIES, build_init, proxy_task  # noqa: E402
 from avkv.tasks.fixtures import proxy as tasks  # noqa: E402
 
 
@@ -52,11 +52,11 @@ def make_adapter(name: str, path: Path):
 def encode_item(adapter, task, family: str, spec, item: dict) -> tuple[dict, torch.Tensor, torch.Tensor, dict]:
     """One generated item through the evaluation path: AVQA prompt → adapter → (inputs, input_ids, positions of
     the prompt and of the two answer tokens, layout: the engine's two split points and the media mask)."""
-    from avkv.methods.base import TEXT
-    from avkv.tasks.base import Doc, Media
+    from avkv.schema import TEXT, Doc, Media
     doc = Doc(id="train", media=[Media("video", "<generated>", with_audio=True)], question=item["question"],
               target=item["answer"], choices=item["choices"])
-    prompt = task.prompt(doc, family)
+    from avkv.experiment import build_prompt
+    prompt = build_prompt(task, adapter, doc)
     frames = item["frames"] if item["frames"] is not None else tasks.blank_frames(spec)
     enc = adapter.encode_decoded(prompt, [{"frames": frames, "fps": float(spec.fps), "audio": item["audio"]}])
     pos = adapter.prompt_position_ids(enc)
@@ -90,11 +90,10 @@ class Stream(torch.utils.data.IterableDataset):
         self.p_types = None if not weights else np.asarray(weights, dtype=float) / sum(weights)
 
     def __iter__(self):
-        from avkv.tasks.avqa import AVQA
         torch.set_num_threads(1)
         p = PROXIES[self.name]
         adapter = make_adapter(self.name, self.init_dir)
-        task = AVQA(root=self.init_dir)          # only its prompt() is used
+        task = proxy_task(self.name, self.init_dir)          # only its prompt() is used
         tok = adapter.tokenizer
         letters = [tok.convert_tokens_to_ids(c) for c in "ABCD"]
         eos = tok.convert_tokens_to_ids("<|im_end|>")
@@ -355,7 +354,7 @@ def main() -> None:
     ap.add_argument("--init-from", type=Path, default=None,
                     help="start from this checkpoint's weights (a second phase; TRAINING.json keeps both)")
     ap.add_argument("--layers", type=int, default=None,
-                    help="decoder layers (default: the proxy's, avkv/models/proxy.py); make proxies trains its "
+                    help="decoder layers (default: the proxy's, avkv/proxies/build.py); make proxies trains its "
                          "first phases shallower and grows them (--grow)")
     ap.add_argument("--grow", choices=GROW_MODES, default=None,
                     help="with --init-from a shallower checkpoint: grow its decoder to the proxy's depth "

@@ -130,11 +130,13 @@ def test_decode_positions_after_pruning_equal_generate(family):
     assert kv_cache_bytes(cache) < ours.record["kv_bytes_full"]
 
 
-def test_query_recomputation_matches_cached_keys():
+@pytest.mark.parametrize("family", ["qwen2_5_omni", "mobilevlm"])
+def test_query_recomputation_matches_cached_keys(family):
     """The engine recomputes post-RoPE queries from hidden states; the same recipe applied to k_proj must
-    reproduce the cached (post-RoPE) keys, which checks the rotary handling on M-RoPE."""
+    reproduce the cached (post-RoPE) keys, which checks the rotary handling on M-RoPE (Qwen2.5-Omni) and on a
+    native port's spliced 1-D RoPE prefill (MobileVLM's LLaMA)."""
     from avkv.engine import rotate_half
-    ad = adapter("qwen2_5_omni")
+    ad = adapter(family)
     enc = ad.encode(av_prompt())
     seen = {}
 

@@ -352,3 +352,19 @@ def test_identity_of_a_run_is_what_the_store_records(tmp_path):
     cfg = compose([f"paths.runs={tmp_path}", "method=full", "budget=0.3"])
     res, h, d = identity(cfg)
     assert h == results.run_hash(res) and d == results.run_dir(res) and d.parent == tmp_path
+
+
+def test_prompts_that_were_code_keep_the_run_identity():
+    """The datasets whose prompt text moved from code into their config (issue 17) hash as before; an edited
+    prompt changes the hash."""
+    from avkv.config import compose
+    from avkv.experiment import resolved
+    from avkv.results import run_hash
+    for name in ("avqa", "proxy_av", "proxy_audio", "proxy_video", "avsd", "music_avqa", "mvbench", "mvbench_acckv",
+                 "milebench", "milebench_flowmm", "librispeech", "librispeech_long", "librispeech_long_fixture"):
+        res = resolved(compose([f"dataset={name}"]))
+        without = {**res, "dataset": {k: v for k, v in res["dataset"].items() if k != "prompts"}}
+        assert run_hash(res) == run_hash(without), name
+    res = resolved(compose(["dataset=avqa", "dataset.prompts.default=say"]))
+    without = {**res, "dataset": {k: v for k, v in res["dataset"].items() if k != "prompts"}}
+    assert run_hash(res) != run_hash(without)

@@ -27,9 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from avkv.methods import allquery
-
-MODALITIES = ("text", "image", "video", "audio")
-TEXT, IMAGE, VIDEO, AUDIO = range(4)
+from avkv.schema import AUDIO, IMAGE, MODALITIES, TEXT, VIDEO  # noqa: F401 - the methods read them from here too
 
 log = logging.getLogger("avkv")
 _WARNED: set = set()
@@ -87,10 +85,6 @@ class LayerView:
         """Post-RoPE queries of prompt positions [start, end) of this chunk: [H, end-start, D]."""
         end = self.seq_len if end is None else end
         return self.query_fn(start, end)
-
-    def window_queries(self, w: int) -> torch.Tensor:
-        w = min(w, self.seq_len)
-        return self.query_fn(self.seq_len - w, self.seq_len)
 
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin) ``[T, D]`` of rotary position ids ``[R, T]`` (fails loudly where the engine gave none)."""

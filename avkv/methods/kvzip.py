@@ -8,7 +8,7 @@ from typing import ClassVar
 
 import torch
 
-from avkv.methods.allocation import mask_to_indices
+from avkv.methods.counts import mask_to_indices
 from avkv.methods.base import LayerView, Method, Selection, rank_positions
 
 KEY = "kvzip"

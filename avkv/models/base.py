@@ -1,6 +1,6 @@
 """The model-adapter contract: everything model-specific lives behind it.
 
-An adapter loads a checkpoint folder with ``from_pretrained``, turns a :class:`~avkv.tasks.base.Prompt` into
+An adapter loads a checkpoint folder with ``from_pretrained``, turns a :class:`~avkv.schema.Prompt` into
 processor inputs (:class:`Encoded`), says where the decoder layers are, gives the modality of every prompt
 position, and produces the position ids the engine passes explicitly to every forward (so decode positions
 continue from the logical prompt length, never from a pruned cache length).
@@ -13,15 +13,13 @@ so dataset text can never become a chat control token or a media placeholder.
 from __future__ import annotations
 
 import dataclasses
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from avkv.methods.base import AUDIO, IMAGE, TEXT, VIDEO
-from avkv.tasks.base import Media, Prompt
+from avkv.schema import AUDIO, IMAGE, TEXT, VIDEO, Media, Prompt
 
 
 def weights_digest(model_path: str | Path) -> str:
@@ -201,6 +199,23 @@ class ModelAdapter:
         H = module.config.num_attention_heads
         return w.t().reshape(H, module.head_dim, w.shape[0])
 
+    def fit_prompt(self, prompt: Prompt) -> Prompt:
+        """``prompt`` as this model can take it, before encoding (where a task's prompt meets the model).
+
+        A task writes the item as the dataset has it (a video with its audio track); the model knows what it takes:
+        a model that hears but cannot see gets a with-audio video as that audio track (same file and clip bounds).
+        A text-only model refuses a prompt that carries media (its answer would not be about them).
+        """
+        media = [c for c in prompt.context if isinstance(c, Media)]
+        if media and not self.modalities:
+            raise ValueError(f"the {self.family} model takes text only; this prompt carries "
+                             f"{', '.join(sorted({m.kind for m in media}))}")
+        if "video" in self.modalities or "audio" not in self.modalities:
+            return prompt
+        context = [Media("audio", c.path, start=c.start, end=c.end)
+                   if isinstance(c, Media) and c.kind == "video" and c.with_audio else c for c in prompt.context]
+        return dataclasses.replace(prompt, context=context)
+
     # ---------------------------------------------------------------- to implement per family
     def _load(self) -> tuple[torch.nn.Module, Any]:  # pragma: no cover - interface
         raise NotImplementedError
@@ -323,15 +338,3 @@ class ModelAdapter:
                 "num_kv_heads": tc.num_key_value_heads, "num_heads": tc.num_attention_heads,
                 "head_dim": getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads}
 
-
-def load_media(media: Media, num_frames: int = 8, fps: float | None = None, sr: int = 16000,
-               max_audio_s: float | None = None) -> dict:
-    """Decode one media item: ``{"frames": uint8 [T,H,W,3]}`` / ``{"audio": float32 [N]}`` / ``{"image": PIL}``.
-
-    Errors name the file (a broken sample is recorded and the run goes on).
-    """
-    from avkv.models import media_io
-    t0 = time.perf_counter()
-    out = media_io.load(media, num_frames=num_frames, fps=fps, sr=sr, max_audio_s=max_audio_s)
-    out["decode_s"] = time.perf_counter() - t0
-    return out

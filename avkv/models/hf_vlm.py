@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from avkv.models.qwen_common import QwenAdapter
-from avkv.tasks.base import Media, Prompt
+from avkv.schema import Media, Prompt
 
 
 class TagAdapter(QwenAdapter):

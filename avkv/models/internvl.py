@@ -18,9 +18,8 @@ from pathlib import Path
 
 import torch
 
-from avkv.methods.base import IMAGE, VIDEO
 from avkv.models.hf_vlm import TagAdapter
-from avkv.tasks.base import Prompt
+from avkv.schema import IMAGE, VIDEO, Prompt
 
 
 class InternVLAdapter(TagAdapter):

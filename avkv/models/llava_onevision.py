@@ -31,7 +31,7 @@ class LlavaOnevisionAdapter(TagAdapter):
         """Frame and spatial index of every video position (PureKV's ST-SpAttn): a video is its frames' pooled grids
         (ceil(g/2)² cells each, g = image_size / patch_size), frame after frame in row-major order, then one newline
         token (-1: not a frame cell)."""
-        from avkv.methods.base import VIDEO
+        from avkv.schema import VIDEO
         pv = inputs.get("pixel_values_videos")
         if pv is None:
             return {}

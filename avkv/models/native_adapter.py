@@ -11,9 +11,8 @@ from typing import Any
 
 import torch
 
-from avkv.methods.base import MODALITIES, TEXT
 from avkv.models.base import Encoded, ModelAdapter
-from avkv.tasks.base import Media, Prompt
+from avkv.schema import MODALITIES, TEXT, Media, Prompt
 
 
 class NativeAdapter(ModelAdapter):

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from avkv.models.qwen_common import QwenAdapter
-from avkv.tasks.base import Media, Prompt
+from avkv.schema import Media, Prompt
 
 
 class Qwen2Adapter(QwenAdapter):

@@ -11,7 +11,7 @@ import torch
 
 from avkv.models.qwen_common import QwenAdapter
 from avkv.models.video_processing import TorchQwenVideoProcessor
-from avkv.tasks.base import Media, Prompt
+from avkv.schema import Media, Prompt
 
 
 class Qwen25OmniAdapter(QwenAdapter):
@@ -71,7 +71,7 @@ def build_tiny(out_dir: str | Path, seed: int = 0, hidden: int = 64, vision_hidd
     and audio towers.
 
     The sizes, the tokenizer's extra corpus (``texts``), the video pixel range and the audio chunk are
-    parameters so the trained proxies (``avkv/models/proxy.py``) start from the same builder.
+    parameters so the trained proxies (``avkv/proxies/build.py``) start from the same builder.
     """
     from transformers import (Qwen2_5OmniProcessor, Qwen2_5OmniThinkerConfig,
                               Qwen2_5OmniThinkerForConditionalGeneration, Qwen2VLImageProcessorPil,

@@ -7,7 +7,7 @@ import torch
 
 from avkv.models.qwen_common import QwenAdapter
 from avkv.models.video_processing import TorchQwenVideoProcessor
-from avkv.tasks.base import Media
+from avkv.schema import Media
 
 
 class Qwen25VLAdapter(QwenAdapter):

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from avkv.models.qwen_common import QwenAdapter
-from avkv.tasks.base import Media
+from avkv.schema import Media
 
 
 class Qwen2AudioAdapter(QwenAdapter):

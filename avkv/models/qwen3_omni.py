@@ -4,7 +4,8 @@ Only the thinker loads (``Qwen3OmniMoeThinkerForConditionalGeneration``); the ta
 text KV cache. Real checkpoints: ``Qwen/Qwen3-Omni-30B-A3B-Instruct`` (AudioKV Table 1). The full checkpoint's
 folder holds the whole model (``model_type: qwen3_omni_moe``, weights under ``thinker.``):
 :meth:`~Qwen3OmniAdapter._from_pretrained_kwargs` reads the thinker's config from it and maps ``thinker.*`` weights
-onto the thinker, so the talker's weights are never read. Everything else (prompt, media, audio-in-video interleaving) is Qwen2.5-Omni's adapter.
+onto the thinker, so the talker's weights are never read. Everything else (prompt, media, audio-in-video
+interleaving) is Qwen2.5-Omni's adapter.
 
 KV semantics are the Qwen2/Llama ones: one K/V per decoder layer, every layer full attention. The MoE sits in the
 MLP (router + experts) and never touches the cache, so a budget means the same as on a dense model. The attention

@@ -12,11 +12,10 @@ from typing import Any
 
 import torch
 
-from avkv.methods.base import VIDEO
 from avkv.models import media_io
 from avkv.models.base import Encoded, ModelAdapter
 from avkv.models.video_processing import TorchQwenVideoProcessor, stock_video_processor_available
-from avkv.tasks.base import Media, Prompt
+from avkv.schema import VIDEO, Media, Prompt
 
 
 def load_processor(path: str | Path, processor_class: str | None = None, trust_remote_code: bool = False,

@@ -10,8 +10,8 @@ Official layout (``root``)::
 
 Source: github.com/AlyssaYoung/AVQA (annotations ``data/annotation/{train,val}_qa.json``), videos from
 mn.cs.tsinghua.edu.cn/avqa. The paper's baselines are classifiers, so there is no official LLM prompt: options are
-rendered as letters with an instruction to answer with the letter, the letter is parsed with the shared MC
-extractor, and accuracy is reported with breakdowns by ``question_relation`` and ``question_type``.
+rendered as letters with an instruction to answer with the letter (``prompts`` in the dataset config, per model
+family: ``{question}`` and ``{options}``), the letter is parsed with the shared MC extractor, and accuracy is reported with breakdowns by ``question_relation`` and ``question_type``.
 """
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from avkv.tasks.base import DatasetError, Doc, Media, Prompt, Task, read_json, require
-from avkv.tasks.common import aggregate_with_breakdowns, check_family, mc_question, mc_score
+from avkv.tasks.common import aggregate_with_breakdowns, mc_fields, mc_score
+from avkv.tasks.prompts import PromptSet
 
 
 class AVQA(Task):
@@ -27,8 +28,9 @@ class AVQA(Task):
     metric = "accuracy"
 
     def __init__(self, root: str | Path, split: str = "val", limit: int | None = None,
-                 video_dir: str | Path | None = None, **kwargs: Any) -> None:
+                 video_dir: str | Path | None = None, prompts: Any = None, **kwargs: Any) -> None:
         super().__init__(root, limit)
+        self.prompts = PromptSet(prompts, "dataset.prompts")
         self.split = split
         self.video_dir = Path(video_dir) if video_dir else self.root / "videos"
         self.index = self.root / f"{split}_qa.json"
@@ -65,13 +67,9 @@ class AVQA(Task):
         yield from docs
 
     def prompt(self, doc: Doc, family: str) -> Prompt:
-        check_family(family)
-        video = doc.media[0]
-        if family == "qwen2_audio":          # hears only: the clip's audio track
-            media = Media("audio", video.path, start=video.start, end=video.end)
-        else:                               # a model that cannot hear ignores with_audio
-            media = video
-        return Prompt(context=[media], question=mc_question(doc.question, doc.choices or [], family),
+        # the video with its audio track: the adapter gives the model what it can take (ModelAdapter.fit_prompt)
+        return Prompt(context=[doc.media[0]],
+                      question=self.prompts.text(family, **mc_fields(doc.question, doc.choices or [])),
                       max_new_tokens=16)
 
     def score(self, doc: Doc, prediction: str) -> dict:

@@ -16,7 +16,7 @@ Charades)::
     Charades_v1_480/<image_id>.mp4      (``video_dir``; the test videos ship as Charades_vu17_test)
 
 The prompt carries the earlier turns as dialog history in the context (after the video, so it is compressible
-with the video) and the last question as the question; ``include_caption`` adds the human caption and summary
+with the video) and the last question as the question (``prompts`` in the dataset config: ``{question}``); ``include_caption`` adds the human caption and summary
 (DSTC7 allowed them; off by default since they describe the video). Score (``scorer_version``): ``dstc7`` — the
 DSTC7 package: the hypothesis passes its stopword filter (every one-character token dropped), then coco-caption
 ROUGE-L (PTB tokens, max precision / max recall over the references, beta 1.2), averaged over dialogs;
@@ -32,10 +32,10 @@ from typing import Any, Iterator
 from avkv.metrics.ptb import TOKENIZER_NAME
 from avkv.metrics.text import AVSD_SCORER_VERSIONS, rouge_l_coco
 from avkv.tasks.base import DatasetError, Doc, Media, Prompt, Task, read_json, require
-from avkv.tasks.common import aggregate_with_breakdowns, check_family
+from avkv.tasks.common import aggregate_with_breakdowns
+from avkv.tasks.prompts import PromptSet
 
 UNDISCLOSED = "__UNDISCLOSED__"
-INSTRUCTION = "Answer the question about the video in one short sentence."
 
 
 def _dialogs(path: Path) -> list:
@@ -52,8 +52,10 @@ class AVSD(Task):
     def __init__(self, root: str | Path, limit: int | None = None, index: str = "test_set4DSTC7-AVSD.json",
                  references: str | None = "test_set4DSTC7-AVSD_multiref.json",
                  video_dir: str | Path = "Charades_v1_480", include_caption: bool = False,
-                 max_history: int | None = None, scorer_version: str = "dstc7", **kwargs: Any) -> None:
+                 max_history: int | None = None, scorer_version: str = "dstc7", prompts: Any = None,
+                 **kwargs: Any) -> None:
         super().__init__(root, limit)
+        self.prompts = PromptSet(prompts, "dataset.prompts")
         if scorer_version not in AVSD_SCORER_VERSIONS:
             raise ValueError(f"dataset.scorer_version {scorer_version!r} is not an AVSD scorer; known: "
                              f"{', '.join(AVSD_SCORER_VERSIONS)}")
@@ -150,9 +152,6 @@ class AVSD(Task):
                 return
 
     def prompt(self, doc: Doc, family: str) -> Prompt:
-        check_family(family)
-        video = doc.media[0]
-        media = Media("audio", video.path) if family == "qwen2_audio" else video
         hist = doc.meta.get("history") or []
         if self.max_history is not None:
             hist = hist[len(hist) - self.max_history:] if self.max_history > 0 else []
@@ -163,10 +162,11 @@ class AVSD(Task):
         if hist:
             lines.append("Dialog history:")
             lines += [f"Q: {q}\nA: {a}" for q, a in hist]
-        context: list = [media]
+        context: list = [doc.media[0]]           # the adapter fits the video to the model (fit_prompt)
         if lines:
             context.append("\n".join(lines))
-        return Prompt(context=context, question=f"Q: {doc.question}\n{INSTRUCTION}", max_new_tokens=64)
+        return Prompt(context=context, question=self.prompts.text(family, question=doc.question),
+                      max_new_tokens=64)
 
     def score(self, doc: Doc, prediction: str) -> dict:
         pred = prediction or ""

@@ -1,7 +1,7 @@
 """The task contract: load documents from an official on-disk layout, render prompts, parse, score, aggregate.
 
 A task never touches the model or the cache. It yields :class:`Doc` records (media are *paths*, never decoded
-here), turns a doc into a model-family-specific :class:`Prompt`, and scores the model's raw text output.
+here), turns a doc into a :class:`Prompt` (per model family: the prompt text is the dataset config's data), and scores the model's raw text output.
 
 Two rules hold for every task, enforced here once:
 
@@ -18,9 +18,11 @@ from __future__ import annotations
 import functools
 import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
+
+from avkv.schema import Doc, Media, Prompt  # noqa: F401 - the task contract's records
+from avkv.tasks.prompts import PromptSet
 
 
 class DatasetError(ValueError):
@@ -59,7 +61,7 @@ class UnsafePath(DatasetError):
     """A path from dataset text that points outside the dataset root (or its declared media folder)."""
 
 
-def unique_ids(docs: Iterable["Doc"], task: str = "task") -> Iterator["Doc"]:
+def unique_ids(docs: Iterable[Doc], task: str = "task") -> Iterator[Doc]:
     """``docs`` as they come, or a :class:`DatasetError` at the first repeated id, naming both items."""
     seen: dict[str, str] = {}
     for k, doc in enumerate(docs):
@@ -101,62 +103,12 @@ def is_failed(record: dict) -> bool:
     return record.get("error") is not None
 
 
-@dataclass
-class Media:
-    """One media item of a prompt. ``kind`` is ``video``, ``audio`` or ``image``.
-
-    For a video, ``with_audio`` says its audio track belongs to the prompt too (a model that hears gets it;
-    Qwen2.5-Omni interleaves it with the frames). ``start``/``end`` clip the file in seconds. A video may also
-    be a folder of frame images (sorted by name) sampled at ``frame_rate`` frames per second.
-    """
-
-    kind: str
-    path: str
-    start: float | None = None
-    end: float | None = None
-    with_audio: bool = False
-    frame_rate: float | None = None
-
-
-@dataclass
-class Doc:
-    """One evaluation item."""
-
-    id: str
-    media: list[Media]
-    question: str
-    target: Any
-    choices: list[str] | None = None
-    meta: dict = field(default_factory=dict)
-    #: where the item comes from (``<file>: item #3 (id 7)``), named by the duplicate-id error
-    origin: str = ""
-    #: set when the item cannot be run (a media path outside the dataset, a segment that cannot be built): the
-    #: run records it as this sample's error without calling the model
-    error: str | None = None
-
-
-@dataclass
-class Prompt:
-    """What the model adapter renders into the chat template.
-
-    ``context`` is the user turn before the question: media and text pieces in order (MileBench interleaves
-    them). ``question`` is the last text of the user turn: the engine's ``compress_at=context`` compresses
-    before it. ``system`` overrides the family's default system prompt when set.
-    """
-
-    context: list[Media | str]
-    question: str
-    system: str | None = None
-    max_new_tokens: int | None = None
-    #: text pieces (by value) the task wrote itself that may hold control tokens on purpose (Qwen2-Audio's ASR
-    #: prompt ends with ``<|en|>``); every other piece is escaped by the adapter (``ModelAdapter.safe_prompt``)
-    verbatim: tuple[str, ...] = ()
-
-
 class Task:
-    """Base class for a dataset family. Subclasses set ``name`` and implement the five methods."""
+    """Base class for a dataset (one official layout). Subclasses set ``name`` and implement the five methods."""
 
     name: str = "task"
+    #: the dataset config's per-family prompt text (:mod:`avkv.tasks.prompts`); none given: every family runs
+    prompts: PromptSet = PromptSet(None)
     #: the headline metric reported in summaries (e.g. ``accuracy``, ``wer``, ``rouge_l``)
     metric: str = "score"
     higher_is_better: bool = True

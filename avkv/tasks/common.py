@@ -1,4 +1,4 @@
-"""Helpers shared by the task modules: MC prompts, MC scoring and aggregation with breakdowns."""
+"""Helpers shared by the task modules: MC options, MC scoring and aggregation with breakdowns."""
 from __future__ import annotations
 
 from collections import defaultdict
@@ -7,27 +7,11 @@ from typing import Iterable, Sequence
 from avkv.metrics.text import extract_choice, option_letters, render_options
 from avkv.tasks.base import is_failed, record_field
 
-FAMILIES = ("qwen2_5_vl", "qwen2_audio", "qwen2_5_omni", "qwen3_omni", "videollama2", "mobilevlm", "llava",
-            "qwen2_vl", "llava_onevision", "internvl")
 
-MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
-#: VideoLLaMA2's own MC suffix (eval_video_mcqa_mvbench.py)
-VIDEOLLAMA2_MC_INSTRUCTION = ("Answer with the option's letter from the given choices directly and only give the "
-                              "best option.")
-
-
-def check_family(family: str) -> None:
-    if family not in FAMILIES:
-        raise ValueError(f"unknown model family {family!r}; known: {', '.join(FAMILIES)}")
-
-
-def mc_question(question: str, choices: Sequence[str], family: str) -> str:
-    """The default multiple-choice rendering, with VideoLLaMA2's own wording for that family."""
-    check_family(family)
-    opts = render_options(choices, "paren")
-    if family == "videollama2":
-        return f"Question: {question}\nOptions:\n{opts}\n{VIDEOLLAMA2_MC_INSTRUCTION}"
-    return f"{question}\n{opts}\n{MC_INSTRUCTION}"
+def mc_fields(question: str, choices: Sequence[str]) -> dict:
+    """The placeholders a multiple-choice prompt template may use: ``{question}`` and ``{options}`` (the choices
+    as ``(A) red`` lines)."""
+    return {"question": question, "options": render_options(choices, "paren")}
 
 
 def mc_score(prediction: str | None, choices: Sequence[str], target: int) -> dict:

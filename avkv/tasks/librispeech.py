@@ -28,17 +28,9 @@ from typing import Any, Iterator
 
 from avkv.metrics.text import edit_counts
 from avkv.tasks.base import DatasetError, Doc, Media, Prompt, Task
-from avkv.tasks.common import check_family
+from avkv.tasks.prompts import PromptSet
 from avkv.tasks.speech_common import asr_aggregate
 
-#: per-family ASR instructions: Qwen2-Audio's own eval prompt; the Qwen2.5-Omni cookbook's (Qwen3-Omni takes the
-#: same instruction); lmms-eval's default
-PROMPTS = {
-    "qwen2_audio": "Detect the language and recognize the speech: <|en|>",
-    "qwen2_5_omni": "Transcribe the English audio into text without any punctuation marks.",
-    "qwen3_omni": "Transcribe the English audio into text without any punctuation marks.",
-    "videollama2": "Please recognize the speech and only output the recognized content:",
-}
 WORDS_PER_S = 2.7          # duration estimate for an utterance whose FLAC header cannot be read
 
 
@@ -72,8 +64,9 @@ class LibriSpeech(Task):
     def __init__(self, root: str | Path, split: str | list[str] = "test-clean", limit: int | None = None,
                  long_form: bool = False, min_s: float = 60.0, max_s: float = 120.0,
                  long_dir: str | Path | None = None, language: str = "en", max_new_tokens: int | None = None,
-                 chunk_s: float | None = None, **kwargs: Any) -> None:
+                 chunk_s: float | None = None, prompts: Any = None, **kwargs: Any) -> None:
         super().__init__(root, limit)
+        self.prompts = PromptSet(prompts, "dataset.prompts")
         self.splits = [split] if isinstance(split, str) else list(split)
         self.long_form = bool(long_form)
         self.min_s, self.max_s = float(min_s), float(max_s)
@@ -230,9 +223,7 @@ class LibriSpeech(Task):
 
     # ------------------------------------------------------------------------------------------- prompt / score
     def prompt(self, doc: Doc, family: str) -> Prompt:
-        check_family(family)
-        if family not in PROMPTS:
-            raise ValueError(f"{self.name}: model family {family} cannot take audio input")
+        text = self.prompts.text(family)
         media = list(doc.media)
         secs = doc.meta.get("seconds")
         if self.chunk_s and secs and secs > self.chunk_s and len(media) == 1:
@@ -240,8 +231,7 @@ class LibriSpeech(Task):
             n = int(-(-secs // self.chunk_s))
             media = [Media("audio", media[0].path, start=k * self.chunk_s,
                            end=min((k + 1) * self.chunk_s, secs) if k < n - 1 else None) for k in range(n)]
-        return Prompt(context=media, question=PROMPTS[family], max_new_tokens=self.max_new_tokens,
-                      verbatim=(PROMPTS[family],))
+        return Prompt(context=media, question=text, max_new_tokens=self.max_new_tokens, verbatim=(text,))
 
     def score(self, doc: Doc, prediction: str) -> dict:
         errors, n = edit_counts(doc.target, prediction or "", self.language)

@@ -38,7 +38,7 @@ from typing import Any, Iterator
 from avkv.metrics.text import (MILEBENCH_VERSIONS, milebench_image_level, milebench_score_mc,
                                milebench_score_needle, milebench_score_open)
 from avkv.tasks.base import DatasetError, Doc, Media, Prompt, Task, is_failed, read_json, require
-from avkv.tasks.common import check_family
+from avkv.tasks.prompts import PromptSet
 
 GROUPS: dict[str, list[str]] = {
     "Realistic Temporal": ["ActionLocalization", "ActionPrediction", "ActionSequence", "CharacterOrder",
@@ -146,8 +146,10 @@ class MileBench(Task):
     def __init__(self, root: str | Path, tasks: str | list[str] | None = "all", limit: int | None = None,
                  adv: bool = False, max_context_len: int = 4096, n_tokens_per_image: int = 576,
                  tokenizer: str | Path | None = None, max_new_tokens: int = 512,
-                 skip_missing_tasks: bool = False, scorer_version: str = "current", **kwargs: Any) -> None:
+                 skip_missing_tasks: bool = False, scorer_version: str = "current", prompts: Any = None,
+                 **kwargs: Any) -> None:
         super().__init__(root, limit)
+        self.prompts = PromptSet(prompts, "dataset.prompts")      # MileBench's text is its own; families refused
         if scorer_version not in MILEBENCH_VERSIONS:
             raise ValueError(f"dataset.scorer_version {scorer_version!r} is not a MileBench evaluate.py version; "
                              f"known: {', '.join(MILEBENCH_VERSIONS)}")
@@ -254,9 +256,6 @@ class MileBench(Task):
         return str(m["image_quantity_level"])
 
     def prompt(self, doc: Doc, family: str) -> Prompt:
-        check_family(family)
-        if family == "qwen2_audio":
-            raise ValueError("milebench: qwen2_audio cannot see images")
         segs = doc.meta["segments"]
         context: list = []
         for s in segs[:-1]:

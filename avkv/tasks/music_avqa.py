@@ -10,7 +10,8 @@ Official layout (github.com/GeWu-Lab/MUSIC-AVQA ``data/json_update``; videos fro
 
 The question is filled as the official loader does (``dataloader_avst.py``: split on spaces, drop the last
 character, replace each token containing ``<`` by the next ``templ_values`` entry); the final ``?`` is put back
-for the prompt. VideoLLaMA2 asks the question as-is; the other families get a short-answer instruction.
+for the prompt (``prompts`` in the dataset config, ``{question}``: VideoLLaMA2 asks the question as-is; the other
+families get a short-answer instruction).
 Scores: ``accuracy`` = clean normalised match (case, punctuation, articles, ``_``, digits → words) and
 ``accuracy_videollama2`` = VideoLLaMA2's ``pred.rstrip(' .').upper() == answer.upper()``; breakdowns by the
 official nine types and by modality (Audio / Visual / Audio-Visual).
@@ -23,10 +24,8 @@ from typing import Any, Iterator
 
 from avkv.metrics.text import normalize_short_answer, videollama2_exact_match
 from avkv.tasks.base import DatasetError, Doc, Media, Prompt, Task, read_json, require
-from avkv.tasks.common import aggregate_with_breakdowns, check_family
-
-SHORT_ANSWER = "Answer the question using a single word or phrase."
-
+from avkv.tasks.common import aggregate_with_breakdowns
+from avkv.tasks.prompts import PromptSet
 
 def fill_question(template: str, values: list[str]) -> str:
     """The official template filling (``net_grd_avst/dataloader_avst.py``), with the final ``?`` kept."""
@@ -57,8 +56,10 @@ class MusicAVQA(Task):
     metric = "accuracy"
 
     def __init__(self, root: str | Path, split: str = "test", limit: int | None = None,
-                 video_dir: str | Path | None = None, skip_deleted: bool = False, **kwargs: Any) -> None:
+                 video_dir: str | Path | None = None, skip_deleted: bool = False, prompts: Any = None,
+                 **kwargs: Any) -> None:
         super().__init__(root, limit)
+        self.prompts = PromptSet(prompts, "dataset.prompts")
         self.split = split
         self.video_dir = Path(video_dir) if video_dir else self.root / "videos"
         self.index = self.root / "json_update" / f"avqa-{split}.json"
@@ -101,12 +102,8 @@ class MusicAVQA(Task):
                 return
 
     def prompt(self, doc: Doc, family: str) -> Prompt:
-        check_family(family)
-        video = doc.media[0]
-        if family == "videollama2":                          # the official eval asks the question as-is
-            return Prompt(context=[video], question=doc.question, max_new_tokens=32)
-        media = Media("audio", video.path) if family == "qwen2_audio" else video
-        return Prompt(context=[media], question=f"{doc.question}\n{SHORT_ANSWER}", max_new_tokens=32)
+        return Prompt(context=[doc.media[0]], question=self.prompts.text(family, question=doc.question),
+                      max_new_tokens=32)
 
     def score(self, doc: Doc, prediction: str) -> dict:
         pred = prediction or ""

@@ -7,8 +7,9 @@ Official layout (HF ``OpenGVLab/MVBench``; ``root`` holds both folders, ``video_
                          Episodic Reasoning is a folder of 3 fps JPEG frames (video/tvqa/frames_fps3_hq/<clip>/)
 
 The source folders, the clip bounds and the frame folder follow VideoLLaMA2's ``inference_video_mcqa_mvbench.py``.
-Bound tasks carry ``start``/``end`` seconds (``Media.start``/``end``). Prompt: VideoLLaMA2's for that family,
-lmms-eval's (``Question:..\\nOption:\\n(A) ..\\nOnly give the best option.\\n``) for the others. Scores: the shared
+Bound tasks carry ``start``/``end`` seconds (``Media.start``/``end``). Prompt (``prompts`` in the dataset config:
+``{question}``, ``{options}``): VideoLLaMA2's for that family, lmms-eval's (``Question:..\\nOption:\\n(A) ..\\nOnly
+give the best option.\\n``) for the others. Scores: the shared
 letter extractor (``accuracy``; unparsed = wrong, counted) and VideoLLaMA2's regex with its fixed 'C' fallback
 (``accuracy_videollama2``), per task and overall (micro, as VideoLLaMA2 prints, and the mean over tasks).
 """
@@ -17,9 +18,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterator
 
-from avkv.metrics.text import extract_choice, option_letters, render_options, videollama2_mc_choice
+from avkv.metrics.text import extract_choice, option_letters, videollama2_mc_choice
 from avkv.tasks.base import DatasetError, Doc, Media, Prompt, Task, is_failed, read_json, record_field, require
-from avkv.tasks.common import aggregate_with_breakdowns, check_family, mc_question
+from avkv.tasks.common import aggregate_with_breakdowns, mc_fields
+from avkv.tasks.prompts import PromptSet
 
 # task name -> (json file stem, source folder under video/, data type, has start/end)
 TASKS: dict[str, tuple[str, str, str, bool]] = {
@@ -50,7 +52,6 @@ ACCKV_TASKS = ["action_sequence", "action_prediction", "unexpected_action", "obj
                "action_localization", "scene_transition", "action_count", "state_change", "character_order"]
 PRESETS = {"all": [v[0] for v in TASKS.values()], "acckv": ACCKV_TASKS}
 FRAME_FPS = 3.0                       # the TVQA frame folders are sampled at 3 fps, first frame 00001.jpg
-LMMS_POST_PROMPT = "Only give the best option.\n"
 
 
 def resolve_tasks(tasks: str | list[str] | None) -> list[str]:
@@ -76,8 +77,10 @@ class MVBench(Task):
     metric = "accuracy"
 
     def __init__(self, root: str | Path, tasks: str | list[str] | None = "all", limit: int | None = None,
-                 video_dir: str | Path | None = None, skip_missing_tasks: bool = False, **kwargs: Any) -> None:
+                 video_dir: str | Path | None = None, skip_missing_tasks: bool = False, prompts: Any = None,
+                 **kwargs: Any) -> None:
         super().__init__(root, limit)
+        self.prompts = PromptSet(prompts, "dataset.prompts")
         self.tasks = resolve_tasks(tasks)
         self.video_dir = Path(video_dir) if video_dir else self.root / "video"
         self.skip_missing_tasks = skip_missing_tasks
@@ -122,13 +125,7 @@ class MVBench(Task):
                     return
 
     def prompt(self, doc: Doc, family: str) -> Prompt:
-        check_family(family)
-        if family == "qwen2_audio":
-            raise ValueError("mvbench: qwen2_audio cannot see video")
-        if family == "videollama2":
-            text = mc_question(doc.question, doc.choices or [], family)
-        else:
-            text = f"Question:{doc.question}\nOption:\n{render_options(doc.choices or [])}\n{LMMS_POST_PROMPT}"
+        text = self.prompts.text(family, **mc_fields(doc.question, doc.choices or []))
         return Prompt(context=list(doc.media), question=text, max_new_tokens=16)
 
     def score(self, doc: Doc, prediction: str) -> dict:

@@ -5,22 +5,21 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import subprocess
-import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from avkv.config import ROOT
-from avkv.engine import Engine
+from avkv.config import compose
+from avkv.experiment import run
 from avkv.methods.base import IMAGE, TEXT, VIDEO
-from avkv.methods.full import Full
-from avkv.models.mobilevlm import CheckpointKeyError, MobileVLMConfig, build_tiny, from_pretrained
+from avkv.models.mobilevlm import CheckpointKeyError, MobileVLMConfig, from_pretrained
 from avkv.models.mobilevlm import processing as P
 from avkv.models.mobilevlm.modeling import build_model, official_key_groups, official_state_dict
 from avkv.tasks.base import Media, Prompt
 from tests.conftest import adapter, av_prompt, fixtures_dir, tiny_model_dir
+from tests.models.test_native_ports import rewrite as _rewrite
 
 FAMILY = "mobilevlm"
 
@@ -98,52 +97,8 @@ def test_module_tree_names_equal_the_official_names(tiny_dir):
     assert sd["model.mm_projector.peg.peg.0.weight"].shape == (d, 1, 3, 3)          # depthwise
 
 
-def test_save_load_round_trip_and_deterministic_builder(tiny_dir, tmp_path):
-    from safetensors.torch import load_file
-    saved = load_file(str(tiny_dir / "model.safetensors"))
-    model = from_pretrained(tiny_dir)
-    assert model.load_report["tensors"] == len(saved) and model.load_report["vision_tower"] == "checkpoint"
-    for k, v in official_state_dict(model).items():
-        assert torch.equal(saved[k], v), k
-    again = build_tiny(tmp_path / "again")
-    assert (again / "model.safetensors").read_bytes() == (tiny_dir / "model.safetensors").read_bytes()
-    assert (again / "tokenizer.model").read_bytes() == (tiny_dir / "tokenizer.model").read_bytes()
-
-
-def _rewrite(src, dst, edit):
-    from safetensors.torch import load_file, save_file
-    shutil.copytree(src, dst)
-    sd = load_file(str(src / "model.safetensors"))
-    edit(sd)
-    save_file(sd, str(dst / "model.safetensors"), metadata={"format": "pt"})
-    return dst
-
-
-def test_strict_loading_names_a_renamed_or_missing_key(tiny_dir, tmp_path):
-    key = "model.mm_projector.peg.peg.0.weight"
-    bad = _rewrite(tiny_dir, tmp_path / "renamed",
-                   lambda sd: sd.__setitem__("model.mm_projector.peg.0.weight", sd.pop(key)))
-    with pytest.raises(CheckpointKeyError) as e:
-        from_pretrained(bad)
-    msg = str(e.value)
-    assert "model.mm_projector.peg.0.weight" in msg and "unexpected" in msg
-    assert key in msg and "missing" in msg
-    gone = "model.layers.1.mlp.down_proj.weight"
-    bad2 = _rewrite(tiny_dir, tmp_path / "missing", lambda sd: sd.pop(gone))
-    with pytest.raises(CheckpointKeyError, match="1 missing tensor name") as e:
-        from_pretrained(bad2)
-    assert gone in str(e.value) and "unexpected" not in str(e.value)
-    extra = _rewrite(tiny_dir, tmp_path / "extra",
-                     lambda sd: sd.__setitem__("model.mm_projector.dwn.weight", torch.zeros(1)))
-    with pytest.raises(CheckpointKeyError, match="model.mm_projector.dwn.weight"):
-        from_pretrained(extra)
-
-
-def test_strict_loading_shapes_and_legacy_buffers(tiny_dir, tmp_path):
-    k = "model.mm_projector.mlp.mlp.2.weight"
-    bad = _rewrite(tiny_dir, tmp_path / "shape", lambda sd: sd.__setitem__(k, sd[k][:, :-1].clone()))
-    with pytest.raises(CheckpointKeyError, match="mlp.mlp.2.weight: checkpoint"):
-        from_pretrained(bad)
+# the round trip, the deterministic builder and the strict name and shape checks: tests/models/test_native_ports.py
+def test_strict_loading_of_legacy_buffers(tiny_dir, tmp_path):
     # buffers older transformers saved (CLIP position_ids, LLaMA rotary inv_freq) load when they hold the values
     # the model computes, and fail when they do not
     raw = _raw(tiny_dir)
@@ -164,22 +119,7 @@ def test_strict_loading_shapes_and_legacy_buffers(tiny_dir, tmp_path):
         from_pretrained(wrong)
 
 
-def test_checkpoint_without_tower_needs_vision_tower_path(tiny_dir, tmp_path):
-    from safetensors.torch import load_file, save_file
-    tower = "model.vision_tower.vision_tower."
-    no_tower = _rewrite(tiny_dir, tmp_path / "no_tower",
-                        lambda sd: [sd.pop(k) for k in [k for k in sd if k.startswith(tower)]])
-    with pytest.raises(CheckpointKeyError, match="vision_tower_path"):
-        from_pretrained(no_tower)
-    # a CLIP folder as transformers 4.x saves it (vision_model.* names) fills the tower
-    sd = load_file(str(tiny_dir / "model.safetensors"))
-    vdir = tmp_path / "clip"
-    vdir.mkdir()
-    save_file({k[len(tower):]: v for k, v in sd.items() if k.startswith(tower)}, str(vdir / "model.safetensors"))
-    m = from_pretrained(no_tower, vision_tower_path=vdir)
-    ref = from_pretrained(tiny_dir)
-    assert m.load_report["vision_tower"] == str(vdir)
-    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), ref.state_dict().values()))
+def test_a_non_v2_projector_needs_vision_tower_path(tiny_dir, tmp_path):
     # a non-v2 projector: the official loader would reload the tower from the hub, so a path is required
     lin = tmp_path / "linear"
     shutil.copytree(tiny_dir, lin)
@@ -187,19 +127,6 @@ def test_checkpoint_without_tower_needs_vision_tower_path(tiny_dir, tmp_path):
     (lin / "config.json").write_text(json.dumps(dict(raw, mm_projector_type="mlp2x_gelu")))
     with pytest.raises(CheckpointKeyError, match="replaces the bundled tower"):
         from_pretrained(lin)
-
-
-def test_pickle_weights_only_with_opt_in(tiny_dir, tmp_path):
-    from safetensors.torch import load_file
-    d = tmp_path / "bin"
-    shutil.copytree(tiny_dir, d)
-    torch.save(load_file(str(d / "model.safetensors")), d / "pytorch_model.bin")
-    (d / "model.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="allow_pickle_weights"):
-        from_pretrained(d)
-    m = from_pretrained(d, allow_pickle=True)
-    ref = from_pretrained(tiny_dir)
-    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), ref.state_dict().values()))
 
 
 def test_config_parsing_of_official_fields(tiny_dir):
@@ -448,44 +375,20 @@ def test_audio_only_is_refused(vid, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- engine
-# the engine equivalences (generate, budget 1, split prefill, physical pruning, budget conformance) run on every
-# family, this one included, in tests/test_engine.py
+# the engine equivalences (generate, budget 1, split prefill, physical pruning, budget conformance, the query
+# recipe against the cached keys) run on every family, this one included, in tests/test_engine.py
 
 
-def test_query_recomputation_matches_cached_keys(vid):
-    """The default Llama query recipe, applied to k_proj, reproduces the cached (post-RoPE) keys."""
-    from avkv.engine import rotate_half
-    ad, enc = vid
-    seen = {}
-
-    def hook(module, args, kwargs, output):
-        if "err" in seen:
-            return
-        h = kwargs["hidden_states"]
-        cos, sin = kwargs["position_embeddings"]
-        k = module.k_proj(h).view(1, h.shape[1], -1, module.head_dim).transpose(1, 2)
-        k = k * cos.unsqueeze(1) + rotate_half(k) * sin.unsqueeze(1)
-        seen["err"] = (k - kwargs["past_key_values"].layers[module.layer_idx].keys).abs().max().item()
-
-    hd = ad.decoder_layers()[1].self_attn.register_forward_hook(hook, with_kwargs=True)
-    try:
-        Engine(ad, Full(), max_new_tokens=1).generate(enc)
-    finally:
-        hd.remove()
-    assert seen["err"] < 1e-5
-
-
-def test_run_py_flowmm_on_milebench(tmp_path):
+def test_flowmm_end_to_end_on_milebench(tmp_path):
+    """The experiment loop on this family (in process; the run.py command line itself is tested once, in
+    tests/tasks/test_end_to_end.py)."""
     tiny_model_dir("tiny_mobilevlm")
     fixtures_dir()
-    p = subprocess.run([sys.executable, str(ROOT / "run.py"), "model=tiny_mobilevlm", "method=flowmm", "budget=0.2",
-                        "dataset=milebench_flowmm", f"dataset.root={fixtures_dir() / 'milebench'}",
-                        "dataset.limit=2", "dataset.n_tokens_per_image=144", "max_new_tokens=3",
-                        f"paths.runs={tmp_path}", "progress=false"],
-                       capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
-    (run_dir,) = [d for d in tmp_path.iterdir() if d.is_dir()]
-    recs = [json.loads(x) for x in (run_dir / "samples.jsonl").read_text().splitlines()]
+    s = run(compose(["model=tiny_mobilevlm", "method=flowmm", "budget=0.2", "dataset=milebench_flowmm",
+                     f"dataset.root={fixtures_dir() / 'milebench'}", "dataset.limit=2",
+                     "dataset.n_tokens_per_image=144", "max_new_tokens=3", f"paths.runs={tmp_path}",
+                     "progress=false"]))
+    recs = [json.loads(x) for x in (Path(s["run_dir"]) / "samples.jsonl").read_text().splitlines()]
     assert len(recs) == 2
     for r in recs:
         assert r["error"] is None and r["score"] is not None

@@ -2,16 +2,15 @@
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from avkv.config import ROOT
+from avkv.config import compose
 from avkv.engine import Engine
+from avkv.experiment import run
 from avkv.methods.base import AUDIO, IMAGE, TEXT, VIDEO
 from avkv.methods.full import Full
 from avkv.methods.snapkv import SnapKV
@@ -19,6 +18,7 @@ from avkv.models.videollama2 import CheckpointKeyError, VideoLLaMA2Config, build
 from avkv.models.videollama2.modeling import build_model, official_key_groups, official_state_dict
 from avkv.tasks.base import Media, Prompt
 from tests.conftest import adapter, av_prompt, fixtures_dir, tiny_model_dir
+from tests.models.test_native_ports import rewrite as _rewrite
 
 MAX_NEW = 6
 FAMILY = "videollama2_av"
@@ -132,15 +132,14 @@ def test_image_is_repeated_to_num_frames_and_audio_file_alone(tmp_path):
 # kept) run on every family, this one included, in tests/test_engine.py
 
 
-def test_run_py_snapkv_on_the_default_av_dataset(tmp_path):
+def test_snapkv_end_to_end_on_the_default_av_dataset(tmp_path):
+    """The experiment loop on this family (in process; the run.py command line itself is tested once, in
+    tests/tasks/test_end_to_end.py)."""
     tiny_model_dir("tiny_videollama2_av")
     fixtures_dir()
-    p = subprocess.run([sys.executable, str(ROOT / "run.py"), "model=tiny_videollama2_av", "method=snapkv",
-                        "budget=0.2", "dataset.limit=2", "max_new_tokens=3", f"paths.runs={tmp_path}",
-                        "progress=false"], capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
-    (run_dir,) = [d for d in tmp_path.iterdir() if d.is_dir()]
-    recs = [json.loads(x) for x in (run_dir / "samples.jsonl").read_text().splitlines()]
+    s = run(compose(["model=tiny_videollama2_av", "method=snapkv", "budget=0.2", "dataset.limit=2",
+                     "max_new_tokens=3", f"paths.runs={tmp_path}", "progress=false"]))
+    recs = [json.loads(x) for x in (Path(s["run_dir"]) / "samples.jsonl").read_text().splitlines()]
     assert len(recs) == 2
     for r in recs:
         assert r["error"] is None
@@ -245,42 +244,8 @@ def test_timm_regstage_shapes_follow_the_official_block(tiny_dir):
     assert sd["model.audio_tower.encoder.pos_conv.0.weight_g"].shape == (1, 1, raw["audio_config"]["conv_pos"])
 
 
-def test_save_load_round_trip(tiny_dir, tmp_path):
-    from safetensors.torch import load_file
-    saved = load_file(str(tiny_dir / "model.safetensors"))
-    model = from_pretrained(tiny_dir)
-    for k, v in official_state_dict(model).items():
-        assert torch.equal(saved[k], v), k
-    # the builder is deterministic (fixed seed)
-    again = build_tiny(tmp_path / "again")
-    assert (again / "model.safetensors").read_bytes() == (tiny_dir / "model.safetensors").read_bytes()
-
-
-def _rewrite(src, dst, edit):
-    from safetensors.torch import load_file, save_file
-    shutil.copytree(src, dst)
-    sd = load_file(str(src / "model.safetensors"))
-    edit(sd)
-    save_file(sd, str(dst / "model.safetensors"), metadata={"format": "pt"})
-    return dst
-
-
-def test_strict_loading_names_a_renamed_key(tiny_dir, tmp_path):
-    key = "model.mm_projector.s1.b1.conv2.conv.weight"
-    bad = _rewrite(tiny_dir, tmp_path / "renamed",
-                   lambda sd: sd.__setitem__("model.mm_projector.s1.b1.conv_2.conv.weight", sd.pop(key)))
-    with pytest.raises(CheckpointKeyError) as e:
-        from_pretrained(bad)
-    msg = str(e.value)
-    assert "model.mm_projector.s1.b1.conv_2.conv.weight" in msg and "unexpected" in msg
-    assert key in msg and "missing" in msg
-
-
-def test_strict_loading_shapes_and_shared_tensors(tiny_dir, tmp_path):
-    k = "model.mm_projector.readout.0.weight"
-    bad = _rewrite(tiny_dir, tmp_path / "shape", lambda sd: sd.__setitem__(k, sd[k][:, :-1].clone()))
-    with pytest.raises(CheckpointKeyError, match="readout.0.weight"):
-        from_pretrained(bad)
+# the round trip, the deterministic builder and the strict name and shape checks: tests/models/test_native_ports.py
+def test_strict_loading_of_shared_tensors(tiny_dir, tmp_path):
     # every name of the shared BEATs bias table may be present (deepspeed-consolidated saves) if the values agree
     rel = "model.audio_tower.encoder.layers.{}.self_attn.relative_attention_bias.weight"
     ok = _rewrite(tiny_dir, tmp_path / "alias", lambda sd: sd.__setitem__(rel.format(1), sd[rel.format(0)].clone()))
@@ -289,23 +254,6 @@ def test_strict_loading_shapes_and_shared_tensors(tiny_dir, tmp_path):
                     lambda sd: sd.__setitem__(rel.format(1), sd[rel.format(0)] + 1.0))
     with pytest.raises(CheckpointKeyError, match="different values"):
         from_pretrained(bad2)
-
-
-def test_checkpoint_without_vision_tower_needs_vision_tower_path(tiny_dir, tmp_path):
-    from safetensors.torch import load_file, save_file
-    tower = "model.vision_tower.vision_tower."
-    no_tower = _rewrite(tiny_dir, tmp_path / "no_tower",
-                        lambda sd: [sd.pop(k) for k in [k for k in sd if k.startswith(tower)]])
-    with pytest.raises(CheckpointKeyError, match="vision_tower_path"):
-        from_pretrained(no_tower)
-    # a SigLIP folder as transformers 4.x saves it (vision_model.* names) fills the tower
-    sd = load_file(str(tiny_dir / "model.safetensors"))
-    vdir = tmp_path / "siglip"
-    vdir.mkdir()
-    save_file({k[len(tower):]: v for k, v in sd.items() if k.startswith(tower)}, str(vdir / "model.safetensors"))
-    m = from_pretrained(no_tower, vision_tower_path=vdir)
-    ref = from_pretrained(tiny_dir)
-    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), ref.state_dict().values()))
 
 
 def test_config_parsing_of_official_fields(tiny_dir):

@@ -17,6 +17,8 @@ from avkv.config import ROOT
 from avkv.tasks.fixtures import proxy as tasks
 from tests.conftest import fixtures_dir
 
+PROXIES_NAMES = ("video", "audio", "av")
+
 CASES = [(p, t) for p, spec in tasks.SPECS.items() for t in spec.types]
 
 
@@ -78,14 +80,15 @@ def test_training_renders_an_item_as_the_evaluation_does(proxy):
 
     from avkv.config import compose, instantiate
     from avkv.models import media_io
-    from avkv.models.proxy import PROXIES
+    from avkv.proxies.build import PROXIES
     p = PROXIES[proxy]
     root = fixtures_dir() / f"proxy_{proxy}"
     cfg = compose([f"model=proxy_{proxy}", f"dataset=proxy_{proxy}", f"paths.fixtures={fixtures_dir()}"])
     adapter = instantiate(cfg.model, device="cpu")
     task = instantiate(cfg.dataset)
     doc = next(iter(task.docs()))
-    enc = adapter.encode(task.prompt(doc, adapter.family))
+    from avkv.experiment import build_prompt
+    enc = adapter.encode(build_prompt(task, adapter, doc))
 
     item = json.loads((root / "val_qa.json").read_text())[0]
     video = root / "videos" / f"{item['video_name']}.mp4"
@@ -130,13 +133,13 @@ def test_training_split_reads_match_one_forward_and_the_engine_leak_control():
 
     from avkv.engine import Engine
     from avkv.methods.drop_media import DropMedia
-    from avkv.models.proxy import PROXIES
-    from avkv.tasks.avqa import AVQA
+    from avkv.experiment import build_prompt
+    from avkv.proxies.build import PROXIES, proxy_task
     from avkv.tasks.base import Doc, Media
     train = _train_script()
     p = PROXIES["av"]
     adapter = train.make_adapter("av", p.checkpoint)
-    task = AVQA(root=p.checkpoint)
+    task = proxy_task("av", p.checkpoint)
     rng = np.random.default_rng(3)
     spec = tasks.SHORT["av"]
     a, b = (tasks.make_item(rng, "av", ("Visual", "Which"), spec) for _ in range(2))
@@ -154,8 +157,16 @@ def test_training_split_reads_match_one_forward_and_the_engine_leak_control():
 
     doc = Doc(id="x", media=[Media("video", "<generated>", with_audio=True)], question=a["question"],
               target=a["answer"], choices=a["choices"])
-    enc = adapter.encode_decoded(task.prompt(doc, p.family),
+    enc = adapter.encode_decoded(build_prompt(task, adapter, doc),
                                  [{"frames": a["frames"], "fps": float(spec.fps), "audio": a["audio"]}])
     gen = Engine(adapter, DropMedia(), budget=0.5, compress_at="context", max_new_tokens=1).generate(enc)
     assert torch.allclose(gen.first_logits, dropped[0, 0], atol=1e-4)
 
+
+
+def test_proxy_prompts_end_with_the_instruction_the_proxies_read():
+    """The proxies' tokenizer corpus holds MC_INSTRUCTION; their dataset configs' prompt must still end with it."""
+    from avkv.proxies.build import MC_INSTRUCTION, proxy_task
+    for name in PROXIES_NAMES:
+        table = proxy_task(name, ".").prompts.as_dict()
+        assert table["default"].endswith("\n" + MC_INSTRUCTION), name

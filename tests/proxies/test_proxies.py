@@ -13,7 +13,7 @@ import pytest
 
 from avkv.config import compose
 from avkv.experiment import run
-from avkv.models.proxy import PROXIES
+from avkv.proxies.build import PROXIES
 from tests.conftest import fixtures_dir
 
 TRAINED = [p for p in PROXIES if (PROXIES[p].checkpoint / "TRAINING.json").exists()]

@@ -9,6 +9,7 @@ import pytest
 from avkv.tasks import fixtures
 from avkv.tasks.avqa import AVQA
 from avkv.tasks.base import DatasetError, Media
+from tests.tasks.helpers import prompt, prompts
 from tests.tasks.media_probe import beep_events, decode_video, square_track
 
 FIELDS = ["id", "video_name", "video_id", "question_text", "multi_choice", "answer", "question_relation",
@@ -94,18 +95,21 @@ SNAP_VL2 = ("Question: What colour is the moving square?\nOptions:\n(A) blue\n(B
                                               ("qwen2_audio", "audio", SNAP_DEFAULT),
                                               ("videollama2", "video", SNAP_VL2)])
 def test_prompt_snapshot(fixture_root, family, kind, text):
-    t = AVQA(fixture_root / "avqa")
+    t = AVQA(fixture_root / "avqa", prompts=prompts("avqa"))
     d = next(iter(t.docs()))
-    p = t.prompt(d, family)
+    p = prompt(t, d, family)
     assert p.question == text
     assert [m.kind for m in p.context] == [kind] and p.context[0].path == d.media[0].path
     assert p.context[0].with_audio == (kind == "video")
 
 
-def test_prompt_unknown_family(fixture_root):
-    t = AVQA(fixture_root / "avqa")
-    with pytest.raises(ValueError, match="unknown model family"):
-        t.prompt(next(iter(t.docs())), "nosuchfamily")
+def test_prompt_needs_prompt_text(fixture_root):
+    t = AVQA(fixture_root / "avqa")                       # no prompts: the config's data is missing
+    with pytest.raises(ValueError, match="no prompts given"):
+        t.prompt(next(iter(t.docs())), "qwen2_5_vl")
+    t = AVQA(fixture_root / "avqa", prompts={"default": "{question} {nope}"})
+    with pytest.raises(ValueError, match="placeholder 'nope' is not a field"):
+        t.prompt(next(iter(t.docs())), "qwen2_5_vl")
 
 
 def test_score_and_aggregate(fixture_root):

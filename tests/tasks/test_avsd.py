@@ -8,6 +8,7 @@ import pytest
 from avkv.metrics.text import ptb_tokenize, rouge_l_coco
 from avkv.tasks.avsd import AVSD
 from avkv.tasks.base import DatasetError
+from tests.tasks.helpers import prompt, prompts
 
 
 @pytest.fixture
@@ -45,17 +46,17 @@ SNAP_QUESTION = "Q: which way does it move ?\nAnswer the question about the vide
 @pytest.mark.parametrize("family,kind", [("qwen2_5_omni", "video"), ("videollama2", "video"),
                                          ("qwen2_5_vl", "video"), ("qwen2_audio", "audio")])
 def test_prompt_snapshot(av_root, family, kind):
-    t = AVSD(av_root)
+    t = AVSD(av_root, prompts=prompts("avsd"))
     d = next(iter(t.docs()))
-    p = t.prompt(d, family)
+    p = prompt(t, d, family)
     assert p.context[0].kind == kind and p.context[1] == SNAP_CONTEXT and p.question == SNAP_QUESTION
 
 
 def test_prompt_options(av_root):
     d = next(iter(AVSD(av_root).docs()))
-    p = AVSD(av_root, include_caption=True, max_history=1).prompt(d, "qwen2_5_omni")
+    p = AVSD(av_root, include_caption=True, max_history=1, prompts=prompts("avsd")).prompt(d, "qwen2_5_omni")
     assert p.context[1].startswith("Video caption: a coloured square") and p.context[1].count("Q: ") == 1
-    assert len(AVSD(av_root, max_history=0).prompt(d, "qwen2_5_omni").context) == 1
+    assert len(AVSD(av_root, max_history=0, prompts=prompts("avsd")).prompt(d, "qwen2_5_omni").context) == 1
 
 
 def test_rouge_l_coco_known_pairs():

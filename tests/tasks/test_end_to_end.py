@@ -36,6 +36,8 @@ CASES = [
     ("music_avqa", "tiny_qwen2_5_omni", ["dataset.limit=4"], ["score_videollama2", "type"],
      ["accuracy", "accuracy_videollama2", "accuracy_by_type", "accuracy_by_modality"]),
     ("avsd", "tiny_qwen2_5_omni", ["dataset.limit=2"], ["turn"], ["rouge_l", "rouge_l_by_turn"]),
+    ("videomme", "tiny_qwen2_5_vl", ["dataset.limit=3"], ["duration", "task_type"],
+     ["accuracy", "accuracy_by_duration", "accuracy_by_domain", "accuracy_by_task_type"]),
     ("mvbench", "tiny_qwen2_5_vl", ["dataset.tasks=[action_sequence,moving_direction]"],
      ["score_videollama2", "task"], ["accuracy", "accuracy_by_task", "accuracy_videollama2", "accuracy_task_mean"]),
     ("milebench", "tiny_qwen2_5_vl", ["dataset.tasks=[ObjectExistence,Spot-the-Diff,MMCoQA,GPR1200]",

@@ -6,6 +6,7 @@ import pytest
 from avkv.tasks.base import DatasetError
 from avkv.tasks.fixtures import unavailable
 from avkv.tasks.librispeech import LibriSpeech
+from tests.tasks.helpers import prompt, prompts
 
 pytestmark = pytest.mark.skipif(unavailable("librispeech") is not None,
                                 reason=f"speech fixture unavailable: {unavailable('librispeech')}")
@@ -70,16 +71,16 @@ def test_long_form_default_is_paper_regime(ls_root):
     ("videollama2", "Please recognize the speech and only output the recognized content:"),
 ])
 def test_prompt_snapshot(ls_root, family, text):
-    t = LibriSpeech(ls_root)
+    t = LibriSpeech(ls_root, prompts=prompts("librispeech"))
     d = next(iter(t.docs()))
-    p = t.prompt(d, family)
+    p = prompt(t, d, family)
     assert p.question == text and p.context == d.media and p.max_new_tokens == 256
 
 
 def test_prompt_refuses_deaf_family(ls_root):
-    t = LibriSpeech(ls_root)
-    with pytest.raises(ValueError, match="cannot take audio"):
-        t.prompt(next(iter(t.docs())), "qwen2_5_vl")
+    t = LibriSpeech(ls_root, prompts=prompts("librispeech"))
+    with pytest.raises(ValueError, match="no entry for the qwen2_5_vl model family and no default"):
+        prompt(t, next(iter(t.docs())), "qwen2_5_vl")
 
 
 def test_score_and_aggregate(ls_root):
@@ -129,12 +130,13 @@ def test_missing_or_corrupt_audio_is_per_sample(broken_copy, tmp_path):
 
 
 def test_long_form_chunks_for_30s_encoders(ls_root, tmp_path):
-    t = LibriSpeech(ls_root, long_form=True, min_s=6, max_s=12, long_dir=tmp_path, chunk_s=4)
+    t = LibriSpeech(ls_root, long_form=True, min_s=6, max_s=12, long_dir=tmp_path, chunk_s=4,
+                    prompts=prompts("librispeech"))
     d = next(iter(t.docs()))
     p = t.prompt(d, "qwen2_audio")
     secs = d.meta["seconds"]
     assert len(p.context) == -(-secs // 4) and all(m.path == d.media[0].path for m in p.context)
     assert [m.start for m in p.context] == [4.0 * k for k in range(len(p.context))]
     assert p.context[-1].end is None and p.context[0].end == 4.0
-    assert LibriSpeech(ls_root, long_form=True, min_s=6, max_s=12, long_dir=tmp_path).prompt(d, "qwen2_audio") \
-        .context == d.media
+    assert LibriSpeech(ls_root, long_form=True, min_s=6, max_s=12, long_dir=tmp_path,
+                       prompts=prompts("librispeech")).prompt(d, "qwen2_audio").context == d.media

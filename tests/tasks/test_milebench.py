@@ -9,6 +9,7 @@ from avkv.metrics.text import (milebench_match_choice, milebench_process, milebe
                                milebench_score_needle, milebench_score_open)
 from avkv.tasks.base import DatasetError, Media
 from avkv.tasks.milebench import DATASETS, GROUPS, PRESETS, MileBench, _Tokens, truncate
+from tests.tasks.helpers import prompt, prompts
 
 
 @pytest.fixture
@@ -87,20 +88,20 @@ SNAP_Q = "Question: Does a blue square appear in the frames?\nChoice list: \nA. 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_5_omni", "videollama2", "mobilevlm"])
 def test_prompt_snapshot(mb_root, family):
-    t = MileBench(mb_root, tasks=["ObjectExistence"])
+    t = MileBench(mb_root, tasks=["ObjectExistence"], prompts=prompts("milebench"))
     d = next(iter(t.docs()))
-    p = t.prompt(d, family)
+    p = prompt(t, d, family)
     assert p.context[0] == "Look at the frames and answer the question.\n"
     assert [c.kind for c in p.context[1:]] == ["image"] * 3 and p.question == SNAP_Q
     assert p.context[1].path.endswith("ObjectExistence/images/0/0.jpg") and p.max_new_tokens == 512
 
 
 def test_prompt_gpr1200_has_bare_options(mb_root):
-    t = MileBench(mb_root, tasks=["GPR1200"])
-    p = t.prompt(next(iter(t.docs())), "qwen2_5_vl")
+    t = MileBench(mb_root, tasks=["GPR1200"], prompts=prompts("milebench"))
+    p = prompt(t, next(iter(t.docs())), "qwen2_5_vl")
     assert "\npicture 1\npicture 2\n" in p.question and "A. " not in p.question
-    with pytest.raises(ValueError, match="cannot see"):
-        t.prompt(next(iter(t.docs())), "qwen2_audio")
+    with pytest.raises(ValueError, match="qwen2_audio is null"):
+        prompt(t, next(iter(t.docs())), "qwen2_audio")
 
 
 def test_process_quirks():

@@ -10,6 +10,7 @@ from avkv.tasks.base import DatasetError
 from avkv.tasks.fixtures.media import COLOURS
 from avkv.tasks.fixtures.music_avqa import COLOUR
 from avkv.tasks.music_avqa import MusicAVQA, fill_question
+from tests.tasks.helpers import prompt, prompts
 from tests.tasks.media_probe import decode_video
 
 OFFICIAL_TYPES = {"Audio/Counting", "Audio/Comparative", "Visual/Counting", "Visual/Location",
@@ -75,9 +76,9 @@ def test_loader(mu_root):
                              "Answer the question using a single word or phrase."),
 ])
 def test_prompt_snapshot(mu_root, family, kind, text):
-    t = MusicAVQA(mu_root)
+    t = MusicAVQA(mu_root, prompts=prompts("music_avqa"))
     d = list(t.docs())[1]
-    p = t.prompt(d, family)
+    p = prompt(t, d, family)
     assert p.question == text and p.context[0].kind == kind
 
 

@@ -8,6 +8,7 @@ import pytest
 from avkv.metrics.text import videollama2_mc_choice
 from avkv.tasks.base import DatasetError
 from avkv.tasks.mvbench import ACCKV_TASKS, TASKS, MVBench
+from tests.tasks.helpers import prompt, prompts
 from tests.tasks.media_probe import decode_video, square_track
 
 
@@ -64,9 +65,9 @@ SNAP_VL2 = "Question: What colour is the square in the clip?\nOptions:\n(A) gree
 @pytest.mark.parametrize("family,text", [("qwen2_5_vl", SNAP_LMMS), ("qwen2_5_omni", SNAP_LMMS),
                                          ("videollama2", SNAP_VL2)])
 def test_prompt_snapshot(mv_root, family, text):
-    t = MVBench(mv_root, tasks=["action_sequence"])
+    t = MVBench(mv_root, tasks=["action_sequence"], prompts=prompts("mvbench"))
     d = next(iter(t.docs()))
-    p = t.prompt(d, family)
+    p = prompt(t, d, family)
     assert p.question == text and p.context == d.media
 
 
@@ -117,9 +118,9 @@ def test_broken_copies(broken_copy):
 
 
 def test_prompt_refuses_audio_only_family(mv_root):
-    t = MVBench(mv_root, tasks=["action_count"])
-    with pytest.raises(ValueError, match="cannot see video"):
-        t.prompt(next(iter(t.docs())), "qwen2_audio")
+    t = MVBench(mv_root, tasks=["action_count"], prompts=prompts("mvbench"))
+    with pytest.raises(ValueError, match="prompts.qwen2_audio is null: this dataset is not run"):
+        prompt(t, next(iter(t.docs())), "qwen2_audio")
 
 
 def test_frame_folder_task_decodes_through_the_adapter(mv_root):

@@ -66,14 +66,22 @@ def test_prompts_per_family_are_config_data(fixture_root):
 
 
 def test_prompt_set_errors():
-    with pytest.raises(ValueError, match=r"dataset.prompts.qwen9: unknown model family"):
-        PromptSet({"default": "x", "qwen9": "y"})
-    with pytest.raises(ValueError, match="no 'default' entry"):
-        PromptSet({"qwen2_audio": "x"})
+    with pytest.raises(ValueError, match=r"dataset.prompts.qwen 9: keys are 'default' or a model family"):
+        PromptSet({"default": "x", "qwen 9": "y"})
+    with pytest.raises(ValueError, match=r"placeholder \{a\.b\} is not a plain field name"):
+        PromptSet({"default": "say {a.b}"})
+    only = PromptSet({"qwen2_audio": "x", "mobilevlm": None})
+    assert only.refusal("qwen2_audio") is None and only.text("qwen2_audio") == "x"
+    assert "no entry for the gpt model family and no default (it runs on: qwen2_audio)" in only.refusal("gpt")
+    assert "prompts.mobilevlm is null" in only.refusal("mobilevlm")
+    with pytest.raises(ValueError, match="no default"):
+        only.text("gpt")
     with pytest.raises(ValueError, match=r"placeholder 'nope' is not a field"):
         PromptSet({"default": "say {nope}"}).text("qwen2_audio")
-    with pytest.raises(ValueError, match="unknown model family"):
-        PromptSet("x").text("gpt")
+    with pytest.raises(ValueError, match="no prompts given"):
+        PromptSet(None).text("qwen2_audio")
+    assert PromptSet(None).refusal("qwen2_audio") is None          # a task without prompt text refuses nothing
+    assert PromptSet("x").text("gpt") == "x"                      # a string is the default of every family
     assert PromptSet({"default": "a", "qwen2_audio": "b"}).text("qwen2_audio") == "b"
 
 

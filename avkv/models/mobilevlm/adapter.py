@@ -3,13 +3,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from avkv.methods.base import IMAGE, VIDEO
 from avkv.models import media_io
 from avkv.models.base import Encoded
 from avkv.models.mobilevlm import processing as P
 from avkv.models.mobilevlm.modeling import MediaItem, MobileVLMForCausalLM, from_pretrained
 from avkv.models.native_adapter import NativeAdapter
-from avkv.tasks.base import Media, Prompt
+from avkv.schema import IMAGE, VIDEO, Media, Prompt
 
 
 class MobileVLMAdapter(NativeAdapter):

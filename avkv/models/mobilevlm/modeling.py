@@ -26,7 +26,8 @@ import torch
 from transformers import CLIPVisionModel, LlamaModel
 
 from avkv.models import native
-from avkv.models.native import CheckpointKeyError, official_key_groups, official_state_dict  # noqa: F401  (the port API)
+# the port's API: the loader's error and the official-name helpers
+from avkv.models.native import CheckpointKeyError, official_key_groups, official_state_dict  # noqa: F401
 from avkv.models.mobilevlm.config import MobileVLMConfig
 from avkv.models.mobilevlm.projector import build_vision_projector
 

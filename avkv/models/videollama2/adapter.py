@@ -5,12 +5,11 @@ from pathlib import Path
 from typing import Any
 
 
-from avkv.methods.base import AUDIO, IMAGE, VIDEO
 from avkv.models.base import Encoded
 from avkv.models.native_adapter import NativeAdapter
 from avkv.models.videollama2 import processing as P
 from avkv.models.videollama2.modeling import MediaItem, VideoLLaMA2ForCausalLM, from_pretrained
-from avkv.tasks.base import Media, Prompt
+from avkv.schema import AUDIO, IMAGE, VIDEO, Media, Prompt
 
 _TAG = {"video": "<video>", "image": "<image>", "audio": "<audio>"}
 

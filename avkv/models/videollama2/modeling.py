@@ -29,7 +29,8 @@ import torch
 from transformers import CLIPVisionModel, MistralModel, Qwen2Model, SiglipVisionModel
 
 from avkv.models import native
-from avkv.models.native import CheckpointKeyError, official_key_groups, official_state_dict  # noqa: F401  (the port API)
+# the port's API: the loader's error and the official-name helpers
+from avkv.models.native import CheckpointKeyError, official_key_groups, official_state_dict  # noqa: F401
 from avkv.models.videollama2.beats import BEATs
 from avkv.models.videollama2.config import VideoLLaMA2Config
 from avkv.models.videollama2.processing import AUDIO_PAD_S, AUDIO_SR, num_kaldi_frames
@@ -62,8 +63,8 @@ class VideoLLaMA2ForCausalLM(native.NativeLM):
         # the multimodal parts hang off ``model`` exactly where the official Videollama2MetaModel puts them: the
         # official SiglipVisionTower / CLIPVisionTower (CLIP drops its CLS token with select_feature='patch')
         tower = (SiglipVisionModel if cfg.vision_kind == "siglip" else CLIPVisionModel)(cfg.vision_config)
-        self.model.vision_tower = native.VisionTower(tower, cfg.select_layer, kind=cfg.vision_kind,
-                                                     drop_cls=cfg.vision_kind == "clip" and cfg.select_feature == "patch")
+        drop_cls = cfg.vision_kind == "clip" and cfg.select_feature == "patch"
+        self.model.vision_tower = native.VisionTower(tower, cfg.select_layer, drop_cls, kind=cfg.vision_kind)
         self.model.mm_projector = build_vision_projector(cfg.projector_type, cfg.mm_hidden_size, tc.hidden_size)
         if cfg.has_audio:
             self.model.audio_tower = BEATs(cfg.beats)

@@ -23,10 +23,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from avkv.tasks.common import MC_INSTRUCTION
 from avkv.tasks.fixtures import proxy as tasks
 
-CHECKPOINTS = Path(__file__).parent / "proxy_checkpoints"
+CHECKPOINTS = Path(__file__).resolve().parents[1] / "models" / "proxy_checkpoints"
+#: the MC instruction the proxies read (the ``default`` of ``configs/dataset/proxy_<name>.yaml``'s prompts ends with
+#: it; ``tests/proxies/test_generator.py`` checks): part of the tokenizer corpus the checkpoints were built with
+MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 #: a larger BPE vocabulary than the tiny models' 640, so the proxies' fixed texts (system prompt, instruction,
 #: questions, options) become whole-word tokens and the media dominate the prompt, as in real AV LLMs
 VOCAB = 1024
@@ -70,6 +72,17 @@ PROXIES = {
                 dict(hidden=64, layers=6, vision_hidden=32, vision_depth=1, audio_hidden=32,
                      chunk_s=int(tasks.SPECS["av"].audio_s), vocab_size=VOCAB, **_pixels(tasks.SPECS["av"]))),
 }
+
+
+def proxy_task(name: str, root: str | Path):
+    """The AVQA task of proxy ``name`` on ``root``, with the prompt text of ``configs/dataset/proxy_<name>.yaml``
+    (what a run of that config renders)."""
+    from omegaconf import OmegaConf
+
+    from avkv.config import CONFIG_DIR
+    from avkv.tasks.avqa import AVQA
+    prompts = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "dataset" / f"proxy_{name}.yaml").prompts)
+    return AVQA(root=root, prompts=prompts)
 
 
 def tokenizer_texts() -> list[str]:
