@@ -86,15 +86,9 @@ def stats_attention(module, query, key, value, attention_mask, dropout: float = 
 
 
 def wants_stats(method) -> bool:
-    """The method, or the scorer a wrapper method runs (AdaKV-style allocation, PyramidKV, ...), declared
-    ``all_query_stats``."""
-    for _ in range(8):
-        if method is None:
-            return False
-        if getattr(method, "all_query_stats", False):
-            return True
-        method = getattr(method, "scorer", None)
-    return False
+    """The method, or a method inside it (a wrapper's scorer, Composed's stages), declared ``all_query_stats``."""
+    from avkv.attention_support import _parts
+    return any(getattr(m, "all_query_stats", False) for m in _parts(method))
 
 
 def attach(view, module):
