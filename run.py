@@ -1,8 +1,7 @@
 """avkv entry point in a clone: ``python run.py method=snapkv budget=0.2`` (same as ``avkv run ...``; ``-m`` for
 sweeps). The application lives in :mod:`avkv.app`."""
-import sys
-
 from avkv.app import main
+from avkv.cli import exit_now
 
 if __name__ == "__main__":
-    sys.exit(main(prog="run.py"))
+    exit_now(main(prog="run.py"))

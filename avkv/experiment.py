@@ -182,6 +182,12 @@ def check_environment(cfg: DictConfig) -> None:
     bad_device = device_problem(str(cfg.device))
     if bad_device is not None:
         raise ConfigError([bad_device])
+    attn = str(OmegaConf.select(cfg, "model.attn_implementation", default="sdpa") or "sdpa")
+    if attn != "sdpa":                              # eager / flash_attention_2: can this method run on it?
+        from avkv.attention_support import attention_problem
+        problem = attention_problem(instantiate(cfg.method), attn)
+        if problem is not None:
+            raise ConfigError([Problem("model.attn_implementation", attn, problem)])
     if OmegaConf.select(cfg, "logger.name", default="none") == "wandb":
         import importlib.util
         if importlib.util.find_spec("wandb") is None:
@@ -335,13 +341,17 @@ def run_sample(cfg: DictConfig, task, adapter, engine: Engine, doc) -> dict:
     t0 = time.perf_counter()
     try:
         prompt = build_prompt(task, adapter, doc)
+        t_enc = time.perf_counter()
         enc = adapter.encode(prompt)
+        # the encode beyond the media decode (media_s): chat template, tokenizer, image/video/audio processors
+        processor_s = max(0.0, time.perf_counter() - t_enc - float(enc.media_s or 0.0))
         max_new = cfg.get("max_new_tokens") or prompt.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
         seed = sample_seed(int(cfg.seed), str(doc.id))
         gen = engine.generate(enc, seed=seed, max_new_tokens=int(max_new))
         rec["prediction"] = gen.text
         rec.update(task.score(doc, gen.text))
         rec.update(gen.record)
+        rec["processor_s"] = processor_s
         if cfg.get("fidelity"):
             rec.update(engine.fidelity(enc, gen, seed=seed, max_new_tokens=int(max_new)))
     except Exception as e:  # a broken sample is data, not a crash

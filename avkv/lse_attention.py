@@ -86,15 +86,9 @@ def stats_attention(module, query, key, value, attention_mask, dropout: float = 
 
 
 def wants_stats(method) -> bool:
-    """The method, or the scorer a wrapper method runs (AdaKV-style allocation, PyramidKV, ...), declared
-    ``all_query_stats``."""
-    for _ in range(8):
-        if method is None:
-            return False
-        if getattr(method, "all_query_stats", False):
-            return True
-        method = getattr(method, "scorer", None)
-    return False
+    """The method, or a method inside it (a wrapper's scorer, Composed's stages), declared ``all_query_stats``."""
+    from avkv.attention_support import _parts
+    return any(getattr(m, "all_query_stats", False) for m in _parts(method))
 
 
 def attach(view, module):
@@ -108,35 +102,27 @@ def attach(view, module):
     return replace(view, stats=st, query_fn=lambda a, b: q[:, a:b])
 
 
-def install(compressor) -> bool:
-    """Route the decoder's attention through :func:`stats_attention` for one request when the method declared
-    ``all_query_stats`` and the model runs SDPA; returns whether it did. Later switches to the engine's per-layer
-    attention keep it as their base function."""
-    if not wants_stats(compressor.method) or compressor.base_impl != "sdpa":
+def install(backend, method) -> bool:
+    """Route the decoder's attention (:class:`avkv.attention.AttentionBackend` of one request) through
+    :func:`stats_attention` when the method declared ``all_query_stats`` and the model runs SDPA; returns whether it
+    did. Later switches to the engine's per-layer attention keep it as their base function."""
+    if not wants_stats(method) or backend.base_impl != "sdpa":
         return False
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
     AttentionInterface.register(STATS_IMPL, stats_attention)
     AttentionMaskInterface.register(STATS_IMPL, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
-    for m in compressor.attn_modules:
+    for m in backend.modules:
         setattr(m, _SINK, {})
-    compressor._stats_from = compressor.base_impl
-    compressor.base_impl = STATS_IMPL
-    compressor.text_config._attn_implementation = STATS_IMPL
+    backend.route_base(STATS_IMPL)
     return True
 
 
-def uninstall(compressor) -> None:
-    base = getattr(compressor, "_stats_from", None)
-    if base is None:
-        return
-    for m in compressor.attn_modules:
+def uninstall(backend) -> None:
+    """Drop the captured statistics (the backend restores the model's attention when the request ends)."""
+    for m in backend.modules:
         if hasattr(m, _SINK):
             delattr(m, _SINK)
-    if compressor.text_config._attn_implementation == STATS_IMPL:
-        compressor.text_config._attn_implementation = base
-    compressor.base_impl = base
-    compressor._stats_from = None
 
 
 def take(module, seq_len: int) -> PrefillStats | None:

@@ -131,12 +131,13 @@ def reconstruct(compressor: Any, cache: Any) -> float:
     """Run the method's reconstruction over ``cache`` (the prefilled chunk, every layer ``[1, kvH, s, D]``); the
     cache is left as it was. Returns the seconds it took (the engine's clock); also recorded as
     ``reconstruct_s``."""
-    method, adapter, req = compressor.method, compressor.adapter, compressor.req
+    method, adapter, store = compressor.method, compressor.adapter, compressor.store
     clock = compressor.clock
     t0 = clock.now()
-    cap: Capture | None = getattr(method, "capture", None)
+    cap: Capture | None = getattr(compressor, "capture", None)
     if cap is None or cap.embeds is None:
-        raise ReconstructionError(f"{method.name}: the prefill input was not captured (begin() installs Capture)")
+        raise ReconstructionError(f"{method.name}: the prefill input was not captured (the engine installs Capture "
+                                  "for a method with needs_reconstruction)")
     s = int(cache.layers[0].keys.shape[2])
     lengths = {int(layer.keys.shape[2]) for layer in cache.layers}
     if lengths != {s} or cap.embeds.shape[1] != s:
@@ -160,7 +161,7 @@ def reconstruct(compressor: Any, cache: Any) -> float:
         q = adapter.layer_queries(module, h, kwargs["position_embeddings"])
         method.score_reconstruction(ReconstructionView(
             layer_idx=i, queries=q, keys=layer.keys[0], values=layer.values[0], hidden=h[0],
-            start=current["a"], end=current["b"], split=s, scaling=module.scaling, state=req.state,
+            start=current["a"], end=current["b"], split=s, scaling=module.scaling, state=store,
             out_weight_fn=lambda: adapter.output_weight(module)))
         if layer.keys.shape[2] != s + T:
             raise ReconstructionError(f"layer {i}: the reconstruction forward left {layer.keys.shape[2]} entries, "
@@ -188,7 +189,7 @@ def reconstruct(compressor: Any, cache: Any) -> float:
         for hd in handles:
             hd.remove()
     dt = clock.elapsed(t0, clock.now())
-    rec = req.state.setdefault("record", {})
+    rec = compressor.ledger.record
     rec["reconstruct_s"] = rec.get("reconstruct_s", 0.0) + dt
     rec["reconstruct_chunks"] = n_chunks
     rec["reconstruct_prefix"] = prefix

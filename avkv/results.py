@@ -602,5 +602,6 @@ def efficiency_summary(records: list[dict]) -> dict:
         "peak_mem_bytes": spread(r.get("peak_mem_bytes") for r in ok),
         "peak_mem_kind": ok[0].get("peak_mem_kind") if ok else None,
         "media_s": spread(r.get("media_s") for r in ok),
+        "processor_s": spread(r.get("processor_s") for r in ok),
         "new_tokens": spread(r.get("new_tokens") for r in ok),
     }

@@ -137,7 +137,8 @@ def run_one(adapter, name: str, n: int, budget: float, new_tokens: int) -> dict:
             "cpu_prefill_total_s": calls[0], "cpu_compress_s": acc["s"],
             "cpu_decode_s_per_token": statistics.mean(calls[1:]) if len(calls) > 1 else None,
             "kept_ratio": r["kept_ratio"], "kv_bytes_ratio": r["kv_bytes_ratio"],
-            "decode_policy": r["decode_policy"], "new_tokens": r["new_tokens"]}
+            "decode_policy": r["decode_policy"], "new_tokens": r["new_tokens"],
+            "peak_mem_bytes": r["peak_mem_bytes"], "peak_mem_kind": r["peak_mem_kind"]}
 
 
 def main() -> None:
@@ -208,6 +209,7 @@ def main() -> None:
             if not cuda:
                 row.update(cpu_prefill_s=statistics.median(r["cpu_prefill_total_s"] - r["cpu_compress_s"] for r in res),
                            cpu_compress_s=med("cpu_compress_s"))
+            row["peak_mem_bytes"] = max(x["peak_mem_bytes"] for x in res)    # CUDA max_memory_allocated / CPU RSS
             rows.append(row)
             print(f"n={n:>6} {name:<13} prefill {row['prefill_s']:8.3f}s wall  compress {row['compress_s']:8.4f}s wall"
                   + ("" if cuda else f"  | cpu: prefill {row['cpu_prefill_s']:8.3f}s compress {row['cpu_compress_s']:8.4f}s")
@@ -225,6 +227,7 @@ def main() -> None:
                 row = {"method": name, "prompt_len": a.decode_length, "budget": b, "new_tokens": a.new_tokens,
                        "decode_ms_per_token": 1000 * r["decode_s_per_token"], "kept_ratio": r["kept_ratio"],
                        "kv_bytes_ratio": r["kv_bytes_ratio"], "decode_policy": r["decode_policy"]}
+                row["peak_mem_bytes"] = r["peak_mem_bytes"]
                 if not cuda:
                     row["cpu_decode_ms_per_token"] = 1000 * r["cpu_decode_s_per_token"]
                 drows.append(row)

@@ -30,7 +30,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from avkv.attention import AttentionBackend  # noqa: E402
+from avkv.methods.base import TEXT, VIDEO  # noqa: E402
 from avkv.methods.purekv import PureKV, st_sparse_attention  # noqa: E402
+from avkv.methods.request import Request  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -96,14 +99,15 @@ def bench_model(frames, per_frame, pre, post, layers, hidden, H, kvH, dtype, dev
     ids = torch.randint(0, 1024, (1, n), generator=torch.Generator().manual_seed(1)).to(device)
     run = lambda: model(ids, logits_to_keep=1, use_cache=False)  # noqa: E731
     m = PureKV()                                          # ST-SpAttn on, layers 0-1 dense (the defaults)
-    req = {"model": model, "layout": {"video_frame": frame, "video_spatial": spatial},
-           "layers": list(model.model.layers)}
+    req = Request(n_prompt=n, split=n, n_keep=n, num_layers=layers, num_heads=H, num_kv_heads=kvH,
+                  modality=torch.where(frame >= 0, VIDEO, TEXT), layout={"video_frame": frame, "video_spatial": spatial})
     used: set = set()
 
-    def sparse():
-        m.begin(req)
+    def sparse():                                         # the engine's installation of PureKV's prefill plan
+        plan = m.begin(req)
         try:
-            run()
+            with AttentionBackend(model.config) as backend, backend.pattern(plan.attention):
+                run()
             used.update(m._ctx.used_layers)
         finally:
             m.end()

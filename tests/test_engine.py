@@ -4,7 +4,7 @@ the budget."""
 import pytest
 import torch
 
-from avkv.engine import Compressor, Engine, _Request, kv_cache_bytes
+from avkv.engine import Compressor, Engine, kv_cache_bytes
 from avkv.methods.full import Full
 from avkv.methods.snapkv import SnapKV
 from avkv.models.native_adapter import NativeAdapter
@@ -110,12 +110,11 @@ def test_decode_positions_after_pruning_equal_generate(family):
     eng = Engine(ad, SnapKV(window=8), budget=0.3, compress_at="prompt", max_new_tokens=MAX_NEW)
     ours, steps = _step_logits(ad, lambda: eng.generate(enc))
     n = enc.input_ids.shape[1]
-    req = _Request(modality=enc.modality, n_prompt=n, split=n, n_keep=eng.target_kept(n),
-                   generator=torch.Generator().manual_seed(0), layout=enc.layout)
+    req = eng.request(enc)
+    assert req.split == n and req.n_keep == eng.target_kept(n)
     from transformers import DynamicCache
     cache = DynamicCache(config=ad.text_config())
-    with torch.no_grad(), Compressor(ad, SnapKV(window=8), req) as cm:
-        cm.phase = "prefill"
+    with torch.no_grad(), Compressor(ad, SnapKV(window=8), req) as cm, cm.stage("prefill"):
         out = ad.model.generate(**enc.inputs, past_key_values=cache, max_new_tokens=MAX_NEW,
                                 do_sample=False, output_logits=True, return_dict_in_generate=True)
     ref = out.sequences[0, n:].tolist()

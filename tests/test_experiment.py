@@ -27,8 +27,10 @@ def _records(summary):
 
 
 def test_every_config_composes():
+    # scorer/ holds building blocks that method configs compose (not a group of the top-level config);
+    # tests/methods/test_config_defaults.py checks them inside every method that uses them
     groups = {p.name: sorted(f.stem for f in p.glob("*.yaml")) for p in CONFIG_DIR.iterdir()
-              if p.is_dir() and p.name not in ("hydra", "local", "experiment", "smoke", "judge")}
+              if p.is_dir() and p.name not in ("hydra", "local", "experiment", "smoke", "judge", "scorer")}
     assert {"model", "method", "dataset", "logger"} <= set(groups)
     for group, names in groups.items():
         for name in names:
@@ -48,6 +50,7 @@ def test_snapkv_run_records_every_field_and_keeps_the_budget(tmp_path):
         assert abs(r["kept_ratio"] - 0.2) <= 0.02
         assert abs(r["kv_bytes_kept"] / r["kv_bytes_full"] - 0.2) <= 0.02
         assert r["prefill_s"] > 0 and r["peak_mem_bytes"] > 0
+        assert r["processor_s"] > 0 and r["media_s"] > 0           # the encode's two parts, both timed
     d = Path(s["run_dir"])
     assert {"config.yaml", "meta.json", "samples.jsonl", "summary.json"} <= {p.name for p in d.iterdir()}
     meta = json.loads((d / "meta.json").read_text())
@@ -55,6 +58,7 @@ def test_snapkv_run_records_every_field_and_keeps_the_budget(tmp_path):
     summary = json.loads((d / "summary.json").read_text())
     assert summary["n"] == 3 and abs(summary["kept_ratio_mean"] - 0.2) <= 0.02
     assert summary["prefill_s"]["mean"] > 0 and "p90" in summary["decode_s_per_token"]
+    assert summary["processor_s"]["mean"] > 0
 
 
 def test_budget_one_gives_the_predictions_of_full(tmp_path):

@@ -25,6 +25,7 @@ import torch
 
 from avkv.methods.base import MODALITIES, LayerView, Method, ScoreMethod, Selection, rank_positions, warn_once
 from avkv.methods.counts import apportion, mask_to_indices, modality_budgets, ragged_topk
+from avkv.methods.request import PrefillPlan, Request
 
 
 # ------------------------------------------------------------------------------------------------ counting
@@ -125,8 +126,16 @@ class Wrapper(Method):
     def observe(self, view: LayerView) -> None:
         self.scorer.observe(view)
 
-    def begin(self, request: dict) -> None:
-        self.scorer.begin(request)
+    @property
+    def prunes_hidden_states(self) -> bool:  # type: ignore[override]
+        return self.scorer.prunes_hidden_states
+
+    @property
+    def prefill_attention(self) -> bool:  # type: ignore[override]
+        return self.scorer.prefill_attention
+
+    def begin(self, request: Request) -> PrefillPlan | None:
+        return self.scorer.begin(request)
 
     def end(self) -> None:
         self.scorer.end()
@@ -165,8 +174,9 @@ class LayerAllocation(Wrapper):
 
     def layer_budget(self, view: LayerView) -> int:
         L, S = view.num_layers, view.seq_len
-        key = ("layer_allocation", id(self), view.n_keep, S)
-        cached = view.state.get(key)
+        st = view.scratch(self)
+        key = (view.n_keep, S)
+        cached = st.get(key)
         if cached is None:
             if self.schedule == "pyramid":
                 cached = pyramid_budgets(view.n_keep, self._protected(view), L, S, self.beta)
@@ -177,9 +187,9 @@ class LayerAllocation(Wrapper):
                 cached = apportion(w, L * view.n_keep, 1, S).tolist()
             else:
                 raise ValueError(f"schedule must be 'pyramid' or 'weights', got {self.schedule!r}")
-            view.state[key] = cached
+            st[key] = cached
             uniform = len(set(cached)) == 1
-            view.state.setdefault("record", {})["layer_schedule"] = "uniform" if uniform else self.schedule
+            st["layer_schedule"] = "uniform" if uniform else self.schedule
             if uniform and self.schedule == "pyramid" and L > 1:
                 warn_once(("pyramid", "uniform", L), "%s: the prompt is too short for the pyramid (n < 2(B − w)) or "
                           "the budget leaves nothing beyond the window; every layer keeps the same count "
@@ -190,6 +200,7 @@ class LayerAllocation(Wrapper):
         n = self.layer_budget(view)
         sel = self.scorer.compress(replace(view, n_keep=n))
         sel.info.setdefault("layer_budget", n)
+        sel.record["layer_schedule"] = view.scratch(self)["layer_schedule"]
         return sel
 
 

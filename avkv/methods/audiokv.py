@@ -39,6 +39,7 @@ import torch
 from avkv.methods.base import check_choice
 from avkv.methods.base import AUDIO, LayerView, Method, Selection, reduce_gqa, window_scores
 from avkv.methods.counts import apportion, ragged_topk
+from avkv.methods.request import Request
 
 HEAD_SCORE_FILENAME = "audiokv_head_scores.json"
 
@@ -166,12 +167,10 @@ class AudioKV(Method):
         out = [Path(self.head_scores_dir).expanduser() / f"{mp.name}.json"] if self.head_scores_dir else []
         return out + [mp / HEAD_SCORE_FILENAME]
 
-    def begin(self, request: dict) -> None:
+    def begin(self, request: Request) -> None:
         if self.allocation != "head" or self.head_scores:
             return
-        mp = request.get("model_path")
-        if mp is None and request.get("adapter") is not None:
-            mp = getattr(request["adapter"], "path", None)
+        mp = request.model_path
         if mp is None:
             raise ValueError("AudioKV: no head_scores given and the request names no model folder to find the "
                              "head scores for; pass method.head_scores=<file> or allocation=uniform")
@@ -207,7 +206,7 @@ class AudioKV(Method):
         if self._scores is None:
             raise RuntimeError("AudioKV: head scores not loaded (begin() was not called with the model, and "
                                "no head_scores path was given)")
-        st = view.state.setdefault("audiokv", {})
+        st = view.scratch(self)
         key = (S, view.n_keep)
         if st.get("key") != key:
             d = self._scores

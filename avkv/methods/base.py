@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from avkv.methods import allquery
+from avkv.methods.request import PrefillPlan, Request
 from avkv.schema import AUDIO, IMAGE, MODALITIES, TEXT, VIDEO  # noqa: F401 - the methods read them from here too
 
 log = logging.getLogger("avkv")
@@ -53,7 +54,7 @@ class LayerView:
     n_keep: int                        # target kept entries per KV head (average over heads)
     num_heads: int                     # query heads H (H = kvH * groups)
     scaling: float
-    state: dict                        # per-request scratch shared by all layers (cross-layer methods)
+    state: dict                        # the engine's per-request store: methods use scratch(self), not its keys
     generator: torch.Generator         # seeded per sample (random choices must use it)
     query_fn: Callable[[int, int], torch.Tensor]   # (start, end) -> post-RoPE queries [H, end-start, D]
     attentions: torch.Tensor | None = None          # [H, S, S] only when the backend materialises them (eager)
@@ -85,6 +86,12 @@ class LayerView:
         """Post-RoPE queries of prompt positions [start, end) of this chunk: [H, end-start, D]."""
         end = self.seq_len if end is None else end
         return self.query_fn(start, end)
+
+    def scratch(self, owner: Any) -> dict:
+        """Per-request scratch of the method instance ``owner``, shared by every layer of one sample (cross-layer
+        methods keep their scores here). The engine gives each sample a fresh store, so nothing leaks between
+        samples, and each instance (a wrapper and its scorer alike) has its own namespace."""
+        return self.state.setdefault(("scratch", id(owner)), {})
 
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin) ``[T, D]`` of rotary position ids ``[R, T]`` (fails loudly where the engine gave none)."""
@@ -124,8 +131,11 @@ class Selection:
     """What one layer keeps. ``indices[h]`` are positions into the layer's cache for KV head h.
 
     ``keys``/``values`` replace the gathered entries (merging methods); ``valid`` marks real entries when heads
-    keep different counts and the engine must pad (ragged per-head budgets). ``info`` is merged into the sample
-    record (e.g. a layer's high-priority modality).
+    keep different counts and the engine must pad (ragged per-head budgets). ``info`` goes into the sample record
+    under ``method_info`` for this layer (e.g. a layer's high-priority modality); ``record`` holds fields of the
+    sample's record itself (later layers overwrite earlier ones). ``hidden_keep`` (a method that prunes hidden
+    states, in the layer before ``PrefillPlan.prune_from``) lists the chunk positions whose hidden states go on;
+    ``position_shift`` (re-rotated keys) says how far the suffix and the decoded tokens move back.
     """
 
     indices: torch.Tensor                      # [kvH, k] long
@@ -133,6 +143,9 @@ class Selection:
     values: torch.Tensor | None = None         # [kvH, k, D]
     valid: torch.Tensor | None = None          # [kvH, k] bool
     info: dict = field(default_factory=dict)
+    record: dict = field(default_factory=dict)
+    hidden_keep: torch.Tensor | None = None    # [S'] long, sorted chunk positions
+    position_shift: int | None = None
 
 
 class Method:
@@ -158,6 +171,10 @@ class Method:
     #: False for a method that keeps every entry whatever the budget (the full cache): its runs at every budget are
     #: one run directory (``avkv.results.identity_core``)
     uses_budget: ClassVar[bool] = True
+    #: capabilities the engine installs (``avkv.methods.request``): hidden-state pruning from the plan's
+    #: ``prune_from`` layer on (FastV), and a prefill attention pattern (PureKV)
+    prunes_hidden_states: ClassVar[bool] = False
+    prefill_attention: ClassVar[bool] = False
     #: the method needs the attention of every prompt query (:func:`accumulated_scores`, :func:`attention_sums`): the
     #: engine then captures each layer's queries and row log-sum-exps from the prefill itself (SDPA models)
     all_query_stats: ClassVar[bool] = False
@@ -168,8 +185,10 @@ class Method:
     def observe(self, view: LayerView) -> None:
         """Deferred methods: compute what :meth:`compress` will need (scores) while the queries exist."""
 
-    def begin(self, request: dict) -> None:
-        """Called before each sample's prefill (request holds modality ids, prompt length, layout)."""
+    def begin(self, request: Request) -> PrefillPlan | None:
+        """Called before each sample's prefill with its model-free description; returns what the engine should
+        install for the capabilities the method declares (None: nothing)."""
+        return None
 
     def end(self) -> None:
         """Called after each sample."""

@@ -7,6 +7,7 @@ from typing import Sequence
 import torch
 
 from avkv.methods.base import LayerView, Method, Selection, sub_view
+from avkv.methods.request import PrefillPlan, Request, one_plan
 
 
 def _trailing_run(indices: torch.Tensor, S: int) -> int:
@@ -62,9 +63,16 @@ class Composed(Method):
     def requires_attentions(self) -> bool:  # type: ignore[override]
         return any(m.requires_attentions for m in self.methods)
 
-    def begin(self, request: dict) -> None:
-        for m in self.methods:
-            m.begin(request)
+    @property
+    def prunes_hidden_states(self) -> bool:  # type: ignore[override]
+        return any(m.prunes_hidden_states for m in self.methods)
+
+    @property
+    def prefill_attention(self) -> bool:  # type: ignore[override]
+        return any(m.prefill_attention for m in self.methods)
+
+    def begin(self, request: Request) -> PrefillPlan | None:
+        return one_plan([m.begin(request) for m in self.methods], self.name)
 
     def end(self) -> None:
         for m in self.methods:

@@ -59,12 +59,12 @@ class D2O(H2O):
         acc = accumulated_scores(view, self.chunk)                              # [H, S]
         var = acc.var(dim=-1)
         v = (var - var.min()) / (var.max() - var.min() + 1e-6)
-        view.state.setdefault(("d2o", "layers"), {})[view.layer_idx] = {
+        view.scratch(self).setdefault("layers", {})[view.layer_idx] = {
             "scores": self._sinks(reduce_gqa(acc, view.num_kv_heads, self.gqa)), "density": float(v.mean()),
             "seq_len": view.seq_len, "n_keep": view.n_keep}
 
     def compress(self, view: LayerView) -> Selection:
-        layers = view.state.get(("d2o", "layers"), {})
+        layers = view.scratch(self).get("layers", {})
         if view.layer_idx not in layers:
             raise RuntimeError("D2O.compress needs observe() on this layer first (the engine's deferred pass)")
         n = self.layer_budgets(view)[view.layer_idx]
@@ -74,9 +74,9 @@ class D2O(H2O):
 
     def layer_budgets(self, view: LayerView) -> dict[int, int]:
         """Kept entries per layer from every observed layer's density (computed once per request)."""
-        key = ("d2o", "budgets")
-        if key not in view.state:
-            layers = view.state[("d2o", "layers")]
+        key = "budgets"
+        if key not in view.scratch(self):
+            layers = view.scratch(self)["layers"]
             ids = sorted(layers)
             if len(ids) != view.num_layers:
                 raise RuntimeError(f"D2O saw {len(ids)} of {view.num_layers} layers before compressing")
@@ -85,19 +85,19 @@ class D2O(H2O):
             B = torch.tensor([layers[i]["n_keep"] for i in ids], dtype=torch.float64)
             want = torch.softmax(-dens, 0) * len(ids) * B                       # mean over layers = B
             counts = apportion(want, int(B.sum()), (0.01 * S).clamp(min=1), S)    # within [1 % of n, n]
-            view.state[key] = dict(zip(ids, counts.tolist()))
-        return view.state[key]
+            view.scratch(self)[key] = dict(zip(ids, counts.tolist()))
+        return view.scratch(self)[key]
 
     def select(self, view: LayerView, idx: torch.Tensor) -> Selection:
         evicted = complement(idx, view.seq_len)
-        key = ("d2o", "tau", view.layer_idx)
+        key = ("tau", view.layer_idx)
 
         def threshold(best: torch.Tensor) -> float:
             mean = float(torch.nanmean(best)) if best.numel() else 0.0
-            tau = view.state.get(key)
+            tau = view.scratch(self).get(key)
             tau = mean if tau is None else self.ema * tau + (1 - self.ema) * mean
-            view.state[key] = tau
+            view.scratch(self)[key] = tau
             return tau
 
         k, v = merge_into_nearest(view.keys, view.values, idx, evicted, mode="weighted", min_similarity=threshold)
-        return Selection(indices=idx, keys=k, values=v, info={"threshold": view.state.get(key)})
+        return Selection(indices=idx, keys=k, values=v, info={"threshold": view.scratch(self).get(key)})

@@ -8,6 +8,7 @@ import torch
 
 from avkv.methods.allocation import Wrapper
 from avkv.methods.base import LayerView, ScoreMethod, Selection
+from avkv.methods.request import PrefillPlan, Request
 from avkv.methods.snapkv import SnapKV
 
 
@@ -54,9 +55,17 @@ class Decoding(Wrapper):
     def decode_policy(self) -> str:  # type: ignore[override]
         return "fixed"
 
-    def begin(self, request: dict) -> None:
+    @property
+    def prunes_hidden_states(self) -> bool:  # type: ignore[override]
+        return self.scorer.prunes_hidden_states
+
+    @property
+    def prefill_attention(self) -> bool:  # type: ignore[override]
+        return self.scorer.prefill_attention
+
+    def begin(self, request: Request) -> PrefillPlan | None:
         self._steps, self._queries = {}, {}
-        self.scorer.begin(request)
+        return self.scorer.begin(request)
 
     def compress(self, view: LayerView) -> Selection:
         return self.scorer.compress(view)

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
 from avkv.methods.base import (MODALITIES, TEXT, LayerView, Method, Selection, attention_rows, rank_positions,
                                warn_once)
+from avkv.methods.request import PrefillPlan, Request
 
 log = logging.getLogger("avkv")
 
@@ -40,12 +40,14 @@ class FastV(Method):
         Which tokens may be dropped: every non-text modality (the paper prunes image tokens; for audio/video
         models all non-text tokens).
 
-    Mechanics: :meth:`begin` registers forward pre-hooks on the decoder layers ≥ K (they slice the hidden
-    states, rotary embeddings, position ids and mask of the chunk) and :meth:`end` removes them. The
+    Mechanics: FastV declares ``prunes_hidden_states``; :meth:`begin` returns a plan pruning from layer K and the
+    selection of layer K−1 names the kept chunk positions (``Selection.hidden_keep``); the engine slices the hidden
+    states, rotary embeddings, position ids and mask of the chunk before layers ≥ K (:mod:`avkv.compressor`). The
     attention row comes from this layer's recomputed last query and cached keys (works under SDPA and eager).
     """
 
     name = "fastv"
+    prunes_hidden_states = True
     layer: int = 2
     ratio: float | None = None
     modalities: list = field(default_factory=lambda: ["image", "video", "audio"])
@@ -53,7 +55,6 @@ class FastV(Method):
     def __post_init__(self) -> None:
         if self.layer < 1:
             raise ValueError(f"FastV needs K ≥ 1 (the ranking uses layer K−1's attention), got {self.layer}")
-        self._handles: list = []
         self._req: dict = {}
 
     @property
@@ -84,24 +85,19 @@ class FastV(Method):
         return K, need > (L - K) * n_media
 
     # ---------------------------------------------------------------------------------- request lifecycle
-    def begin(self, request: dict) -> None:
-        self.end()
-        layers = request.get("layers")
-        if layers is None:
-            raise ValueError("FastV needs the decoder layers in the request (the engine passes 'layers')")
-        L, K = len(layers), self.layer
+    def begin(self, request: Request) -> PrefillPlan:
+        L, K = request.num_layers, self.layer
         if K >= L:                           # a shallow (tiny) model: prune before its last layer, and say so
             K = L - 1
             if K < 1:
                 raise ValueError(f"FastV needs at least 2 decoder layers, the model has {L}")
             warn_once(("fastv", "depth", self.layer, L), "FastV: K=%d but the model has %d decoder layers; pruning "
                       "before layer %d", self.layer, L, K)
-        split = int(request.get("split", request.get("n_prompt")))
-        n_keep, modality = request.get("n_keep"), request.get("modality")
+        split, n_keep = int(request.split), int(request.n_keep)
         infeasible = False
-        if self.ratio is None and n_keep is not None and modality is not None:
-            n_media = int(self.media_mask(torch.as_tensor(modality)[:split]).sum())
-            fit, infeasible = self.fit_layer(split, int(n_keep), n_media, L, K)
+        if self.ratio is None:
+            n_media = int(self.media_mask(torch.as_tensor(request.modality)[:split]).sum())
+            fit, infeasible = self.fit_layer(split, n_keep, n_media, L, K)
             if fit < K:
                 warn_once(("fastv", "fit", self.layer, L), "FastV: the budget needs pruning before layer %d (K=%d "
                           "keeps more than the budget on this model); the record has fastv_layer", fit, K)
@@ -109,26 +105,24 @@ class FastV(Method):
                 warn_once(("fastv", "infeasible", L), "FastV: even pruning every media token from layer 1 keeps "
                           "more than the budget; the record says budget_infeasible and has the ratio achieved")
             K = fit
-        self._req = {"state": request["state"], "split": split, "K": K, "n_keep": n_keep, "num_layers": L,
-                     "keep": None, "done": set(), "infeasible": infeasible}
-        for i in range(K, L):
-            self._handles.append(layers[i].register_forward_pre_hook(self._pre_hook(i), with_kwargs=True))
+        self._req = {"K": K, "n_keep": n_keep, "num_layers": L, "ranked": False, "infeasible": infeasible}
+        return PrefillPlan(prune_from=K)
 
     def end(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        self._req = {}
 
     # -------------------------------------------------------------------------------------------- ranking
     def compress(self, view: LayerView) -> Selection:
+        """Keeps every entry of every layer; in layer K−1 the selection also names the chunk positions whose hidden
+        states go on to layer K (``hidden_keep``), which the engine prunes from there on."""
         S = view.seq_len
-        if self._req and self._req["n_keep"] is None:
-            self._req["n_keep"] = view.n_keep
-        if self._req and view.layer_idx == self._req["K"] - 1 and self._req["keep"] is None:
-            self._rank(view)
-        return Selection(indices=torch.arange(S, device=view.keys.device).expand(view.num_kv_heads, S))
+        sel = Selection(indices=torch.arange(S, device=view.keys.device).expand(view.num_kv_heads, S))
+        if self._req and view.layer_idx == self._req["K"] - 1 and not self._req["ranked"]:
+            self._req["ranked"] = True
+            sel.hidden_keep, sel.record = self._rank(view)
+        return sel
 
-    def _rank(self, view: LayerView) -> None:
+    def _rank(self, view: LayerView) -> tuple[torch.Tensor, dict]:
         req = self._req
         S = view.seq_len
         media = self.media_mask(view.modality[:S].to(view.keys.device))
@@ -136,12 +130,12 @@ class FastV(Method):
         L, K = req["num_layers"], req["K"]
         if self.ratio is not None:
             R = float(self.ratio)
-        elif n_media == 0 or req["n_keep"] is None:
+        elif n_media == 0:
             R = 0.0
         else:
             R = (S - req["n_keep"]) * L / ((L - K) * n_media)
         infeasible = self.ratio is None and (req["infeasible"] or R > 1.0 + 1e-9 or
-                                             (n_media == 0 and req["n_keep"] is not None and req["n_keep"] < S))
+                                             (n_media == 0 and req["n_keep"] < S))
         R = min(1.0, max(0.0, R))
         drop = int(round(n_media * R))
         row = attention_rows(view, S - 1, S)[:, 0].mean(0)                  # [S] head-averaged last row
@@ -149,53 +143,6 @@ class FastV(Method):
         keep = torch.ones(S, dtype=torch.bool, device=view.keys.device)
         if drop:
             keep[ranked[S - drop:]] = False                          # the lowest-attended media tokens
-        req["keep"] = keep.nonzero()[:, 0]
-        positions = req["state"].setdefault("layer_positions", {})
-        for i in range(K, L):
-            positions[i] = req["keep"]
-        req["state"].setdefault("record", {}).update(
-            hidden_state_pruning=True, fastv_layer=K, fastv_layer_requested=self.layer, fastv_ratio=R,
-            fastv_pruned_tokens=drop, fastv_media_tokens=n_media, budget_infeasible=bool(infeasible))
-
-    # -------------------------------------------------------------------------------------------- pruning
-    def _pre_hook(self, i: int):
-        def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-            req = self._req
-            keep = req.get("keep")
-            if keep is None or i in req["done"]:
-                return None                          # not the compressed chunk (suffix, decode) or nothing ranked
-            h = args[0] if args else kwargs["hidden_states"]
-            S = req["split"]
-            if i == req["K"] and h.shape[1] != S:
-                return None
-            req["done"].add(i)
-            if i == req["K"]:
-                h = h[:, keep]
-            args, kwargs = _slice_inputs(args, kwargs, h, keep, S)
-            return args, kwargs
-        return hook
-
-
-def _slice_inputs(args: tuple, kwargs: dict, h: torch.Tensor, keep: torch.Tensor, S: int
-                  ) -> tuple[tuple, dict]:
-    """The decoder-layer inputs of the chunk restricted to ``keep``: hidden states, rotary cos/sin, position
-    ids (1-D or M-RoPE) and a 4-D mask, each only where it is sized for the full chunk."""
-    kwargs = dict(kwargs)
-    if args:
-        args = (h,) + tuple(args[1:])
-    else:
-        kwargs["hidden_states"] = h
-    pe = kwargs.get("position_embeddings")
-    if pe is not None:
-        kwargs["position_embeddings"] = tuple(_take(t, keep, -2, S) for t in pe)
-    pid = kwargs.get("position_ids")
-    if pid is not None:
-        kwargs["position_ids"] = _take(pid, keep, -1, S)
-    mask: Any = kwargs.get("attention_mask")
-    if isinstance(mask, torch.Tensor) and mask.dim() == 4:
-        kwargs["attention_mask"] = _take(_take(mask, keep, -1, S), keep, -2, S)
-    return args, kwargs
-
-
-def _take(t: torch.Tensor, keep: torch.Tensor, dim: int, S: int) -> torch.Tensor:
-    return t.index_select(dim, keep.to(t.device)) if t.shape[dim] == S else t
+        record = dict(hidden_state_pruning=True, fastv_layer=K, fastv_layer_requested=self.layer, fastv_ratio=R,
+                      fastv_pruned_tokens=drop, fastv_media_tokens=n_media, budget_infeasible=bool(infeasible))
+        return keep.nonzero()[:, 0], record

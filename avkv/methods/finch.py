@@ -10,6 +10,7 @@ from avkv.methods.counts import apportion
 from avkv.methods.base import (LayerView, ScoreMethod, Selection, attention_rows, check_choice, rank_positions,
                                reduce_gqa)
 from avkv.methods.key_rerotation import CONTINUE_AT, rerotate
+from avkv.methods.request import Request
 
 
 @dataclass
@@ -48,8 +49,8 @@ class FINCH(ScoreMethod):
         check_choice("continue_at", self.continue_at, CONTINUE_AT)
         self._question_start: int | None = None
 
-    def begin(self, request: dict) -> None:
-        self._question_start = request.get("question_start")
+    def begin(self, request: Request) -> None:
+        self._question_start = request.question_start
 
     def protected(self, view: LayerView) -> int:
         S = view.seq_len
@@ -87,5 +88,6 @@ class FINCH(ScoreMethod):
                                for (a, b), c in zip(bounds, counts.tolist()) if c > 0], dim=1)
         idx = order.sort(dim=-1).values
         if self.rerotate:
-            return Selection(indices=idx, keys=rerotate(view, idx, continue_at=self.continue_at))
+            keys, shift = rerotate(view, idx, continue_at=self.continue_at)
+            return Selection(indices=idx, keys=keys, position_shift=shift)
         return Selection(indices=idx)

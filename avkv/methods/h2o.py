@@ -68,7 +68,7 @@ class H2O(ScoreMethod):
         if self.decode_policy == "fixed":
             if recent is None:
                 recent = self.protected(view)
-            view.state[self._key(view)] = {"scores": scores.gather(1, indices), "recent": recent}
+            view.scratch(self)[self._key(view)] = {"scores": scores.gather(1, indices), "recent": recent}
 
     def select(self, view: LayerView, idx: torch.Tensor) -> Selection:
         """Turn kept indices into a Selection (eviction here; LOOK-M merges the evicted entries instead)."""
@@ -77,7 +77,7 @@ class H2O(ScoreMethod):
     def decode_step(self, view: LayerView) -> Selection | None:
         """One H2O decode step: accumulate the new token's attention, evict down to ``view.n_keep``."""
         key = self._key(view)
-        st = view.state.get(key)
+        st = view.scratch(self).get(key)
         S = view.seq_len
         row = reduce_gqa(attention_rows(view, S - 1, S)[:, 0], view.num_kv_heads, self.gqa)      # [kvH, S]
         if st is None:                       # nothing from the prefill (e.g. it kept everything)
@@ -85,10 +85,10 @@ class H2O(ScoreMethod):
         old = st["scores"]
         scores = torch.cat([old, old.new_zeros(old.shape[0], S - old.shape[1])], dim=1) + row
         if S <= view.n_keep:
-            view.state[key] = {"scores": scores, "recent": st["recent"]}
+            view.scratch(self)[key] = {"scores": scores, "recent": st["recent"]}
             return None
         idx = keep_topk(self._sinks(scores), view.n_keep, protect_last=st["recent"])
-        view.state[key] = {"scores": scores.gather(1, idx), "recent": st["recent"]}
+        view.scratch(self)[key] = {"scores": scores.gather(1, idx), "recent": st["recent"]}
         return self.select(view, idx)
 
     def _sinks(self, scores: torch.Tensor) -> torch.Tensor:

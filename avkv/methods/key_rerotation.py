@@ -15,11 +15,11 @@ CONTINUE_AT = ("compressed", "original")
 
 
 def rerotate(view: LayerView, indices: torch.Tensor, keys: torch.Tensor | None = None,
-             continue_at: str = "compressed") -> torch.Tensor:
+             continue_at: str = "compressed") -> tuple[torch.Tensor, int | None]:
     """Keys of the kept entries ``indices`` [kvH, k] (each row sorted), rotated from their own positions to the
-    positions 0..k-1 (every rotary row: on M-RoPE the kept entries become text-like positions). With
-    ``continue_at=compressed`` it records in ``view.state['rope_shift']`` how far the suffix and the decoded tokens
-    must move to follow them (to position k); ``original`` leaves them at their logical positions.
+    positions 0..k-1 (every rotary row: on M-RoPE the kept entries become text-like positions), and — with
+    ``continue_at=compressed`` — how far the suffix and the decoded tokens must move back to follow them (to
+    position k; the selection's ``position_shift``); ``original`` leaves them at their logical positions (None).
 
     ``keys`` [kvH, k, D] are the kept keys when a method rewrote them (merging), else they are gathered."""
     kvH, k = indices.shape
@@ -33,10 +33,8 @@ def rerotate(view: LayerView, indices: torch.Tensor, keys: torch.Tensor | None =
     new = torch.arange(k, device=pos.device, dtype=pos.dtype).expand(pos.shape[0], k)
     new_c, new_s = view.rope(new)
     out = rotate(unrotate(keys.float(), old_c, old_s), new_c, new_s).to(view.keys.dtype)
-    if continue_at == "compressed":
-        nxt = int(view.future_positions(1)[0, 0])
-        view.state.setdefault("rope_shift", {})[view.layer_idx] = nxt - k
-    return out
+    shift = int(view.future_positions(1)[0, 0]) - k if continue_at == "compressed" else None
+    return out, shift
 
 
 @dataclass
@@ -73,7 +71,7 @@ class KeyRerotation(Wrapper):
         idx = sel.indices.sort(dim=-1)
         keys = None if sel.keys is None else sel.keys.gather(1, idx.indices[..., None].expand_as(sel.keys))
         values = None if sel.values is None else sel.values.gather(1, idx.indices[..., None].expand_as(sel.values))
-        sel.keys = rerotate(view, idx.values, keys, self.continue_at)
+        sel.keys, sel.position_shift = rerotate(view, idx.values, keys, self.continue_at)
         sel.indices = idx.values
         if values is not None:
             sel.values = values

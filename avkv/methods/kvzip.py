@@ -79,18 +79,6 @@ class KVzip(Method):
                              f"{self.tail})")
         if not (self.prefix == "template" or (isinstance(self.prefix, int) and self.prefix >= 0)):
             raise ValueError(f"kvzip: prefix must be 'template' or a count ≥ 0, got {self.prefix!r}")
-        self.capture = None
-
-    # -------------------------------------------------------------------------------- request lifecycle
-    def begin(self, request: dict) -> None:
-        from avkv.reconstruct import Capture
-        self.end()
-        self.capture = Capture(request["adapter"])
-
-    def end(self) -> None:
-        if self.capture is not None:
-            self.capture.remove()
-        self.capture = None
 
     def reconstruction_prefix(self, adapter, s: int) -> tuple[int, list[int]]:
         """(leading entries not reconstructed, assistant-preamble ids) for a prefilled chunk of ``s`` entries."""

@@ -148,17 +148,17 @@ class MadaKV(Method):
         cand = torch.ones(S, dtype=torch.bool, device=dev)
         cand[S - P:] = False
         demand = torch.tensor([P + self.demand(psi[h], mod, cand) for h in range(H)], dtype=torch.long)
-        view.state.setdefault("madakv", {}).setdefault("layers", {})[view.layer_idx] = {
+        view.scratch(self).setdefault("layers", {})[view.layer_idx] = {
             "psi": psi, "P": P, "w_min": w_min, "B": B, "S": S, "demand": demand.clamp(w_min, S)}
 
     def _scored(self, view: LayerView) -> dict:
-        layers = view.state.get("madakv", {}).get("layers", {})
+        layers = view.scratch(self).get("layers", {})
         if view.layer_idx not in layers:
             if self.allocation == "conserve":
                 raise RuntimeError("MadaKV(allocation=conserve) compresses once every layer was observed (the "
                                    f"engine's deferred pass); layer {view.layer_idx} was not")
             self.observe(view)                                # sequential: each layer on its own, in order
-            layers = view.state["madakv"]["layers"]
+            layers = view.scratch(self)["layers"]
         return layers[view.layer_idx]
 
     def conserving_counts(self, layers: dict, H: int) -> dict[int, torch.Tensor]:
@@ -183,7 +183,7 @@ class MadaKV(Method):
     def sequential_counts(self, view: LayerView, d: dict) -> tuple[torch.Tensor, float]:
         """The notes' literal recurrence for this layer (layers visited in order): counts and φ^l."""
         H, L, l, S = view.num_kv_heads, view.num_layers, view.layer_idx, d["S"]
-        st = view.state["madakv"]
+        st = view.scratch(self)
         if "phi" not in st:
             st.update(phi=float(d["B"]), total=L * H * d["B"], spent=0)
         phi, w_min, demand = st["phi"], d["w_min"], d["demand"]
@@ -214,7 +214,7 @@ class MadaKV(Method):
         S, dev, H = view.seq_len, view.keys.device, view.num_kv_heads
         mod = view.modality.to(dev)
         d = self._scored(view)
-        st = view.state["madakv"]
+        st = view.scratch(self)
         P, psi = d["P"], d["psi"]
         if self.allocation == "conserve":
             if "counts" not in st:
@@ -224,15 +224,14 @@ class MadaKV(Method):
                 st["counts"] = self.conserving_counts(st["layers"], H)
                 st["total"] = sum(int(c.sum()) for c in st["counts"].values())
                 st["spent"] = 0
-                view.state.setdefault("record", {}).update(
-                    madakv_allocation="conserve", madakv_layer_totals=[int(st["counts"][i].sum())
-                                                                      for i in sorted(st["counts"])])
+                st["record"] = dict(madakv_allocation="conserve", madakv_layer_totals=[
+                    int(st["counts"][i].sum()) for i in sorted(st["counts"])])
             counts = st["counts"][view.layer_idx]
             phi = float(counts.sum()) / H
             st["spent"] += int(counts.sum())
         else:
             counts, phi = self.sequential_counts(view, d)
-            view.state.setdefault("record", {})["madakv_allocation"] = "sequential"
+            st["record"] = {"madakv_allocation": "sequential"}
 
         cand = torch.ones(S, dtype=torch.bool, device=dev)
         cand[S - P:] = False
@@ -246,4 +245,4 @@ class MadaKV(Method):
         return Selection(indices=idx, valid=valid,
                          info={"layer_total": int(counts.sum()), "per_head": counts.tolist(), "phi": round(phi, 4),
                                "demand": int(d["demand"].sum()), "budget_spent": st["spent"],
-                               "budget_total": st["total"]})
+                               "budget_total": st["total"]}, record=dict(st["record"]))

@@ -23,11 +23,12 @@ Our reading [ours] (each a field):
     within ±``st_radius`` (0) in the previous ``st_frames`` frames (``None``: all). Other queries stay dense and
     causal. Off in layers < ``st_dense_layers`` (2), so the source layer's scores stay comparable.
 
-ST-SpAttn needs the adapter's layout (``request['layout']['video_frame']``/``['video_spatial']``, -1 for non-video)
-and routes the decoder's attention through the registered ``avkv_st_spattn`` function: :meth:`PureKV.begin` sets
-it on the text config of ``request['adapter']`` (or ``request['model']``) for the sample and :meth:`PureKV.end`
-restores the previous implementation; vision/audio towers are never touched. Any other attention call (decode,
-later prefill chunks, dense layers) goes to that previous function unchanged. A missing layout, a missing model, or a prefill in which the function was never reached fails loudly.
+ST-SpAttn needs the adapter's layout (``request.layout['video_frame']``/``['video_spatial']``, -1 for non-video).
+PureKV declares ``prefill_attention``: :meth:`PureKV.begin` returns a plan whose attention pattern is the registered
+``avkv_st_spattn`` function, and the engine switches the decoder (text config only; vision/audio towers are never
+touched) to it for the compressed chunk's forward and back afterwards (:class:`avkv.attention.AttentionBackend`).
+Any other attention call (dense layers, other shapes) goes to the model's own function unchanged. A missing layout,
+or a prefill in which the function was never reached, fails loudly.
 
 Depth: CLIE needs a layer deeper than a source layer, ST-SpAttn a layer ≥ ``st_dense_layers``. On a model too shallow
 for either (the 2-layer tiny and proxy models with the defaults) PureKV is plain SnapKV-style selection with dense
@@ -36,9 +37,10 @@ from source-layer scores) and ``st_spattn_used`` (some layer's prefill attention
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +48,7 @@ import torch.nn.functional as F
 from avkv.methods.base import check_choice
 from avkv.methods.base import (VIDEO, LayerView, Method, Selection, accumulated_scores, keep_topk, pool_prefix, reduce_gqa,
                                warn_once, window_scores)
+from avkv.methods.request import AttentionPattern, PrefillPlan, Request
 
 ST_ATTENTION_NAME = "avkv_st_spattn"
 
@@ -84,6 +87,7 @@ class PureKV(Method):
     """
 
     name = "purekv"
+    prefill_attention = True
     source_layer: int = 2
     mapping: str = "single"
     group_size: int = 4
@@ -99,7 +103,6 @@ class PureKV(Method):
     st_frames: int | None = None
 
     _ctx: Any = field(default=None, init=False, repr=False, compare=False)
-    _record: Any = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         check_choice("mapping", self.mapping, ("single", "groups"))
@@ -128,7 +131,7 @@ class PureKV(Method):
 
     def compress(self, view: LayerView) -> Selection:
         l, S = view.layer_idx, view.seq_len
-        st = view.state.setdefault("purekv", {})
+        st = view.scratch(self)
         src = self.source_of(l)
         if src is None:                                                           # a scoring layer: plain SnapKV
             s = window_scores(view, self.window, reduce="sum")
@@ -150,73 +153,50 @@ class PureKV(Method):
             score = s_src.to(vnorm.device)[None, :] * vnorm
             idx = keep_topk(score, view.n_keep, protect_last=self.window)
             info = {"clie": f"from_layer_{src}"}
-            if self._record is not None:
-                self._record["clie_active"] = True
+            st["clie_active"] = True
         ctx = self._ctx
         if ctx is not None:
             info["st_spattn"] = l in ctx.used_layers
-        return Selection(indices=idx, info=info)
+        return Selection(indices=idx, info=info, record={"clie_active": True} if st.get("clie_active") else {})
 
     # ------------------------------------------------------------------ ST-SpAttn lifecycle
-    def begin(self, request: dict) -> None:
+    def begin(self, request: Request) -> PrefillPlan:
         self._ctx = None
-        n_layers = len(request.get("layers") or []) or None
-        self._record = None
-        if isinstance(request.get("state"), dict):
-            self._record = request["state"].setdefault("record", {})
-            self._record.update(clie_active=False, st_spattn_used=False)
-        if n_layers is not None:
-            if not any(self.source_of(layer) is not None for layer in range(n_layers)):
-                warn_once(("purekv", "clie", self.mapping, self.source_layer, n_layers),
-                          "PureKV: CLIE needs a layer deeper than source layer %d (mapping=%s); the model has %d "
-                          "decoder layers, so every layer scores itself (records: clie_active=false)",
-                          self.source_layer, self.mapping, n_layers)
-            if self.st_spattn and n_layers <= self.st_dense_layers:
-                warn_once(("purekv", "st", self.st_dense_layers, n_layers),
-                          "PureKV: ST-SpAttn is off in layers < st_dense_layers=%d and the model has %d decoder "
-                          "layers, so no prefill attention is sparse (records: st_spattn_used=false)",
-                          self.st_dense_layers, n_layers)
+        n_layers = request.num_layers
+        record = dict(clie_active=False, st_spattn_used=False)
+        if not any(self.source_of(layer) is not None for layer in range(n_layers)):
+            warn_once(("purekv", "clie", self.mapping, self.source_layer, n_layers),
+                      "PureKV: CLIE needs a layer deeper than source layer %d (mapping=%s); the model has %d "
+                      "decoder layers, so every layer scores itself (records: clie_active=false)",
+                      self.source_layer, self.mapping, n_layers)
+        if self.st_spattn and n_layers <= self.st_dense_layers:
+            warn_once(("purekv", "st", self.st_dense_layers, n_layers),
+                      "PureKV: ST-SpAttn is off in layers < st_dense_layers=%d and the model has %d decoder "
+                      "layers, so no prefill attention is sparse (records: st_spattn_used=false)",
+                      self.st_dense_layers, n_layers)
         if not self.st_spattn:
-            return
-        layout = request.get("layout") or {}
+            return PrefillPlan(record=record)
+        layout = request.layout or {}
         if "video_frame" not in layout or "video_spatial" not in layout:
-            modality = request.get("modality")
-            if modality is not None and not bool((torch.as_tensor(modality) == VIDEO).any()):
+            if not bool((torch.as_tensor(request.modality) == VIDEO).any()):
                 warn_once(("purekv", "novideo"), "PureKV: the prompt has no video, so ST-SpAttn has nothing to "
                           "sparsify (records: st_spattn_used=false)")
-                return
-            raise ValueError("PureKV with st_spattn=True needs the adapter's video layout: request['layout'] must "
+                return PrefillPlan(record=record)
+            raise ValueError("PureKV with st_spattn=True needs the adapter's video layout: the request's layout must "
                              "hold 'video_frame' and 'video_spatial' (LongTensor[n], -1 for non-video); set "
                              "st_spattn=false to run CLIE alone")
         frame = torch.as_tensor(layout["video_frame"]).long().flatten()
         spatial = torch.as_tensor(layout["video_spatial"]).long().flatten()
-        model = request.get("model")
-        if model is None:
-            raise ValueError("PureKV with st_spattn=True needs request['model'] to route prefill attention "
-                             f"through the registered '{ST_ATTENTION_NAME}' function")
-        adapter = request.get("adapter")
-        cfg = adapter.text_config() if adapter is not None else _text_config(model)
-        prev = cfg._attn_implementation or "eager"
-        register_st_attention(prev)
         ctx = _STContext(frame=frame, spatial=spatial, dense_layers=self.st_dense_layers, radius=self.st_radius,
-                         max_prev=self.st_frames, prev_impl=prev, base=_resolve(prev), config=cfg,
-                         expected=bool((frame >= 0).any()) and (n_layers is None or n_layers > self.st_dense_layers))
-        cfg._attn_implementation = ST_ATTENTION_NAME          # decoder layers only; vision/audio towers untouched
-        _ACTIVE.ctx = ctx
+                         max_prev=self.st_frames,
+                         expected=bool((frame >= 0).any()) and n_layers > self.st_dense_layers)
         self._ctx = ctx
+        pattern = AttentionPattern(name=ST_ATTENTION_NAME, register=register_st_attention, activate=ctx.activate,
+                                   report=lambda: {"st_spattn_used": bool(ctx.used_layers)})
+        return PrefillPlan(attention=pattern, record=record)
 
     def end(self) -> None:
-        ctx, self._ctx = self._ctx, None
-        rec, self._record = self._record, None
-        if ctx is None:
-            return
-        if rec is not None:
-            rec["st_spattn_used"] = bool(ctx.used_layers)
-        _ACTIVE.ctx = None
-        ctx.config._attn_implementation = ctx.prev_impl
-        if ctx.expected and ctx.calls == 0:
-            raise RuntimeError("PureKV: ST-SpAttn was on for a prompt with video but the model never called the "
-                               f"'{ST_ATTENTION_NAME}' attention function during prefill")
+        self._ctx = None
 
 
 # ---------------------------------------------------------------------------------------- ST-SpAttn kernel
@@ -363,12 +343,24 @@ class _STContext:
     dense_layers: int
     radius: int
     max_prev: int | None
-    prev_impl: str
-    base: Callable
-    config: Any
     expected: bool = True          # a prompt with video and at least one sparse layer: the function must be reached
+    base: Callable | None = None   # the model's own attention function, while active
     calls: int = 0
     used_layers: set = field(default_factory=set)
+
+    @contextlib.contextmanager
+    def activate(self, base: Callable) -> Iterator[None]:
+        """The pattern is live inside (the engine holds the decoder on ``avkv_st_spattn`` meanwhile)."""
+        if _ACTIVE.ctx is not None:
+            raise RuntimeError("PureKV: ST-SpAttn is already active (nested prefill)")
+        self.base, _ACTIVE.ctx = base, self
+        try:
+            yield
+        finally:
+            _ACTIVE.ctx, self.base = None, None
+        if self.expected and self.calls == 0:
+            raise RuntimeError("PureKV: ST-SpAttn was on for a prompt with video but the model never called the "
+                               f"'{ST_ATTENTION_NAME}' attention function during prefill")
 
 
 class _Active(threading.local):
@@ -376,22 +368,6 @@ class _Active(threading.local):
 
 
 _ACTIVE = _Active()
-
-
-def _text_config(model) -> Any:
-    cfg = model.config
-    cfg = getattr(cfg, "thinker_config", cfg)
-    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-
-
-def _resolve(impl: str) -> Callable:
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-    if impl == "eager":
-        from transformers.models.qwen2.modeling_qwen2 import eager_attention_forward
-        return eager_attention_forward
-    if impl == ST_ATTENTION_NAME:
-        raise RuntimeError("PureKV: ST-SpAttn is already active on this model (nested begin without end)")
-    return ALL_ATTENTION_FUNCTIONS[impl]
 
 
 def st_spattn_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):

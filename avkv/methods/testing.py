@@ -11,6 +11,7 @@ from typing import Sequence
 import torch
 
 from avkv.methods.base import MODALITIES, LayerView
+from avkv.methods.request import Request
 
 
 def modality_ids(spec: Sequence[tuple[str, int]]) -> torch.Tensor:
@@ -42,3 +43,17 @@ def naive_attention(view: LayerView) -> torch.Tensor:
     S = view.seq_len
     mask = torch.ones(S, S, dtype=torch.bool).tril()
     return logits.masked_fill(~mask, float("-inf")).softmax(-1)
+
+
+def make_request(modality: torch.Tensor | int, n_keep: int | None = None, num_layers: int = 4, num_heads: int = 4,
+                 num_kv_heads: int = 2, layout: dict | None = None, split: int | None = None,
+                 question_start: int | None = None, model_path: str | None = None) -> Request:
+    """The :class:`~avkv.methods.request.Request` a method's ``begin`` gets, for a prompt of modality ids
+    ``modality`` [n] (or n text tokens)."""
+    if isinstance(modality, int):
+        modality = torch.zeros(modality, dtype=torch.long)
+    n = modality.numel()
+    split = n if split is None else split
+    return Request(n_prompt=n, split=split, n_keep=max(1, split // 4) if n_keep is None else n_keep,
+                   num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads, modality=modality,
+                   layout=layout or {}, question_start=question_start, model_path=model_path)

@@ -204,12 +204,19 @@ class ModelAdapter:
 
         A task writes the item as the dataset has it (a video with its audio track); the model knows what it takes:
         a model that hears but cannot see gets a with-audio video as that audio track (same file and clip bounds).
-        A text-only model refuses a prompt that carries media (its answer would not be about them).
+        A text-only model refuses a prompt that carries media (its answer would not be about them), and so does a
+        model that can take none of the prompt's media (a vision model on a speech set, an image model on video):
+        the sample is recorded with that error instead of being answered from the text alone.
         """
         media = [c for c in prompt.context if isinstance(c, Media)]
         if media and not self.modalities:
             raise ValueError(f"the {self.family} model takes text only; this prompt carries "
                              f"{', '.join(sorted({m.kind for m in media}))}")
+        takes = set(self.modalities)
+        if media and not any(m.kind in takes or (m.kind == "video" and m.with_audio and "audio" in takes)
+                             for m in media):
+            raise ValueError(f"the {self.family} model takes {', '.join(sorted(takes))}; this prompt carries only "
+                             f"{', '.join(sorted({m.kind for m in media}))}, so none of its media would reach the model")
         if "video" in self.modalities or "audio" not in self.modalities:
             return prompt
         context = [Media("audio", c.path, start=c.start, end=c.end)

@@ -65,25 +65,31 @@ class TorchQwenVideoProcessor(VideoProcessorMixin):
         self.image_mean, self.image_std, self.fps = list(image_mean), list(image_std), fps
 
     def _one(self, v, metadata=None) -> tuple[torch.Tensor, list[int], VideoMetadata]:
-        x = torch.as_tensor(np.asarray(v)).permute(0, 3, 1, 2).float()          # T,C,H,W
+        frames = torch.as_tensor(np.asarray(v))
+        x = frames.permute(0, 3, 1, 2)                                           # T,C,H,W (a view of the frames)
         t, c, h, w = x.shape
-        if pad := -t % self.temporal_patch_size:
-            x = torch.cat([x, x[-1:].expand(pad, -1, -1, -1)])
-        t = x.shape[0]
         p, tp, m = self.patch_size, self.temporal_patch_size, self.merge_size
         rh, rw = smart_resize(h, w, p * m, self.min_pixels, self.max_pixels)
         if (rh, rw) != (h, w):          # torchvision's resize returns the input unchanged at the same size
-            x = F.interpolate(x, size=(rh, rw), mode="bicubic", antialias=True, align_corners=False)
-        mean = torch.tensor(self.image_mean).view(1, 3, 1, 1)
-        std = torch.tensor(self.image_std).view(1, 3, 1, 1)
-        x = (x / 255.0 - mean) / std
+            x = F.interpolate(x.float(), size=(rh, rw), mode="bicubic", antialias=True, align_corners=False)
+        if pad := -t % self.temporal_patch_size:                  # repeat the last frame
+            x = torch.cat([x, x[-1:].expand(pad, -1, -1, -1)])
+        t = x.shape[0]
         gt, gh, gw = t // tp, rh // p, rw // p
+        # patches first (one copy; of the uint8 frames when nothing was resized), then the float conversion,
+        # rescale and normalisation in place on the result: per element the same float32 operations as
+        # (x / 255 - mean) / std on the frames
         x = x.view(gt, tp, c, gh // m, m, p, gw // m, m, p).permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+        x = x.reshape(gt * gh * gw, c * tp * p * p).float()
+        if x.untyped_storage().data_ptr() == frames.untyped_storage().data_ptr():
+            x = x.clone()               # float32 frames the reshape could view: never normalise the caller's array
+        per_channel = x.view(gt * gh * gw, c, tp * p * p)
+        per_channel.div_(255.0).sub_(torch.tensor(self.image_mean)[:, None]).div_(torch.tensor(self.image_std)[:, None])
         if metadata is None:
             meta = VideoMetadata(total_num_frames=t, fps=self.fps, frames_indices=list(range(t)))
         else:           # the caller's (official sampling): its sampled_fps sets the temporal position step
             meta = metadata if isinstance(metadata, VideoMetadata) else VideoMetadata(**metadata)
-        return x.reshape(gt * gh * gw, c * tp * p * p), [gt, gh, gw], meta
+        return x, [gt, gh, gw], meta
 
     def __call__(self, videos, return_tensors=None, video_metadata=None, **kwargs):
         if isinstance(videos, (np.ndarray, torch.Tensor)) and np.ndim(videos) == 4:
@@ -95,7 +101,7 @@ class TorchQwenVideoProcessor(VideoProcessorMixin):
         if len(metas) != len(videos):
             raise ValueError(f"{len(videos)} videos but {len(metas)} video_metadata entries")
         outs = [self._one(v, m) for v, m in zip(videos, metas)]
-        data = {"pixel_values_videos": torch.cat([o[0] for o in outs]),
+        data = {"pixel_values_videos": outs[0][0] if len(outs) == 1 else torch.cat([o[0] for o in outs]),
                 "video_grid_thw": torch.tensor([o[1] for o in outs])}
         if kwargs.get("return_metadata"):
             data["video_metadata"] = [o[2] for o in outs]

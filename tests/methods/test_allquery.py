@@ -140,10 +140,9 @@ def _kept(monkeypatch, ad, enc, method, stats: bool):
     apply = Compressor._apply
     take = lse_attention.take
 
-    def spy_apply(self, module, cache, i, sel, modality, record):
-        if record:
-            seen[i] = sel.indices.clone()
-        return apply(self, module, cache, i, sel, modality, record)
+    def spy_apply(self, module, cache, i, sel, modality):          # the prefill selections
+        seen[i] = sel.indices.clone()
+        return apply(self, module, cache, i, sel, modality)
 
     def spy_take(module, S):
         st = take(module, S)

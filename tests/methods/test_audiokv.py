@@ -10,7 +10,7 @@ import torch
 from avkv.methods.audiokv import (AudioKV, HeadHitCounter, align_words, head_budgets, kv_head_scores,
                                   proportional_word_times, spectral_smooth, step_word_index, word_audio_span)
 from avkv.methods.base import AUDIO
-from avkv.methods.testing import make_view, modality_ids, naive_attention
+from avkv.methods.testing import make_request, make_view, modality_ids, naive_attention
 
 SPEC = [("text", 6), ("audio", 64), ("text", 14)]
 
@@ -129,21 +129,21 @@ def test_head_score_file_errors(tmp_path):
     with pytest.raises(ValueError, match="L=3"):
         AudioKV(head_scores=f).compress(make_view(modality_ids(SPEC), 30))
     with pytest.raises(ValueError, match="model folder"):
-        AudioKV().begin({})
+        AudioKV().begin(make_request(30))
     d = tmp_path / "models" / "tiny_x"
     d.mkdir(parents=True)
     cache = tmp_path / "audiokv"
     with pytest.raises(FileNotFoundError, match="calibrate_audiokv"):
-        AudioKV(head_scores_dir=str(cache)).begin({"model_path": str(d)})
+        AudioKV(head_scores_dir=str(cache)).begin(make_request(30, model_path=str(d)))
     write_scores(d / "audiokv_head_scores.json", torch.rand(4, 4))          # next to the checkpoint
     m = AudioKV(head_scores_dir=str(cache))
-    m.begin({"model_path": str(d)})
+    m.begin(make_request(30, model_path=str(d)))
     assert m._scores_path == str(d / "audiokv_head_scores.json")
     assert m.compress(make_view(modality_ids(SPEC), 30)).indices.shape[0] == 2
     cache.mkdir()
     write_scores(cache / "tiny_x.json", torch.rand(4, 4))                    # the cache folder comes first
     m = AudioKV(head_scores_dir=str(cache))
-    m.begin({"model_path": str(d)})
+    m.begin(make_request(30, model_path=str(d)))
     assert m._scores_path == str(cache / "tiny_x.json")
 
 

@@ -141,10 +141,18 @@ def test_fastv_equals_masking_the_pruned_tokens_in_later_layers():
     as keeping them but hiding them from attention in layers ≥ K: the last logits must agree."""
     ad = adapter("qwen2_5_omni", "eager")
     enc = ad.encode(av_prompt())
-    fv = FastV(layer=1, ratio=0.5)
-    got = Engine(ad, fv, budget=0.5, compress_at="prompt", max_new_tokens=1).generate(enc)
-    assert got.record["fastv_pruned_tokens"] > 0
-    keep = fv._req["keep"].cpu()
+    kept = []
+
+    class Spy(FastV):                          # the positions FastV hands the engine to prune to
+        def compress(self, view):
+            sel = super().compress(view)
+            if sel.hidden_keep is not None:
+                kept.append(sel.hidden_keep)
+            return sel
+
+    got = Engine(ad, Spy(layer=1, ratio=0.5), budget=0.5, compress_at="prompt", max_new_tokens=1).generate(enc)
+    assert got.record["fastv_pruned_tokens"] > 0 and len(kept) == 1
+    keep = kept[0].cpu()
     n = enc.input_ids.shape[1]
     allowed = torch.ones(n, n, dtype=torch.bool).tril()
     allowed[:, ~torch.isin(torch.arange(n), keep)] = False

@@ -17,6 +17,7 @@ from avkv.methods.pyramidkv import PyramidKV
 from avkv.methods.random import Random
 from avkv.methods.snapkv import SnapKV
 from avkv.methods.streamingllm import StreamingLLM
+from avkv.methods.testing import make_request
 from tests.methods.helpers import make_view, naive_attention, naive_gqa_mean, naive_snapkv_scores, naive_topk
 
 
@@ -211,8 +212,19 @@ def test_fastv_needs_layers_and_keeps_cache_in_unit_use():
     assert sel.indices.shape == (2, 30)
     with pytest.raises(ValueError):
         FastV(layer=0)
-    with pytest.raises(ValueError):
-        FastV().begin({"state": {}, "modality": torch.zeros(3)})
+    with pytest.raises(ValueError, match="at least 2 decoder layers"):
+        FastV().begin(make_request(3, num_layers=1))
+
+
+def test_fastv_asks_the_engine_to_prune_from_its_layer():
+    """FastV declares hidden-state pruning and its plan names the first pruned layer; it never hooks the model."""
+    mod = torch.full((40,), TEXT)
+    mod[4:30] = VIDEO
+    assert FastV.prunes_hidden_states and not SnapKV.prunes_hidden_states
+    assert FastV(layer=2, ratio=0.5).begin(make_request(mod, num_layers=4)).prune_from == 2
+    assert FastV(layer=3, ratio=0.5).begin(make_request(mod, num_layers=3)).prune_from == 2   # shallow model
+    # budget mode: the latest K' <= K whose drop count fits in the media tokens
+    assert FastV(layer=3).begin(make_request(mod, n_keep=10, num_layers=4)).prune_from == 1
 
 
 # ------------------------------------------------------------------------------------------ properties
@@ -242,9 +254,10 @@ def test_kept_count_matches_budget(method, n_keep):
 def test_d2o_kept_count_matches_budget():
     state = {}
     views = [make_view(seed=s, seq=64, n_keep=16, layer_idx=s, num_layers=4, state=state) for s in range(4)]
+    d2o = D2O()                                  # one instance: its scratch is its own (LayerView.scratch)
     for v in views:
-        D2O().observe(v)
-    assert sum(D2O().compress(v).indices.numel() for v in views) == 4 * 2 * 16
+        d2o.observe(v)
+    assert sum(d2o.compress(v).indices.numel() for v in views) == 4 * 2 * 16
 
 
 def naive_streaming_scores(v, sink=4):

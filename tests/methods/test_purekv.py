@@ -4,7 +4,9 @@ import torch
 import torch.nn.functional as F
 
 from avkv.methods.purekv import PureKV, st_allowed_mask, st_sparse_attention
-from avkv.methods.testing import make_view, modality_ids, naive_attention
+from avkv.attention import AttentionBackend
+from avkv.methods.base import VIDEO
+from avkv.methods.testing import make_request, make_view, modality_ids, naive_attention
 
 SPEC = [("text", 6), ("video", 48), ("text", 14)]
 L = 5
@@ -133,12 +135,20 @@ def test_st_mask_pattern():
     assert m[last, : last + 1].all()                           # text queries stay dense
 
 
-def test_begin_fails_loudly_without_layout_or_model():
-    with pytest.raises(ValueError, match="video_frame"):
-        PureKV().begin({"layout": {}})
+def video_request(frame, spatial, num_layers=4):
+    mod = torch.where(frame >= 0, VIDEO, 0)
+    return make_request(mod, num_layers=num_layers, layout={"video_frame": frame, "video_spatial": spatial})
+
+
+def test_begin_fails_loudly_without_layout_and_plans_the_pattern():
     frame, spatial = video_layout()
-    with pytest.raises(ValueError, match="model"):
-        PureKV().begin({"layout": {"video_frame": frame, "video_spatial": spatial}})
+    with pytest.raises(ValueError, match="video_frame"):
+        PureKV().begin(make_request(torch.where(frame >= 0, VIDEO, 0)))
+    assert PureKV.prefill_attention
+    plan = PureKV().begin(video_request(frame, spatial))
+    assert plan.attention.name == "avkv_st_spattn" and plan.prune_from is None
+    assert plan.record == {"clie_active": False, "st_spattn_used": False}
+    assert PureKV(st_spattn=False).begin(video_request(frame, spatial)).attention is None
 
 
 def tiny_qwen2():
@@ -156,12 +166,14 @@ def test_registered_attention_routes_prefill_and_restores():
     with torch.no_grad():
         dense = model(ids).logits
         m = PureKV(st_dense_layers=1)
-        m.begin({"layout": {"video_frame": frame, "video_spatial": spatial}, "model": model})
-        assert model.config._attn_implementation == "avkv_st_spattn"
-        with pytest.raises(RuntimeError, match="already active"):
-            PureKV().begin({"layout": {"video_frame": frame, "video_spatial": spatial}, "model": model})
-        sparse = model(ids).logits
-        assert m._ctx.used_layers == {1, 2, 3}
+        plan = m.begin(video_request(frame, spatial))
+        with AttentionBackend(model.config) as backend, backend.pattern(plan.attention):   # what the engine does
+            assert model.config._attn_implementation == "avkv_st_spattn"
+            with pytest.raises(RuntimeError, match="already active"):
+                with plan.attention.activate(lambda *a, **k: None):
+                    pass
+            sparse = model(ids).logits
+        assert m._ctx.used_layers == {1, 2, 3} and plan.attention.report() == {"st_spattn_used": True}
         m.end()
         assert model.config._attn_implementation == "sdpa"
         again = model(ids).logits
@@ -174,10 +186,10 @@ def test_registered_attention_routes_prefill_and_restores():
 def test_end_fails_loudly_when_prefill_never_reached_the_function():
     model = tiny_qwen2()
     frame, spatial = video_layout()
-    m = PureKV()
-    m.begin({"layout": {"video_frame": frame, "video_spatial": spatial}, "model": model})
+    plan = PureKV().begin(video_request(frame, spatial))
     with pytest.raises(RuntimeError, match="never called"):
-        m.end()
+        with AttentionBackend(model.config) as backend, backend.pattern(plan.attention):
+            pass
     assert model.config._attn_implementation == "sdpa"
 
 

@@ -45,3 +45,15 @@ def test_fit_prompt_is_the_models_knowledge():
     with pytest.raises(ValueError, match="takes text only"):
         Family("qwen2").fit_prompt(p)
     assert Family("qwen2").fit_prompt(Prompt(context=["text"], question="q")).context == ["text"]
+
+
+def test_a_model_that_can_take_none_of_the_media_refuses():
+    speech = Prompt(context=[Media("audio", "utt.wav"), "text"], question="q")
+    video = Prompt(context=[Media("video", "clip.mp4", with_audio=True)], question="q")
+    with pytest.raises(ValueError, match="none of its media"):
+        Family("qwen2_5_vl").fit_prompt(speech)          # a vision model on a speech set
+    with pytest.raises(ValueError, match="none of its media"):
+        Family("llava").fit_prompt(video)                # an image model on video
+    # one medium it can take is enough: a vision model sees the video and leaves its audio track
+    assert Family("qwen2_5_vl").fit_prompt(video) == video
+    assert Family("qwen2_audio").fit_prompt(speech) == speech

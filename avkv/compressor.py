@@ -1,0 +1,293 @@
+"""The method's hooks on the decoder for one sample: lifecycle and phases as context managers.
+
+``with Compressor(adapter, method, request) as cm:`` registers a forward hook on every decoder attention layer,
+calls ``method.begin(request)`` and installs what its :class:`~avkv.methods.request.PrefillPlan` asks for (for the
+capabilities the method declares): hidden-state pruning hooks on the decoder layers from ``plan.prune_from`` on,
+and a prefill attention pattern. The hooks act only inside a stage:
+
+* ``with cm.stage("prefill"):`` the compressed chunk's forward — at the end of each layer's attention the method
+  sees the layer (:class:`~avkv.methods.base.LayerView`) and its selection is applied (:mod:`avkv.kvstore`) and
+  entered in the keep-ledger (:mod:`avkv.ledger`); deferred methods only observe, and compress in
+  :meth:`Compressor.end_prefill`; the plan's attention pattern is live;
+* ``with cm.stage("decode"):`` decode steps — a ``decode_policy=fixed`` method holds the cache size.
+
+On exit the hooks are removed, the attention backend is restored (:mod:`avkv.attention`) and ``method.end()`` runs.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import torch
+
+from avkv import lse_attention
+from avkv.attention import AttentionBackend
+from avkv.kvstore import CompressionError, RaggedLayer, apply_selection
+from avkv.ledger import KeepLedger
+from avkv.measure import Clock
+from avkv.methods.base import LayerView, Method, Selection
+from avkv.methods.request import PrefillPlan, Request
+
+PHASES = ("idle", "prefill", "decode")
+
+
+class Compressor:
+    """Installs the method on every decoder attention layer for one request (context manager)."""
+
+    def __init__(self, adapter: Any, method: Method, request: Request, mask_only: bool = False, seed: int = 0):
+        self.adapter, self.method, self.req, self.mask_only = adapter, method, request, mask_only
+        self.layers = adapter.decoder_layers()
+        self.num_layers = len(self.layers)
+        self.phase = "idle"
+        self.pending: dict = {}                # deferred methods: layer -> (module, modality, n_keep)
+        self.handles: list = []
+        self.attn_modules = [layer.self_attn for layer in self.layers]
+        self.backend = AttentionBackend(adapter.text_config(), self.attn_modules)
+        self.clock = Clock(adapter.device, getattr(adapter, "devices", None))
+        self.ledger = KeepLedger(n_prompt=request.n_prompt, split=request.split)
+        self.generator = torch.Generator().manual_seed(int(seed))
+        self.modality = request.modality.to(adapter.device)
+        self.store: dict = {}                  # per-request scratch of the method (LayerView.scratch)
+        self.plan = PrefillPlan()
+        self._prune_keep: torch.Tensor | None = None
+        self._pruned: set = set()
+        self.capture = None                    # needs_reconstruction: the prefill's decoder input (avkv.reconstruct)
+
+    def __enter__(self):
+        if self.method.requires_attentions and self.backend.base_impl != "eager":
+            raise CompressionError(f"method {self.method.name!r} reads attention weights and needs "
+                                   f"model.attn_implementation=eager (got {self.backend.base_impl!r})")
+        self.backend.__enter__()
+        for i, m in enumerate(self.attn_modules):
+            m._avkv_layer = i
+            self.handles.append(m.register_forward_hook(self._hook, with_kwargs=True))
+        try:
+            lse_attention.install(self.backend, self.method)   # all-query methods: the prefill's own statistics
+            if getattr(self.method, "needs_reconstruction", False):
+                from avkv.reconstruct import Capture            # KVzip: the decoder input of the prefill
+                self.capture = Capture(self.adapter)
+            self.plan = self.method.begin(self.req) or PrefillPlan()
+            self._install(self.plan)
+        except BaseException:
+            self._remove()
+            raise
+        self.ledger.record.update(self.plan.record)
+        return self
+
+    def __exit__(self, *exc):
+        self._remove()
+        self.method.end()
+        return False
+
+    def _remove(self) -> None:
+        if self.capture is not None:
+            self.capture.remove()
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+        for m in self.attn_modules:
+            for attr in ("_avkv_valid", "_avkv_ragged", "_avkv_layer"):
+                if hasattr(m, attr):
+                    delattr(m, attr)
+        lse_attention.uninstall(self.backend)
+        self.backend.__exit__(None, None, None)
+
+    def _install(self, plan: PrefillPlan) -> None:
+        name = self.method.name
+        if plan.prune_from is not None:
+            if not self.method.prunes_hidden_states:
+                raise CompressionError(f"{name} asks for hidden-state pruning but does not declare "
+                                       "prunes_hidden_states")
+            if not 1 <= plan.prune_from < self.num_layers:
+                raise CompressionError(f"{name}: prune_from={plan.prune_from} outside [1, {self.num_layers})")
+            for i in range(plan.prune_from, self.num_layers):
+                self.handles.append(self.layers[i].register_forward_pre_hook(self._prune_hook(i), with_kwargs=True))
+        if plan.attention is not None and not self.method.prefill_attention:
+            raise CompressionError(f"{name} installs a prefill attention but does not declare prefill_attention")
+
+    # ------------------------------------------------------------------------------------------- stages
+    @contextlib.contextmanager
+    def stage(self, phase: str) -> Iterator[None]:
+        """The hooks act as ``phase`` inside (``prefill``: the compressed chunk; ``decode``: decode steps)."""
+        if phase not in PHASES[1:]:
+            raise ValueError(f"stage must be one of {PHASES[1:]}, got {phase!r}")
+        pattern = self.plan.attention if phase == "prefill" else None
+        self.phase = phase
+        try:
+            with self.backend.pattern(pattern) if pattern is not None else contextlib.nullcontext():
+                yield
+        finally:
+            self.phase = "idle"
+        if pattern is not None:
+            self.ledger.record.update(pattern.report())
+
+    def end_prefill(self, cache) -> None:
+        """After the compressed chunk: run deferred compressions (methods that allocate across layers see every
+        layer first), then give layers whose caches now differ in length per-layer masks. A method that scores
+        from a context reconstruction (``needs_reconstruction``: KVzip) gets it first (:mod:`avkv.reconstruct`; its
+        time is in ``compress_s`` and, on its own, ``reconstruct_s``)."""
+        if getattr(self.method, "needs_reconstruction", False) and self.pending:
+            from avkv.reconstruct import reconstruct
+            self.ledger.compress_s += reconstruct(self, cache)
+        if self.pending:
+            t0 = self.clock.now()
+            for i in sorted(self.pending):
+                module, modality, n_keep = self.pending[i]
+                layer = cache.layers[i]
+                view = self._view(module, None, layer.keys[0], layer.values[0], modality, n_keep)
+                self._apply(module, cache, i, self.method.compress(view), modality)
+            self.pending = {}
+            self.ledger.compress_s += self.clock.elapsed(t0, self.clock.now())
+        lengths = {layer.keys.shape[2] for layer in cache.layers if layer.keys is not None and layer.keys.numel()}
+        if len(lengths) > 1:
+            self.backend.masked()
+
+    # ------------------------------------------------------------------------------------------- views
+    def _view(self, module, kwargs, keys, values, modality, n_keep, attentions=None, decode=False) -> LayerView:
+        """``kwargs`` None: a deferred compression after the forward, where no hidden states (queries) remain."""
+        h = kwargs["hidden_states"] if kwargs is not None else None
+        cos, sin = kwargs["position_embeddings"] if kwargs is not None else (None, None)
+        S = keys.shape[1]
+
+        def query_fn(a: int, b: int) -> torch.Tensor:
+            if h is None:
+                raise CompressionError("deferred compression has no queries: compute scores in observe()")
+            if decode:                                  # only the newest positions exist in this forward
+                if b != S or b - a > h.shape[1]:
+                    raise CompressionError("during decode only the newest queries are available")
+                a, b = h.shape[1] - (b - a), h.shape[1]
+            return self.adapter.layer_queries(module, h[:, a:b], (cos[:, a:b], sin[:, a:b]))
+
+        idx = module._avkv_layer
+        positions = self.req.positions
+        if positions is not None and not decode:
+            lp = self.ledger.positions.get(idx)
+            positions = positions[:, :S] if lp is None else positions[:, lp]
+        else:
+            positions = None
+        return LayerView(layer_idx=idx, num_layers=self.num_layers, keys=keys, values=values, modality=modality,
+                         n_keep=n_keep, num_heads=module.config.num_attention_heads, scaling=module.scaling,
+                         state=self.store, generator=self.generator, query_fn=query_fn,
+                         attentions=attentions, layout=self.req.layout,
+                         value_norm_fn=lambda: values.float().norm(dim=-1), positions=positions,
+                         rope_fn=self._rope, out_weight_fn=lambda: self.adapter.output_weight(module))
+
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) [T, D] of rotary position ids [R, T], from the decoder's own rotary embedding."""
+        rot = getattr(self, "_rotary", None)
+        if rot is None:
+            rot = self._rotary = self.adapter.rotary_embedding()
+        p = positions.to(self.adapter.device)                   # [R, T]
+        pid = p[:, None] if p.shape[0] == 3 else p               # M-RoPE [3, 1, T]; 1-D [1, T]
+        x = torch.zeros(1, dtype=self.adapter.dtype, device=self.adapter.device)
+        cos, sin = rot(x, pid)
+        return cos[0].float(), sin[0].float()
+
+    # ------------------------------------------------------------------------------------------- hooks
+    @torch.no_grad()
+    def _hook(self, module, args, kwargs, output):
+        if self.phase not in ("prefill", "decode"):
+            return
+        if self.phase == "decode" and self.method.decode_policy != "fixed":
+            return
+        cache = kwargs.get("past_key_values")
+        if cache is None:
+            raise CompressionError("the decoder was called without a cache; the engine always passes one")
+        i = module._avkv_layer
+        layer = cache.layers[i]
+        t0 = self.clock.now()
+        attn = output[1][0] if isinstance(output, tuple) and len(output) > 1 and output[1] is not None else None
+        if self.phase == "prefill":
+            if i in self.ledger.kept or i in self.pending:   # each layer is compressed once, at the end of its chunk
+                return
+            positions = self.ledger.positions.get(i)
+            S = layer.keys.shape[2]
+            modality = self.modality[: S] if positions is None else self.modality[positions]
+            modality = modality.to(layer.keys.device)      # layers may sit on different devices (device_map)
+            n_keep = min(self.req.n_keep, S)
+            view = lse_attention.attach(self._view(module, kwargs, layer.keys[0], layer.values[0], modality, n_keep,
+                                                   attn), module)
+            if self.method.deferred:          # scores now, selection once every layer has been seen
+                self.method.observe(view)
+                self.pending[i] = (module, modality, n_keep)
+            else:
+                self._apply(module, cache, i, self.method.compress(view), modality)
+        else:
+            if isinstance(layer, RaggedLayer):
+                raise CompressionError(f"{self.method.name}: fixed-size decoding over a ragged (per-head) cache "
+                                       "layer is not implemented; use decode_policy=grow")
+            S = layer.keys.shape[2]
+            target = self.ledger.decode_size.setdefault(i, S - 1)
+            if S > target:
+                view = self._view(module, kwargs, layer.keys[0], layer.values[0],
+                                  torch.zeros(S, dtype=torch.long, device=layer.keys.device), target, attn, decode=True)
+                sel = self.method.decode_step(view)
+                if sel is not None:
+                    _, _, storage = apply_selection(cache, i, module, sel, self.method.name, self.mask_only)
+                    if storage != "dense":
+                        self.backend.masked()
+        self.ledger.compress_s += self.clock.elapsed(t0, self.clock.now())
+
+    def _apply(self, module, cache, i: int, sel: Selection, modality) -> None:
+        """Apply layer ``i``'s prefill selection to the cache and enter it in the ledger."""
+        idx, valid, storage = apply_selection(cache, i, module, sel, self.method.name, self.mask_only)
+        if storage != "dense":
+            self.backend.masked()
+        self.ledger.keep(i, idx, valid, modality, sel, storage)
+        if sel.hidden_keep is not None:
+            self._accept_pruning(i, sel.hidden_keep)
+
+    # ------------------------------------------------------------------------------------------- pruning
+    def _accept_pruning(self, i: int, keep: torch.Tensor) -> None:
+        K = self.plan.prune_from
+        if K is None or i != K - 1:
+            raise CompressionError(f"{self.method.name}: Selection.hidden_keep from layer {i}, but the plan prunes "
+                                   f"from layer {K} (hidden_keep belongs to layer prune_from - 1)")
+        if self._prune_keep is not None:
+            return
+        self._prune_keep = keep.to(self.adapter.device).long()
+        for j in range(K, self.num_layers):      # the caches of the pruned layers hold these chunk positions
+            self.ledger.positions[j] = self._prune_keep
+
+    def _prune_hook(self, i: int):
+        def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+            keep = self._prune_keep
+            if keep is None or i in self._pruned or self.phase != "prefill":
+                return None                          # not the compressed chunk (suffix, decode) or nothing ranked
+            h = args[0] if args else kwargs["hidden_states"]
+            S = self.req.split
+            if i == self.plan.prune_from and h.shape[1] != S:
+                return None
+            self._pruned.add(i)
+            if i == self.plan.prune_from:
+                h = h[:, keep.to(h.device)]
+            return _slice_inputs(args, kwargs, h, keep, S)
+        return hook
+
+
+def _slice_inputs(args: tuple, kwargs: dict, h: torch.Tensor, keep: torch.Tensor, S: int
+                  ) -> tuple[tuple, dict]:
+    """The decoder-layer inputs of the chunk restricted to ``keep``: hidden states, rotary cos/sin, position
+    ids (1-D or M-RoPE) and a 4-D mask, each only where it is sized for the full chunk."""
+    kwargs = dict(kwargs)
+    if args:
+        args = (h,) + tuple(args[1:])
+    else:
+        kwargs["hidden_states"] = h
+    pe = kwargs.get("position_embeddings")
+    if pe is not None:
+        kwargs["position_embeddings"] = tuple(_take(t, keep, -2, S) for t in pe)
+    pid = kwargs.get("position_ids")
+    if pid is not None:
+        kwargs["position_ids"] = _take(pid, keep, -1, S)
+    mask: Any = kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 4:
+        kwargs["attention_mask"] = _take(_take(mask, keep, -1, S), keep, -2, S)
+    return args, kwargs
+
+
+def _take(t: torch.Tensor, keep: torch.Tensor, dim: int, S: int) -> torch.Tensor:
+    return t.index_select(dim, keep.to(t.device)) if t.shape[dim] == S else t
+
+
+__all__ = ["Compressor", "PHASES"]

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# One command for the GPU benchmarks: Qwen2.5-7B-shaped random-weight layers (hidden 3584, 28 q / 4 kv heads,
+# MLP 18944), prefill compression overhead, decode time per token at budgets 1.0/0.5/0.2/0.1 and peak CUDA memory
+# (scripts/bench_overhead.py: CUDA-event wall times, bf16), then the capacity sweep and the decode bandwidth
+# model where those scripts exist (scripts/bench_capacity.py, scripts/bench_decode.py). Writes results/bench/gpu/.
+#
+#   bash scripts/bench_gpu.sh                    # on a CUDA machine (environment.yml)
+#   bash scripts/bench_gpu.sh --dry-run          # CPU, 1 layer, 256 tokens: checks the pipeline in a minute
+#   bash scripts/bench_gpu.sh --out DIR --layers 4
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
+OUT=results/bench/gpu
+LAYERS=4
+DRY=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --dry-run) DRY=1 ;;
+    --out) OUT=$2; shift ;;
+    --layers) LAYERS=$2; shift ;;
+    *) echo "bench_gpu.sh: unknown argument $1 (--dry-run, --out DIR, --layers N)" >&2; exit 2 ;;
+  esac
+  shift
+done
+mkdir -p "$OUT"
+
+if [ "$DRY" = 1 ]; then
+  DEV=cpu
+  OVERHEAD=(--device cpu --shape 0.5b --layers 1 --lengths 256 --repeats 1 --methods full snapkv h2o
+            --decode-length 256 --decode-budgets 1.0 0.2 --new-tokens 2)
+else
+  "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'bench_gpu.sh: no CUDA device visible to torch ' + torch.__version__ + ' (use --dry-run on CPU)')"
+  DEV=cuda
+  OVERHEAD=(--device cuda --shape 7b --layers "$LAYERS" --lengths 4096 16384 --repeats 5
+            --decode-length 16384 --decode-budgets 1.0 0.5 0.2 0.1 --new-tokens 32)
+fi
+
+{ echo "date: $(date -u '+%Y-%m-%d %H:%M') UTC"; echo "dry_run: $DRY"; echo "git: $(git rev-parse --short HEAD 2>/dev/null || echo -)"
+  "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__); print('device', torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"
+  command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+} > "$OUT/environment.txt"
+
+echo "== prefill overhead, decode, memory ($DEV) -> $OUT/overhead"
+"$PY" scripts/bench_overhead.py "${OVERHEAD[@]}" --out "$OUT/overhead"
+
+if [ -f scripts/bench_capacity.py ]; then
+  echo "== capacity sweep -> $OUT/capacity"
+  if [ "$DRY" = 1 ]; then "$PY" scripts/bench_capacity.py --help >/dev/null
+  else "$PY" scripts/bench_capacity.py --device cuda --out "$OUT/capacity"; fi
+else
+  echo "== capacity sweep: scripts/bench_capacity.py is not in this checkout (skipped)" | tee -a "$OUT/environment.txt"
+fi
+if [ -f scripts/bench_decode.py ]; then
+  echo "== decode vs the bandwidth model -> $OUT/decode"
+  if [ "$DRY" = 1 ]; then "$PY" scripts/bench_decode.py --help >/dev/null
+  else "$PY" scripts/bench_decode.py --device cuda --out "$OUT/decode"; fi
+else
+  echo "== decode bandwidth model: scripts/bench_decode.py is not in this checkout (skipped)" | tee -a "$OUT/environment.txt"
+fi
+echo "wrote $OUT"
