@@ -55,7 +55,7 @@ def run_cell(proxy: str, method: str, budget: float, out: Path, args, extra: lis
                    f"compress_at={compress_at}", f"run_dir={out / proxy / tag}", "progress=false",
                    f"threads={args.threads}", f"paths.fixtures={args.fixtures}",
                    *([f"dataset.limit={args.limit}"] if args.limit else []), *extra])
-    s = run(cfg)
+    s = summary_of(out / proxy / tag, args) if args.from_runs else run(cfg)
     recs = [json.loads(x) for x in (Path(s["run_dir"]) / "samples.jsonl").read_text().splitlines()]
     ok = [r for r in recs if r.get("error") is None]
     mean, lo, hi = bootstrap([r["score"] for r in ok])
@@ -68,6 +68,18 @@ def run_cell(proxy: str, method: str, budget: float, out: Path, args, extra: lis
             "by_type": {k: float(np.mean(v)) for k, v in sorted(by_type.items())}, "run_dir": display_path(s["run_dir"])}
     print(json.dumps({k: v for k, v in cell.items() if k != "run_dir"}), flush=True)
     return cell
+
+
+def summary_of(run_dir: Path, args) -> dict:
+    """A finished cell's summary, read back from its run directory (``--from-runs``: nothing is run)."""
+    path = run_dir / "summary.json"
+    if not path.is_file():
+        raise SystemExit(f"--from-runs: {path} does not exist; run the cell first (without --from-runs)")
+    s = json.loads(path.read_text())
+    n = sum(1 for line in (run_dir / "samples.jsonl").read_text().splitlines() if line.strip())
+    if args.limit and n != args.limit:
+        raise SystemExit(f"--from-runs: {run_dir} holds {n} samples, not --limit {args.limit}; resume it first")
+    return dict(s, run_dir=str(run_dir))
 
 
 def fmt(c: dict | None) -> str:
@@ -169,6 +181,8 @@ def main() -> None:
                     help="first N held-out items (a prefix is type-balanced; 0 = all 150)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "proxy")
+    ap.add_argument("--from-runs", action="store_true",
+                    help="rebuild cells.json and table.md from the finished run directories without running anything")
     ap.add_argument("--fixtures", type=Path, default=ROOT / ".cache" / "fixtures")
     args = ap.parse_args()
     from transformers.utils import logging as hf_logging
@@ -180,6 +194,8 @@ def main() -> None:
     for p in args.proxies:
         stamp = args.out / p / "WEIGHTS.sha256"        # run dirs resume; they must not outlive the weights
         digest = weights_digest(PROXIES[p].checkpoint)
+        if args.from_runs and (not stamp.exists() or stamp.read_text().strip() != digest):
+            raise SystemExit(f"--from-runs: {stamp} does not match the checkpoint of proxy_{p}; rerun the cells")
         if stamp.exists() and stamp.read_text().strip() != digest:
             print(f"proxy_{p}: the checkpoint changed since {args.out / p} was written; starting it afresh", flush=True)
             shutil.rmtree(args.out / p)
