@@ -43,18 +43,16 @@ fi
 echo "== prefill overhead, decode, memory ($DEV) -> $OUT/overhead"
 "$PY" scripts/bench_overhead.py "${OVERHEAD[@]}" --out "$OUT/overhead"
 
-if [ -f scripts/bench_capacity.py ]; then
-  echo "== capacity sweep -> $OUT/capacity"
-  if [ "$DRY" = 1 ]; then "$PY" scripts/bench_capacity.py --help >/dev/null
-  else "$PY" scripts/bench_capacity.py --device cuda --out "$OUT/capacity"; fi
-else
-  echo "== capacity sweep: scripts/bench_capacity.py is not in this checkout (skipped)" | tee -a "$OUT/environment.txt"
-fi
-if [ -f scripts/bench_decode.py ]; then
-  echo "== decode vs the bandwidth model -> $OUT/decode"
-  if [ "$DRY" = 1 ]; then "$PY" scripts/bench_decode.py --help >/dev/null
-  else "$PY" scripts/bench_decode.py --device cuda --out "$OUT/decode"; fi
-else
-  echo "== decode bandwidth model: scripts/bench_decode.py is not in this checkout (skipped)" | tee -a "$OUT/environment.txt"
-fi
+# optional_step <script> <out subdir> <title>: run a benchmark script where this checkout has it (its --help on a dry run)
+optional_step() {
+  if [ -f "scripts/$1" ]; then
+    echo "== $3 -> $OUT/$2"
+    if [ "$DRY" = 1 ]; then "$PY" "scripts/$1" --help >/dev/null
+    else "$PY" "scripts/$1" --device cuda --out "$OUT/$2"; fi
+  else
+    echo "== $3: scripts/$1 is not in this checkout (skipped)" | tee -a "$OUT/environment.txt"
+  fi
+}
+optional_step bench_capacity.py capacity "capacity sweep"
+optional_step bench_decode.py decode "decode vs the bandwidth model"
 echo "wrote $OUT"

@@ -55,17 +55,9 @@ class Decoding(Wrapper):
     def decode_policy(self) -> str:  # type: ignore[override]
         return "fixed"
 
-    @property
-    def prunes_hidden_states(self) -> bool:  # type: ignore[override]
-        return self.scorer.prunes_hidden_states
-
-    @property
-    def prefill_attention(self) -> bool:  # type: ignore[override]
-        return self.scorer.prefill_attention
-
     def begin(self, request: Request) -> PrefillPlan | None:
         self._steps, self._queries = {}, {}
-        return self.scorer.begin(request)
+        return super().begin(request)
 
     def compress(self, view: LayerView) -> Selection:
         return self.scorer.compress(view)
