@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -172,9 +172,11 @@ def check_batchable(engine: Engine, method) -> None:
 
 @torch.no_grad()
 def generate_batch(engine: Engine, encs: list, seed: int = 0, method=None,
-                   max_new_tokens: int | None = None, seeds: list[int] | None = None) -> list[Generation]:
+                   max_new_tokens: int | None = None, seeds: list[int] | None = None,
+                   on_cache: Callable[[Any], None] | None = None) -> list[Generation]:
     """Greedy generations of ``encs`` as one batch (see the module docstring); one :class:`Generation` per sample,
-    in order. ``seeds``: a seed per sample (default ``seed`` for all)."""
+    in order. ``seeds``: a seed per sample (default ``seed`` for all); ``on_cache``: called with the merged batch
+    cache before the first decode step (the tests inspect it)."""
     method = method or engine.method
     check_batchable(engine, method)
     if not encs:
@@ -206,6 +208,8 @@ def generate_batch(engine: Engine, encs: list, seed: int = 0, method=None,
             cache = DynamicCache(config=adapter.text_config())
             cache.layers = [BatchLayer(layer, max_new) for layer in layers]
             del layers
+            if on_cache is not None:
+                on_cache(cache)
             modules = [layer.self_attn for layer in adapter.decoder_layers()]
             for m, layer in zip(modules, cache.layers):
                 m._avkv_batch_layer = layer
