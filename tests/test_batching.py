@@ -2,6 +2,8 @@
 at batch 1 — the same tokens, the same first logits, the same kept entries (the batch cache's rows hold that
 sample's batch-1 cache, head by head) — for dense, per-layer, ragged per-head and all-query methods; each sample
 stops at its own end-of-sequence token; what cannot batch is refused by name."""
+import contextlib
+
 import pytest
 import torch
 
@@ -39,6 +41,17 @@ def encs():
     return ad, out
 
 
+@contextlib.contextmanager
+def _logits(ad):
+    """The last-position logits of every forward of the model, in order."""
+    out = []
+    h = ad.model.get_output_embeddings().register_forward_hook(lambda m, a, o: out.append(o[:, -1].detach().clone()))
+    try:
+        yield out
+    finally:
+        h.remove()
+
+
 def _heads(layer):
     if isinstance(layer, RaggedLayer):
         return [layer.head(h) for h in range(layer.num_heads)]
@@ -50,18 +63,26 @@ def test_batch_equals_batch_one_per_sample(encs, name):
     ad, es = encs
     eng = Engine(ad, METHODS[name](), budget=0.3, max_new_tokens=MAX_NEW)
     seen = {}
-    batch = generate_batch(eng, es, on_cache=lambda c: seen.update(cache=c, prompt=[la.length for la in c.layers]))
-    single = [eng.generate(e) for e in es]
+    with _logits(ad) as out:
+        batch = generate_batch(eng, es, on_cache=lambda c: seen.update(cache=c, prompt=[la.length for la in c.layers]))
+    steps = [o for o in out if o.shape[0] == len(es)]               # the batched decode steps, [B, V] each
+    single, single_steps = [], []
+    for e in es:
+        with _logits(ad) as out:
+            single.append(eng.generate(e))
+        single_steps.append(out[len(out) - (single[-1].record["new_tokens"] - 1):])
     storage = set()
     for b, (g, ref, enc) in enumerate(zip(batch, single, es)):
         assert g.token_ids == ref.token_ids, (name, b)
         assert torch.allclose(g.first_logits, ref.first_logits, atol=1e-6)
+        for t, ref_step in enumerate(single_steps[b]):             # every decode step's logits, as at batch 1
+            assert torch.allclose(steps[t][b], ref_step[0], atol=1e-5), (name, b, t, float((steps[t][b] - ref_step[0]).abs().max()))
         for key in ("n_prompt", "kept_ratio", "kept_per_layer", "kept_by_modality", "kv_bytes_kept", "kv_storage"):
             assert g.record.get(key) == ref.record.get(key), (name, b, key)
         assert g.record["batch_size"] == len(es) and g.record["decode_s"] == batch[0].record["decode_s"]
         storage.add(ref.record["kv_storage"])
         # the batch cache's row b holds exactly sample b's batch-1 prompt cache (the same kept entries), left-padded
-        with torch.no_grad(), __import__("contextlib").ExitStack() as st:
+        with torch.no_grad(), contextlib.ExitStack() as st:
             p = eng.prefill(enc, st)
         for i, layer in enumerate(seen["cache"].layers):
             assert isinstance(layer, BatchLayer)
