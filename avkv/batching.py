@@ -8,10 +8,11 @@
    own logits. Prompts of different lengths therefore need no padding in the prefill, and a sample's full
    (uncompressed) cache exists only while that sample is prefilled: the batch holds B *compressed* caches, which is
    where compression buys capacity (``scripts/bench_capacity.py``);
-2. **one left-padded batched cache** (:class:`BatchLayer`, preallocated for the decode steps): per layer, every
-   sample's kept entries, per KV head (a ragged per-head layer keeps its own count per head), right-aligned in a
-   ``[B, kvH, L, D]`` tensor with a ``[B, kvH, L]`` validity mask; the rows' left padding is masked out by
-   :func:`batch_attention` (the one decode attention for every storage: dense, per-layer lengths, ragged heads);
+2. **one batched cache** (:func:`batch_layer`): per layer, every sample's kept entries, per KV head (a ragged
+   per-head layer keeps its own count per head), in one :class:`~avkv.kvstore.PreallocLayer` ``[B, kvH, L, D]``
+   allocated once for the decode steps, with its ``[B, kvH]`` lengths and validity: a row shorter than the longest
+   is padded (never attended), each row writes its new tokens at its own length, and the batch decodes through the
+   engine's one decode attention (:func:`avkv.attention.decoding`), the same for every storage;
 3. **batched greedy decode** at each sample's own logical positions (``n_b``, ``n_b + 1``, …, moved by the sample's
    rope shift), each sample stopping at its own end-of-sequence token (finished rows are fed their last token and
    their outputs discarded until every row is done or ``max_new_tokens`` is reached).
@@ -34,127 +35,41 @@ from typing import Any, Callable
 import torch
 
 from avkv.engine import Engine, Generation, shift_positions
-from avkv.kvstore import CompressionError, RaggedLayer
+from avkv.attention import decoding
+from avkv.kvstore import CompressionError, PreallocLayer, RaggedLayer, prealloc_bytes
 from avkv.measure import MemoryTracker
-
-BATCH_IMPL = "avkv_batch"
-
-try:
-    from transformers.cache_utils import DynamicLayer as _DynamicLayer
-except ImportError:  # pragma: no cover - transformers < 4.54 has no cache layers
-    _DynamicLayer = object
-
 
 def _heads(layer: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """A single sample's cache layer as per-KV-head (keys, values), each ``[S_h, D]``."""
     if isinstance(layer, RaggedLayer):
         return [layer.head(h) for h in range(layer.num_heads)]
+    if isinstance(layer, PreallocLayer):
+        raise CompressionError("a sample's cache was converted for decoding before it was batched")
     if layer.keys.shape[0] != 1:
         raise CompressionError(f"expected a batch-1 cache layer, got keys {tuple(layer.keys.shape)}")
     return [(layer.keys[0, h], layer.values[0, h]) for h in range(layer.keys.shape[1])]
 
 
-class BatchLayer(_DynamicLayer):
-    """One decoder layer's cache for a batch: ``[B, kvH, capacity, D]`` keys/values allocated once, the first
-    :attr:`length` columns filled, and ``valid [B, kvH, capacity]`` saying which filled entries are real (each
-    (sample, head) row's prompt entries are right-aligned at ``length``, its left padding invalid). :meth:`update`
-    writes new entries in place at ``length`` (no copy of the cache per step)."""
-
-    def __init__(self, samples: list[list[tuple[torch.Tensor, torch.Tensor]]], extra: int):
-        super().__init__()
-        B, kvH = len(samples), len(samples[0])
-        k0 = samples[0][0][0]
-        D, dtype, device = k0.shape[-1], k0.dtype, k0.device
-        self.length = max(int(k.shape[0]) for heads in samples for k, _ in heads)
-        cap = self.length + max(int(extra), 0)
-        self.keys_buf = torch.zeros(B, kvH, cap, D, dtype=dtype, device=device)
-        self.values_buf = torch.zeros(B, kvH, cap, samples[0][0][1].shape[-1], dtype=dtype, device=device)
-        self.valid = torch.zeros(B, kvH, cap, dtype=torch.bool, device=device)
-        self.lengths = torch.zeros(B, kvH, dtype=torch.long)        # real entries per (sample, head)
-        for b, heads in enumerate(samples):
-            if len(heads) != kvH:
-                raise CompressionError("every sample of a batch must have the same KV heads")
-            for h, (k, v) in enumerate(heads):
-                S = int(k.shape[0])
-                self.keys_buf[b, h, self.length - S:self.length] = k
-                self.values_buf[b, h, self.length - S:self.length] = v
-                self.valid[b, h, self.length - S:self.length] = True
-                self.lengths[b, h] = S
-        self.dtype, self.device = dtype, device
-        self.is_initialized = True
-
-    @property
-    def keys(self) -> torch.Tensor:
-        return self.keys_buf[:, :, :self.length]
-
-    @keys.setter
-    def keys(self, value) -> None:   # DynamicLayer.__init__ assigns None; the buffers are the storage
-        if value is not None:
-            raise CompressionError("a batch cache layer's keys are written through update()")
-
-    @property
-    def values(self) -> torch.Tensor:
-        return self.values_buf[:, :, :self.length]
-
-    @values.setter
-    def values(self, value) -> None:
-        if value is not None:
-            raise CompressionError("a batch cache layer's values are written through update()")
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        B, kvH, q, _ = key_states.shape
-        if B != self.keys_buf.shape[0] or kvH != self.keys_buf.shape[1]:
-            raise CompressionError(f"batch cache layer holds {tuple(self.keys_buf.shape[:2])} (batch, kv heads), "
-                                   f"got {tuple(key_states.shape)}")
-        a, b = self.length, self.length + q
-        if b > self.keys_buf.shape[2]:
-            raise CompressionError(f"batch cache layer capacity {self.keys_buf.shape[2]} exceeded")
-        self.keys_buf[:, :, a:b] = key_states.to(self.dtype)
-        self.values_buf[:, :, a:b] = value_states.to(self.dtype)
-        self.valid[:, :, a:b] = True
-        self.lengths += q
-        self.length = b
-        return self.keys, self.values
-
-    def get_seq_length(self) -> int:
-        return self.length
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.length + query_length, 0
-
-    def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError("a batch cache layer cannot be cropped")
-
-    def nbytes(self) -> int:
-        """Bytes allocated (buffers at full capacity, padding included)."""
-        return sum(t.numel() * t.element_size() for t in (self.keys_buf, self.values_buf))
-
-
-def batch_attention(module, query, key, value, attention_mask, **kwargs):
-    """Decoder attention over a :class:`BatchLayer`: the model's base backend with an additive bias built from the
-    layer's per-(sample, KV head) validity (expanded to the query heads) and, for more than one query, the causal
-    mask bottom-right aligned. The model passes no mask of its own (its mask function returns None)."""
-    from avkv.attention import base_attention
-    layer: BatchLayer = module._avkv_batch_layer
-    fn = base_attention(getattr(module, "_avkv_base_impl", "sdpa"))
-    q_len, k_len = query.shape[2], key.shape[2]
-    groups = query.shape[1] // layer.valid.shape[1]
-    allowed = layer.valid[:, :, :k_len].repeat_interleave(groups, 1)[:, :, None, :]       # [B, H, 1, k]
-    if q_len > 1:
-        causal = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)
-        allowed = allowed & causal[None, None]
-    bias = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device).masked_fill(
-        ~allowed, torch.finfo(query.dtype).min)
-    return fn(module, query, key, value, bias, **kwargs)
-
-
-def _register() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-
-    from avkv.attention import _no_model_mask
-    AttentionInterface.register(BATCH_IMPL, batch_attention)
-    AttentionMaskInterface.register(BATCH_IMPL, _no_model_mask)
+def batch_layer(samples: list[list[tuple[torch.Tensor, torch.Tensor]]], extra: int) -> PreallocLayer:
+    """One decoder layer's batch cache from each sample's per-head entries: a :class:`~avkv.kvstore.PreallocLayer`
+    ``[B, kvH, L + extra, D]`` (L: the longest (sample, head) row), each row's entries from slot 0, its validity
+    and its own length (the rest of the row is padding, never attended)."""
+    B, kvH = len(samples), len(samples[0])
+    k0, v0 = samples[0][0]
+    L = max(int(k.shape[0]) for heads in samples for k, _ in heads)
+    K = k0.new_zeros(B, kvH, L, k0.shape[-1])
+    V = v0.new_zeros(B, kvH, L, v0.shape[-1])
+    valid = torch.zeros(B, kvH, L, dtype=torch.bool, device=k0.device)
+    lengths = torch.zeros(B, kvH, dtype=torch.long, device=k0.device)
+    for b, heads in enumerate(samples):
+        if len(heads) != kvH:
+            raise CompressionError("every sample of a batch must have the same KV heads")
+        for h, (k, v) in enumerate(heads):
+            S = int(k.shape[0])
+            K[b, h, :S], V[b, h, :S] = k, v
+            valid[b, h, :S] = True
+            lengths[b, h] = S
+    return PreallocLayer(K, V, valid, lengths, extra)
 
 
 def check_batchable(engine: Engine, method) -> None:
@@ -206,20 +121,12 @@ def generate_batch(engine: Engine, encs: list, seed: int = 0, method=None,
         if not all(done) and max_new > 1:
             from transformers import DynamicCache
             cache = DynamicCache(config=adapter.text_config())
-            cache.layers = [BatchLayer(layer, max_new) for layer in layers]
+            cache.layers = [batch_layer(layer, max_new) for layer in layers]
             del layers
             if on_cache is not None:
                 on_cache(cache)
             modules = [layer.self_attn for layer in adapter.decoder_layers()]
-            for m, layer in zip(modules, cache.layers):
-                m._avkv_batch_layer = layer
-            cfg = adapter.text_config()
-            prev = cfg._attn_implementation
-            _register()
-            for m in modules:
-                m._avkv_base_impl = prev or "sdpa"
-            cfg._attn_implementation = BATCH_IMPL
-            try:
+            with decoding(adapter.text_config(), cache, modules, max_new):
                 t2 = engine.clock.now()
                 while not all(done) and steps + 1 < max_new:
                     ids = torch.tensor([[t[-1]] for t in tokens], device=dev)
@@ -233,14 +140,8 @@ def generate_batch(engine: Engine, encs: list, seed: int = 0, method=None,
                             done[b] = nxt[b] in eos
                     steps += 1
                 t3 = engine.clock.now()
-                decode_s = engine.clock.elapsed(t2, t3)
-            finally:
-                cfg._attn_implementation = prev
-                for m in modules:
-                    for attr in ("_avkv_batch_layer", "_avkv_base_impl"):
-                        if hasattr(m, attr):
-                            delattr(m, attr)
-            batch_kv_bytes = sum(layer.nbytes() for layer in cache.layers)
+            decode_s = engine.clock.elapsed(t2, t3)
+            batch_kv_bytes = prealloc_bytes(cache)[1]
             del cache
         else:
             batch_kv_bytes = 0
@@ -257,4 +158,4 @@ def generate_batch(engine: Engine, encs: list, seed: int = 0, method=None,
     return gens
 
 
-__all__ = ["generate_batch", "check_batchable", "BatchLayer", "batch_attention", "BATCH_IMPL"]
+__all__ = ["generate_batch", "check_batchable", "batch_layer"]

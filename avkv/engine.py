@@ -29,10 +29,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from avkv.attention import MASKED_IMPL
+from avkv.attention import MASKED_IMPL, decoding
 from avkv.compressor import Compressor
 from avkv.kvstore import (BUDGET_TOLERANCE, CompressionError, RaggedLayer, kv_bytes_by_device, kv_cache_bytes,
-                          measure_cache, within_budget)
+                          measure_cache, prealloc_bytes, within_budget)
 from avkv.ledger import write_record
 from avkv.measure import Clock, MemoryTracker, _memory_tracker
 from avkv.methods.base import Method
@@ -98,6 +98,11 @@ class Prefilled:
 
 class Engine:
     """Runs one method at one budget over encoded prompts. See the module docstring for the flow."""
+
+    #: ``prealloc``: decode through the one path (:func:`avkv.attention.decoding`); ``dynamic``: transformers'
+    #: growing cache and the storage's own attention (the path before it; kept for the before/after benchmark and
+    #: for ``decode_policy=fixed``, which evicts per step)
+    decode_cache = "prealloc"
 
     def __init__(self, adapter: ModelAdapter, method: Method, budget: float = 0.2, budget_tokens: int | None = None,
                  compress_at: str = "question", max_new_tokens: int = 16, mask_only: bool = False):
@@ -177,8 +182,6 @@ class Engine:
             logits = adapter.forward(input_ids[:, s:], cache, shift_positions(pos[..., s:], shift))
         t1 = self.clock.now()
         held = measure_cache(cache, cm.attn_modules if cm else None)
-        if mem is not None:
-            mem.mark()                                    # between the clock's sections: prefill done, decode next
         return Prefilled(enc=enc, method=method, n=n, s=s, target=target, pos=pos, shift=shift, cache=cache, cm=cm,
                          mem=mem, held=held, logits=logits, prefill_s=self.clock.elapsed(t0, t1),
                          position_ids_s=position_ids_s)
@@ -205,7 +208,14 @@ class Engine:
             first_logits = p.logits[0, -1].float().cpu()
             tok = int(p.logits[0, -1].argmax())
             tokens = [tok]
-            with cm.stage("decode") if cm else contextlib.nullcontext():
+            modules = cm.attn_modules if cm else [layer.self_attn for layer in adapter.decoder_layers()]
+            one_path = self.decode_cache == "prealloc" and p.method.decode_policy != "fixed"   # fixed: evicts per step
+            tc = self.clock.now()
+            dec = decoding(adapter.text_config(), cache, modules, max_new) if one_path else contextlib.nullcontext()
+            with dec, cm.stage("decode") if cm else contextlib.nullcontext():
+                convert_s = self.clock.elapsed(tc, self.clock.now())
+                allocated = prealloc_bytes(cache) if one_path else (sum(p.held[1]),) * 2
+                p.mem.mark()                              # between the clock's sections: prefill done, decode next
                 t2 = self.clock.now()
                 steps = 0
                 while tok not in eos and len(tokens) < max_new:
@@ -219,7 +229,10 @@ class Engine:
         out_ids = [t for t in tokens if t not in eos]
         record = self.sample_record(p)
         record.update(decode_s_per_token=(decode_s / steps) if steps else None, decode_s=decode_s,
-                      new_tokens=len(tokens), peak_mem_bytes=p.mem.peak, peak_mem_kind=p.mem.kind)
+                      new_tokens=len(tokens), peak_mem_bytes=p.mem.peak, peak_mem_kind=p.mem.kind,
+                      decode_cache="prealloc" if one_path else "dynamic",
+                      decode_convert_s=convert_s, kv_bytes_allocated=allocated[0],
+                      kv_bytes_decode_buffer=allocated[1])
         if len(getattr(adapter, "devices", ())) > 1:      # layers spread over devices: where the bytes are
             record.update(devices=[str(d) for d in adapter.devices], peak_mem_by_device=p.mem.by_device,
                           kv_bytes_by_device=kv_bytes_by_device(cache))
