@@ -94,6 +94,64 @@ def register_masked_attention() -> None:
     AttentionMaskInterface.register(MASKED_IMPL, _no_model_mask)
 
 
+# ------------------------------------------------------------------------------------- the one decode path
+DECODE_IMPL = "avkv_decode"
+
+
+def decode_attention(module, query, key, value, attention_mask, **kwargs):
+    """The decoder attention over a :class:`~avkv.kvstore.PreallocLayer` (module attribute ``_avkv_decode_layer``),
+    the same for every storage: one SDPA call per layer with the layer's boolean validity mask.
+
+    GQA without copying keys: the ``g`` query heads of each KV head (and, for ``q > 1`` new tokens, their rows) are
+    packed into the query rows of that KV head, ``[B, kvH, g·q, D]`` against ``[B, kvH, T, D]``. Query row j of
+    (b, h) sits at slot ``lengths[b, h] - q + j`` (the layer has already written it) and attends to the valid slots
+    up to it. Returns ``[B, q, H, D]`` and no weights. The model's own mask is not used (the model passes None)."""
+    layer = module._avkv_decode_layer
+    B, H, q, D = query.shape
+    kvH, T = key.shape[1], key.shape[2]
+    g = H // kvH
+    valid = layer.valid[:, :, :T]                                               # [B, kvH, T] (view)
+    if q == 1:
+        mask = valid[:, :, None, :]                                             # [B, kvH, 1, T]
+    else:
+        at = layer.lengths[:, :, None] - q + torch.arange(q, device=query.device)          # [B, kvH, q]
+        causal = torch.arange(T, device=query.device)[None, None, None, :] <= at[..., None]
+        mask = (valid[:, :, None, :] & causal)[:, :, None].expand(B, kvH, g, q, T).reshape(B, kvH, g * q, T)
+    qg = query.reshape(B, kvH, g * q, D)
+    scale = kwargs.get("scaling")
+    if scale is None:
+        scale = getattr(module, "scaling", None)
+    out = torch.nn.functional.scaled_dot_product_attention(qg, key, value, attn_mask=mask, scale=scale)
+    return out.reshape(B, H, q, value.shape[-1]).transpose(1, 2).contiguous(), None
+
+
+def register_decode_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+    AttentionInterface.register(DECODE_IMPL, decode_attention)
+    AttentionMaskInterface.register(DECODE_IMPL, _no_model_mask)
+
+
+@contextlib.contextmanager
+def decoding(text_config: Any, cache: Any, modules: list, extra: int) -> Iterator[list]:
+    """Decode through the one path inside: every layer of ``cache`` converted to a preallocated layer with
+    ``extra`` free slots (:func:`~avkv.kvstore.to_prealloc`, one copy) and the decoder switched to
+    :func:`decode_attention`; the previous backend is restored and the modules' layer references dropped on exit
+    (the cache keeps its converted layers). Yields the converted layers."""
+    from avkv.kvstore import to_prealloc
+    layers = to_prealloc(cache, modules, extra)
+    register_decode_attention()
+    prev = text_config._attn_implementation
+    text_config._attn_implementation = DECODE_IMPL
+    try:
+        yield layers
+    finally:
+        text_config._attn_implementation = prev
+        for m in modules:
+            if hasattr(m, "_avkv_decode_layer"):
+                delattr(m, "_avkv_decode_layer")
+
+
 class AttentionBackend:
     """The decoder's ``_attn_implementation`` for one sample (context manager): the model's own backend on entry
     and again on exit, whatever was switched in between."""
@@ -147,4 +205,5 @@ class AttentionBackend:
             self.config._attn_implementation = MASKED_IMPL
 
 
-__all__ = ["AttentionBackend", "MASKED_IMPL", "masked_attention", "register_masked_attention", "base_attention"]
+__all__ = ["AttentionBackend", "MASKED_IMPL", "DECODE_IMPL", "decode_attention", "decoding",
+           "register_decode_attention", "masked_attention", "register_masked_attention", "base_attention"]

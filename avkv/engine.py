@@ -29,10 +29,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from avkv.attention import MASKED_IMPL
+from avkv.attention import MASKED_IMPL, decoding
 from avkv.compressor import Compressor
 from avkv.kvstore import (BUDGET_TOLERANCE, CompressionError, RaggedLayer, kv_bytes_by_device, kv_cache_bytes,
-                          measure_cache, within_budget)
+                          measure_cache, prealloc_bytes, within_budget)
 from avkv.ledger import write_record
 from avkv.measure import Clock, MemoryTracker, _memory_tracker
 from avkv.methods.base import Method
@@ -76,8 +76,33 @@ class Generation:
     record: dict
 
 
+@dataclass
+class Prefilled:
+    """One sample after :meth:`Engine.prefill`: its (compressed) cache, the logits of its last prompt position, the
+    compressor (None: nothing compressed) and what the record needs."""
+    enc: Encoded
+    method: Method
+    n: int
+    s: int
+    target: int
+    pos: torch.Tensor
+    shift: int
+    cache: object
+    cm: Compressor | None
+    mem: MemoryTracker | None
+    held: tuple
+    logits: torch.Tensor
+    prefill_s: float
+    position_ids_s: float
+
+
 class Engine:
     """Runs one method at one budget over encoded prompts. See the module docstring for the flow."""
+
+    #: ``prealloc``: decode through the one path (:func:`avkv.attention.decoding`); ``dynamic``: transformers'
+    #: growing cache and the storage's own attention (the path before it; kept for the before/after benchmark and
+    #: for ``decode_policy=fixed``, which evicts per step)
+    decode_cache = "prealloc"
 
     def __init__(self, adapter: ModelAdapter, method: Method, budget: float = 0.2, budget_tokens: int | None = None,
                  compress_at: str = "question", max_new_tokens: int = 16, mask_only: bool = False):
@@ -118,10 +143,13 @@ class Engine:
                        model_path=None if path is None else str(path))
 
     @torch.no_grad()
-    def generate(self, enc: Encoded, seed: int = 0, method: Method | None = None,
-                 max_new_tokens: int | None = None) -> Generation:
+    def prefill(self, enc: Encoded, stack: contextlib.ExitStack, seed: int = 0, method: Method | None = None,
+                track_memory: bool = True) -> "Prefilled":
+        """Steps 1–3 of the module docstring for one sample: position ids, the compressed prefill of ``[0, s)`` and
+        the suffix ``[s, n)`` on the compressed cache. The method's hooks (and the memory tracker, unless
+        ``track_memory`` is off) are entered into ``stack``: they stay live for decoding until it closes
+        (:mod:`avkv.batching` closes it after the prefill and decodes the batch itself)."""
         method = method or self.method
-        max_new = max_new_tokens or self.max_new_tokens
         adapter, dev = self.adapter, self.adapter.device
         input_ids = enc.input_ids.to(dev)
         n = input_ids.shape[1]
@@ -138,47 +166,75 @@ class Engine:
         position_ids_s = self.clock.elapsed(tp, self.clock.now())
         from transformers import DynamicCache
         cache = DynamicCache(config=adapter.text_config())
-        eos = set(adapter.eos_token_ids)
         cm = Compressor(adapter, method, self.request(enc, pos), self.mask_only, seed) if compress else None
-        mem = MemoryTracker(dev, getattr(adapter, "devices", None))
-        with mem, (cm or contextlib.nullcontext()):
-            t0 = self.clock.now()
-            with cm.stage("prefill") if cm else contextlib.nullcontext():
-                logits = adapter.forward(input_ids[:, :s], cache, pos[..., :s], mm)
-            if cm:
-                cm.end_prefill(cache)
-            shift = cm.ledger.rope_shift() if cm else 0
-            if s < n:
-                logits = adapter.forward(input_ids[:, s:], cache, shift_positions(pos[..., s:], shift))
-            t1 = self.clock.now()
-            held = measure_cache(cache, cm.attn_modules if cm else None)
-            mem.mark()                                    # between the clock's sections: prefill done, decode next
-            first_logits = logits[0, -1].float().cpu()
-            tok = int(logits[0, -1].argmax())
+        mem = MemoryTracker(dev, getattr(adapter, "devices", None)) if track_memory else None
+        if mem is not None:
+            stack.enter_context(mem)
+        if cm is not None:
+            stack.enter_context(cm)
+        t0 = self.clock.now()
+        with cm.stage("prefill") if cm else contextlib.nullcontext():
+            logits = adapter.forward(input_ids[:, :s], cache, pos[..., :s], mm)
+        if cm:
+            cm.end_prefill(cache)
+        shift = cm.ledger.rope_shift() if cm else 0
+        if s < n:
+            logits = adapter.forward(input_ids[:, s:], cache, shift_positions(pos[..., s:], shift))
+        t1 = self.clock.now()
+        held = measure_cache(cache, cm.attn_modules if cm else None)
+        return Prefilled(enc=enc, method=method, n=n, s=s, target=target, pos=pos, shift=shift, cache=cache, cm=cm,
+                         mem=mem, held=held, logits=logits, prefill_s=self.clock.elapsed(t0, t1),
+                         position_ids_s=position_ids_s)
+
+    def sample_record(self, p: "Prefilled") -> dict:
+        """The sample's record (:func:`avkv.ledger.write_record`) with its prefill timings; decode fields are the
+        caller's."""
+        record = write_record(p.cm.ledger if p.cm else None, p.enc, p.cache, p.held, n=p.n, s=p.s, method=p.method,
+                              compress_at=self.compress_at, target_kept=p.target,
+                              num_heads=self.adapter.text_config().num_attention_heads, mask_only=self.mask_only)
+        record.update(prefill_s=p.prefill_s, position_ids_s=p.position_ids_s,
+                      compress_s=p.cm.ledger.compress_s if p.cm else 0.0, media_s=p.enc.media_s)
+        return record
+
+    @torch.no_grad()
+    def generate(self, enc: Encoded, seed: int = 0, method: Method | None = None,
+                 max_new_tokens: int | None = None) -> Generation:
+        max_new = max_new_tokens or self.max_new_tokens
+        adapter, dev = self.adapter, self.adapter.device
+        eos = set(adapter.eos_token_ids)
+        with contextlib.ExitStack() as stack:
+            p = self.prefill(enc, stack, seed, method)
+            cm, cache, pos, shift, n = p.cm, p.cache, p.pos, p.shift, p.n
+            first_logits = p.logits[0, -1].float().cpu()
+            tok = int(p.logits[0, -1].argmax())
             tokens = [tok]
-            with cm.stage("decode") if cm else contextlib.nullcontext():
+            modules = cm.attn_modules if cm else [layer.self_attn for layer in adapter.decoder_layers()]
+            one_path = self.decode_cache == "prealloc" and p.method.decode_policy != "fixed"   # fixed: evicts per step
+            tc = self.clock.now()
+            dec = decoding(adapter.text_config(), cache, modules, max_new) if one_path else contextlib.nullcontext()
+            with dec, cm.stage("decode") if cm else contextlib.nullcontext():
+                convert_s = self.clock.elapsed(tc, self.clock.now())
+                allocated = prealloc_bytes(cache) if one_path else (sum(p.held[1]),) * 2
+                p.mem.mark()                              # between the clock's sections: prefill done, decode next
                 t2 = self.clock.now()
                 steps = 0
                 while tok not in eos and len(tokens) < max_new:
-                    p = shift_positions(adapter.continue_position_ids(pos, n + steps, 1), shift)
-                    logits = adapter.forward(torch.tensor([[tok]], device=dev), cache, p)
+                    q = shift_positions(adapter.continue_position_ids(pos, n + steps, 1), shift)
+                    logits = adapter.forward(torch.tensor([[tok]], device=dev), cache, q)
                     tok = int(logits[0, -1].argmax())
                     tokens.append(tok)
                     steps += 1
                 t3 = self.clock.now()
-        prefill_s = self.clock.elapsed(t0, t1)
         decode_s = self.clock.elapsed(t2, t3)
         out_ids = [t for t in tokens if t not in eos]
-        record = write_record(cm.ledger if cm else None, enc, cache, held, n=n, s=s, method=method,
-                              compress_at=self.compress_at, target_kept=target,
-                              num_heads=adapter.text_config().num_attention_heads, mask_only=self.mask_only)
-        record.update(prefill_s=prefill_s, position_ids_s=position_ids_s,
-                      compress_s=cm.ledger.compress_s if cm else 0.0,
-                      decode_s_per_token=(decode_s / steps) if steps else None, decode_s=decode_s,
-                      new_tokens=len(tokens), peak_mem_bytes=mem.peak, peak_mem_kind=mem.kind,
-                      media_s=enc.media_s)
+        record = self.sample_record(p)
+        record.update(decode_s_per_token=(decode_s / steps) if steps else None, decode_s=decode_s,
+                      new_tokens=len(tokens), peak_mem_bytes=p.mem.peak, peak_mem_kind=p.mem.kind,
+                      decode_cache="prealloc" if one_path else "dynamic",
+                      decode_convert_s=convert_s, kv_bytes_allocated=allocated[0],
+                      kv_bytes_decode_buffer=allocated[1])
         if len(getattr(adapter, "devices", ())) > 1:      # layers spread over devices: where the bytes are
-            record.update(devices=[str(d) for d in adapter.devices], peak_mem_by_device=mem.by_device,
+            record.update(devices=[str(d) for d in adapter.devices], peak_mem_by_device=p.mem.by_device,
                           kv_bytes_by_device=kv_bytes_by_device(cache))
         return Generation(token_ids=out_ids, text=adapter.decode(out_ids), first_logits=first_logits, record=record)
 
@@ -195,6 +251,6 @@ class Engine:
                 "fidelity_full_prediction": ref.text}
 
 
-__all__ = ["Engine", "Generation", "Compressor", "CompressionError", "RaggedLayer", "Request", "kv_cache_bytes",
+__all__ = ["Engine", "Generation", "Prefilled", "Compressor", "CompressionError", "RaggedLayer", "Request", "kv_cache_bytes",
            "measure_cache", "kv_bytes_by_device", "within_budget", "rotary_rows", "shift_positions", "COMPRESS_AT",
            "BUDGET_TOLERANCE", "MASKED_IMPL", "Clock", "MemoryTracker", "_memory_tracker"]

@@ -102,6 +102,176 @@ class RaggedLayer(_DynamicLayer):
         raise NotImplementedError("a ragged (per-head) cache layer holds batch size 1")
 
 
+# ----------------------------------------------------------------------------------- preallocated decode storage
+class PreallocLayer(_DynamicLayer):
+    """One decoder layer's cache for decoding, whatever the storage it came from: buffers allocated once, new
+    tokens written in place (no per-step copy of the cache).
+
+    ``keys``/``values`` are ``[B, kvH, C, D]`` buffers of capacity C; ``valid`` ``[B, kvH, C]`` (bool) says which
+    slots hold an entry each (batch row, KV head) attends to, ``lengths`` ``[B, kvH]`` (long) how many slots each
+    has filled. A (b, h) whose prompt kept fewer entries than the layer's longest is padded up to it (the padding
+    is invalid, never attended, but allocated: :attr:`nbytes` counts it, :attr:`valid_entries` does not); the
+    masked reference (``mask_only``) keeps its dropped entries as invalid slots. :meth:`update` writes each
+    (b, h)'s new entries at its own ``lengths[b, h]`` and marks them valid; :meth:`view` is what attention reads:
+    the buffers and mask up to the longest filled length (views, no copy). Capacity runs out → it doubles (one
+    copy); the engine sizes it for ``max_new_tokens`` so that never happens while decoding.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None = None,
+                 lengths: torch.Tensor | None = None, extra: int = 0):
+        """``keys``/``values`` [B, kvH, S, D]: the prompt's entries, left-aligned per (b, h); ``valid`` [B, kvH, S]
+        which of them count (None: all); ``lengths`` [B, kvH] slots filled per (b, h) (None: S, or one past the last
+        valid slot); ``extra``: free slots to allocate for the tokens to come."""
+        super().__init__()
+        B, kvH, S, D = keys.shape
+        dev = keys.device
+        if valid is None:
+            valid = torch.ones(B, kvH, S, dtype=torch.bool, device=dev)
+        if lengths is None:
+            lengths = torch.full((B, kvH), S, dtype=torch.long, device=dev)
+        C = S + max(int(extra), 0)
+        self.keys = keys.new_zeros(B, kvH, C, D)
+        self.values = values.new_zeros(B, kvH, C, values.shape[-1])
+        self.keys[:, :, :S] = keys
+        self.values[:, :, :S] = values
+        self.valid = torch.zeros(B, kvH, C, dtype=torch.bool, device=dev)
+        self.valid[:, :, :S] = valid.to(dev)
+        self.lengths = lengths.to(device=dev, dtype=torch.long).clone()
+        self._filled = int(self.lengths.max()) if self.lengths.numel() else 0
+        self.num_heads = kvH
+        self.dtype, self.device = self.keys.dtype, dev
+        self.is_initialized = True
+
+    # ---- conversions
+    @classmethod
+    def from_layer(cls, layer: Any, valid: torch.Tensor | None = None, extra: int = 0) -> "PreallocLayer":
+        """The preallocated copy of a cache layer: a plain ``[B, kvH, S, D]`` layer (``valid`` [kvH, ≤S] or
+        [B, kvH, ≤S]: the masked reference's validity, entries past it valid) or a :class:`RaggedLayer` (heads
+        padded to the longest)."""
+        if isinstance(layer, RaggedLayer):
+            o, S = layer.offsets(), max(layer.lengths)
+            K = layer.keys.new_zeros(1, layer.num_heads, S, layer.keys.shape[-1])
+            V = layer.values.new_zeros(1, layer.num_heads, S, layer.values.shape[-1])
+            ok = torch.zeros(1, layer.num_heads, S, dtype=torch.bool, device=layer.keys.device)
+            for h, n in enumerate(layer.lengths):
+                K[0, h, :n] = layer.keys[0, 0, o[h]:o[h + 1]]
+                V[0, h, :n] = layer.values[0, 0, o[h]:o[h + 1]]
+                ok[0, h, :n] = True
+            lengths = torch.tensor([layer.lengths], dtype=torch.long, device=layer.keys.device)
+            return cls(K, V, ok, lengths, extra)
+        K, V = layer.keys, layer.values
+        ok = None
+        if valid is not None:
+            B, kvH, S = K.shape[0], K.shape[1], K.shape[2]
+            v = valid.to(K.device).bool()
+            v = v.expand(B, *v.shape[-2:]) if v.dim() == 3 else v[None].expand(B, -1, -1)
+            ok = torch.ones(B, kvH, S, dtype=torch.bool, device=K.device)
+            ok[:, :, : v.shape[-1]] = v
+        return cls(K, V, ok, None, extra)
+
+    # ---- the cache layer interface
+    def _grow(self, need: int) -> None:
+        B, kvH, C, D = self.keys.shape
+        C2 = max(need, 2 * C)
+        for name in ("keys", "values"):
+            old = getattr(self, name)
+            new = old.new_zeros(B, kvH, C2, old.shape[-1])
+            new[:, :, :C] = old
+            setattr(self, name, new)
+        valid = self.valid.new_zeros(B, kvH, C2)
+        valid[:, :, :C] = self.valid
+        self.valid = valid
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        B, kvH, q, _ = key_states.shape
+        if (B, kvH) != tuple(self.lengths.shape):
+            raise CompressionError(f"preallocated cache layer holds batch {tuple(self.lengths.shape)} (B, kv heads), "
+                                   f"got {tuple(key_states.shape)}")
+        end = self._filled + q if bool((self.lengths == self._filled).all()) else int(self.lengths.max()) + q
+        if end > self.keys.shape[2]:
+            self._grow(end)
+        if bool((self.lengths == self._filled).all()):        # every (b, h) at the same length: one slice write
+            a = self._filled
+            self.keys[:, :, a:a + q] = key_states.to(self.dtype)
+            self.values[:, :, a:a + q] = value_states.to(self.dtype)
+            self.valid[:, :, a:a + q] = True
+        else:                                                 # per-(b, h) write positions
+            idx = self.lengths[:, :, None] + torch.arange(q, device=self.device)          # [B, kvH, q]
+            self.keys.scatter_(2, idx[..., None].expand(-1, -1, -1, self.keys.shape[-1]), key_states.to(self.dtype))
+            self.values.scatter_(2, idx[..., None].expand(-1, -1, -1, self.values.shape[-1]),
+                                 value_states.to(self.dtype))
+            self.valid.scatter_(2, idx, True)
+        self.lengths += q
+        self._filled = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+    def view(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What attention reads: keys, values ``[B, kvH, T, D]``, validity ``[B, kvH, T]`` up to the longest filled
+        length T, and ``lengths`` [B, kvH] (views of the buffers)."""
+        T = self._filled
+        return self.keys[:, :, :T], self.values[:, :, :T], self.valid[:, :, :T], self.lengths
+
+    @property
+    def capacity(self) -> int:
+        return int(self.keys.shape[2])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes allocated for keys and values (padding and free slots included)."""
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.values))
+
+    def valid_entries(self) -> torch.Tensor:
+        """Entries each (b, h) attends to, [B, kvH]."""
+        return self.valid.sum(-1)
+
+    def get_seq_length(self) -> int:
+        return self._filled
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self._filled + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("a preallocated decode cache layer cannot be cropped")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("a preallocated decode cache layer is built at its batch size")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise NotImplementedError("a preallocated decode cache layer is built at its batch size")
+
+
+def to_prealloc(cache: Any, modules: list | None = None, extra: int = 0) -> list[PreallocLayer]:
+    """Convert every layer of ``cache`` (plain, per-layer lengths, :class:`RaggedLayer`, the masked reference with
+    its module attribute ``_avkv_valid``) into a :class:`PreallocLayer` with ``extra`` free slots, in place (one copy
+    of the cache, at the end of the prefill). ``modules``: the decoder's attention modules, each given its layer as
+    ``_avkv_decode_layer`` (what :func:`avkv.attention.decode_attention` reads). Returns the new layers."""
+    out = []
+    for i, layer in enumerate(cache.layers):
+        if not isinstance(layer, PreallocLayer):
+            valid = getattr(modules[i], "_avkv_valid", None) if modules is not None else None
+            layer = PreallocLayer.from_layer(layer, valid, extra)
+            cache.layers[i] = layer
+        if modules is not None:
+            modules[i]._avkv_decode_layer = layer
+        out.append(layer)
+    return out
+
+
+def prealloc_bytes(cache: Any) -> tuple[int, int]:
+    """Bytes a converted cache allocates for its keys and values: (the prompt's part, padding included, i.e. up to
+    each layer's longest kept length; everything, free decode slots included)."""
+    prompt = total = 0
+    for layer in cache.layers:
+        if isinstance(layer, PreallocLayer):
+            per_slot = layer.nbytes // max(layer.capacity, 1)
+            prompt += per_slot * layer.get_seq_length()
+            total += layer.nbytes
+    return prompt, total
+
+
 def apply_selection(cache: Any, i: int, module: Any, sel: Any, name: str, mask_only: bool = False
                     ) -> tuple[torch.Tensor, torch.Tensor | None, str]:
     """Replace layer ``i``'s cache by what ``sel`` (a :class:`~avkv.methods.base.Selection`) keeps: a plain tensor
@@ -169,5 +339,5 @@ def within_budget(ratio: float, target: float, n: int, tol: float = BUDGET_TOLER
     return abs(ratio - target) <= tol * target + 1.0 / max(n, 1) + 1e-12
 
 
-__all__ = ["RaggedLayer", "CompressionError", "apply_selection", "measure_cache", "within_budget", "kv_cache_bytes",
+__all__ = ["RaggedLayer", "PreallocLayer", "to_prealloc", "prealloc_bytes", "CompressionError", "apply_selection", "measure_cache", "within_budget", "kv_cache_bytes",
            "kv_bytes_by_device", "BUDGET_TOLERANCE"]

@@ -1,0 +1,161 @@
+"""Batch size > 1: each sample prefilled and compressed on its own, then one greedy decode for the whole batch.
+
+:func:`generate_batch` runs B encoded prompts through one :class:`~avkv.engine.Engine`:
+
+1. **per-sample prefill and compression** — every sample goes through :meth:`Engine.prefill` exactly as at batch 1
+   (its own position ids — M-RoPE's rope index included —, its own :class:`~avkv.methods.request.Request`, its own
+   copy of the method, so per-request state never leaks between samples), and its first answer token comes from its
+   own logits. Prompts of different lengths therefore need no padding in the prefill, and a sample's full
+   (uncompressed) cache exists only while that sample is prefilled: the batch holds B *compressed* caches, which is
+   where compression buys capacity (``scripts/bench_capacity.py``);
+2. **one batched cache** (:func:`batch_layer`): per layer, every sample's kept entries, per KV head (a ragged
+   per-head layer keeps its own count per head), in one :class:`~avkv.kvstore.PreallocLayer` ``[B, kvH, L, D]``
+   allocated once for the decode steps, with its ``[B, kvH]`` lengths and validity: a row shorter than the longest
+   is padded (never attended), each row writes its new tokens at its own length, and the batch decodes through the
+   engine's one decode attention (:func:`avkv.attention.decoding`), the same for every storage;
+3. **batched greedy decode** at each sample's own logical positions (``n_b``, ``n_b + 1``, …, moved by the sample's
+   rope shift), each sample stopping at its own end-of-sequence token (finished rows are fed their last token and
+   their outputs discarded until every row is done or ``max_new_tokens`` is reached).
+
+Records: one per sample (:meth:`Engine.sample_record`: what that sample kept, its own prefill time) plus the
+batch's shared figures — ``batch_size``, ``batch_prefill_s`` (sum of the samples' prefills, run one after the
+other), ``decode_s`` / ``decode_s_per_token`` (one batched step, shared by all rows), ``batch_decode_tokens_per_s``
+(answer tokens of all rows per second of the batched decode) and the batch's peak memory.
+
+Not batchable (refused, never silently run at batch 1): a ``decode_policy=fixed`` method (decode-time eviction of
+a ragged batch is not implemented), the masked reference (``mask_only``) and the native ports (their decoder does
+not take transformers' attention interface).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Any, Callable
+
+import torch
+
+from avkv.engine import Engine, Generation, shift_positions
+from avkv.attention import decoding
+from avkv.kvstore import CompressionError, PreallocLayer, RaggedLayer, prealloc_bytes
+from avkv.measure import MemoryTracker
+
+def _heads(layer: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A single sample's cache layer as per-KV-head (keys, values), each ``[S_h, D]``."""
+    if isinstance(layer, RaggedLayer):
+        return [layer.head(h) for h in range(layer.num_heads)]
+    if isinstance(layer, PreallocLayer):
+        raise CompressionError("a sample's cache was converted for decoding before it was batched")
+    if layer.keys.shape[0] != 1:
+        raise CompressionError(f"expected a batch-1 cache layer, got keys {tuple(layer.keys.shape)}")
+    return [(layer.keys[0, h], layer.values[0, h]) for h in range(layer.keys.shape[1])]
+
+
+def batch_layer(samples: list[list[tuple[torch.Tensor, torch.Tensor]]], extra: int) -> PreallocLayer:
+    """One decoder layer's batch cache from each sample's per-head entries: a :class:`~avkv.kvstore.PreallocLayer`
+    ``[B, kvH, L + extra, D]`` (L: the longest (sample, head) row), each row's entries from slot 0, its validity
+    and its own length (the rest of the row is padding, never attended)."""
+    B, kvH = len(samples), len(samples[0])
+    k0, v0 = samples[0][0]
+    L = max(int(k.shape[0]) for heads in samples for k, _ in heads)
+    K = k0.new_zeros(B, kvH, L, k0.shape[-1])
+    V = v0.new_zeros(B, kvH, L, v0.shape[-1])
+    valid = torch.zeros(B, kvH, L, dtype=torch.bool, device=k0.device)
+    lengths = torch.zeros(B, kvH, dtype=torch.long, device=k0.device)
+    for b, heads in enumerate(samples):
+        if len(heads) != kvH:
+            raise CompressionError("every sample of a batch must have the same KV heads")
+        for h, (k, v) in enumerate(heads):
+            S = int(k.shape[0])
+            K[b, h, :S], V[b, h, :S] = k, v
+            valid[b, h, :S] = True
+            lengths[b, h] = S
+    return PreallocLayer(K, V, valid, lengths, extra)
+
+
+def check_batchable(engine: Engine, method) -> None:
+    """Raise a :class:`CompressionError` naming the reason when ``method`` cannot run batched on ``engine``."""
+    from avkv.models.native_adapter import NativeAdapter
+    if isinstance(engine.adapter, NativeAdapter):
+        raise CompressionError(f"batch_size > 1 is not supported for the native port {engine.adapter.family!r} "
+                               "(its decoder does not use transformers' attention interface); use batch_size=1")
+    if engine.mask_only:
+        raise CompressionError("batch_size > 1 does not run the masked reference (mask_only); use batch_size=1")
+    if getattr(method, "decode_policy", "grow") == "fixed" and not method.is_noop():
+        raise CompressionError(f"method {method.name!r} evicts during decoding (decode_policy=fixed), which is not "
+                               "implemented for a batch; use batch_size=1")
+
+
+@torch.no_grad()
+def generate_batch(engine: Engine, encs: list, seed: int = 0, method=None,
+                   max_new_tokens: int | None = None, seeds: list[int] | None = None,
+                   on_cache: Callable[[Any], None] | None = None) -> list[Generation]:
+    """Greedy generations of ``encs`` as one batch (see the module docstring); one :class:`Generation` per sample,
+    in order. ``seeds``: a seed per sample (default ``seed`` for all); ``on_cache``: called with the merged batch
+    cache before the first decode step (the tests inspect it)."""
+    method = method or engine.method
+    check_batchable(engine, method)
+    if not encs:
+        return []
+    adapter, dev = engine.adapter, engine.adapter.device
+    max_new = max_new_tokens or engine.max_new_tokens
+    eos = set(adapter.eos_token_ids)
+    seeds = list(seeds) if seeds is not None else [seed] * len(encs)
+    B = len(encs)
+    mem = MemoryTracker(dev, getattr(adapter, "devices", None))
+    with mem:
+        pre, records, tokens, first = [], [], [], []
+        for enc, sd in zip(encs, seeds):
+            with contextlib.ExitStack() as stack:       # the sample's hooks end with its prefill
+                p = engine.prefill(enc, stack, sd, copy.deepcopy(method), track_memory=False)
+            pre.append(p)
+            first.append(p.logits[0, -1].float().cpu())
+            tokens.append([int(p.logits[0, -1].argmax())])
+            records.append(engine.sample_record(p))
+        layers = [[_heads(p.cache.layers[i]) for p in pre] for i in range(len(pre[0].cache.layers))]
+        for p in pre:
+            p.cache = None                                  # the samples' own caches are released once merged
+        mem.mark()
+        done = [t[0] in eos for t in tokens]
+        steps = 0
+        decode_s = 0.0
+        if not all(done) and max_new > 1:
+            from transformers import DynamicCache
+            cache = DynamicCache(config=adapter.text_config())
+            cache.layers = [batch_layer(layer, max_new) for layer in layers]
+            del layers
+            if on_cache is not None:
+                on_cache(cache)
+            modules = [layer.self_attn for layer in adapter.decoder_layers()]
+            with decoding(adapter.text_config(), cache, modules, max_new):
+                t2 = engine.clock.now()
+                while not all(done) and steps + 1 < max_new:
+                    ids = torch.tensor([[t[-1]] for t in tokens], device=dev)
+                    pos = torch.cat([shift_positions(adapter.continue_position_ids(p.pos, p.n + steps, 1), p.shift)
+                                     for p in pre], dim=-2)
+                    logits = adapter.forward(ids, cache, pos)
+                    nxt = logits[:, -1].argmax(-1).tolist()
+                    for b in range(B):
+                        if not done[b]:
+                            tokens[b].append(int(nxt[b]))
+                            done[b] = nxt[b] in eos
+                    steps += 1
+                t3 = engine.clock.now()
+            decode_s = engine.clock.elapsed(t2, t3)
+            batch_kv_bytes = prealloc_bytes(cache)[1]
+            del cache
+        else:
+            batch_kv_bytes = 0
+    answer_tokens = sum(len(t) for t in tokens)
+    gens = []
+    for p, rec, toks, fl in zip(pre, records, tokens, first):
+        out_ids = [t for t in toks if t not in eos]
+        rec.update(batch_size=B, batch_prefill_s=sum(q.prefill_s for q in pre), decode_s=decode_s,
+                   decode_s_per_token=(decode_s / steps) if steps else None, batch_decode_steps=steps,
+                   batch_decode_tokens_per_s=((answer_tokens - B) / decode_s) if decode_s > 0 else None,
+                   batch_kv_bytes_allocated=batch_kv_bytes, new_tokens=len(toks), peak_mem_bytes=mem.peak,
+                   peak_mem_kind=mem.kind)
+        gens.append(Generation(token_ids=out_ids, text=adapter.decode(out_ids), first_logits=fl, record=rec))
+    return gens
+
+
+__all__ = ["generate_batch", "check_batchable", "batch_layer"]
