@@ -9,7 +9,11 @@ Flow for one prompt of n tokens (batch size 1):
    physically shrinks (:mod:`avkv.kvstore`);
 3. the rest of the prompt ``[s, n)`` (the assistant preamble, or the question) is fed on the compressed cache with
    its original positions, so even the first answer token sees only the kept entries;
-4. greedy decoding continues at logical positions n, n+1, … (never at the pruned cache length).
+4. greedy decoding continues at logical positions n, n+1, … (never at the pruned cache length), through one path
+   whatever the storage (:func:`avkv.attention.decoding`): every layer is converted once into a preallocated
+   :class:`~avkv.kvstore.PreallocLayer` (capacity kept + ``max_new_tokens``, new tokens written in place) and
+   attends through :func:`avkv.attention.decode_attention`; ``decode_policy=fixed`` methods (which evict per step)
+   keep transformers' growing cache.
 
 ``compress_at`` picks s: ``question`` (default; s = start of the assistant preamble: query-aware),
 ``context`` (s = start of the question: query-agnostic, kvpress's protocol) or ``prompt`` (s = n: the first token
