@@ -14,7 +14,8 @@ This module is the only owner of a run's **identity** (:func:`identity_core`, :f
 Identity: the resolved config less what does not change a sample's result: presentation and bookkeeping keys
 (:data:`NOT_IDENTITY`: logger, paths, progress, where the run is written, how the grid was assembled —
 ``grid``/``experiment``/``smoke``/``experiment_name`` — and resume behaviour) and the descriptive keys of the
-model/dataset/method groups (:data:`DESCRIPTIVE_KEYS`). A method that keeps the whole cache (``uses_budget =
+model/dataset/method groups (:data:`DESCRIPTIVE_KEYS`). ``batch_size`` enters only when it is not 1 (a batched run
+has its own directory: its timing fields are the batch's; at 1 the identity is the one from before the key). A method that keeps the whole cache (``uses_budget =
 False`` on its class: the full cache) has one identity whatever ``budget``/``budget_tokens`` say. Paths inside the
 project (the checkout's ``.cache`` of tiny checkpoints and fixtures, the committed proxies) enter relative to the
 project root, so two worktrees of the same code map a grid point to the same directory name; any other path enters
@@ -135,6 +136,8 @@ def identity_core(cfg: Mapping) -> dict:
     if not uses_budget(cfg):
         for k in BUDGET_KEYS:
             core[k] = None
+    if core.get("batch_size", 1) == 1:            # one sample at a time: the runs from before the key, as before
+        core.pop("batch_size", None)
     if isinstance(core.get("dataset"), Mapping) and core["dataset"].get("limit_per_task", 0) is None:
         core["dataset"] = {k: v for k, v in core["dataset"].items() if k != "limit_per_task"}   # unset: as before
     if isinstance(core.get("dataset"), Mapping) and "prompts" in core["dataset"] \
