@@ -24,8 +24,10 @@ What the cap bounds, and what is measured:
 Search, per budget, all by measured runs: a batch of 1 gives the allocated bytes per sample; the predicted largest
 batch ``B = cap // bytes_per_sample`` is run (stepping down while it does not fit), then ``B + 1`` is run to show it
 does not (stepping up while it does). Decode tokens/s at a batch: ``B · decode steps`` over the calling thread's CPU
-time of the decode forwards (one intra-op thread on CPU; on CUDA the engine's CUDA-event wall time), and the
-wall-clock figure from the record (``batch_decode_tokens_per_s``). Writes ``capacity.csv`` (every trial),
+time of the decode forwards (one intra-op thread on CPU; on CUDA the engine's CUDA-event wall time), the median
+over ``--rounds`` (round 0 is the search; each later round runs every budget's largest batch and its batch of one
+again, budgets in alternating order, so the machine's load hits them alike), and the wall-clock figure from the
+record (``batch_decode_tokens_per_s``, round 0). Writes ``capacity.csv`` (every trial),
 ``capacity.json`` (the largest batch per budget), ``table.md`` and ``meta.json`` under ``--out``.
 """
 from __future__ import annotations
@@ -34,6 +36,7 @@ import argparse
 import csv
 import json
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -55,7 +58,7 @@ def weight_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def trial(adapter, a, budget: float, B: int, W: int) -> dict:
+def trial(adapter, a, budget: float, B: int, W: int, rnd: int = 0) -> dict:
     """One measured batch of ``B`` prompts at ``budget``: its allocated KV bytes, peak memory and decode speed."""
     method = instantiate(compose([f"method={a.method}"]).method)
     eng = Engine(adapter, method, budget=budget, compress_at="prompt", max_new_tokens=a.new_tokens)
@@ -75,7 +78,7 @@ def trial(adapter, a, budget: float, B: int, W: int) -> dict:
     fits = alloc <= a.cap_kv_bytes
     if a.cap_mem_bytes is not None:
         fits = fits and peak - W <= a.cap_mem_bytes
-    row = {"budget": budget, "batch": B, "fits": fits, "batch_kv_bytes_allocated": alloc,
+    row = {"round": rnd, "budget": budget, "batch": B, "fits": fits, "batch_kv_bytes_allocated": alloc,
            "batch_kv_bytes_prompt": int(r["batch_kv_bytes_prompt"]), "kv_bytes_kept_per_sample": r["kv_bytes_kept"],
            "kv_bytes_full_per_sample": r["kv_bytes_full"], "kept_ratio": r["kept_ratio"],
            "peak_mem_bytes": peak, "peak_mem_kind": r["peak_mem_kind"], "weight_bytes": W, "decode_steps": steps,
@@ -129,6 +132,9 @@ def main() -> None:
     ap.add_argument("--cap-mem-bytes", type=float, default=None,
                     help="CUDA only: also cap the batch's peak max_memory_allocated minus the weights")
     ap.add_argument("--max-batch", type=int, default=1024)
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="round 0 is the search; each later round times every budget's largest batch and batch 1 "
+                         "once more, budgets in alternating order (tokens/s: the median over rounds)")
     ap.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
     ap.add_argument("--out", default=str(OUT))
     a = ap.parse_args()
@@ -149,18 +155,32 @@ def main() -> None:
     trial(adapter, argparse.Namespace(**{**vars(a), "length": 256, "new_tokens": 3}), 0.5, 1, W)   # warm-up
     rows: list[dict] = []
     best = []
-    for b in a.budgets:
-        best.append(largest_batch(adapter, a, b, W, rows))
+    def save():
         with open(out / "capacity.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
             w.writeheader()
             w.writerows(rows)
-    meta = {"device": a.device, "shape": a.shape, "layers": a.layers, "length": a.length, "new_tokens": a.new_tokens,
+
+    for b in a.budgets:                             # round 0: the search
+        best.append(largest_batch(adapter, a, b, W, rows))
+        save()
+    for rnd in range(1, a.rounds):                  # timing rounds: every budget's largest batch and batch 1 again
+        for x in (best if rnd % 2 else best[::-1]):
+            for B in sorted({x["max_batch"], 1} - {0}, reverse=bool(rnd % 2)):
+                rows.append(trial(adapter, a, x["budget"], B, W, rnd))
+                save()
+    meta = {"rounds": a.rounds, "device": a.device, "shape": a.shape, "layers": a.layers, "length": a.length, "new_tokens": a.new_tokens,
             "method": a.method, "dtype": dtype, "cap_kv_bytes": a.cap_kv_bytes, "cap_mem_bytes": a.cap_mem_bytes,
             "weight_bytes": W, "threads": torch.get_num_threads(), "torch": torch.__version__,
             "platform": platform.platform(), "gpu": torch.cuda.get_device_name() if cuda else None,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     (out / "meta.json").write_text(json.dumps(meta, indent=1))
+    for x in best:                                  # tokens/s: median over the rounds of the same batch
+        for key, B in (("fit", x["max_batch"]), ("batch1", 1)):
+            tps = [r["tokens_per_s"] for r in rows if r["budget"] == x["budget"] and r["batch"] == B
+                   and r["tokens_per_s"] is not None]
+            if x.get(key) and tps:
+                x[key] = dict(x[key], tokens_per_s=statistics.median(tps), rounds=len(tps))
     summary = [summarise(x, best[0]) for x in best]
     (out / "capacity.json").write_text(json.dumps({"meta": meta, "budgets": summary}, indent=1))
     (out / "table.md").write_text(table(meta, summary))

@@ -2,7 +2,7 @@
 output (``results/bench/capacity/``: ``capacity.csv``, one row per measured batch, and ``meta.json``).
 
 Per budget the point is the largest batch that fitted under the cap (``fits`` true) and the tokens/s measured at
-it; the batch is written beside each point, and the tokens/s of a batch of one at the same budget is drawn as a
+it (the median over the benchmark's rounds); the batch is written beside each point, and the tokens/s of a batch of one at the same budget is drawn as a
 second line (what compression buys at batch 1, for contrast). One figure per cap (``meta.json``'s, or the CSV's
 ``cap_kv_bytes`` column when there is one).
 """
@@ -25,9 +25,10 @@ def capacity_points(rows: pd.DataFrame) -> pd.DataFrame:
             out.append({"budget": float(b), "max_batch": 0, "tokens_per_s": float("nan"),
                         "tokens_per_s_batch1": float("nan")})
             continue
-        best = fit.sort_values("batch").iloc[-1]
-        out.append({"budget": float(b), "max_batch": int(best["batch"]), "tokens_per_s": float(best["tokens_per_s"]),
-                    "tokens_per_s_batch1": float(one["tokens_per_s"].iloc[0]) if len(one) else float("nan")})
+        top = int(fit["batch"].max())
+        out.append({"budget": float(b), "max_batch": top,
+                    "tokens_per_s": float(fit[fit["batch"] == top]["tokens_per_s"].median()),
+                    "tokens_per_s_batch1": float(one["tokens_per_s"].median()) if len(one) else float("nan")})
     return pd.DataFrame(out).sort_values("budget", ascending=False).reset_index(drop=True)
 
 
