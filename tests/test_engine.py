@@ -8,7 +8,10 @@ from avkv.engine import Compressor, Engine, kv_cache_bytes
 from avkv.methods.full import Full
 from avkv.methods.snapkv import SnapKV
 from avkv.models.native_adapter import NativeAdapter
-from tests.conftest import FAMILIES, NATIVE_FAMILIES, VLM_FAMILIES, adapter, av_prompt, family_prompt
+from tests.conftest import FAMILIES, NATIVE_FAMILIES, adapter, av_prompt, family_prompt, modalities
+
+#: the transformers families that take images (every one but the audio-only)
+IMAGE_FAMILIES = tuple(f for f in FAMILIES if "image" in modalities(f))
 from tests.engine_checks import check_budget_one_equals_no_compression, check_split_prefill_equals_one_forward
 
 MAX_NEW = 6
@@ -72,7 +75,7 @@ def test_cache_shrinks_to_budget(fam, budget):
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_5_omni", "qwen3_omni", *VLM_FAMILIES, *NATIVE_FAMILIES])
+@pytest.mark.parametrize("family", [*IMAGE_FAMILIES, *NATIVE_FAMILIES])
 def test_physical_prune_equals_masked_full_cache(family, attn):
     ad = adapter(family, attn)
     enc = ad.encode(family_prompt(ad))
@@ -101,7 +104,7 @@ def test_kvpress_scorers_prune_as_the_masked_full_cache_on_mrope(family, name):
     assert pruned.token_ids == masked.token_ids
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_5_omni", "qwen3_omni", *VLM_FAMILIES])
+@pytest.mark.parametrize("family", IMAGE_FAMILIES)
 def test_decode_positions_after_pruning_equal_generate(family):
     """Compress inside `generate`'s own prefill; our manual decode after the same pruning gives the same tokens
     and logits, so the positions we pass (logical, with M-RoPE deltas) are the ones `generate` uses."""

@@ -56,7 +56,7 @@ from avkv import stats
 from avkv.config import PAPERS_DIR  # noqa: F401 - results/papers in a clone, package data when installed
 from avkv.report.aggregate import (POINT_KEYS, _budget_held, _key, _valid, aggregate,  # noqa: F401
                                    average_over_tasks, full_reference)
-from avkv.report.collect import (RUN_COLUMNS, SAMPLE_NUMERIC, SKIP_DIRS, TASK_KEYS, collect, dedupe,  # noqa: F401
+from avkv.report.collect import (RUN_COLUMNS, SAMPLE_NUMERIC, SKIP_DIRS, collect, dedupe,  # noqa: F401
                                  describe, find_runs, identities, limit_label, load_config, load_run, read_samples,
                                  read_table, write_samples)
 from avkv.report.papers import beside_paper, efficiency_beside, paper_numbers, paper_table  # noqa: F401
