@@ -64,6 +64,9 @@ def _model_classes():
             raise ValueError("this Gemma-3n model is built without its vision tower (timm): it takes text and audio")
 
     class Gemma3nAudioText(Gemma3nForConditionalGeneration):
+        #: the hub checkpoint's vision tower, left unread (not reported; every other unread weight is an error)
+        _keys_to_ignore_on_load_unexpected = [r"^model\.vision_tower\."]
+
         def __init__(self, config):
             Gemma3nPreTrainedModel.__init__(self, config)
             self.model = Gemma3nAudioTextModel(config)
