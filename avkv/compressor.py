@@ -156,7 +156,7 @@ class Compressor:
                 module, modality, n_keep = self.pending[i]
                 layer = cache.layers[i]
                 view = self._view(module, None, layer.keys[0], layer.values[0], modality, n_keep)
-                self._apply(module, cache, i, self.method.compress(view), modality)
+                self._apply(module, cache, i, self._call(self.method.compress, view), modality)
             self.pending = {}
             self.ledger.compress_s += self.clock.elapsed(t0, self.clock.now())
         lengths = {layer.keys.shape[2] for layer in cache.layers if layer.keys is not None and layer.keys.numel()}
@@ -238,10 +238,10 @@ class Compressor:
             view = lse_attention.attach(self._view(module, kwargs, layer.keys[0], layer.values[0], modality, n_keep,
                                                    attn), module)
             if self.method.deferred:          # scores now, selection once every layer has been seen
-                self.method.observe(view)
+                self._call(self.method.observe, view)
                 self.pending[i] = (module, modality, n_keep)
             else:
-                self._apply(module, cache, i, self.method.compress(view), modality)
+                self._apply(module, cache, i, self._call(self.method.compress, view), modality)
         else:
             if isinstance(layer, RaggedLayer):
                 raise CompressionError(f"{self.method.name}: fixed-size decoding over a ragged (per-head) cache "
@@ -257,6 +257,19 @@ class Compressor:
                     if storage != "dense":
                         self.backend.masked()
         self.ledger.compress_s += self.clock.elapsed(t0, self.clock.now())
+
+    def _call(self, fn, view: LayerView):
+        """``fn(view)``; on an irregular cache a method that fails on what it is shown (a sliding layer's view holds
+        only its window, KV-shared layers are never shown: a method that indexes the view by prompt position or
+        counts on seeing every layer) is refused by name, with its own message."""
+        if not self.irregular:
+            return fn(view)
+        try:
+            return fn(view)
+        except CompressionError:
+            raise
+        except Exception as e:
+            raise self._refuse(f"it fails on what the layers hold ({type(e).__name__}: {e})") from e
 
     def _window_candidates(self, i: int, layer, attn):
         """A sliding-window layer competes among the entries still in its window at the end of the prompt: the
