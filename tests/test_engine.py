@@ -70,7 +70,7 @@ def test_cache_shrinks_to_budget(fam, budget):
     target = sum(min(eng.target_kept(n), c) for c in cap) / sum(cap)
     assert r["budget_target"] == pytest.approx(target)
     if "capacity_per_layer" not in r:
-        assert abs(target - budget) <= 0.5 / n
+        assert abs(target - budget) <= 0.5 / n + 1e-12
     assert abs(r["kv_bytes_kept"] / r["kv_bytes_full"] - target) <= 0.02
     assert abs(r["kept_ratio"] - target) <= 0.02
     assert sum(v["kept"] for v in r["kept_by_modality"].values()) == pytest.approx(sum(r["kept_per_layer"]) / r["layers"])
