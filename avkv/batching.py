@@ -84,6 +84,10 @@ def check_batchable(engine: Engine, method) -> None:
                                "(its decoder does not use transformers' attention interface); use batch_size=1")
     if engine.mask_only:
         raise CompressionError("batch_size > 1 does not run the masked reference (mask_only); use batch_size=1")
+    ad = engine.adapter
+    if any(w is not None for w in ad.layer_windows()) or any(j != i for i, j in enumerate(ad.cache_sources())):
+        raise CompressionError(f"batch_size > 1 is not supported for the {ad.family} model (sliding-window and "
+                               "KV-shared cache layers are decoded one sample at a time); use batch_size=1")
     if getattr(method, "decode_policy", "grow") == "fixed" and not method.is_noop():
         raise CompressionError(f"method {method.name!r} evicts during decoding (decode_policy=fixed), which is not "
                                "implemented for a batch; use batch_size=1")
