@@ -202,10 +202,9 @@ def build_tiny(out_dir: str | Path, seed: int = 0, hidden: int = 64, layers: int
     written in the hub's layout, with one vision-tower tensor under ``model.vision_tower.`` (what the loader must
     leave unread). Query/key projections are scaled by ``qk_scale`` (peaky attention, as in trained models).
     """
-    from safetensors.torch import load_file, save_file
     from transformers import (Gemma3nAudioFeatureExtractor, Gemma3nConfig, Gemma3nProcessor,
                               PreTrainedTokenizerFast, SiglipImageProcessorPil)
-    from avkv.models.tiny import atomic_dir, chat_template, train_tokenizer
+    from avkv.models.tiny import atomic_dir, chat_template, scale_qk, train_tokenizer
     torch.manual_seed(seed)
     template = chat_template("gemma3n")
     head = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<start_of_audio>"]
@@ -242,10 +241,4 @@ def build_tiny(out_dir: str | Path, seed: int = 0, hidden: int = 64, layers: int
     with atomic_dir(out_dir) as d:
         model.save_pretrained(d)
         proc.save_pretrained(d)
-        f = Path(d) / "model.safetensors"
-        sd = load_file(f)
-        for k in sd:
-            if ".self_attn.q_proj." in k or ".self_attn.k_proj." in k:
-                sd[k] = sd[k] * qk_scale
-        sd[VISION_PREFIX + "timm_model.conv_stem.conv.weight"] = torch.randn(8, 3, 3, 3)
-        save_file(sd, f, metadata={"format": "pt"})
+        scale_qk(d, qk_scale, extra={VISION_PREFIX + "timm_model.conv_stem.conv.weight": torch.randn(8, 3, 3, 3)})

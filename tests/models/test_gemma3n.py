@@ -13,6 +13,7 @@ from avkv.kvstore import PreallocLayer
 from avkv.methods.full import Full
 from avkv.methods.snapkv import SnapKV
 from tests.conftest import adapter, av_prompt, tiny_model_dir
+from tests.test_engine import _step_logits
 
 ENTRY = 2 * 16 * 4                     # K + V, head dim 16, float32
 
@@ -60,14 +61,6 @@ def test_prompt_is_the_official_processors(g3n):
     assert tok.decode(ids[enc.question_start:enc.assistant_start]).startswith("What colour")
 
 
-def _step_logits(ad, run):
-    seen = []
-    hd = ad.model.get_output_embeddings().register_forward_hook(lambda m, a, out: seen.append(out[0, -1].clone()))
-    try:
-        g = run()
-    finally:
-        hd.remove()
-    return g, seen
 
 
 def test_full_decodes_as_generate_at_every_step_past_the_window(g3n):
