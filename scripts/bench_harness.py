@@ -38,6 +38,7 @@ TIMED_FIELDS = ("media_s", "processor_s", "position_ids_s", "prefill_s", "decode
 ONE_TIME = ("interpreter start (python, site)", "imports (entry point, torch, transformers, hydra)",
             "config checks + Hydra composition", "check_environment + setup_torch",
             "dataset (fixture check, load_task)", "model load (load_adapter, its imports)", "tracker + summarize",
+            "identity + follow_launcher + make_engine",
             "after run() (summary print, Hydra teardown)", "interpreter exit (atexit, module teardown)")
 
 
@@ -86,10 +87,17 @@ def child(overrides: list[str], phases_out: str) -> int:
             marks["run_end"] = time.perf_counter()
     experiment.run = timed_run
     for name in ("check_environment", "setup_torch", "identity", "ensure_fixture", "load_task", "make_engine",
-                 "make_tracker", "summarize", "run_sample"):
+                 "summarize", "run_sample", "follow_launcher"):
         timers.wrap(experiment, name)
-    for name in ("prepare", "append", "write_summary", "records"):
+    for name in ("prepare", "append", "write_summary", "records", "close"):
         timers.wrap(results.RunStore, name, f"RunStore.{name}")
+    make_tracker = experiment.make_tracker
+
+    def timed_make_tracker(*a, **k):
+        tracker = make_tracker(*a, **k)
+        timers.wrap(tracker, "log_sample", "tracker.log_sample")
+        return tracker
+    experiment.make_tracker = timed_make_tracker
     load_adapter = experiment.load_adapter
 
     def timed_load_adapter(cfg):
@@ -164,9 +172,11 @@ def analyse(wall: float, t_spawn_to_script: float, ph: dict, records: list[dict]
         "check_environment + setup_torch": g("check_environment") + g("setup_torch"),
         "dataset (fixture check, load_task)": g("ensure_fixture") + g("load_task"),
         "model load (load_adapter, its imports)": g("load_adapter (model + processor)"),
-        "run store (prepare, append, records, summary)": g("RunStore.prepare") + g("RunStore.append")
-        + g("RunStore.records") + g("RunStore.write_summary"),
+        "run store (prepare, append, records, summary, close)": g("RunStore.prepare") + g("RunStore.append")
+        + g("RunStore.records") + g("RunStore.write_summary") + g("RunStore.close"),
         "tracker + summarize": g("make_tracker") + g("summarize"),
+        "per sample: tracker.log_sample": g("tracker.log_sample"),
+        "identity + follow_launcher + make_engine": g("identity") + g("follow_launcher") + g("make_engine"),
         "per sample: encode outside media/processor fields": encode_untimed,
         "per sample: generate outside position/prefill/decode fields": generate_untimed,
         "per sample: task.prompt + task.score": g("task.prompt") + g("task.score"),
@@ -178,12 +188,13 @@ def analyse(wall: float, t_spawn_to_script: float, ph: dict, records: list[dict]
     inside_run = (run_s - sample_s - g("check_environment") - g("setup_torch") - g("ensure_fixture")
                   - g("load_task") - g("load_adapter (model + processor)") - g("RunStore.prepare")
                   - g("RunStore.write_summary") - g("make_tracker") - g("summarize") - g("RunStore.records")
-                  - g("RunStore.append"))
-    untimed["inside run(): other (identity, progress bar, ...)"] = inside_run
+                  - g("RunStore.append") - g("RunStore.close") - g("tracker.log_sample") - g("identity")
+                  - g("follow_launcher") - g("make_engine"))
+    untimed["inside run(): other (method, progress bar, done ids, ...)"] = inside_run
     # once per run, whatever the number of samples: start-up before the first sample and teardown after the last
     one_time = {k: untimed[k] for k in ONE_TIME} | {
-        "run store: prepare, records, summary (not the appends)": g("RunStore.prepare") + g("RunStore.records")
-        + g("RunStore.write_summary")}
+        "run store: prepare, records, summary, close (not the appends)": g("RunStore.prepare")
+        + g("RunStore.records") + g("RunStore.write_summary") + g("RunStore.close")}
     one_time_s = sum(one_time.values())
     steady = wall - one_time_s
     return {"wall_s": wall, "timed_s": timed_total, "timed_fields": timed, "harness_share": 1 - timed_total / wall,
