@@ -155,3 +155,16 @@ def test_fidelity_compares_with_the_full_cache(tmp_path):
                              "fidelity=true", "dataset.limit=2")))
     assert all(0.0 <= r["fidelity_token_agreement"] <= 1.0 and r["fidelity_first_kl"] >= 0 for r in comp)
     assert any(r["fidelity_first_kl"] > 1e-6 for r in comp)
+
+
+def test_overrides_of_config_yaml_keys_are_checked_without_composing(monkeypatch):
+    """``run_dir=``, ``budget=``, ``resume.retry_failed=`` are keys config.yaml sets itself: the pre-check accepts
+    them without a Hydra composition (~0.3 s of every such run); a key only a group sets still composes, and a
+    typo is still named."""
+    import avkv.config as config
+    real, calls = config.compose, []
+    monkeypatch.setattr(config, "compose", lambda *a, **k: calls.append(a) or real(*a, **k))
+    assert config.check_overrides(["run_dir=/x", "budget=0.5", "resume.retry_failed=true", "method=snapkv"]) == []
+    assert calls == []
+    assert config.check_overrides(["dataset.limit=3"]) == [] and len(calls) == 1
+    assert "did you mean budget" in config.check_overrides(["budgt=0.5"])[0]
