@@ -47,6 +47,7 @@ import os
 import platform
 import statistics
 import subprocess
+import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
