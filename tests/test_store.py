@@ -177,6 +177,65 @@ def test_repair_never_rewrites_the_file(tmp_path, monkeypatch):
     assert RunStore(d).repair() == 0
 
 
+# ------------------------------------------------------------------------------------------------ appends and fsync
+def test_a_killed_writer_loses_no_appended_record_and_the_resume_runs_only_the_rest(tmp_path):
+    """fsync is batched (``FSYNC_EVERY_S``), but each append reaches the kernel before the next sample: a writer
+    killed with SIGKILL long before its next fsync loses none of its records, and a second writer resumes with
+    exactly the missing ones."""
+    d = tmp_path / "run"
+    p = _child(f"""
+        import os, signal
+        from avkv.results import RunStore
+        s = RunStore({str(d)!r}, fsync_every_s=3600).open()
+        s.prepare("x: 1\\n", {{}})
+        for i in range(5):
+            s.append({{"sample_id": str(i), "error": None}})
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    p.communicate(timeout=60)
+    assert p.returncode == -signal.SIGKILL
+    with RunStore(d) as store:
+        store.prepare("x: 1\n", {})
+        done = store.done_ids()
+        assert done == {str(i) for i in range(5)}
+        for i in range(8):
+            if str(i) not in done:
+                store.append({"sample_id": str(i), "error": None})
+    ids = [r["sample_id"] for r in read_records(d / "samples.jsonl")]
+    assert ids == [str(i) for i in range(8)]
+
+
+def test_fsync_runs_at_the_interval_before_the_summary_and_at_close(tmp_path, monkeypatch):
+    synced, clock = [], {"t": 1000.0}
+    real_fsync = os.fsync
+    monkeypatch.setattr(results.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    monkeypatch.setattr(results.time, "monotonic", lambda: clock["t"])
+    d = tmp_path / "run"
+    d.mkdir()
+    store = RunStore(d, fsync_every_s=10).open()              # (the lock file is fsynced as it is written)
+    n = len(synced)
+    store.append({"sample_id": "0"})
+    store.append({"sample_id": "1"})
+    assert len(synced) == n                                   # within the interval: written, not fsynced
+    clock["t"] += 10
+    store.append({"sample_id": "2"})
+    assert len(synced) == n + 1                               # the interval passed: this append fsyncs
+    store.append({"sample_id": "3"})
+    n = len(synced)
+    store.write_summary({"n": 4})
+    assert len(synced) > n + 1                                # samples.jsonl first, then the summary's own
+    store.append({"sample_id": "4"})
+    n = len(synced)
+    store.close()
+    assert len(synced) == n + 1                               # what was left unsynced, at close
+    every = RunStore(tmp_path / "every", fsync_every_s=0)
+    (tmp_path / "every").mkdir()
+    n = len(synced)
+    for i in range(3):
+        every.append({"sample_id": str(i)})
+    assert len(synced) == n + 3
+
+
 # ------------------------------------------------------------------------------------------------ bad files
 @pytest.mark.parametrize("content", [b"", b'{"git_commit": "abc', b"[1, 2]", b"\xff\xfe"])
 def test_torn_or_empty_meta_is_reported_kept_aside_and_replaced(tmp_path, caplog, content):
