@@ -22,7 +22,8 @@ times, in interleaved rounds (every route once per round, so machine load hits t
   route) and ``attention_sums``, for before/after tables.
 
 Writes ``results/bench/allquery_<shape>.csv`` (one row per route and length: median seconds, ratio to the prefill;
-``max_abs_diff``: for the fused rows, the largest difference of its attention output from SDPA's kernel's).
+``max_abs_diff``: for the fused rows, the largest difference of its attention output from SDPA's kernel's;
+``layer_max_abs_diff``: for ``prefill_fused``, that of the decoder layer's output from the SDPA forward's).
 """
 from __future__ import annotations
 
@@ -130,10 +131,19 @@ def main() -> None:
             for n, f in routes.items():                        # warm-up (first-call costs)
                 if n == "prefill" or S <= 4096:
                     f()
+            layer_diff = ""
             if "prefill_fused" in routes:                      # the fused route did run inside the forward
+                outs = []
+                hook = adapter.decoder_layers()[0].register_forward_hook(
+                    lambda mod, args, out: outs.append((out[0] if isinstance(out, tuple) else out).clone()))
+                routes["prefill"]()
                 routes["prefill_fused"]()
+                hook.remove()
                 st = getattr(adapter.decoder_layers()[0].self_attn, lse_attention._SINK).get("stats")
                 assert st is not None and st.sums is not None, "prefill_fused did not take the fused route"
+                layer_diff = float((outs[0] - outs[1]).abs().max())
+                print(f"S={S}: decoder layer output, fused route vs SDPA: max abs diff {layer_diff:.3g} "
+                      f"(max |out| {float(outs[0].abs().max()):.3g})", flush=True)
             for r in range(a.rounds):
                 for n, f in routes.items():
                     t = time.thread_time()
@@ -149,7 +159,8 @@ def main() -> None:
             med = statistics.median(times[n])
             rows.append({"shape": a.shape, "prompt_len": S, "route": n, "rounds": a.rounds, "median_s": med,
                          "ratio_to_prefill": med / ref, "min_s": min(times[n]), "max_s": max(times[n]),
-                         "max_abs_diff": diff if "fused" in n else ""})
+                         "max_abs_diff": diff if "fused" in n else "",
+                         "layer_max_abs_diff": layer_diff if n == "prefill_fused" else ""})
             print(f"  {n:<28} {med:8.3f} s  {100 * med / ref:7.2f}% of the layer's prefill", flush=True)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
