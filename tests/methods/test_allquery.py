@@ -290,8 +290,8 @@ def test_stats_attention_fused_route(monkeypatch):
     assert out.shape == ref.shape and torch.allclose(out, ref, atol=1e-5)
     st = lse_attention.take(m, S)
     assert torch.equal(st.queries, q[0]) and st.sums is not None
-    declared = FlowMM().all_query_rows(mod)
-    assert torch.equal(st.row_weights, torch.cat([torch.ones(1, S), declared]))
+    declared = FlowMM().all_query_rows(mod)                        # [ones, media rows, text rows]: ones once
+    assert torch.equal(declared[0], torch.ones(S)) and torch.equal(st.row_weights, declared)
     A = reference(q[0], k[0], 0.3)
     assert torch.allclose(st.sums.double(), torch.einsum("rs,hst->hrt", st.row_weights.double(), A), rtol=1e-5, atol=1e-5)
 
