@@ -118,7 +118,15 @@ class Harness:
             raise DatasetError("no documents to run (an empty list, or dataset.limit/filters leave nothing)")
         meth = instantiate(cfg.method)
         engine = make_engine(cfg, self.adapter, meth)
-        rows = [run_sample(cfg, task, self.adapter, engine, d) for d in _progress(docs, progress, method)]
+        from avkv.samples import batch_problem, batch_size, require_batchable, run_batches
+        bs = batch_size(cfg)                        # overrides=["batch_size=4"]: as `avkv run` batches
+        if batch_problem(cfg, meth) is not None:
+            from avkv.config import ConfigError
+            raise ConfigError([batch_problem(cfg, meth)])
+        require_batchable(engine, meth, bs)
+        items = _progress(docs, progress, method)
+        rows = ([run_sample(cfg, task, self.adapter, engine, d) for d in items] if bs == 1
+                else list(run_batches(cfg, task, self.adapter, engine, items, bs)))
         df = pd.DataFrame(rows)
         df.insert(0, "budget", float(cfg.budget))
         df.insert(0, "method", getattr(meth, "name", method))

@@ -133,13 +133,15 @@ def register_decode_attention() -> None:
 
 
 @contextlib.contextmanager
-def decoding(text_config: Any, cache: Any, modules: list, extra: int) -> Iterator[list]:
+def decoding(text_config: Any, cache: Any, modules: list, extra: int, sources: list[int] | None = None
+             ) -> Iterator[list]:
     """Decode through the one path inside: every layer of ``cache`` converted to a preallocated layer with
-    ``extra`` free slots (:func:`~avkv.kvstore.to_prealloc`, one copy) and the decoder switched to
-    :func:`decode_attention`; the previous backend is restored and the modules' layer references dropped on exit
-    (the cache keeps its converted layers). Yields the converted layers."""
+    ``extra`` free slots (:func:`~avkv.kvstore.to_prealloc`, one copy; ``sources``: the layer whose cache each
+    layer reads, for layers that own none) and the decoder switched to :func:`decode_attention`; the previous
+    backend is restored and the modules' layer references dropped on exit (the cache keeps its converted layers).
+    Yields the converted layers."""
     from avkv.kvstore import to_prealloc
-    layers = to_prealloc(cache, modules, extra)
+    layers = to_prealloc(cache, modules, extra, sources)
     register_decode_attention()
     prev = text_config._attn_implementation
     text_config._attn_implementation = DECODE_IMPL

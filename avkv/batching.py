@@ -20,7 +20,11 @@
 Records: one per sample (:meth:`Engine.sample_record`: what that sample kept, its own prefill time) plus the
 batch's shared figures — ``batch_size``, ``batch_prefill_s`` (sum of the samples' prefills, run one after the
 other), ``decode_s`` / ``decode_s_per_token`` (one batched step, shared by all rows), ``batch_decode_tokens_per_s``
-(answer tokens of all rows per second of the batched decode) and the batch's peak memory.
+(answer tokens of all rows per second of the batched decode), ``batch_kv_bytes_allocated`` /
+``batch_kv_bytes_prompt`` (the batch's preallocated buffers: all of them / the prompt part, padding to the longest
+row included), ``decode_convert_s`` (building the batch cache) and the batch's peak memory. A sample's own
+``kv_bytes_allocated`` / ``kv_bytes_decode_buffer`` are its row of those buffers (the batch's figures / B: every
+row is as long as the longest).
 
 Not batchable (refused, never silently run at batch 1): a ``decode_policy=fixed`` method (decode-time eviction of
 a ragged batch is not implemented), the masked reference (``mask_only``) and the native ports (their decoder does
@@ -80,6 +84,10 @@ def check_batchable(engine: Engine, method) -> None:
                                "(its decoder does not use transformers' attention interface); use batch_size=1")
     if engine.mask_only:
         raise CompressionError("batch_size > 1 does not run the masked reference (mask_only); use batch_size=1")
+    ad = engine.adapter
+    if any(w is not None for w in ad.layer_windows()) or any(j != i for i, j in enumerate(ad.cache_sources())):
+        raise CompressionError(f"batch_size > 1 is not supported for the {ad.family} model (sliding-window and "
+                               "KV-shared cache layers are decoded one sample at a time); use batch_size=1")
     if getattr(method, "decode_policy", "grow") == "fixed" and not method.is_noop():
         raise CompressionError(f"method {method.name!r} evicts during decoding (decode_policy=fixed), which is not "
                                "implemented for a batch; use batch_size=1")
@@ -87,20 +95,27 @@ def check_batchable(engine: Engine, method) -> None:
 
 @torch.no_grad()
 def generate_batch(engine: Engine, encs: list, seed: int = 0, method=None,
-                   max_new_tokens: int | None = None, seeds: list[int] | None = None,
+                   max_new_tokens: int | list[int] | None = None, seeds: list[int] | None = None,
                    on_cache: Callable[[Any], None] | None = None) -> list[Generation]:
     """Greedy generations of ``encs`` as one batch (see the module docstring); one :class:`Generation` per sample,
-    in order. ``seeds``: a seed per sample (default ``seed`` for all); ``on_cache``: called with the merged batch
-    cache before the first decode step (the tests inspect it)."""
+    in order. ``max_new_tokens``: one for all or one per sample (each row stops at its own, as at batch 1);
+    ``seeds``: a seed per sample (default ``seed`` for all); ``on_cache``: called with the merged batch cache before
+    the first decode step (the tests inspect it)."""
     method = method or engine.method
     check_batchable(engine, method)
     if not encs:
         return []
     adapter, dev = engine.adapter, engine.adapter.device
-    max_new = max_new_tokens or engine.max_new_tokens
+    B = len(encs)
+    if isinstance(max_new_tokens, (list, tuple)):
+        if len(max_new_tokens) != B:
+            raise ValueError(f"{len(max_new_tokens)} max_new_tokens for {B} samples")
+        limits = [int(m or engine.max_new_tokens) for m in max_new_tokens]
+    else:
+        limits = [int(max_new_tokens or engine.max_new_tokens)] * B
+    max_new = max(limits)
     eos = set(adapter.eos_token_ids)
     seeds = list(seeds) if seeds is not None else [seed] * len(encs)
-    B = len(encs)
     mem = MemoryTracker(dev, getattr(adapter, "devices", None))
     with mem:
         pre, records, tokens, first = [], [], [], []
@@ -115,13 +130,16 @@ def generate_batch(engine: Engine, encs: list, seed: int = 0, method=None,
         for p in pre:
             p.cache = None                                  # the samples' own caches are released once merged
         mem.mark()
-        done = [t[0] in eos for t in tokens]
+        done = [t[0] in eos or limits[b] <= 1 for b, t in enumerate(tokens)]
         steps = 0
-        decode_s = 0.0
-        if not all(done) and max_new > 1:
+        decode_s = convert_s = 0.0
+        batch_kv = (0, 0)
+        if not all(done):
             from transformers import DynamicCache
+            tc = engine.clock.now()
             cache = DynamicCache(config=adapter.text_config())
             cache.layers = [batch_layer(layer, max_new) for layer in layers]
+            convert_s = engine.clock.elapsed(tc, engine.clock.now())
             del layers
             if on_cache is not None:
                 on_cache(cache)
@@ -137,14 +155,12 @@ def generate_batch(engine: Engine, encs: list, seed: int = 0, method=None,
                     for b in range(B):
                         if not done[b]:
                             tokens[b].append(int(nxt[b]))
-                            done[b] = nxt[b] in eos
+                            done[b] = nxt[b] in eos or len(tokens[b]) >= limits[b]
                     steps += 1
                 t3 = engine.clock.now()
             decode_s = engine.clock.elapsed(t2, t3)
-            batch_kv_bytes = prealloc_bytes(cache)[1]
+            batch_kv = prealloc_bytes(cache)
             del cache
-        else:
-            batch_kv_bytes = 0
     answer_tokens = sum(len(t) for t in tokens)
     gens = []
     for p, rec, toks, fl in zip(pre, records, tokens, first):
@@ -152,8 +168,10 @@ def generate_batch(engine: Engine, encs: list, seed: int = 0, method=None,
         rec.update(batch_size=B, batch_prefill_s=sum(q.prefill_s for q in pre), decode_s=decode_s,
                    decode_s_per_token=(decode_s / steps) if steps else None, batch_decode_steps=steps,
                    batch_decode_tokens_per_s=((answer_tokens - B) / decode_s) if decode_s > 0 else None,
-                   batch_kv_bytes_allocated=batch_kv_bytes, new_tokens=len(toks), peak_mem_bytes=mem.peak,
-                   peak_mem_kind=mem.kind)
+                   batch_kv_bytes_allocated=batch_kv[1], batch_kv_bytes_prompt=batch_kv[0], new_tokens=len(toks),
+                   peak_mem_bytes=mem.peak, peak_mem_kind=mem.kind, decode_cache="prealloc",
+                   decode_convert_s=convert_s, kv_bytes_allocated=batch_kv[0] // B,
+                   kv_bytes_decode_buffer=batch_kv[1] // B)
         gens.append(Generation(token_ids=out_ids, text=adapter.decode(out_ids), first_logits=fl, record=rec))
     return gens
 

@@ -52,8 +52,29 @@ class Compressor:
         self._prune_keep: torch.Tensor | None = None
         self._pruned: set = set()
         self.capture = None                    # needs_reconstruction: the prefill's decoder input (avkv.reconstruct)
+        # a cache that is not one full-attention K/V per layer (sliding windows, KV-shared layers: Gemma-3n)
+        sources = adapter.cache_sources()
+        self.irregular = any(w is not None for w in adapter.layer_windows()) or \
+            any(j != i for i, j in enumerate(sources))
+
+    def _refuse(self, why: str) -> CompressionError:
+        return CompressionError(f"method {self.method.name!r} is not supported on the {self.adapter.family} model's "
+                                f"cache (sliding-window and KV-shared layers): {why}")
+
+    #: what a method may ask for that the engine does not do on an irregular cache (sliding windows, KV sharing):
+    #: a prefill attention of its own or the statistics route would replace the model's sliding-window masks,
+    #: hidden-state pruning and reconstruction re-run layers whose cache another layer reads
+    IRREGULAR_UNSUPPORTED = ("prunes_hidden_states", "needs_reconstruction", "all_query_stats", "prefill_attention")
 
     def __enter__(self):
+        if self.irregular:
+            asks = [f for f in self.IRREGULAR_UNSUPPORTED if getattr(self.method, f, False)]
+            if self.method.decode_policy == "fixed":
+                asks.append("decode_policy=fixed (eviction while decoding)")
+            if self.mask_only:
+                asks.append("mask_only (the masked reference)")
+            if asks:
+                raise self._refuse("it needs " + ", ".join(asks))
         if self.method.requires_attentions and self.backend.base_impl != "eager":
             raise CompressionError(f"method {self.method.name!r} reads attention weights and needs "
                                    f"model.attn_implementation=eager (got {self.backend.base_impl!r})")
@@ -86,7 +107,7 @@ class Compressor:
             h.remove()
         self.handles = []
         for m in self.attn_modules:
-            for attr in ("_avkv_valid", "_avkv_ragged", "_avkv_layer"):
+            for attr in ("_avkv_valid", "_avkv_ragged", "_avkv_layer", "_avkv_positions"):
                 if hasattr(m, attr):
                     delattr(m, attr)
         lse_attention.uninstall(self.backend)
@@ -135,11 +156,12 @@ class Compressor:
                 module, modality, n_keep = self.pending[i]
                 layer = cache.layers[i]
                 view = self._view(module, None, layer.keys[0], layer.values[0], modality, n_keep)
-                self._apply(module, cache, i, self.method.compress(view), modality)
+                self._apply(module, cache, i, self._call(self.method.compress, view), modality)
             self.pending = {}
             self.ledger.compress_s += self.clock.elapsed(t0, self.clock.now())
         lengths = {layer.keys.shape[2] for layer in cache.layers if layer.keys is not None and layer.keys.numel()}
-        if len(lengths) > 1:
+        if len(lengths) > 1 or (self.irregular and self.ledger.kept):
+            # (a sliding layer's own mask is sized by the tokens it has seen, not by what it holds after compression)
             self.backend.masked()
 
     # ------------------------------------------------------------------------------------------- views
@@ -176,7 +198,11 @@ class Compressor:
         """(cos, sin) [T, D] of rotary position ids [R, T], from the decoder's own rotary embedding."""
         rot = getattr(self, "_rotary", None)
         if rot is None:
-            rot = self._rotary = self.adapter.rotary_embedding()
+            try:
+                rot = self._rotary = self.adapter.rotary_embedding()
+            except NotImplementedError as e:
+                raise CompressionError(f"method {self.method.name!r} re-rotates keys, not supported on the "
+                                       f"{self.adapter.family} model: {e}") from e
         p = positions.to(self.adapter.device)                   # [R, T]
         pid = p[:, None] if p.shape[0] == 3 else p               # M-RoPE [3, 1, T]; 1-D [1, T]
         x = torch.zeros(1, dtype=self.adapter.dtype, device=self.adapter.device)
@@ -195,11 +221,15 @@ class Compressor:
             raise CompressionError("the decoder was called without a cache; the engine always passes one")
         i = module._avkv_layer
         layer = cache.layers[i]
+        if layer.keys is None:           # owns no cache: it attends over its source's, compressed with the source
+            return
         t0 = self.clock.now()
         attn = output[1][0] if isinstance(output, tuple) and len(output) > 1 and output[1] is not None else None
         if self.phase == "prefill":
             if i in self.ledger.kept or i in self.pending:   # each layer is compressed once, at the end of its chunk
                 return
+            if getattr(layer, "sliding_window", None) is not None:
+                attn = self._window_candidates(i, layer, attn)
             positions = self.ledger.positions.get(i)
             S = layer.keys.shape[2]
             modality = self.modality[: S] if positions is None else self.modality[positions]
@@ -208,10 +238,10 @@ class Compressor:
             view = lse_attention.attach(self._view(module, kwargs, layer.keys[0], layer.values[0], modality, n_keep,
                                                    attn), module)
             if self.method.deferred:          # scores now, selection once every layer has been seen
-                self.method.observe(view)
+                self._call(self.method.observe, view)
                 self.pending[i] = (module, modality, n_keep)
             else:
-                self._apply(module, cache, i, self.method.compress(view), modality)
+                self._apply(module, cache, i, self._call(self.method.compress, view), modality)
         else:
             if isinstance(layer, RaggedLayer):
                 raise CompressionError(f"{self.method.name}: fixed-size decoding over a ragged (per-head) cache "
@@ -228,9 +258,45 @@ class Compressor:
                         self.backend.masked()
         self.ledger.compress_s += self.clock.elapsed(t0, self.clock.now())
 
+    def _call(self, fn, view: LayerView):
+        """``fn(view)``; on an irregular cache a method that fails on what it is shown (a sliding layer's view holds
+        only its window, KV-shared layers are never shown: a method that indexes the view by prompt position or
+        counts on seeing every layer) is refused by name, with its own message."""
+        if not self.irregular:
+            return fn(view)
+        try:
+            return fn(view)
+        except CompressionError:
+            raise
+        except Exception as e:
+            raise self._refuse(f"it fails on what the layers hold ({type(e).__name__}: {e})") from e
+
+    def _window_candidates(self, i: int, layer, attn):
+        """A sliding-window layer competes among the entries still in its window at the end of the prompt: the
+        newest W − 1 − (n − s) of the chunk (with the uncompressed suffix that is what it holds at full, W − 1). The
+        older ones are dropped before the method sees the layer; the chunk positions it holds are entered in the
+        ledger (its view's modality and positions follow them). Returns ``attn`` cut to the same keys."""
+        n, s = self.req.n_prompt, self.req.split
+        room = min(s, int(layer.sliding_window) - 1 - (n - s))
+        if room < 1:
+            raise self._refuse(f"layer {i}'s window ({layer.sliding_window}) leaves no room beside the {n - s} "
+                               f"uncompressed entries after the split")
+        if layer.keys.shape[2] > room:
+            layer.keys, layer.values = layer.keys[:, :, -room:], layer.values[:, :, -room:]
+            attn = attn[..., -room:] if attn is not None else None
+        S = layer.keys.shape[2]
+        self.ledger.positions[i] = torch.arange(s - S, s, device=self.adapter.device)
+        return attn
+
     def _apply(self, module, cache, i: int, sel: Selection, modality) -> None:
-        """Apply layer ``i``'s prefill selection to the cache and enter it in the ledger."""
+        """Apply layer ``i``'s prefill selection to the cache and enter it in the ledger. On an irregular cache
+        only dense selections (every KV head keeping as many) are applied; a sliding-window layer's module gets the
+        logical positions of what it kept (``_avkv_positions``: its decode window moves over them)."""
+        if self.irregular and sel.valid is not None and not bool(sel.valid.all()):
+            raise self._refuse("per-head budgets (ragged storage) are not supported on it")
         idx, valid, storage = apply_selection(cache, i, module, sel, self.method.name, self.mask_only)
+        if getattr(cache.layers[i], "sliding_window", None) is not None:
+            module._avkv_positions = self.ledger.positions[i][idx.to(self.ledger.positions[i].device)]
         if storage != "dense":
             self.backend.masked()
         self.ledger.keep(i, idx, valid, modality, sel, storage)

@@ -153,6 +153,8 @@ RULES: dict[str, Rule] = {
     "budget_tokens": _int_at_least(1, nullable=True),
     "compress_at": one_of("question", "context", "prompt"),
     "max_new_tokens": _int_at_least(1, nullable=True),
+    "batch_size": Rule(lambda v: _is_int(v) and v >= 1,
+                       "an integer >= 1: the samples decoded together (1: one at a time)"),
     "fidelity": BOOL,
     "seed": Rule(_is_int, "an integer"),
     "shard": _int_at_least(0),

@@ -215,7 +215,8 @@ class Engine:
             modules = cm.attn_modules if cm else [layer.self_attn for layer in adapter.decoder_layers()]
             one_path = self.decode_cache == "prealloc" and p.method.decode_policy != "fixed"   # fixed: evicts per step
             tc = self.clock.now()
-            dec = decoding(adapter.text_config(), cache, modules, max_new) if one_path else contextlib.nullcontext()
+            dec = decoding(adapter.text_config(), cache, modules, max_new, adapter.cache_sources()) if one_path \
+                else contextlib.nullcontext()
             with dec, cm.stage("decode") if cm else contextlib.nullcontext():
                 convert_s = self.clock.elapsed(tc, self.clock.now())
                 allocated = prealloc_bytes(cache) if one_path else (sum(p.held[1]),) * 2

@@ -8,13 +8,7 @@ and only then the model loads.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
-import socket
-import threading
-import time
-import traceback
 from pathlib import Path
 
 import torch
@@ -23,17 +17,15 @@ from omegaconf import DictConfig, OmegaConf
 from avkv import results
 from avkv.config import CONFIG_DIR, ROOT, ConfigError, Problem, constructor_args, device_problem, instantiate, validate
 from avkv.engine import Engine
+from avkv.launcher import LAUNCHER_ENV, _start_time, follow_launcher, mark_launcher  # noqa: F401 - re-exported
 from avkv.models.base import CheckpointMissing, UnsafeCheckpoint
 from avkv.results import RunStore, efficiency_summary, environment_meta
+from avkv.samples import (DEFAULT_MAX_NEW_TOKENS, batch_problem, batch_size, build_prompt,  # noqa: F401 - re-exported
+                          require_batchable, run_batches, run_sample, sample_seed)
 from avkv.tasks.base import DatasetError
 from avkv.tracking import group_name, make_tracker
 
 log = logging.getLogger("avkv")
-DEFAULT_MAX_NEW_TOKENS = 16
-
-
-def sample_seed(seed: int, sample_id: str) -> int:
-    return (int(seed) + int(hashlib.sha256(str(sample_id).encode()).hexdigest()[:8], 16)) % (2**31 - 1)
 
 
 def _make_hint(model_cfg: dict) -> str:
@@ -188,6 +180,9 @@ def check_environment(cfg: DictConfig) -> None:
         problem = attention_problem(instantiate(cfg.method), attn)
         if problem is not None:
             raise ConfigError([Problem("model.attn_implementation", attn, problem)])
+    batch = batch_problem(cfg, instantiate(cfg.method))   # a method or model the batched decode cannot run
+    if batch is not None:
+        raise ConfigError([batch])
     if OmegaConf.select(cfg, "logger.name", default="none") == "wandb":
         import importlib.util
         if importlib.util.find_spec("wandb") is None:
@@ -226,6 +221,8 @@ def run(cfg: DictConfig) -> dict:
             raise DatasetError(no_samples_message(cfg))
         adapter = load_adapter(cfg)
         engine = make_engine(cfg, adapter, method)
+        bs = batch_size(cfg)
+        require_batchable(engine, method, bs)
         store.prepare(OmegaConf.to_yaml(OmegaConf.create(results.stored_config(res))),
                       dict(environment_meta(ROOT, str(cfg.device), int(cfg.seed)), config_hash=h,
                            point_hash=results.point_hash(res), model=adapter.describe(), method=res["method_name"],
@@ -243,8 +240,9 @@ def run(cfg: DictConfig) -> dict:
 
         records = {str(r["sample_id"]): r for r in store.records()}
         bar = _progress(todo, enabled=bool(cfg.get("progress", True)), desc=res["method_name"])
-        for doc in bar:
-            rec = run_sample(cfg, task, adapter, engine, doc)
+        stream = ((run_sample(cfg, task, adapter, engine, doc) for doc in bar) if bs == 1
+                  else run_batches(cfg, task, adapter, engine, bar, bs))
+        for rec in stream:
             store.append(rec)
             tracker.log_sample(rec)
             records[rec["sample_id"]] = rec
@@ -273,93 +271,6 @@ def no_samples_message(cfg: DictConfig) -> str:
         extra.append(f"shard={cfg.shard} of num_shards={cfg.num_shards}")
     return (f"{where} gives no samples" + (f" ({', '.join(extra)})" if extra else "")
             + ": nothing to run (an empty index file, or a filter that leaves nothing)")
-
-
-# ------------------------------------------------------------------------------------------------ sweep children
-LAUNCHER_ENV = "AVKV_LAUNCHER"
-
-
-def _start_time(pid: int) -> str | None:
-    """A live process's start time (clock ticks since boot, from /proc), None when it is gone or a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        fields = stat[stat.rindex(")") + 2:].split()
-        return None if fields[0] in ("Z", "X") else fields[19]
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def mark_launcher() -> None:
-    """Called by ``run.py`` in the process that launches a sweep: its host, pid and start time go to the sweep's
-    children through the environment (``follow_launcher``)."""
-    os.environ.setdefault(LAUNCHER_ENV, f"{socket.gethostname()}:{os.getpid()}:{_start_time(os.getpid())}")
-
-
-def follow_launcher(poll_s: float = 0.5) -> threading.Thread | None:
-    """In a child of a ``hydra/launcher=local`` sweep (submitit on this machine), exit when the launcher is gone
-    (killed, Ctrl-C'd): its children otherwise keep running and writing. SLURM tasks are not tied to their watcher
-    (they run and requeue on their own)."""
-    if os.environ.get("SUBMITIT_EXECUTOR") != "local" or not os.environ.get(LAUNCHER_ENV):
-        return None
-    host, _, rest = os.environ[LAUNCHER_ENV].partition(":")
-    pid_s, _, start = rest.partition(":")
-    if host != socket.gethostname() or not pid_s.isdigit() or int(pid_s) == os.getpid():
-        return None
-    pid = int(pid_s)
-
-    def watch() -> None:
-        while True:
-            if _start_time(pid) != start:
-                log.error("the sweep's launcher (pid %d) is gone: this job stops too (run again to resume)", pid)
-                logging.shutdown()
-                os._exit(143)
-            time.sleep(poll_s)
-
-    t = threading.Thread(target=watch, name="avkv-follow-launcher", daemon=True)
-    t.start()
-    return t
-
-
-def build_prompt(task, adapter, doc):
-    """The prompt of ``doc`` for ``adapter``'s model family: where a task meets a model. The dataset config may
-    refuse the family (``prompts.<family>: null``, or no entry and no default); the task writes the prompt text
-    of the family; the adapter fits the media to what the model takes (:meth:`ModelAdapter.fit_prompt`)."""
-    why = task.prompts.refusal(adapter.family)
-    if why:
-        raise ValueError(f"{task.name}: {why}")
-    return adapter.fit_prompt(task.prompt(doc, adapter.family))
-
-
-def run_sample(cfg: DictConfig, task, adapter, engine: Engine, doc) -> dict:
-    """One sample; any failure is recorded with its error and never stops the run."""
-    rec: dict = {"sample_id": str(doc.id), "target": doc.target, "prediction": None, "score": None, "error": None}
-    if getattr(doc, "error", None):                 # the loader refused it (a path outside the dataset, ...)
-        rec["error"] = f"DatasetError: {doc.error}"
-        rec["wall_s"] = 0.0
-        log.warning("sample %s failed: %s", doc.id, rec["error"])
-        return rec
-    t0 = time.perf_counter()
-    try:
-        prompt = build_prompt(task, adapter, doc)
-        t_enc = time.perf_counter()
-        enc = adapter.encode(prompt)
-        # the encode beyond the media decode (media_s): chat template, tokenizer, image/video/audio processors
-        processor_s = max(0.0, time.perf_counter() - t_enc - float(enc.media_s or 0.0))
-        max_new = cfg.get("max_new_tokens") or prompt.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
-        seed = sample_seed(int(cfg.seed), str(doc.id))
-        gen = engine.generate(enc, seed=seed, max_new_tokens=int(max_new))
-        rec["prediction"] = gen.text
-        rec.update(task.score(doc, gen.text))
-        rec.update(gen.record)
-        rec["processor_s"] = processor_s
-        if cfg.get("fidelity"):
-            rec.update(engine.fidelity(enc, gen, seed=seed, max_new_tokens=int(max_new)))
-    except Exception as e:  # a broken sample is data, not a crash
-        rec["error"] = f"{type(e).__name__}: {e}"
-        rec["traceback"] = traceback.format_exc(limit=6)
-        log.warning("sample %s failed: %s", doc.id, rec["error"])
-    rec["wall_s"] = time.perf_counter() - t0
-    return rec
 
 
 def summarize(res: dict, h: str, task, records: list[dict], run_dir: Path) -> dict:

@@ -118,10 +118,16 @@ class PreallocLayer(_DynamicLayer):
     """
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None = None,
-                 lengths: torch.Tensor | None = None, extra: int = 0):
+                 lengths: torch.Tensor | None = None, extra: int = 0, sliding_window: int | None = None,
+                 positions: torch.Tensor | None = None, next_position: int | None = None):
         """``keys``/``values`` [B, kvH, S, D]: the prompt's entries, left-aligned per (b, h); ``valid`` [B, kvH, S]
         which of them count (None: all); ``lengths`` [B, kvH] slots filled per (b, h) (None: S, or one past the last
-        valid slot); ``extra``: free slots to allocate for the tokens to come."""
+        valid slot); ``extra``: free slots to allocate for the tokens to come.
+
+        A sliding-window layer (``sliding_window`` W) also gets the logical position of every slot (``positions``
+        [B, kvH, S]) and of the next token (``next_position``): each :meth:`update` gives the new tokens the next
+        positions and invalidates the slots a token at the newest position no longer sees (position ≤ newest − W),
+        which is the window transformers' sliding layers keep (the last W − 1 entries and the new one)."""
         super().__init__()
         B, kvH, S, D = keys.shape
         dev = keys.device
@@ -141,13 +147,38 @@ class PreallocLayer(_DynamicLayer):
         self.num_heads = kvH
         self.dtype, self.device = self.keys.dtype, dev
         self.is_initialized = True
+        self.sliding_window = sliding_window
+        self.slot_pos = None
+        if sliding_window is not None:
+            if positions is None or next_position is None:
+                raise CompressionError("a sliding-window decode layer needs the logical position of every slot")
+            self.slot_pos = torch.full((B, kvH, C), -1, dtype=torch.long, device=dev)
+            self.slot_pos[:, :, :S] = positions.to(dev)
+            self.next_position = int(next_position)
 
     # ---- conversions
     @classmethod
-    def from_layer(cls, layer: Any, valid: torch.Tensor | None = None, extra: int = 0) -> "PreallocLayer":
+    def from_layer(cls, layer: Any, valid: torch.Tensor | None = None, extra: int = 0,
+                   kept_positions: torch.Tensor | None = None) -> "PreallocLayer":
         """The preallocated copy of a cache layer: a plain ``[B, kvH, S, D]`` layer (``valid`` [kvH, ≤S] or
         [B, kvH, ≤S]: the masked reference's validity, entries past it valid) or a :class:`RaggedLayer` (heads
-        padded to the longest)."""
+        padded to the longest). A sliding-window layer (transformers' ``sliding_window``/``cumulative_length``)
+        keeps its window: its slots are the last ``cumulative_length`` logical positions, except the first k of a
+        compressed one, whose positions are ``kept_positions`` [kvH, k] (what the method kept)."""
+        window = getattr(layer, "sliding_window", None)
+        if window is not None:
+            if isinstance(layer, RaggedLayer) or valid is not None:
+                raise CompressionError("a sliding-window layer is stored dense (per-head and masked storage are not "
+                                       "supported on it)")
+            K, V = layer.keys, layer.values
+            B, kvH, S = K.shape[0], K.shape[1], K.shape[2]
+            total = int(layer.cumulative_length)
+            pos = torch.arange(total - S, total, device=K.device).expand(B, kvH, S).clone()
+            if kept_positions is not None:
+                k = kept_positions.shape[-1]
+                pos[:, :, :k] = kept_positions.to(K.device)
+                pos[:, :, k:] = torch.arange(total - (S - k), total, device=K.device)
+            return cls(K, V, None, None, extra, sliding_window=int(window), positions=pos, next_position=total)
         if isinstance(layer, RaggedLayer):
             o, S = layer.offsets(), max(layer.lengths)
             K = layer.keys.new_zeros(1, layer.num_heads, S, layer.keys.shape[-1])
@@ -181,6 +212,10 @@ class PreallocLayer(_DynamicLayer):
         valid = self.valid.new_zeros(B, kvH, C2)
         valid[:, :, :C] = self.valid
         self.valid = valid
+        if self.slot_pos is not None:
+            pos = self.slot_pos.new_full((B, kvH, C2), -1)
+            pos[:, :, :C] = self.slot_pos
+            self.slot_pos = pos
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         B, kvH, q, _ = key_states.shape
@@ -201,9 +236,24 @@ class PreallocLayer(_DynamicLayer):
             self.values.scatter_(2, idx[..., None].expand(-1, -1, -1, self.values.shape[-1]),
                                  value_states.to(self.dtype))
             self.valid.scatter_(2, idx, True)
+        if self.slot_pos is not None:
+            self._slide(q)
         self.lengths += q
         self._filled = end
         return self.keys[:, :, :end], self.values[:, :, :end]
+
+    def _slide(self, q: int) -> None:
+        """Sliding window: the q new tokens (just written at ``lengths``) take the next logical positions, and every
+        slot the newest of them does not see (position ≤ newest − W) stops being valid. For q > 1 an earlier new
+        token would still see some of those: refused where it matters."""
+        first, newest = self.next_position, self.next_position + q - 1
+        idx = self.lengths[:, :, None] + torch.arange(q, device=self.device)
+        self.slot_pos.scatter_(2, idx, (first + torch.arange(q, device=self.device)).expand_as(idx))
+        stale = self.valid & (self.slot_pos >= 0) & (self.slot_pos <= newest - self.sliding_window)
+        if q > 1 and bool((stale & (self.slot_pos > first - self.sliding_window)).any()):
+            raise CompressionError(f"{q} tokens at once on a sliding-window layer whose window moves within them")
+        self.valid &= ~stale
+        self.next_position = newest + 1
 
     def view(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """What attention reads: keys, values ``[B, kvH, T, D]``, validity ``[B, kvH, T]`` up to the longest filled
@@ -243,20 +293,33 @@ class PreallocLayer(_DynamicLayer):
         raise NotImplementedError("a preallocated decode cache layer is built at its batch size")
 
 
-def to_prealloc(cache: Any, modules: list | None = None, extra: int = 0) -> list[PreallocLayer]:
+def to_prealloc(cache: Any, modules: list | None = None, extra: int = 0, sources: list[int] | None = None
+                ) -> list[PreallocLayer | None]:
     """Convert every layer of ``cache`` (plain, per-layer lengths, :class:`RaggedLayer`, the masked reference with
-    its module attribute ``_avkv_valid``) into a :class:`PreallocLayer` with ``extra`` free slots, in place (one copy
-    of the cache, at the end of the prefill). ``modules``: the decoder's attention modules, each given its layer as
-    ``_avkv_decode_layer`` (what :func:`avkv.attention.decode_attention` reads). Returns the new layers."""
+    its module attribute ``_avkv_valid``, a sliding-window layer) into a :class:`PreallocLayer` with ``extra`` free
+    slots, in place (one copy of the cache, at the end of the prefill). ``modules``: the decoder's attention modules,
+    each given its layer as ``_avkv_decode_layer`` (what :func:`avkv.attention.decode_attention` reads). A layer
+    that owns no cache (keys None: a KV-shared layer) stays as it is and its module gets the layer of
+    ``sources[i]``, the layer whose keys it attends over (``ModelAdapter.cache_sources``). Returns the new layers
+    (None for those)."""
     out = []
     for i, layer in enumerate(cache.layers):
+        if layer.keys is None:
+            out.append(None)
+            continue
         if not isinstance(layer, PreallocLayer):
-            valid = getattr(modules[i], "_avkv_valid", None) if modules is not None else None
-            layer = PreallocLayer.from_layer(layer, valid, extra)
+            m = modules[i] if modules is not None else None
+            layer = PreallocLayer.from_layer(layer, getattr(m, "_avkv_valid", None), extra,
+                                             getattr(m, "_avkv_positions", None))
             cache.layers[i] = layer
-        if modules is not None:
-            modules[i]._avkv_decode_layer = layer
         out.append(layer)
+    if modules is not None:
+        src = sources or list(range(len(out)))
+        for i, m in enumerate(modules):
+            layer = out[src[i]]
+            if layer is None:
+                raise CompressionError(f"layer {i} reads the cache of layer {src[i]}, which holds none")
+            m._avkv_decode_layer = layer
     return out
 
 
@@ -313,7 +376,8 @@ def apply_selection(cache: Any, i: int, module: Any, sel: Any, name: str, mask_o
 
 
 def measure_cache(cache: Any, modules: list | None = None) -> tuple[list[list[int]], list[int]]:
-    """Entries each KV head of each layer really attends to, and the bytes each layer holds.
+    """Entries each KV head of each layer really attends to, and the bytes each layer holds (None and 0 for a layer
+    that owns no cache: keys None).
 
     A :class:`RaggedLayer` counts its segments; a plain layer counts its length for every head, less the entries a
     masked reference (``mask_only``, module attribute ``_avkv_valid``) hides — those still count in the bytes.
@@ -321,6 +385,9 @@ def measure_cache(cache: Any, modules: list | None = None) -> tuple[list[list[in
     entries, nbytes = [], []
     for i, layer in enumerate(cache.layers):
         nbytes.append(sum(t.numel() * t.element_size() for t in (layer.keys, layer.values) if t is not None))
+        if layer.keys is None:                     # owns no cache (a KV-shared layer reads another layer's)
+            entries.append(None)
+            continue
         if isinstance(layer, RaggedLayer):
             entries.append(list(layer.lengths))
             continue
@@ -333,11 +400,19 @@ def measure_cache(cache: Any, modules: list | None = None) -> tuple[list[list[in
     return entries, nbytes
 
 
+def layer_capacity(layer: Any, n: int) -> int:
+    """Entries per KV head a cache layer holds uncompressed after an n-token prompt: n, or min(n, W − 1) for a
+    sliding-window layer (transformers keeps the last W − 1)."""
+    window = getattr(layer, "sliding_window", None)
+    return n if window is None else min(n, int(window) - 1)
+
+
 def within_budget(ratio: float, target: float, n: int, tol: float = BUDGET_TOLERANCE) -> bool:
     """The budget rule: ``ratio`` is within ±``tol`` of ``target`` relative to it, plus one entry (1/n) of rounding
     (each layer and head keeps whole entries)."""
     return abs(ratio - target) <= tol * target + 1.0 / max(n, 1) + 1e-12
 
 
-__all__ = ["RaggedLayer", "PreallocLayer", "to_prealloc", "prealloc_bytes", "CompressionError", "apply_selection", "measure_cache", "within_budget", "kv_cache_bytes",
+__all__ = ["RaggedLayer", "PreallocLayer", "to_prealloc", "prealloc_bytes", "CompressionError", "apply_selection",
+           "measure_cache", "layer_capacity", "within_budget", "kv_cache_bytes",
            "kv_bytes_by_device", "BUDGET_TOLERANCE"]

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from avkv.kvstore import CompressionError, within_budget
+from avkv.kvstore import CompressionError, layer_capacity, within_budget
 from avkv.methods.base import MODALITIES, Method, Selection, as_record, warn_once
 
 
@@ -69,36 +69,40 @@ def write_record(ledger: KeepLedger | None, enc: Any, cache: Any, held: tuple, *
     :func:`~avkv.kvstore.measure_cache`) checked against the ledger (None: nothing was compressed)."""
     entries, nbytes = held
     compressed = ledger is not None
-    L = len(cache.layers)
-    kvH = len(entries[0])
-    D = cache.layers[0].keys.shape[-1]
-    el = cache.layers[0].keys.element_size()
-    kv_full = 2 * L * kvH * n * D * el
+    owners = [i for i, e in enumerate(entries) if e is not None]   # layers that hold a cache (KV-shared ones don't)
+    if not owners:
+        raise CompressionError("no cache layer holds keys")
+    L = len(owners)
+    first = cache.layers[owners[0]]
+    kvH = len(entries[owners[0]])
+    D, el = first.keys.shape[-1], first.keys.element_size()
+    cap = [layer_capacity(cache.layers[i], n) for i in owners]       # entries per head held uncompressed
+    kv_full = 2 * kvH * sum(cap) * D * el
     kv_kept = sum(nbytes)
     suffix = n - s
-    per_layer = [sum(e) / kvH for e in entries]
+    per_layer = [sum(entries[i]) / kvH for i in owners]
     total = {name: int((enc.modality == c).sum()) for c, name in enumerate(MODALITIES)}
-    if ledger is None or not ledger.kept:
-        by_mod = {m: {"kept": float(total[m]), "total": total[m]} for m in MODALITIES if total[m]}
-    else:
+    if ledger is not None and ledger.kept:
         for i, counts in ledger.kept.items():          # what the method selected = what the cache holds
             if [c + suffix for c in counts] != entries[i]:
                 raise CompressionError(f"layer {i}: the method kept {counts} (+{suffix} suffix) entries per "
                                        f"head but the cache holds {entries[i]}")
-        by_mod = {}
-        suffix_mod = {name: int((enc.modality[s:] == c).sum()) for c, name in enumerate(MODALITIES)}
-        for c, m in enumerate(MODALITIES):
-            if not total[m]:
-                continue
-            kept = [ledger.mod_kept[i][m] / kvH if i in ledger.mod_kept else total[m] - suffix_mod[m]
-                    for i in range(L)]
-            by_mod[m] = {"kept": sum(kept) / L + suffix_mod[m], "total": total[m]}
+    suffix_mod = {name: int((enc.modality[s:] == c).sum()) for c, name in enumerate(MODALITIES)}
+    by_mod = {}
+    for c, m in enumerate(MODALITIES):
+        if not total[m]:
+            continue
+        # per owning layer: what the method kept of m (+ the suffix's), or, uncompressed, the m entries among the
+        # last cap positions it holds (all n but for a sliding-window layer)
+        kept = [ledger.mod_kept[i][m] / kvH + suffix_mod[m] if ledger is not None and i in ledger.mod_kept
+                else int((enc.modality[n - k:] == c).sum()) for i, k in zip(owners, cap)]
+        by_mod[m] = {"kept": sum(kept) / L, "total": total[m]}
     for v in by_mod.values():
         v["ratio"] = v["kept"] / v["total"]
     rec = {
         "n_prompt": n, "split": s, "compress_at": compress_at, "compressed": compressed,
         "kv_bytes_full": kv_full, "kv_bytes_kept": kv_kept, "kv_bytes_ratio": kv_kept / kv_full,
-        "kept_ratio": sum(per_layer) / (L * n), "kept_by_modality": by_mod,
+        "kept_ratio": sum(per_layer) / sum(cap), "kept_by_modality": by_mod,
         "kept_per_layer": per_layer, "decode_policy": method.decode_policy,
         "modalities_used": enc.modalities_used, "input_notes": enc.notes, "layers": L, "kv_heads": kvH,
         "num_heads": num_heads,
@@ -107,13 +111,16 @@ def write_record(ledger: KeepLedger | None, enc: Any, cache: Any, held: tuple, *
     }
     if enc.preprocessing:
         rec["preprocessing"] = enc.preprocessing          # what the model was fed (frames, sizes, audio s)
-    if any(len(set(e)) > 1 for e in entries):
-        rec["kept_per_head"] = [[c - suffix for c in e] for e in entries]
+    if any(len(set(entries[i])) > 1 for i in owners):
+        rec["kept_per_head"] = [[c - suffix for c in entries[i]] for i in owners]
     if ledger is not None and ledger.info:
         rec["method_info"] = {str(k): v for k, v in sorted(ledger.info.items())}
     if ledger is not None and ledger.record:
         rec.update(as_record(ledger.record))
-    rec.update(_budget(method, rec, target_kept / n, n, mask_only))
+    if L != len(entries) or any(k != n for k in cap):    # cache layers that hold other than n entries each
+        rec.update(cache_layers=owners, capacity_per_layer=cap)
+    # the budget's target: each layer keeps min(target_kept, what it holds uncompressed), as a share of the whole
+    rec.update(_budget(method, rec, sum(min(target_kept, k) for k in cap) / sum(cap), n, mask_only))
     return rec
 
 

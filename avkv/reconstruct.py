@@ -122,8 +122,12 @@ class ReconstructionView:
     end: int
     split: int                         # s: entries of the prefilled chunk
     scaling: float
-    state: dict
+    state: dict                        # the engine's per-request store: methods use scratch(self), not its keys
     out_weight_fn: Callable[[], torch.Tensor]      # [H, D, hidden] the layer's output projection per query head
+
+    def scratch(self, owner: Any) -> dict:
+        """The method instance's per-request scratch: the same dict ``LayerView.scratch(owner)`` gives its layers."""
+        return self.state.setdefault(("scratch", id(owner)), {})
 
 
 @torch.no_grad()

@@ -9,12 +9,15 @@
 
 This module is the only owner of a run's **identity** (:func:`identity_core`, :func:`run_hash`,
 :func:`point_hash`, :func:`run_name`), of the directory's files and of **reading its records**
-(:func:`read_records`); ``run.py``, ``avkv missing`` and ``avkv report`` all ask it.
+(:func:`read_records`); ``run.py``, ``avkv missing`` and ``avkv report`` all ask it. Two modules of the contract
+hold its mechanisms and are re-exported here: :mod:`avkv.records` (reading records, atomic writes) and
+:mod:`avkv.run_lock` (the one-writer lock).
 
 Identity: the resolved config less what does not change a sample's result: presentation and bookkeeping keys
 (:data:`NOT_IDENTITY`: logger, paths, progress, where the run is written, how the grid was assembled —
 ``grid``/``experiment``/``smoke``/``experiment_name`` — and resume behaviour) and the descriptive keys of the
-model/dataset/method groups (:data:`DESCRIPTIVE_KEYS`). A method that keeps the whole cache (``uses_budget =
+model/dataset/method groups (:data:`DESCRIPTIVE_KEYS`). ``batch_size`` enters only when it is not 1 (a batched run
+has its own directory: its timing fields are the batch's; at 1 the identity is the one from before the key). A method that keeps the whole cache (``uses_budget =
 False`` on its class: the full cache) has one identity whatever ``budget``/``budget_tokens`` say. Paths inside the
 project (the checkout's ``.cache`` of tiny checkpoints and fixtures, the committed proxies) enter relative to the
 project root, so two worktrees of the same code map a grid point to the same directory name; any other path enters
@@ -31,23 +34,20 @@ last record per id, so every count is per id).
 """
 from __future__ import annotations
 
-import errno
-import fcntl
 import hashlib
 import json
 import logging
 import math
 import os
 import platform
-import socket
 import statistics
 import subprocess
-import sys
-import time
-from collections import OrderedDict
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
+
+from avkv.records import (ReadReport, atomic_write_text, is_failed, read_json_file, read_records,  # noqa: F401
+                          tail_after_last_newline)
+from avkv.run_lock import LOCK, RunLock, RunLocked, describe_holder, lock_holder  # noqa: F401 - re-exported
 
 log = logging.getLogger("avkv")
 
@@ -55,7 +55,7 @@ SAMPLES = "samples.jsonl"
 CONFIG = "config.yaml"
 META = "meta.json"
 SUMMARY = "summary.json"
-LOCK = "run.lock"
+# LOCK = "run.lock": avkv.run_lock's, imported above
 
 #: top-level keys that never change a sample's result: presentation, where things are written, how the grid was
 #: assembled, resume behaviour (excluded from the identity)
@@ -123,6 +123,11 @@ PROMPTS_FROM_CODE = frozenset({
     "6735b4af9fee4c5e62fe6f8f446e8d3801e197cdb4f1fea47ea5b61f543f7baf",   # mvbench, mvbench_acckv
     "f6776858cc991cd374d308ab1e7947ad58174cacb33b2bf1fff63033247d46f3",   # milebench, milebench_flowmm
     "537cb5c885f58257d643067035936eeb823d4afd5d65972c2b9d7e8d0695745e",   # librispeech, librispeech_long(_fixture)
+    # the same texts with the Gemma-3n family's entries added (no other family's text changed; gemma3n had no runs
+    # before): a new family's entries in these configs would otherwise move every earlier run of the dataset
+    "c5a123203c29c03b7d8ac30baf0e5a3831b9ad4c379cb2b06e68e22aadc4a28a",   # mvbench, mvbench_acckv + gemma3n: null
+    "741eea4dc13f43cccafc165c41fb75ea07493f297043637d766c048ce3fe357b",   # milebench(_flowmm) + gemma3n: null
+    "ebd408f760409fbede9d2bef9c69a6ab541b676cd60dc41a7480ce717bccbe00",   # librispeech(_long, _fixture) + gemma3n
 })
 
 
@@ -135,6 +140,8 @@ def identity_core(cfg: Mapping) -> dict:
     if not uses_budget(cfg):
         for k in BUDGET_KEYS:
             core[k] = None
+    if core.get("batch_size", 1) == 1:            # one sample at a time: the runs from before the key, as before
+        core.pop("batch_size", None)
     if isinstance(core.get("dataset"), Mapping) and core["dataset"].get("limit_per_task", 0) is None:
         core["dataset"] = {k: v for k, v in core["dataset"].items() if k != "limit_per_task"}   # unset: as before
     if isinstance(core.get("dataset"), Mapping) and "prompts" in core["dataset"] \
@@ -224,248 +231,6 @@ def environment_meta(root: Path, device: str, seed: int) -> dict:
     except Exception:
         pass
     return meta
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so a reader sees the old file or the new one, never a torn one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    try:
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
-
-
-def read_json_file(path: Path, what: str = "file") -> tuple[Any, str | None]:
-    """(parsed JSON, None), or (None, a message naming the file) when it is missing, empty or unreadable."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return None, f"{what} {path} not found"
-    except (OSError, UnicodeDecodeError) as e:
-        return None, f"{what} {path} is unreadable: {e}"
-    if not text.strip():
-        return None, f"{what} {path} is empty"
-    try:
-        return json.loads(text), None
-    except json.JSONDecodeError as e:
-        return None, f"{what} {path} is not valid JSON ({e})"
-
-
-# ------------------------------------------------------------------------------------------------ the lock
-class RunLocked(RuntimeError):
-    """The run directory is held by another process; ``holder`` is what it wrote into ``run.lock``."""
-
-    def __init__(self, run_dir: Path, holder: dict):
-        self.run_dir, self.holder = Path(run_dir), holder
-        super().__init__(f"run directory {run_dir} is in use by {describe_holder(holder)}. One run directory has "
-                         f"one writer: wait for that process to finish (or stop it) and run again to resume.")
-
-
-def describe_holder(holder: Mapping | None) -> str:
-    if not holder:
-        return "another process (it has not written its name into run.lock yet)"
-    s = f"pid {holder.get('pid')} on host {holder.get('host')}, started {holder.get('started')}"
-    jobs = [f"{k}={holder[k]}" for k in ("slurm_job", "submitit_job") if holder.get(k)]
-    return s + (f" ({', '.join(jobs)})" if jobs else "")
-
-
-def _holder_info() -> dict:
-    env = os.environ
-    slurm = env.get("SLURM_ARRAY_JOB_ID") and f"{env['SLURM_ARRAY_JOB_ID']}_{env.get('SLURM_ARRAY_TASK_ID', '')}"
-    return {"pid": os.getpid(), "host": socket.gethostname(),
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "started_unix": time.time(),
-            "slurm_job": slurm or env.get("SLURM_JOB_ID"), "submitit_job": env.get("SUBMITIT_LOCAL_JOB_ID"),
-            "argv": " ".join(sys.argv)[:300]}
-
-
-def _read_holder(fd: int) -> dict:
-    try:
-        data = os.pread(fd, 65536, 0)
-        return json.loads(data.decode()) if data.strip() else {}
-    except (OSError, ValueError):
-        return {}
-
-
-class RunLock:
-    """An OS lock (``flock``) on ``<run dir>/run.lock``, held for the life of the run.
-
-    ``flock`` is released by the kernel when the process dies (kill -9 included), so a stale lock cannot block a
-    resume. The holder writes its pid, host, start time and SLURM/submitit job into the file; :func:`lock_holder`
-    reads it for ``avkv missing`` (running vs missing). On NFS, Linux emulates ``flock`` with POSIX locks, which
-    the server arbitrates across nodes.
-    """
-
-    #: how long to retry when the lock is busy: only a probe (``lock_holder``) holds it that briefly
-    RETRY_S = 1.0
-
-    def __init__(self, run_dir: str | Path):
-        self.dir = Path(run_dir)
-        self.path = self.dir / LOCK
-        self.fd: int | None = None
-
-    def acquire(self) -> "RunLock":
-        self.dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        deadline = time.monotonic() + self.RETRY_S
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as e:
-                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    os.close(fd)
-                    raise
-                if time.monotonic() > deadline:
-                    holder = _read_holder(fd)
-                    os.close(fd)
-                    raise RunLocked(self.dir, holder) from None
-                time.sleep(0.05)
-        info = json.dumps(_holder_info()).encode()
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, info, 0)
-        os.fsync(fd)
-        self.fd = fd
-        return self
-
-    def release(self) -> None:
-        if self.fd is None:
-            return
-        try:
-            os.ftruncate(self.fd, 0)             # no stale name left behind
-        except OSError:
-            pass
-        fcntl.flock(self.fd, fcntl.LOCK_UN)
-        os.close(self.fd)
-        self.fd = None
-
-    def __enter__(self) -> "RunLock":
-        return self.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-
-def lock_holder(run_dir: str | Path) -> dict | None:
-    """The holder of a run directory's lock (its ``run.lock`` info), or None when no process holds it."""
-    path = Path(run_dir) / LOCK
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                return _read_holder(fd) or {"pid": None}
-            raise
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
-    finally:
-        os.close(fd)
-
-
-# ------------------------------------------------------------------------------------------------ reading
-@dataclass
-class ReadReport:
-    """What :func:`read_records` skipped, by kind, with line numbers (1-based)."""
-
-    path: Path
-    lines: int = 0
-    torn_tail: bool = False
-    not_json: list[int] = field(default_factory=list)
-    no_id: list[int] = field(default_factory=list)
-    superseded: int = 0
-
-    def problems(self) -> str | None:
-        parts = []
-        if self.not_json:
-            parts.append(f"{len(self.not_json)} line(s) not JSON records (line {_few(self.not_json)})")
-        if self.no_id:
-            parts.append(f"{len(self.no_id)} record(s) without 'sample_id' (line {_few(self.no_id)})")
-        return f"{self.path}: skipped " + "; ".join(parts) if parts else None
-
-
-def _few(xs: list[int]) -> str:
-    return ", ".join(map(str, xs[:5])) + (", ..." if len(xs) > 5 else "")
-
-
-def read_records(path: str | Path, report: ReadReport | None = None, warn: bool = True) -> list[dict]:
-    """The records of a ``samples.jsonl``, one per sample id: the **last** line written for an id wins (a failed
-    sample rerun with ``resume.retry_failed`` supersedes its old line), at the position of that last line.
-
-    A torn last line (a kill in the middle of a write) is ignored; a line that is not a JSON object, or a record
-    without ``sample_id``, is skipped and reported (a warning naming the file and the lines), never fatal.
-    """
-    path = Path(path)
-    rep = report if report is not None else ReadReport(path)
-    out: "OrderedDict[str, dict]" = OrderedDict()
-    if not path.is_file():
-        return []
-    with open(path, "rb") as f:
-        data = f.read()
-    lines = data.split(b"\n")
-    if lines and lines[-1] == b"":
-        lines.pop()
-    elif lines:
-        rep.torn_tail = True
-    for n, raw in enumerate(lines, 1):
-        rep.lines += 1
-        if not raw.strip():
-            continue
-        try:
-            rec = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            if not (rep.torn_tail and n == len(lines)):
-                rep.not_json.append(n)
-            continue
-        if not isinstance(rec, dict):
-            rep.not_json.append(n)
-            continue
-        if rec.get("sample_id") is None:
-            rep.no_id.append(n)
-            continue
-        sid = str(rec["sample_id"])
-        if sid in out:
-            rep.superseded += 1
-            del out[sid]
-        out[sid] = rec
-    msg = rep.problems()
-    if msg and warn:
-        log.warning(msg)
-    return list(out.values())
-
-
-def is_failed(record: Mapping) -> bool:
-    return record.get("error") is not None
-
-
-def tail_after_last_newline(path: Path, chunk: int = 1 << 16) -> tuple[int, bytes]:
-    """(offset just after the last ``\\n``, the bytes after it), reading the file backwards in chunks."""
-    with open(path, "rb") as f:
-        f.seek(0, os.SEEK_END)
-        end = pos = f.tell()
-        tail = b""
-        while pos > 0:
-            step = min(chunk, pos)
-            pos -= step
-            f.seek(pos)
-            block = f.read(step)
-            i = block.rfind(b"\n")
-            if i >= 0:
-                return pos + i + 1, block[i + 1:] + tail
-            tail = block + tail
-        return 0, tail if end else b""
 
 
 # ------------------------------------------------------------------------------------------------ the store

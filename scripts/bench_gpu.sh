@@ -2,7 +2,8 @@
 # One command for the GPU benchmarks: Qwen2.5-7B-shaped random-weight layers (hidden 3584, 28 q / 4 kv heads,
 # MLP 18944), prefill compression overhead, decode time per token at budgets 1.0/0.5/0.2/0.1 and peak CUDA memory
 # (scripts/bench_overhead.py: CUDA-event wall times, bf16), then the capacity sweep and the decode bandwidth
-# model where those scripts exist (scripts/bench_capacity.py, scripts/bench_decode.py). Writes results/bench/gpu/.
+# model where those scripts exist (scripts/bench_capacity.py: the largest batch under a KV cap and its tokens/s per
+# budget; scripts/bench_decode.py). Writes results/bench/gpu/.
 #
 #   bash scripts/bench_gpu.sh                    # on a CUDA machine (environment.yml)
 #   bash scripts/bench_gpu.sh --dry-run          # CPU, 1 layer, 256 tokens: checks the pipeline in a minute
@@ -43,16 +44,24 @@ fi
 echo "== prefill overhead, decode, memory ($DEV) -> $OUT/overhead"
 "$PY" scripts/bench_overhead.py "${OVERHEAD[@]}" --out "$OUT/overhead"
 
-# optional_step <script> <out subdir> <title>: run a benchmark script where this checkout has it (its --help on a dry run)
+# optional_step <script> <out subdir> <title> [args...]: run a benchmark script where this checkout has it (its
+# --help on a dry run)
 optional_step() {
-  if [ -f "scripts/$1" ]; then
-    echo "== $3 -> $OUT/$2"
-    if [ "$DRY" = 1 ]; then "$PY" "scripts/$1" --help >/dev/null
-    else "$PY" "scripts/$1" --device cuda --out "$OUT/$2"; fi
+  local script=$1 sub=$2 title=$3
+  shift 3
+  if [ -f "scripts/$script" ]; then
+    echo "== $title -> $OUT/$sub"
+    if [ "$DRY" = 1 ]; then "$PY" "scripts/$script" --help >/dev/null
+    else "$PY" "scripts/$script" --device cuda --out "$OUT/$sub" "$@"; fi
   else
-    echo "== $3: scripts/$1 is not in this checkout (skipped)" | tee -a "$OUT/environment.txt"
+    echo "== $title: scripts/$script is not in this checkout (skipped)" | tee -a "$OUT/environment.txt"
   fi
 }
-optional_step bench_capacity.py capacity "capacity sweep"
+# capacity: Qwen2.5-7B-shaped layers, 16k prompts; the cap on the KV bytes the batch allocates is an 80 GB GPU's
+# memory after the 7B model's bf16 weights (15.23 GB), the share of the $LAYERS benchmarked of its 28 layers
+# (CAP_GB=<GB> for another card)
+CAP_KV=$("$PY" -c "print(int((${CAP_GB:-80} * 1e9 - 15.23e9) * $LAYERS / 28))")
+optional_step bench_capacity.py capacity "capacity sweep (KV cap $CAP_KV bytes)" --shape 7b --layers "$LAYERS" \
+  --length 16384 --new-tokens 32 --cap-kv-bytes "$CAP_KV"
 optional_step bench_decode.py decode "decode vs the bandwidth model"
 echo "wrote $OUT"

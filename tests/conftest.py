@@ -7,14 +7,29 @@ from pathlib import Path
 import pytest
 
 from avkv.config import ROOT
+from tests import discover
 
 CACHE = ROOT / ".cache"
-FAMILIES = ("qwen2_5_vl", "qwen2_audio", "qwen2_5_omni", "qwen3_omni", "llava", "qwen2_vl", "llava_onevision", "internvl")
-#: the transformers vision-language families added for the papers' tables (issue 19); image-only ones get
-#: :func:`family_prompt`'s two-image prompt
-VLM_FAMILIES = ("llava", "qwen2_vl", "llava_onevision", "internvl")
-#: the native ports (avkv/models/native.py): no transformers ``generate``, their own greedy ``adapter.generate``
-NATIVE_FAMILIES = ("mobilevlm", "videollama2_av")
+
+
+def modalities(family: str) -> tuple[str, ...]:
+    """What the adapter class of ``configs/model/tiny_<family>.yaml`` declares it takes."""
+    return tuple(discover.adapter_class(f"tiny_{family}").modalities)
+
+
+def _families() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    from avkv.models.native_adapter import NativeAdapter
+    fams = discover.tiny_families(variants=False)
+    native = tuple(f for f in fams if issubclass(discover.adapter_class(f"tiny_{f}"), NativeAdapter))
+    return tuple(f for f in fams if f not in native and modalities(f)), native
+
+
+#: the tiny families, from configs/model/tiny_*.yaml (tests/discover.py; variants such as ``_deep`` left out):
+#: FAMILIES the transformers ones that take media; NATIVE_FAMILIES the native ports (avkv/models/native.py: no
+#: transformers ``generate``, their own greedy ``adapter.generate``)
+FAMILIES, NATIVE_FAMILIES = _families()
+#: the vision-language families (images, no audio); image-only ones get :func:`family_prompt`'s two-image prompt
+VLM_FAMILIES = tuple(f for f in FAMILIES if "image" in modalities(f) and "audio" not in modalities(f))
 
 
 @functools.lru_cache(maxsize=None)

@@ -2,9 +2,14 @@
 method x under the end-to-end and budget-conformance tests, adding ``configs/model/tiny_y.yaml`` puts family y
 under the tests that run every tiny family, with nothing else to edit.
 
-Names are config stems; a family is a tiny model config's stem without ``tiny_``.
+Names are config stems; a family is a tiny model config's stem without ``tiny_``. A *variant* is a tiny config that
+extends another's stem and names the same adapter class (``tiny_qwen2_5_omni_deep``: the Omni with 8 layers).
 """
 from __future__ import annotations
+
+import functools
+
+from omegaconf import OmegaConf
 
 from avkv.config import CONFIG_DIR
 
@@ -26,9 +31,26 @@ def tiny_models() -> list[str]:
     return _stems("model", "tiny_")
 
 
-def tiny_families() -> list[str]:
-    """The tiny models as families (``tiny_qwen2_audio`` → ``qwen2_audio``)."""
-    return [m[len("tiny_"):] for m in tiny_models()]
+def tiny_families(variants: bool = True) -> list[str]:
+    """The tiny models as families (``tiny_qwen2_audio`` → ``qwen2_audio``), without the variants unless
+    ``variants``."""
+    models = tiny_models()
+    if not variants:
+        models = [m for m in models if not any(m.startswith(f"{o}_") and _target(m) == _target(o)
+                                               for o in models if o != m)]
+    return [m[len("tiny_"):] for m in models]
+
+
+@functools.lru_cache(maxsize=None)
+def _target(model: str) -> str | None:
+    return OmegaConf.load(CONFIG_DIR / "model" / f"{model}.yaml").get("_target_")
+
+
+def adapter_class(model: str) -> type:
+    """The adapter class ``configs/model/<model>.yaml`` names (imported, no model loaded): its ``family`` and
+    declared ``modalities``."""
+    from hydra.utils import get_class
+    return get_class(_target(model))
 
 
 def datasets() -> list[str]:

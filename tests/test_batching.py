@@ -119,3 +119,17 @@ def test_refuses_what_cannot_batch(encs):
         generate_batch(Engine(ad, H2O(), budget=0.3), es)
     with pytest.raises(CompressionError, match="mask_only"):
         generate_batch(Engine(ad, SnapKV(window=8), budget=0.3, mask_only=True), es)
+
+
+def test_each_sample_stops_at_its_own_max_new_tokens(encs):
+    """A limit per sample (a task's answer length differs per prompt): each row stops at its own, as at batch 1."""
+    ad, es = encs
+    eng = Engine(ad, SnapKV(window=8), budget=0.3, max_new_tokens=MAX_NEW)
+    limits = [2, MAX_NEW, 5]
+    batch = generate_batch(eng, es, max_new_tokens=limits)
+    for g, e, n in zip(batch, es, limits):
+        ref = eng.generate(e, max_new_tokens=n)
+        assert g.token_ids == ref.token_ids and g.record["new_tokens"] == ref.record["new_tokens"] <= n
+    assert len({g.record["new_tokens"] for g in batch}) > 1                 # the limits did differ
+    with pytest.raises(ValueError, match="2 max_new_tokens for 3 samples"):
+        generate_batch(eng, es, max_new_tokens=[2, 3])

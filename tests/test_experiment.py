@@ -155,3 +155,79 @@ def test_fidelity_compares_with_the_full_cache(tmp_path):
                              "fidelity=true", "dataset.limit=2")))
     assert all(0.0 <= r["fidelity_token_agreement"] <= 1.0 and r["fidelity_first_kl"] >= 0 for r in comp)
     assert any(r["fidelity_first_kl"] > 1e-6 for r in comp)
+
+
+BATCH_FIELDS = ("prediction", "score", "error", "n_prompt", "kept_ratio", "kept_per_layer", "kept_by_modality",
+                "kv_bytes_full", "kv_bytes_kept", "kv_storage", "new_tokens")
+
+
+@pytest.mark.parametrize("method", ["snapkv", "adakv"])
+def test_batch_size_gives_the_records_of_batch_one(tmp_path, method):
+    """batch_size=2 over 3 samples (a batch of 2, then one of 1): every sample's record is its batch-1 record —
+    prediction, score, what it kept (counts, bytes, per layer and modality) — in the same order; the run has its
+    own directory (batch_size is in its identity), batch 1 keeps the identity it had before the key existed."""
+    tiny_model_dir("tiny_qwen2_5_vl")
+    base = ("model=tiny_qwen2_5_vl", f"method={method}", "budget=0.3", "dataset.limit=3")
+    one = run(_cfg(tmp_path, *base))
+    two = run(_cfg(tmp_path, *base, "batch_size=2"))
+    assert one["run_dir"] != two["run_dir"]
+    from avkv.experiment import resolved
+    from avkv.results import run_hash
+    before = {k: v for k, v in resolved(_cfg(tmp_path, *base)).items() if k != "batch_size"}   # a run from before
+    assert one["config_hash"] == run_hash(before)
+    a, b = _records(one), _records(two)
+    assert [r["sample_id"] for r in a] == [r["sample_id"] for r in b] and len(b) == 3
+    assert all(r["error"] is None for r in b)
+    for x, y in zip(a, b):
+        for f in BATCH_FIELDS:
+            assert x.get(f) == y.get(f), (x["sample_id"], f, x.get(f), y.get(f))
+    assert [r["batch_size"] for r in b] == [2, 2, 1]
+    assert b[0]["decode_s"] == b[1]["decode_s"] and b[0]["batch_decode_tokens_per_s"] > 0
+    assert len({r["prediction"] for r in b}) > 1 or len({r["n_prompt"] for r in b}) > 1   # not one answer copied
+
+
+def test_batched_run_resumes_and_records_a_broken_prompt(tmp_path, monkeypatch):
+    """batch_size=3 over 6 samples whose last two have no video: those two are recorded with their error while the
+    first sample of their batch is generated; the run killed in its second batch resumes without running a sample
+    twice."""
+    import shutil
+    import avkv.samples as sm
+    tiny_model_dir("tiny_qwen2_5_vl")
+    root = tmp_path / "avqa"
+    shutil.copytree(fixtures_dir() / "avqa", root)
+    docs = json.loads((root / "val_qa.json").read_text())[:6]
+    assert [d["video_id"] for d in docs] == [0, 0, 0, 0, 1, 1]
+    (root / "videos" / "fx000000001_000000.mp4").unlink()         # the video of samples 5 and 6
+    cfg = _cfg(tmp_path, "model=tiny_qwen2_5_vl", "method=snapkv", f"dataset.root={root}", "dataset.limit=6",
+               "batch_size=3")
+    real, calls = sm.generate_batch, []
+
+    def killed(engine, encs, **k):
+        calls.append(len(encs))
+        if len(calls) == 2:
+            raise KeyboardInterrupt              # killed in the second batch
+        return real(engine, encs, **k)
+
+    monkeypatch.setattr(sm, "generate_batch", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg)
+    runs = list(tmp_path.glob("tiny_qwen2_5_vl__*"))
+    assert len(runs) == 1
+    first = [json.loads(x) for x in (runs[0] / "samples.jsonl").read_text().splitlines()]
+    assert len(first) == 3 and all(r["error"] is None for r in first)      # the first batch, nothing of the second
+    monkeypatch.setattr(sm, "generate_batch", real)
+    recs = _records(run(cfg))
+    ids = [r["sample_id"] for r in recs]
+    assert ids == [str(d["id"]) for d in docs] and recs[:3] == first
+    assert calls == [3, 1]                       # the second batch went on with its one good sample
+    assert recs[3]["error"] is None and recs[3]["batch_size"] == 1 and recs[3]["prediction"] is not None
+    assert all(r["error"] and "fx000000001_000000" in r["error"] for r in recs[4:])
+
+
+def test_batch_size_refuses_what_cannot_batch(tmp_path):
+    from avkv.config import ConfigError
+    with pytest.raises(ConfigError, match=r"batch_size=2: method 'h2o' evicts during decoding.*batch_size=1"):
+        run(_cfg(tmp_path, "model=tiny_qwen2_5_vl", "method=h2o", "batch_size=2", "dataset.limit=2"))
+    assert not list(tmp_path.glob("tiny_qwen2_5_vl__*"))          # refused before anything was written
+    with pytest.raises(ConfigError, match=r"batch_size=0: an integer >= 1"):
+        _cfg(tmp_path, "batch_size=0")

@@ -10,8 +10,7 @@ pyramid-H2O, AdaKV-H2O or per-modality SnapKV without copying any allocation cod
 * :class:`HeadAllocation`: AdaKV — a global top-k across the KV heads of a layer decides each head's share,
   with a floor; heads keep different counts (the selection is padded with a ``valid`` mask, the engine stores it
   per head without padding).
-* :class:`ModalityAllocation`: fixed shares of the budget per modality, or shares another method computed and
-  left in ``view.state``.
+* :class:`ModalityAllocation`: fixed shares of the budget per modality, else proportional to each modality's size.
 
 The window (``scorer.protected(view)``) is always kept and counts toward every budget.
 """
@@ -19,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 
@@ -260,11 +259,8 @@ class ModalityAllocation(Wrapper):
     scorer : ScoreMethod
         Ranks entries within each modality.
     shares : dict, optional
-        Fixed shares, e.g. ``{text: 0.5, video: 0.25, audio: 0.25}`` (normalised). When None, shares are read
-        from ``view.state[state_key]`` (set by another method, either one dict or a per-layer list/dict of
-        dicts), else they are proportional to each modality's size (every modality compressed alike).
-    state_key : str
-        Where given shares live in the per-request state.
+        Fixed shares, e.g. ``{text: 0.5, video: 0.25, audio: 0.25}`` (normalised). When None they are
+        proportional to each modality's size (every modality compressed alike).
 
     A modality with fewer entries than its share keeps all of them and the rest goes to the others
     (:func:`modality_budgets`); every KV head keeps the same count of each modality.
@@ -272,19 +268,11 @@ class ModalityAllocation(Wrapper):
 
     scorer: ScoreMethod
     shares: dict[str, float] | None = None
-    state_key: str = "modality_shares"
 
     name = "modality_allocation"
 
     def _shares(self, view: LayerView) -> dict[str, float] | None:
-        if self.shares is not None:
-            return dict(self.shares)
-        given: Any = view.state.get(self.state_key)
-        if isinstance(given, (list, tuple)):
-            given = given[view.layer_idx]
-        elif isinstance(given, dict) and view.layer_idx in given:
-            given = given[view.layer_idx]
-        return dict(given) if given else None
+        return dict(self.shares) if self.shares is not None else None
 
     def compress(self, view: LayerView) -> Selection:
         if not isinstance(self.scorer, ScoreMethod):

@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from avkv.methods.base import rank_positions
+from avkv.methods.scoring import rank_positions
 
 #: reals closer than this are equal: a quota this close to an integer is that integer, and remainders this close are
 #: a tie (so float noise of the water-filling never decides a count)
@@ -136,8 +136,8 @@ def mask_to_indices(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | No
 def ragged_topk(scores: torch.Tensor, counts: torch.Tensor | Sequence[int], protect_last: int = 0
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Row r of ``scores`` [R, S] keeps ``counts[r]`` positions (clipped to [1, S]): the last ``protect_last``
-    first (latest first when a count is smaller), then its best others by :func:`~avkv.methods.base.rank_positions`
-    (ties to the later position). Per row it is :func:`~avkv.methods.base.keep_topk`; returns what
+    first (latest first when a count is smaller), then its best others by :func:`~avkv.methods.scoring.rank_positions`
+    (ties to the later position). Per row it is :func:`~avkv.methods.scoring.keep_topk`; returns what
     :func:`mask_to_indices` returns for the keep mask."""
     R, S = scores.shape
     counts = torch.as_tensor(counts, dtype=torch.long).to(scores.device).clamp(1, S)

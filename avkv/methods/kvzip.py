@@ -11,8 +11,6 @@ import torch
 from avkv.methods.counts import mask_to_indices
 from avkv.methods.base import LayerView, Method, Selection, rank_positions
 
-KEY = "kvzip"
-
 
 @dataclass
 class KVzip(Method):
@@ -90,13 +88,13 @@ class KVzip(Method):
 
     # -------------------------------------------------------------------------------- scoring
     def observe(self, view: LayerView) -> None:
-        layers = view.state.setdefault((KEY, "layers"), {})
+        layers = view.scratch(self).setdefault("layers", {})
         layers[view.layer_idx] = {"n_keep": view.n_keep, "scores": torch.zeros(
             view.num_kv_heads, view.seq_len, dtype=torch.float32, device=view.keys.device)}
 
     def score_reconstruction(self, rv) -> None:
         """Max attention of the reconstruction queries on the chunk ``[rv.start, rv.end)`` (``ReconstructionView``)."""
-        layer = rv.state.get((KEY, "layers"), {}).get(rv.layer_idx)
+        layer = rv.scratch(self).get("layers", {}).get(rv.layer_idx)
         if layer is None:
             raise RuntimeError("KVzip.score_reconstruction before observe() on this layer")
         a, b, s = rv.start, rv.end, rv.split
@@ -121,11 +119,12 @@ class KVzip(Method):
         layer["scores"][:, a:b] = w[..., sink:sink + (b - a)].amax(dim=(1, 2)).to(layer["scores"].device)
 
     # -------------------------------------------------------------------------------- selection
-    def keep_masks(self, state: dict, num_layers: int) -> dict[int, torch.Tensor]:
-        """Keep mask ``[kvH, S]`` of every layer, from every layer's scores (computed once per request)."""
-        if (KEY, "keep") in state:
-            return state[(KEY, "keep")]
-        layers = state.get((KEY, "layers"), {})
+    def keep_masks(self, scratch: dict, num_layers: int) -> dict[int, torch.Tensor]:
+        """Keep mask ``[kvH, S]`` of every layer, from every layer's scores in this instance's per-request
+        ``scratch`` (``view.scratch(self)``; computed once per request)."""
+        if "keep" in scratch:
+            return scratch["keep"]
+        layers = scratch.get("layers", {})
         ids = sorted(layers)
         if len(ids) != num_layers:
             raise RuntimeError(f"KVzip saw {len(ids)} of {num_layers} layers before compressing")
@@ -146,10 +145,10 @@ class KVzip(Method):
         else:
             keep[rank_positions(s.reshape(1, -1))[0, : kvH * sum(n_keep)]] = True
         keep = keep.view(L, kvH, S)
-        state[(KEY, "keep")] = {i: keep[j] for j, i in enumerate(ids)}
-        return state[(KEY, "keep")]
+        scratch["keep"] = {i: keep[j] for j, i in enumerate(ids)}
+        return scratch["keep"]
 
     def compress(self, view: LayerView) -> Selection:
-        keep = self.keep_masks(view.state, view.num_layers)[view.layer_idx].to(view.keys.device)
+        keep = self.keep_masks(view.scratch(self), view.num_layers)[view.layer_idx].to(view.keys.device)
         idx, valid = mask_to_indices(keep)
         return Selection(indices=idx, valid=valid, info={"layer_kept": int(keep.sum())})

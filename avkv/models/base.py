@@ -180,6 +180,16 @@ class ModelAdapter:
         x1, x2 = q[..., : q.shape[-1] // 2], q[..., q.shape[-1] // 2:]
         return (q * c + torch.cat((-x2, x1), dim=-1) * s)[0]
 
+    def cache_sources(self) -> list[int]:
+        """Per decoder layer, the layer whose KV cache its attention reads: itself (the default), or for a layer
+        that owns no cache (KV sharing: Gemma-3n's last layers) the earlier layer it reuses. The engine gives such a
+        layer its source's storage, so it attends over exactly the entries its source kept."""
+        return list(range(len(self.decoder_layers())))
+
+    def layer_windows(self) -> list[int | None]:
+        """Per decoder layer, its sliding attention window (None: full attention, the default)."""
+        return [None] * len(self.decoder_layers())
+
     def rotary_embedding(self) -> torch.nn.Module:
         """The decoder's rotary embedding module (``rotary_emb(x, position_ids) -> (cos, sin)``): by default the
         ``rotary_emb`` of the module that holds the decoder layers (every transformers text model)."""

@@ -61,10 +61,9 @@ def build_tiny(out_dir: str | Path, seed: int = 0, hidden: int = 128, layers: in
     The query and key projections are scaled by ``qk_scale`` so attention is peaky (at the default init, std 0.02,
     every row is nearly uniform and window scores are all but tied); weights are written in safetensors.
     """
-    from safetensors.torch import load_file, save_file
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from avkv.models.tiny import atomic_dir, chat_template, hf_tokenizer
+    from avkv.models.tiny import atomic_dir, chat_template, hf_tokenizer, scale_qk
     torch.manual_seed(seed)
     tok = hf_tokenizer(chat_template("qwen2"), vocab_size=vocab_size)
     t = tok.convert_tokens_to_ids
@@ -77,9 +76,4 @@ def build_tiny(out_dir: str | Path, seed: int = 0, hidden: int = 128, layers: in
     with atomic_dir(out_dir) as d:
         model.save_pretrained(d)
         tok.save_pretrained(d)
-        f = Path(d) / "model.safetensors"
-        sd = load_file(f)
-        for k in sd:
-            if ".self_attn.q_proj." in k or ".self_attn.k_proj." in k:
-                sd[k] = sd[k] * qk_scale
-        save_file(sd, f, metadata={"format": "pt"})
+        scale_qk(d, qk_scale)

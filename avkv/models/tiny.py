@@ -136,6 +136,20 @@ def atomic_dir(out_dir: str | Path):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def scale_qk(checkpoint: str | Path, scale: float, prefix: str = "", extra: dict | None = None) -> None:
+    """Multiply the query and key projections (names under ``prefix``) of ``checkpoint/model.safetensors`` by
+    ``scale`` so attention is peaky, as in trained models (at the default init, std 0.02, it is nearly uniform); add
+    the ``extra`` tensors; write the file back."""
+    from safetensors.torch import load_file, save_file
+    f = Path(checkpoint) / "model.safetensors"
+    sd = load_file(f)
+    for k in sd:
+        if k.startswith(prefix) and (".self_attn.q_proj." in k or ".self_attn.k_proj." in k):
+            sd[k] = sd[k] * scale
+    sd.update(extra or {})
+    save_file(sd, f, metadata={"format": "pt"})
+
+
 def builder_fingerprint(builder: str) -> str:
     """Hash of the source file defining a tiny builder: a checkpoint made by older code is rebuilt."""
     import hashlib
@@ -175,13 +189,6 @@ def build_tiny_omni_deep(out_dir: str | Path, qk_scale: float = 12.0) -> None:
     layer's attention is nearly uniform, so nothing that depends on where a layer attends (AccKV's focus, MadaKV's
     demand) could differ between layers; scaled, attention is peaky and differs by layer, as in trained models.
     """
-    from safetensors.torch import load_file, save_file
-
     from avkv.models.qwen2_5_omni import build_tiny
     build_tiny(out_dir, layers=8)
-    f = Path(out_dir) / "model.safetensors"
-    sd = load_file(f)
-    for k in sd:
-        if k.startswith("model.layers.") and (".self_attn.q_proj." in k or ".self_attn.k_proj." in k):
-            sd[k] = sd[k] * qk_scale
-    save_file(sd, f, metadata={"format": "pt"})
+    scale_qk(out_dir, qk_scale, prefix="model.layers.")

@@ -36,6 +36,9 @@ The package: :mod:`~avkv.report.collect` (run directories → one long table), :
   vs budget (mean ± 95% CI); one PNG per (experiment, model, dataset, context), titled with the model, dataset,
   metric and n, the score axis labelled with the metric. Each method is placed at the ratio of the KV cache it
   really held (``budget_achieved``), not at its nominal budget.
+* **Capacity** (``--capacity results/bench/capacity``): decode tokens/s against the budget at the largest batch
+  that fitted under a memory cap, from ``scripts/bench_capacity.py``'s CSV (:mod:`~avkv.report.capacity`), as
+  ``plots/capacity.png``.
 * **Budgets held.** Every point says what it held (``budget_achieved``: the fraction of the full cache's bytes) and
   whether every sample held its budget (``budget_held``: entries and bytes within ±1 %, the engine's rule). In the
   tables a point that did not is listed after the ones that did, its budget cell saying what it held.
@@ -53,7 +56,7 @@ from avkv import stats
 from avkv.config import PAPERS_DIR  # noqa: F401 - results/papers in a clone, package data when installed
 from avkv.report.aggregate import (POINT_KEYS, _budget_held, _key, _valid, aggregate,  # noqa: F401
                                    average_over_tasks, full_reference)
-from avkv.report.collect import (RUN_COLUMNS, SAMPLE_NUMERIC, SKIP_DIRS, TASK_KEYS, collect, dedupe,  # noqa: F401
+from avkv.report.collect import (RUN_COLUMNS, SAMPLE_NUMERIC, SKIP_DIRS, collect, dedupe,  # noqa: F401
                                  describe, find_runs, identities, limit_label, load_config, load_run, read_samples,
                                  read_table, write_samples)
 from avkv.report.papers import beside_paper, efficiency_beside, paper_numbers, paper_table  # noqa: F401
@@ -119,7 +122,8 @@ def _table_title(exp: Any, ds: Any, pe: pd.DataFrame, several: bool) -> str:
 
 def build(paths: Sequence[str | Path], out: Path | None = None, scale: float = 100.0, paper: str | None = None,
           paper_model: str | None = None, n_boot: int = stats.N_BOOT, plots: bool = True,
-          quiet: bool = False, experiments: Sequence[str] = (), filters: Sequence[str] = ()) -> dict:
+          quiet: bool = False, experiments: Sequence[str] = (), filters: Sequence[str] = (),
+          capacity: str | Path | None = None) -> dict:
     """The whole report: collect → select → points → one table per (experiment, dataset, context) (→ files
     under ``out``). Returns the frames and text; ``res["n_runs"]`` counts the runs read."""
     df = collect(paths)
@@ -202,6 +206,10 @@ def build(paths: Sequence[str | Path], out: Path | None = None, scale: float = 1
         if plots:
             res["plots"] = plot_budget_curves(points, out / "plots", avg, scale=scale)
             res["files"] += res["plots"]
+        if plots and capacity is not None:
+            from avkv.report.capacity import plot_capacity
+            res["capacity_plots"] = plot_capacity(capacity, out / "plots")
+            res["files"] += res["capacity_plots"]
     if not quiet:
         print(res["markdown"])
         if out is not None:
@@ -219,6 +227,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--paper-model", default=None, help="which of the paper's models to compare with")
     ap.add_argument("--n-boot", type=int, default=stats.N_BOOT, help="bootstrap replicates")
     ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--capacity", type=Path, default=None, metavar="DIR",
+                    help="also plot tokens/s vs budget at a memory cap from scripts/bench_capacity.py's folder "
+                         "(e.g. results/bench/capacity)")
     ap.add_argument("--experiment", "-e", action="append", default=[],
                     help="only this experiment (a preset's grid.name, or experiment_name); repeatable")
     ap.add_argument("--filter", "-f", action="append", default=[], metavar="KEY=VALUE",
@@ -231,13 +242,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="avkv report", description=__doc__.split("\n\n")[0])
     add_arguments(ap)
     a = ap.parse_args(argv)
-    absent = [p for p in a.paths if not Path(p).exists()]
+    absent = [p for p in [*a.paths, *([a.capacity] if a.capacity else [])] if not Path(p).exists()]
     if absent:
         print(f"avkv report: no such path: {', '.join(map(str, absent))}", file=sys.stderr)
         return 2
     try:
         res = build(a.paths, out=a.out, scale=a.scale, paper=a.paper, paper_model=a.paper_model, n_boot=a.n_boot,
-                    plots=not a.no_plots, experiments=a.experiment, filters=a.filter, quiet=True)
+                    plots=not a.no_plots, experiments=a.experiment, filters=a.filter, quiet=True,
+                    capacity=a.capacity)
     except (ReportError, MixedPoints) as e:
         print(f"avkv report: {e}", file=sys.stderr)
         return 2

@@ -106,15 +106,9 @@ def describe(cfg: dict) -> dict:
         task = ",".join(map(str, task))
     budget = cfg.get("budget", _get(cfg, "method.budget"))
     budget_tokens = cfg.get("budget_tokens", _get(cfg, "method.budget_tokens"))
-    if isinstance(budget, dict):  # {mode: ratio|tokens, value}
-        if budget.get("mode") == "tokens":
-            budget_tokens, budget = budget.get("value"), None
-        else:
-            budget = budget.get("value")
     method = _label(cfg, "method")
     grid = cfg.get("grid") if isinstance(cfg.get("grid"), dict) else {}
-    experiment = (grid.get("name") or cfg.get("experiment_name") or _get(cfg, "logger.group")
-                  or (cfg.get("experiment") if isinstance(cfg.get("experiment"), str) else None))
+    experiment = grid.get("name") or cfg.get("experiment_name")      # every composed config has experiment_name
     return {
         "experiment": experiment,
         "paper": grid.get("paper"),

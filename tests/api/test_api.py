@@ -42,6 +42,9 @@ def test_harness_runs_methods_on_shared_docs(monkeypatch):
     assert set(a["method"]) == {"snapkv"} and set(b["method"]) == {"full"}
     assert a["error"].isna().all() and b["error"].isna().all()
     assert (a["kept_ratio"] < b["kept_ratio"]).all()       # the budget reached the engine
+    c = h.run(method="snapkv", budget=0.2, docs=docs, overrides=["batch_size=2"])     # batched, as `avkv run`
+    assert list(c["batch_size"]) == [2, 2, 1]
+    assert list(c["prediction"]) == list(a["prediction"]) and list(c["kv_bytes_kept"]) == list(a["kv_bytes_kept"])
     # the same records `avkv run` appends: run_sample on the same engine gives the same prediction
     cfg = h.config(["method=snapkv", "budget=0.2", "dataset=proxy_av"])
     task = avkv.config.instantiate(cfg.dataset)

@@ -132,11 +132,11 @@ def test_modality_allocation_composes(scorer):
                 assert sorted(got) == sorted(best)
 
 
-def test_modality_allocation_reads_given_shares_from_state():
+def test_modality_allocation_fixed_shares():
     mod = torch.full((50,), TEXT)
     mod[:30] = VIDEO
-    v = make_view(seq=50, n_keep=14, modality=mod, state={"modality_shares": {0: {"video": 1.0}}})
-    sel = ModalityAllocation(SnapKV(window=4)).compress(v)
+    sel = ModalityAllocation(SnapKV(window=4), shares={"video": 1.0}).compress(make_view(seq=50, n_keep=14,
+                                                                                         modality=mod))
     assert sel.info["modality_budget"] == {"video": 10}
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from avkv.config import compose, instantiate
-from avkv.engine import Engine, within_budget
+from avkv.engine import CompressionError, Engine, within_budget
 from avkv.methods.snapkv import SnapKV
 from tests import discover
 from tests.conftest import VLM_FAMILIES, av_prompt, family_prompt, tiny_model_dir
@@ -26,6 +26,24 @@ SKIP_FAMILIES = {"qwen2": "text-only: the media are dropped, the prompt is 47 to
 FAMILIES = tuple(f for f in discover.tiny_families() if f not in SKIP_FAMILIES)
 METHODS = discover.methods()                      # every configs/method/*.yaml but the full cache
 BUDGETS = (0.5, 0.2, 0.1)
+#: (family, method) pairs the engine refuses, and why: each budget either raises a CompressionError naming the method
+#: and the model, or holds the budget as any other (at least one budget raises, so a refusal that stops is noticed)
+_IRREGULAR = "Gemma-3n's cache has sliding-window and KV-shared layers (docs/methods.md): "
+REFUSED = {
+    **{("gemma3n", m): _IRREGULAR + "the all-query statistics route would replace the sliding layers' masks"
+       for m in ("acckv", "flowmm", "kvmerge", "lookm", "observed_attention")},
+    **{("gemma3n", m): _IRREGULAR + "eviction while decoding (decode_policy=fixed) is not implemented on it"
+       for m in ("d2o", "decoding", "h2o")},
+    **{("gemma3n", m): _IRREGULAR + "per-head budgets (ragged storage) are not, where its heads keep different counts"
+       for m in ("adakv", "audiokv", "criticaladakv")},
+    **{("gemma3n", m): _IRREGULAR + "re-rotating keys needs one RoPE (sliding and full layers have their own θ)"
+       for m in ("compactor", "expected_attention", "key_rerotation")},
+    ("gemma3n", "fastv"): _IRREGULAR + "hidden-state pruning re-runs layers whose cache others read",
+    ("gemma3n", "kvzip"): _IRREGULAR + "its context reconstruction is not run on it",
+    ("gemma3n", "purekv"): _IRREGULAR + "its prefill attention pattern would replace the sliding layers' masks",
+    ("gemma3n", "finch"): _IRREGULAR + "a sliding layer's view holds only its window, not the question it indexes",
+    ("gemma3n", "madakv"): _IRREGULAR + "its conserved allocation expects every decoder layer to hold a cache",
+}
 #: the configs known to declare budget_mode: achieved; a config that starts declaring it fails until listed here,
 #: so a method cannot leave the budget by a config edit alone
 DECLARED = {"drop_media", "simlayerkv", "per_layer_compression"}
@@ -84,14 +102,30 @@ def run_budgets(family, name, cfg_of, tmp_path_factory):
     ad, enc, head_scores = model(family, tmp_path_factory)
     n = enc.input_ids.shape[1]
     entry = 2 * ad.decoder_layers()[0].self_attn.head_dim * 4                  # K + V, float32
+    refused = 0
     for budget in BUDGETS:
         cfg = cfg_of(name).copy()
         if "head_scores" in cfg:                       # a method that reads per-model head scores (AudioKV)
             cfg.head_scores = head_scores
-        r = Engine(ad, instantiate(cfg), budget=budget, max_new_tokens=1).generate(enc).record
+        eng = Engine(ad, instantiate(cfg), budget=budget, max_new_tokens=1)
+        if (family, name) in REFUSED:
+            try:
+                r = eng.generate(enc).record
+            except CompressionError as e:
+                assert f"'{name}'" in str(e) and family in str(e), str(e)
+                refused += 1
+                continue
+        else:
+            r = eng.generate(enc).record
         where = (family, name, budget, round(r["kept_ratio"], 4), round(r["kv_bytes_ratio"], 4))
-        assert r["budget_target"] == pytest.approx(round(budget * n) / n)
+        # each cache-owning layer keeps min(the budget's entries, what it holds uncompressed: n, or min(n, W - 1)
+        # on a sliding-window layer), as a share of the whole
+        cap = r.get("capacity_per_layer", [n] * r["layers"])
+        assert r["budget_target"] == pytest.approx(sum(min(eng.target_kept(n), c) for c in cap) / sum(cap))
+        if "capacity_per_layer" not in r:
+            assert r["budget_target"] == pytest.approx(round(budget * n) / n)
         check_conformance(r, name, n, entry, where)
+    assert refused or (family, name) not in REFUSED, f"{(family, name)} is listed as refused but ran at every budget"
 
 
 @pytest.mark.parametrize("name", METHODS)

@@ -10,7 +10,8 @@ import torch
 from avkv.config import compose, instantiate
 from avkv.engine import Engine
 from avkv.methods.base import MODALITIES
-from tests.conftest import adapter, av_prompt, tiny_model_dir
+from tests import discover
+from tests.conftest import adapter, av_prompt, family_prompt, tiny_model_dir
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -20,7 +21,9 @@ PRESSES = ["expected_attention", "lagkv", "chunkkv", "cur", "compactor", "finch"
            "kvzip"]
 #: configs whose kept fraction is not the budget (they declare budget_mode=achieved)
 ACHIEVED = {"simlayerkv", "per_layer_compression"}
-FAMILIES = ["qwen2_5_vl", "qwen2_audio", "qwen2_5_omni", "videollama2_av", "qwen2", "proxy_av"]
+#: every tiny family (configs/model/tiny_*.yaml, variants left out; the image-only ones get the two-image prompt) and
+#: the AV proxy
+FAMILIES = [*discover.tiny_families(variants=False), "proxy_av"]
 
 
 def method(name: str, **overrides):
@@ -37,7 +40,7 @@ def loaded(family: str):
         ad = instantiate(compose(["model=tiny_qwen2"]).model, device="cpu")
     else:
         ad = adapter(family)
-    prompt = av_prompt()
+    prompt = av_prompt() if family in ("proxy_av", "qwen2") else family_prompt(ad)
     if family == "videollama2_av":                      # its audio encoder alone gives ~1500 tokens: video only
         from avkv.tasks.base import Media, Prompt
         prompt = Prompt(context=[Media("video", prompt.context[0].path, with_audio=False)], question=prompt.question)

@@ -79,11 +79,12 @@ def test_score_is_the_max_attention_of_the_reconstruction_queries():
     kvH, G, D, s, T, a, b = 2, 3, 8, 40, 6, 10, 25
     keys, values = torch.randn(kvH, s + T, D, generator=g), torch.randn(kvH, s + T, D, generator=g)
     q = torch.randn(kvH * G, T, D, generator=g)
-    state = {("kvzip", "layers"): {0: {"n_keep": 5, "scores": torch.zeros(kvH, s)}}}
+    method, state = KVzip(sink=4), {}
     rv = ReconstructionView(layer_idx=0, queries=q, keys=keys, values=values, hidden=torch.randn(T, 16), start=a,
                             end=b, split=s, scaling=D ** -0.5, state=state, out_weight_fn=lambda: None)
-    KVzip(sink=4).score_reconstruction(rv)
-    got = state[("kvzip", "layers")][0]["scores"]
+    rv.scratch(method)["layers"] = {0: {"n_keep": 5, "scores": torch.zeros(kvH, s)}}
+    method.score_reconstruction(rv)
+    got = rv.scratch(method)["layers"][0]["scores"]
     want = torch.zeros(kvH, s)
     for hq in range(kvH * G):
         h = hq // G
@@ -99,8 +100,8 @@ def test_score_is_the_max_attention_of_the_reconstruction_queries():
 def test_selection_keeps_the_sinks_and_the_global_best():
     L, kvH, S, n_keep = 2, 2, 10, 4
     scores = torch.rand(L, kvH, S, generator=torch.Generator().manual_seed(1))
-    state = {("kvzip", "layers"): {i: {"n_keep": n_keep, "scores": scores[i].clone()} for i in range(L)}}
-    keep = KVzip(sink=2).keep_masks(state, L)
+    scratch = {"layers": {i: {"n_keep": n_keep, "scores": scores[i].clone()} for i in range(L)}}
+    keep = KVzip(sink=2).keep_masks(scratch, L)
     got = torch.stack([keep[i] for i in range(L)])
     assert got[..., :2].all() and int(got.sum()) == L * kvH * n_keep
     rest = scores[..., 2:].flatten()

@@ -22,9 +22,25 @@ import pytest
 
 GOLDEN = Path(__file__).parent / "golden" / "prompts.json"
 N_SAMPLES = 2
-#: one tiny checkpoint per model family (configs/model/tiny_<name>.yaml)
-TINY = ("tiny_qwen2", "tiny_qwen2_5_vl", "tiny_qwen2_vl", "tiny_qwen2_audio", "tiny_qwen2_5_omni", "tiny_qwen3_omni",
-        "tiny_videollama2_av", "tiny_mobilevlm", "tiny_llava", "tiny_llava_onevision", "tiny_internvl")
+
+
+def one_per_family() -> tuple[str, ...]:
+    """One tiny checkpoint per model family, read from ``configs/model/tiny_*.yaml`` (``tests/discover.py``): the
+    first config of each adapter class (``tiny_qwen2_5_omni_deep`` is ``tiny_qwen2_5_omni``'s family again)."""
+    from omegaconf import OmegaConf
+
+    from avkv.config import CONFIG_DIR
+    from tests import discover
+    seen, out = set(), []
+    for name in discover.tiny_models():
+        target = OmegaConf.load(CONFIG_DIR / "model" / f"{name}.yaml")["_target_"]
+        if target not in seen:
+            seen.add(target)
+            out.append(name)
+    return tuple(out)
+
+
+TINY = one_per_family()
 
 
 def _rel(path: str, root: Path) -> str:

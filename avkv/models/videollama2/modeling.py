@@ -33,7 +33,7 @@ from avkv.models import native
 from avkv.models.native import CheckpointKeyError, official_key_groups, official_state_dict  # noqa: F401
 from avkv.models.videollama2.beats import BEATs
 from avkv.models.videollama2.config import VideoLLaMA2Config
-from avkv.models.videollama2.processing import AUDIO_PAD_S, AUDIO_SR, num_kaldi_frames
+from avkv.models.videollama2.audio import AUDIO_PAD_S, AUDIO_SR, num_kaldi_frames
 from avkv.models.videollama2.projector import STCConnector, build_audio_projector, build_vision_projector
 
 
