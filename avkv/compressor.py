@@ -83,7 +83,7 @@ class Compressor:
             m._avkv_layer = i
             self.handles.append(m.register_forward_hook(self._hook, with_kwargs=True))
         try:
-            lse_attention.install(self.backend, self.method)   # all-query methods: the prefill's own statistics
+            lse_attention.install(self.backend, self.method, self.modality)   # all-query methods: the prefill's statistics
             if getattr(self.method, "needs_reconstruction", False):
                 from avkv.reconstruct import Capture            # KVzip: the decoder input of the prefill
                 self.capture = Capture(self.adapter)

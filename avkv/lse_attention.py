@@ -1,21 +1,31 @@
-"""The prefill attention that also keeps what all-query methods need: its queries and its rows' log-sum-exps.
+"""The prefill attention that also keeps what all-query methods need: its queries, its rows' log-sum-exps and, on
+the fused route, the column sums themselves.
 
 Methods that declare ``all_query_stats = True`` (H2O, LOOK-M, D2O, KVMerger, ObservedAttention, AccKV, FlowMM) need
-the attention of every prompt query (:mod:`avkv.methods.allquery`). Their row normalisers are computed by the prefill
-anyway, so while such a method is installed the decoder's attention runs through :func:`stats_attention`
-(registered with transformers' ``AttentionInterface`` as ``avkv_stats``, with SDPA's mask function): for the prefill
-of a layer from an empty cache (causal, no mask, batch 1) it calls the fused kernel SDPA itself dispatches to, asking
-it for the log-sum-exps as well, and stashes them with the post-RoPE queries on the module; the engine hands them to
-the method through ``LayerView.stats``. The attention output is the kernel's own (on CPU bit-identical to
-``F.scaled_dot_product_attention``, checked once per device and dtype before the route is used). Anything else (decode
-steps, a suffix on a cache, a mask, another base backend) goes to the base SDPA function unchanged, and the method
-then computes its statistics from recomputed queries.
+the attention of every prompt query (:mod:`avkv.methods.allquery`). The prefill computes those probabilities anyway,
+so while such a method is installed the decoder's attention runs through :func:`stats_attention` (registered with
+transformers' ``AttentionInterface`` as ``avkv_stats``, with SDPA's mask function). For the prefill of a layer from
+an empty cache (causal, no mask, batch 1) it takes the route :func:`avkv.methods.allquery.prefill_route` picks for
+the layer's shape, length and device (a measured rule):
+
+* ``fused``: the layer's attention is :func:`avkv.methods.allquery.attention_with_sums` (chunked q·kᵀ, softmax,
+  P·V), which also accumulates, from the same probabilities, the column sums and the row-weighted sums the method
+  declared (:meth:`avkv.methods.base.Method.all_query_rows`, evaluated on the prompt's modality ids): q·kᵀ is computed
+  once. Its output equals SDPA's up to fp32 rounding (not bit-identical; measured in ``results/bench/README.md``);
+* ``lse``: the fused kernel SDPA itself dispatches to, asked for the log-sum-exps as well (output bit-identical to
+  ``F.scaled_dot_product_attention`` on CPU, checked once per device and dtype before the route is used); the sums
+  are then one pass without P·V (:func:`avkv.methods.allquery.column_pass`).
+
+Either way the statistics are stashed with the post-RoPE queries on the module; the engine hands them to the method
+through ``LayerView.stats``. Anything else (decode steps, a suffix on a cache, a mask, another base backend) goes to
+the base SDPA function unchanged, and the method then computes its statistics from recomputed queries.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from avkv.methods import allquery
 from avkv.methods.allquery import PrefillStats
 
 STATS_IMPL = "avkv_stats"
@@ -76,6 +86,12 @@ def stats_attention(module, query, key, value, attention_mask, dropout: float = 
             and kwargs.get("position_bias") is None and kwargs.get("softcap") is None
             and query.shape[-1] == value.shape[-1] and kernel_ok(query.device, query.dtype)):
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        H, kvH, D = query.shape[1], key.shape[1], query.shape[-1]
+        if allquery.prefill_route(query.device, H, kvH, D, q_len) == "fused":
+            rows = _rows(sink, q_len, query.device)
+            out, lse, sums = allquery.attention_with_sums(query[0], key[0], value[0], scale, rows)
+            sink["stats"] = PrefillStats(queries=query[0], lse=lse, row_weights=rows, sums=sums)
+            return out[None], None
         res = _kernel(query, key, value, scale)
         if res is not None:
             out, lse = res
@@ -83,6 +99,24 @@ def stats_attention(module, query, key, value, attention_mask, dropout: float = 
             return out.transpose(1, 2).contiguous(), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   is_causal=is_causal, **kwargs)
+
+
+def _rows(sink: dict, S: int, device) -> torch.Tensor:
+    """The row-weight vectors [R, S] the fused route accumulates for a prompt of S entries: plain sums first, then
+    those the installed method(s) declared on the prompt's modality ids (once per sample and length; duplicates
+    dropped)."""
+    cache, key = sink.setdefault("rows", {}), (S, str(device))     # shared by the layers of one sample
+    if key not in cache:
+        rows = [torch.ones(S, dtype=torch.float32, device=device)]
+        modality, methods = sink.get("modality"), sink.get("methods", [])
+        if modality is not None and modality.numel() >= S:
+            for m in methods:
+                extra = m.all_query_rows(modality[:S].to(device))
+                for w in ([] if extra is None else extra.to(device, torch.float32)):
+                    if not any(torch.equal(w, x) for x in rows):
+                        rows.append(w)
+        cache[key] = torch.stack(rows)
+    return cache[key]
 
 
 def wants_stats(method) -> bool:
@@ -102,18 +136,27 @@ def attach(view, module):
     return replace(view, stats=st, query_fn=lambda a, b: q[:, a:b])
 
 
-def install(backend, method) -> bool:
-    """Route the decoder's attention (:class:`avkv.attention.AttentionBackend` of one request) through
-    :func:`stats_attention` when the method declared ``all_query_stats`` and the model runs SDPA; returns whether it
-    did. Later switches to the engine's per-layer attention keep it as their base function."""
-    if not wants_stats(method) or backend.base_impl != "sdpa":
-        return False
+def register() -> None:
+    """Register :func:`stats_attention` as ``avkv_stats`` (with SDPA's mask function)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
     AttentionInterface.register(STATS_IMPL, stats_attention)
     AttentionMaskInterface.register(STATS_IMPL, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+
+
+def install(backend, method, modality: torch.Tensor | None = None) -> bool:
+    """Route the decoder's attention (:class:`avkv.attention.AttentionBackend` of one request) through
+    :func:`stats_attention` when the method declared ``all_query_stats`` and the model runs SDPA; returns whether it
+    did. ``modality``: the prompt's modality ids, on which the method's declared row weights are evaluated (fused
+    route). Later switches to the engine's per-layer attention keep it as their base function."""
+    if not wants_stats(method) or backend.base_impl != "sdpa":
+        return False
+    from avkv.attention_support import _parts
+    methods = [m for m in _parts(method) if getattr(m, "all_query_stats", False)]
+    register()
+    shared = {"modality": modality, "methods": methods, "rows": {}}
     for m in backend.modules:
-        setattr(m, _SINK, {})
+        setattr(m, _SINK, dict(shared))
     backend.route_base(STATS_IMPL)
     return True
 
@@ -133,4 +176,4 @@ def take(module, seq_len: int) -> PrefillStats | None:
     return st if st is not None and st.seq_len == seq_len else None
 
 
-__all__ = ["STATS_IMPL", "stats_attention", "install", "uninstall", "take", "attach", "wants_stats", "kernel_ok"]
+__all__ = ["STATS_IMPL", "stats_attention", "register", "install", "uninstall", "take", "attach", "wants_stats", "kernel_ok"]

@@ -6,7 +6,13 @@
 For one decoder layer of a Qwen2.5 shape (random weights, SDPA, one intra-op thread on CPU) and a prompt length it
 times, in interleaved rounds (every route once per round, so machine load hits them alike), the thread CPU time of:
 
-* ``prefill``: the layer's prefill (a one-layer model's forward, the reference of every ratio);
+* ``prefill``: the layer's prefill (a one-layer model's forward under SDPA, the reference of every ratio);
+* ``prefill_fused``: the same forward with the layer's attention on the ``fused`` route
+  (:func:`avkv.methods.allquery.attention_with_sums` through ``avkv_stats``, plain column sums): its excess over
+  ``prefill`` is the fused route's whole cost;
+* ``sdpa_kernel`` / ``fused/acc`` / ``fused/sums``: the attention alone, SDPA's kernel (with log-sum-exps) against
+  the fused attention with plain column sums and with AccKV's row weights; ``fused − sdpa_kernel`` is the fused
+  route's cost at kernel level (also written, as ``fused_excess/...``, the median of the per-round differences);
 * ``lse`` (the route used when the prefill captured the log-sum-exps) at several row chunks, for
   ``accumulated_scores`` (H2O, LOOK-M, D2O, KVMerger) and ``attention_sums`` with AccKV's weights and blocks;
 * ``softmax``: the exact chunked softmax over the queries (the route without captured statistics);
@@ -15,7 +21,9 @@ times, in interleaved rounds (every route once per round, so machine load hits t
 * with ``--before-src`` (an older ``avkv/methods/base.py``): that version's ``accumulated_scores`` (its default
   route) and ``attention_sums``, for before/after tables.
 
-Writes ``results/bench/allquery_<shape>.csv`` (one row per route and length: median seconds, ratio to the prefill).
+Writes ``results/bench/allquery_<shape>.csv`` (one row per route and length: median seconds, ratio to the prefill;
+``max_abs_diff``: for the fused rows, the largest difference of its attention output from SDPA's kernel's;
+``layer_max_abs_diff``: for ``prefill_fused``, that of the decoder layer's output from the SDPA forward's).
 """
 from __future__ import annotations
 
@@ -34,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+from avkv import lse_attention  # noqa: E402
 from avkv.lse_attention import _kernel  # noqa: E402
 from avkv.methods import allquery  # noqa: E402
 from avkv.methods.base import LayerView, accumulated_scores, attention_sums  # noqa: E402
@@ -55,7 +64,7 @@ def main() -> None:
     ap.add_argument("--shape", choices=sorted(SHAPES), default="0.5b")
     ap.add_argument("--lengths", type=int, nargs="+", default=[4096])
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--chunks", type=int, nargs="+", default=[128, 256, 512])
+    ap.add_argument("--chunks", type=int, nargs="+", default=[128])
     ap.add_argument("--before-src", default=None, help="an older avkv/methods/base.py to time as 'before'")
     ap.add_argument("--skip", nargs="*", default=[], help="route names to leave out")
     ap.add_argument("--out", default=str(OUT))
@@ -73,6 +82,7 @@ def main() -> None:
     H, kvH = sh["num_attention_heads"], sh["num_key_value_heads"]
     D = sh["hidden_size"] // H
     adapter = BenchAdapter(1, "cpu", "float32", "sdpa", a.shape)
+    lse_attention.register()
     rows = []
     for S in a.lengths:
         g = torch.Generator().manual_seed(S)
@@ -88,12 +98,21 @@ def main() -> None:
         ids = torch.randint(0, 1024, (1, S), generator=g)
         rw, cw, blocks = acckv_args(S)
 
-        def prefill():
+        def prefill(impl="sdpa"):
             from transformers import DynamicCache
+            adapter.model.config._attn_implementation = impl
+            for m in adapter.decoder_layers():
+                setattr(m.self_attn, lse_attention._SINK, {"modality": None, "methods": [], "rows": {}})
             adapter.model(input_ids=ids, past_key_values=DynamicCache(config=adapter.model.config), use_cache=True,
                           logits_to_keep=1)
+            adapter.model.config._attn_implementation = "sdpa"
 
-        routes = {"prefill": prefill, "softmax/acc": lambda: accumulated_scores(view, 512),
+        fused_rows = allquery.row_matrix(S, "cpu", rw, blocks)
+        routes = {"prefill": prefill, "prefill_fused": lambda: prefill(lse_attention.STATS_IMPL),
+                  "sdpa_kernel": lambda: _kernel(q[None], k[None], v[None], scale),
+                  "fused/acc": lambda: allquery.attention_with_sums(q, k, v, scale),
+                  "fused/sums": lambda: allquery.attention_with_sums(q, k, v, scale, fused_rows),
+                  "softmax/acc": lambda: accumulated_scores(view, 512),
                   "lse_first/acc": lambda: accumulated_scores(replace(view, stats=allquery.PrefillStats(
                       q, _kernel(q[None], k[None], v[None], scale)[1][0].float())), 512)}
         for c in a.chunks:
@@ -104,11 +123,27 @@ def main() -> None:
             routes["before/acc"] = lambda: before.accumulated_scores(view, 512)
             routes["before/sums"] = lambda: before.attention_sums(view, 512, rw, cw, blocks)
         routes = {n: f for n, f in routes.items() if n not in a.skip}
+        ref_out = _kernel(q[None], k[None], v[None], scale)[0][0].transpose(0, 1)
+        diff = float((allquery.attention_with_sums(q, k, v, scale)[0] - ref_out).abs().max())
+        print(f"S={S}: fused output vs SDPA's kernel, max abs diff {diff:.3g} (max |out| {float(ref_out.abs().max()):.3g})")
         times = {n: [] for n in routes}
         with torch.no_grad():
             for n, f in routes.items():                        # warm-up (first-call costs)
                 if n == "prefill" or S <= 4096:
                     f()
+            layer_diff = ""
+            if "prefill_fused" in routes:                      # the fused route did run inside the forward
+                outs = []
+                hook = adapter.decoder_layers()[0].register_forward_hook(
+                    lambda mod, args, out: outs.append((out[0] if isinstance(out, tuple) else out).clone()))
+                routes["prefill"]()
+                routes["prefill_fused"]()
+                hook.remove()
+                st = getattr(adapter.decoder_layers()[0].self_attn, lse_attention._SINK).get("stats")
+                assert st is not None and st.sums is not None, "prefill_fused did not take the fused route"
+                layer_diff = float((outs[0] - outs[1]).abs().max())
+                print(f"S={S}: decoder layer output, fused route vs SDPA: max abs diff {layer_diff:.3g} "
+                      f"(max |out| {float(outs[0].abs().max()):.3g})", flush=True)
             for r in range(a.rounds):
                 for n, f in routes.items():
                     t = time.thread_time()
@@ -117,17 +152,22 @@ def main() -> None:
                 print(f"S={S} round {r}: " + ", ".join(f"{n} {times[n][-1]:.2f}s" for n in routes),
                       f"(load {os.getloadavg()[0]:.1f})", flush=True)
         ref = statistics.median(times["prefill"])
-        for n in routes:
+        for base, n in [("sdpa_kernel", "fused/acc"), ("sdpa_kernel", "fused/sums"), ("prefill", "prefill_fused")]:
+            if base in times and n in times:                   # the fused route's cost: per-round differences
+                times[f"fused_excess/{n}"] = [x - y for x, y in zip(times[n], times[base])]
+        for n in times:
             med = statistics.median(times[n])
             rows.append({"shape": a.shape, "prompt_len": S, "route": n, "rounds": a.rounds, "median_s": med,
-                         "ratio_to_prefill": med / ref, "min_s": min(times[n]), "max_s": max(times[n])})
-            print(f"  {n:<16} {med:8.3f} s  {100 * med / ref:7.2f}% of the layer's prefill", flush=True)
+                         "ratio_to_prefill": med / ref, "min_s": min(times[n]), "max_s": max(times[n]),
+                         "max_abs_diff": diff if "fused" in n else "",
+                         "layer_max_abs_diff": layer_diff if n == "prefill_fused" else ""})
+            print(f"  {n:<28} {med:8.3f} s  {100 * med / ref:7.2f}% of the layer's prefill", flush=True)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"allquery_{a.shape}.csv"
     old = [r for r in _read(path) if int(r["prompt_len"]) not in a.lengths] if path.exists() else []
     with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w = csv.DictWriter(f, fieldnames=list(rows[0]), restval="")
         w.writeheader()
         w.writerows(old + rows)
     print(f"wrote {path}")

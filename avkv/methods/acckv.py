@@ -43,6 +43,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from avkv.methods.allquery import row_matrix
 from avkv.methods.base import (AUDIO, IMAGE, TEXT, VIDEO, LayerView, Method, Selection, attention_sums, complement,
                                keep_topk, merge_into_nearest, modality_counts, rank_positions, reduce_gqa)
 from avkv.methods.counts import mask_to_indices
@@ -104,22 +105,33 @@ class AccKV(Method):
         return "refill=false: the slots cross-calibration frees stay empty (the summary's 'not refilled')"
 
     # ------------------------------------------------------------------ scoring
-    def layer_statistics(self, view: LayerView) -> tuple[torch.Tensor, float, float]:
-        """Per-head scores [H, S] and the head-averaged text→video / text→audio means (S̄_v, S̄_a)."""
-        S, dev = view.seq_len, view.keys.device
-        mod = view.modality.to(dev)
+    def _sum_calls(self, mod: torch.Tensor) -> list[tuple]:
+        """The (row weight, column weight, blocks) of each :func:`attention_sums` call for modality ids ``mod``:
+        one call, or two when the focus statistics come from the other variant."""
+        S, dev = mod.numel(), mod.device
         pos = torch.arange(S, device=dev, dtype=torch.float32)
-        roww = (pos + 1) if self.redistribution else None
-        colw = 1.0 / (S - pos) if self.redistribution else None
         text, vid, aud = mod == TEXT, (mod == VIDEO) | (mod == IMAGE), mod == AUDIO
         blocks = {"tv": (text, vid), "ta": (text, aud)}
+
+        def weights(redistributed: bool):
+            return ((pos + 1), 1.0 / (S - pos)) if redistributed else (None, None)
         if self.redistribution == self.redistributed_focus:
-            cols, b = attention_sums(view, self.chunk, roww, colw, blocks)
-        else:  # focus statistics from the other variant: a second pass only for them
-            cols, _ = attention_sums(view, self.chunk, roww, colw)
-            fr = (pos + 1) if self.redistributed_focus else None
-            fc = 1.0 / (S - pos) if self.redistributed_focus else None
-            _, b = attention_sums(view, self.chunk, fr, fc, blocks)
+            return [(*weights(self.redistribution), blocks)]
+        return [(*weights(self.redistribution), None), (*weights(self.redistributed_focus), blocks)]
+
+    def all_query_rows(self, modality: torch.Tensor) -> torch.Tensor:
+        """The row weights of :meth:`layer_statistics`' sums (the fused prefill accumulates them)."""
+        return torch.cat([row_matrix(modality.numel(), modality.device, rw, bl) for rw, _, bl in self._sum_calls(modality)])
+
+    def layer_statistics(self, view: LayerView) -> tuple[torch.Tensor, float, float]:
+        """Per-head scores [H, S] and the head-averaged text→video / text→audio means (S̄_v, S̄_a)."""
+        dev = view.keys.device
+        mod = view.modality.to(dev)
+        text, vid, aud = mod == TEXT, (mod == VIDEO) | (mod == IMAGE), mod == AUDIO
+        calls = self._sum_calls(mod)          # a second pass only for focus statistics from the other variant
+        cols, b = attention_sums(view, self.chunk, *calls[0])
+        if len(calls) > 1:
+            _, b = attention_sums(view, self.chunk, *calls[1])
         nt = int(text.sum())
         sv = float(b["tv"].mean()) / max(nt * int(vid.sum()), 1)
         sa = float(b["ta"].mean()) / max(nt * int(aud.sum()), 1)

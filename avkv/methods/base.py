@@ -179,8 +179,16 @@ class Method:
     prunes_hidden_states: ClassVar[bool] = False
     prefill_attention: ClassVar[bool] = False
     #: the method needs the attention of every prompt query (:func:`accumulated_scores`, :func:`attention_sums`): the
-    #: engine then captures each layer's queries and row log-sum-exps from the prefill itself (SDPA models)
+    #: engine then captures each layer's queries and row log-sum-exps, or the sums themselves, from the prefill itself
+    #: (SDPA models; :mod:`avkv.lse_attention`)
     all_query_stats: ClassVar[bool] = False
+
+    def all_query_rows(self, modality: torch.Tensor) -> torch.Tensor | None:
+        """``all_query_stats`` methods: the row-weight vectors [R, S] their :func:`attention_sums` calls will use
+        (:func:`avkv.methods.allquery.row_matrix` of each call) for a prompt with these modality ids, so the fused
+        prefill accumulates them from its own probabilities; plain column sums are always accumulated. None: only
+        those. A vector not declared (or not equal to the one asked for) is computed by the ``lse`` pass instead."""
+        return None
 
     def compress(self, view: LayerView) -> Selection:  # pragma: no cover - interface
         raise NotImplementedError

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from avkv.methods.allquery import row_matrix
 from avkv.methods.base import check_choice
 from avkv.methods.base import (MODALITIES, TEXT, LayerView, Method, Selection, attention_sums, keep_topk,
                                merge_into_nearest, reduce_gqa, window_scores)
@@ -115,6 +116,18 @@ class FlowMM(Method):
         ids = [MODALITIES.index(m) for m in self.media]
         return torch.isin(modality, torch.tensor(ids, device=modality.device))
 
+    def _rho_blocks(self, mod: torch.Tensor) -> dict | None:
+        """The media→text / text→media blocks of ρ, or None when the prompt lacks media or text (ρ = 0)."""
+        vis, txt = self.media_mask(mod), mod == TEXT
+        if not bool(vis.any()) or not bool(txt.any()):
+            return None
+        return {"vt": (vis, txt), "tv": (txt, vis)}
+
+    def all_query_rows(self, modality: torch.Tensor) -> torch.Tensor | None:
+        """The row weights of ρ's sums (the fused prefill accumulates them)."""
+        blocks = self._rho_blocks(modality) if self.rho_source == "online" else None
+        return None if blocks is None else row_matrix(modality.numel(), modality.device, None, blocks)
+
     def cross_modal_ratio(self, view: LayerView) -> float:
         """ρ^l (Eq. 6-7): share of the attention mass that flows media→text or text→media, head-averaged."""
         if self.rho_source == "offline":
@@ -122,11 +135,10 @@ class FlowMM(Method):
                 raise ValueError(f"calibration file {self.calibration_file} has {len(self._rho_table)} layers, "
                                  f"layer {view.layer_idx} requested")
             return self._rho_table[view.layer_idx]
-        mod = view.modality.to(view.keys.device)
-        vis, txt = self.media_mask(mod), mod == TEXT
-        if not bool(vis.any()) or not bool(txt.any()):
+        blocks = self._rho_blocks(view.modality.to(view.keys.device))
+        if blocks is None:
             return 0.0
-        _, b = attention_sums(view, self.chunk, blocks={"vt": (vis, txt), "tv": (txt, vis)})
+        _, b = attention_sums(view, self.chunk, blocks=blocks)
         return float(((b["vt"] + b["tv"]) / view.seq_len).mean())
 
     def proxy_len(self, modality: torch.Tensor) -> int:

@@ -133,10 +133,16 @@ def test_stats_attention_output_is_sdpa_and_lse_is_the_definition(masked):
 
 
 # ------------------------------------------------------------------------------------- engine, tiny model
-def _kept(monkeypatch, ad, enc, method, stats: bool):
-    """The indices every layer keeps, and the answer, with or without the prefill-captured statistics."""
+def _kept(monkeypatch, ad, enc, method, stats: bool, route: str | None = None, passes: list | None = None):
+    """The indices every layer keeps, and the answer, with or without the prefill-captured statistics (on the
+    prefill ``route`` when given; ``passes`` collects the recomputing passes that ran)."""
     from avkv.engine import Compressor, Engine
     seen, used = {}, []
+    if route is not None:
+        monkeypatch.setattr(allquery, "prefill_route", lambda *a: route)
+    if passes is not None:
+        real = allquery.column_pass
+        monkeypatch.setattr(allquery, "column_pass", lambda *a, **k: passes.append(1) or real(*a, **k))
     apply = Compressor._apply
     take = lse_attention.take
 
@@ -173,3 +179,136 @@ def test_engine_route_keeps_the_same_entries(monkeypatch, one_thread, name):
     assert ga.token_ids == gb.token_ids
     assert torch.allclose(ga.first_logits, gb.first_logits, atol=1e-5)
     assert ad.text_config()._attn_implementation == "sdpa"       # restored after the request
+
+
+# ------------------------------------------------------------------------ the fused route (the prefill's attention)
+FUSED_TILINGS = [dict(chunk=1, tile=4), dict(chunk=7, tile=5), dict(chunk=16, tile=64), dict(chunk=32, tile=2048)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("tiling", FUSED_TILINGS)
+def test_fused_attention_equals_the_definition(shape, tiling):
+    """Output, log-sum-exps and row-weighted column sums of the chunked attention against the float64 matrix: rows
+    not a multiple of the chunk, tiles smaller than the chunk (the online softmax rescales), GQA."""
+    v = make_view(seed=tiling["chunk"], **shape)
+    q, S = v.queries(0, v.seq_len), v.seq_len
+    g = torch.Generator().manual_seed(3)
+    rows = torch.cat([torch.ones(1, S), torch.rand(2, S, generator=g)])
+    val = torch.randn(v.num_kv_heads, S, 7, generator=g)                      # Dv ≠ D
+    out, lse, sums = allquery.attention_with_sums(q, v.keys, val, v.scaling, rows, **tiling)
+    A = reference(q, v.keys, v.scaling)
+    ref_out = torch.einsum("hij,hjd->ihd", A, val.double().repeat_interleave(v.groups, 0))
+    assert out.shape == (S, v.num_heads, 7) and torch.allclose(out.double(), ref_out, atol=1e-5)
+    logits = torch.einsum("hid,hjd->hij", q.double(), v.keys.double().repeat_interleave(v.groups, 0)) * v.scaling
+    ref_lse = logits.masked_fill(torch.ones(S, S, dtype=torch.bool).triu(1), -math.inf).logsumexp(-1)
+    assert torch.allclose(lse.double(), ref_lse, atol=1e-5)
+    ref_sums = torch.einsum("rs,hst->hrt", rows.double(), A)
+    assert torch.allclose(sums.double(), ref_sums, rtol=1e-5, atol=1e-5), (sums.double() - ref_sums).abs().max()
+
+
+def test_fused_attention_memory_cap_and_inputs_untouched():
+    """A cap of one row's logits shrinks the chunk to single rows; the caller's queries are never scaled in place."""
+    v = make_view(kv_heads=1, groups=1, seq=20)
+    q = v.queries(0, 20)
+    q0 = q.clone()
+    _, _, sums = allquery.attention_with_sums(q, v.keys, v.values, v.scaling, chunk=128, max_elements=1)
+    assert torch.equal(q, q0)
+    assert torch.allclose(sums[:, 0].double(), reference(q, v.keys, v.scaling).sum(1), rtol=1e-5, atol=1e-5)
+
+
+def fused(view, rows=None):
+    """The view with statistics as the fused prefill captures them (its sums for ``rows``, plain sums first)."""
+    S = view.seq_len
+    rows = torch.ones(1, S) if rows is None else torch.cat([torch.ones(1, S), rows])
+    q = view.queries(0, S)
+    _, lse, sums = allquery.attention_with_sums(q, view.keys, view.values, view.scaling, rows)
+    return replace(view, stats=allquery.PrefillStats(q, lse, rows, sums))
+
+
+def _modality(S):
+    from avkv.schema import AUDIO, TEXT, VIDEO
+    mod = torch.full((S,), TEXT, dtype=torch.long)
+    mod[5:20], mod[24:34] = VIDEO, AUDIO
+    return mod
+
+
+@pytest.mark.parametrize("name", ["acckv", "acckv_focus_other", "flowmm"])
+def test_fused_sums_serve_acckv_and_flowmm(monkeypatch, name):
+    """AccKV's redistributed column sums and text→video/audio blocks, FlowMM's media↔text blocks: served from the
+    sums the fused prefill accumulated for the rows the method declared (no recomputation: the lse pass is
+    disabled), equal to the definition."""
+    from avkv.methods.acckv import AccKV
+    from avkv.methods.flowmm import FlowMM
+    S = 45
+    v = replace(make_view(kv_heads=2, groups=3, seq=S, dim=8), modality=_modality(S))
+    method = {"acckv": AccKV(), "acckv_focus_other": AccKV(redistributed_focus=False), "flowmm": FlowMM()}[name]
+    w = fused(v, method.all_query_rows(v.modality))
+    expect = method.layer_statistics(v) if name != "flowmm" else method.cross_modal_ratio(v)   # softmax route
+    A = reference(v.queries(0, S), v.keys, v.scaling)
+    monkeypatch.setattr(allquery, "column_pass", lambda *a, **k: pytest.fail("recomputed instead of served"))
+    got = method.layer_statistics(w) if name != "flowmm" else method.cross_modal_ratio(w)
+    if name == "flowmm":
+        mod = v.modality
+        vis, txt = method.media_mask(mod), mod == 0
+        ref = float(((A[:, vis][:, :, txt].sum((1, 2)) + A[:, txt][:, :, vis].sum((1, 2))) / S).mean())
+        assert got == pytest.approx(ref, rel=1e-5) and got == pytest.approx(expect, rel=1e-5)
+        return
+    pos = torch.arange(S, dtype=torch.float64)
+    ref_cols = (A * (pos + 1)[None, :, None] / (S - pos)[None, None, :]).sum(1)
+    assert torch.allclose(got[0].double(), ref_cols, rtol=1e-5, atol=1e-6)
+    assert got[1] == pytest.approx(expect[1], rel=1e-5) and got[2] == pytest.approx(expect[2], rel=1e-5)
+
+
+def test_undeclared_rows_fall_back_to_the_lse_pass(monkeypatch):
+    """Sums the fused prefill did not accumulate come from its log-sum-exps (still the definition)."""
+    S = 40
+    v = fused(make_view(seq=S))
+    calls = []
+    real = allquery.column_pass
+    monkeypatch.setattr(allquery, "column_pass", lambda *a, **k: calls.append(a[3] if len(a) > 3 else None) or real(*a, **k))
+    rw = torch.rand(S, generator=torch.Generator().manual_seed(0))
+    cols, _ = attention_sums(v, 8, rw)
+    assert len(calls) == 1
+    A = reference(v.queries(0, S), v.keys, v.scaling)
+    assert torch.allclose(cols.double(), (A * rw.double()[None, :, None]).sum(1), rtol=1e-5, atol=1e-5)
+    assert torch.allclose(accumulated_scores(v).double(), A.sum(1), rtol=1e-5, atol=1e-5) and len(calls) == 1
+
+
+def test_stats_attention_fused_route(monkeypatch):
+    """The registered function on the fused route: SDPA's output up to fp32 rounding, the column sums and the
+    declared rows of the installed method captured with the queries."""
+    from avkv.methods.flowmm import FlowMM
+    g = torch.Generator().manual_seed(0)
+    H, kvH, S, D = 6, 2, 130, 16
+    q, k, v = (torch.randn(1, n, S, D, generator=g) for n in (H, kvH, kvH))
+    m = _Module()
+    mod = _modality(S)
+    m._avkv_stats_sink = {"modality": mod, "methods": [FlowMM()], "rows": {}}
+    assert allquery.prefill_route(q.device, H, kvH, D, S) == "fused"
+    out, _ = lse_attention.stats_attention(m, q, k, v, None, scaling=0.3)
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.3, enable_gqa=True).transpose(1, 2)
+    assert out.shape == ref.shape and torch.allclose(out, ref, atol=1e-5)
+    st = lse_attention.take(m, S)
+    assert torch.equal(st.queries, q[0]) and st.sums is not None
+    declared = FlowMM().all_query_rows(mod)                        # [ones, media rows, text rows]: ones once
+    assert torch.equal(declared[0], torch.ones(S)) and torch.equal(st.row_weights, declared)
+    A = reference(q[0], k[0], 0.3)
+    assert torch.allclose(st.sums.double(), torch.einsum("rs,hst->hrt", st.row_weights.double(), A), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["h2o", "lookm", "d2o", "kvmerge", "observed_attention", "acckv", "flowmm"])
+def test_engine_fused_route_keeps_what_the_lse_route_keeps(monkeypatch, one_thread, name):
+    """The fused prefill (its own attention in place of SDPA's kernel) against the lse route (SDPA's kernel, then a
+    pass): every statistic is served from the prefill (no recomputing pass), the kept entries and the answer are
+    the same, the first logits equal up to fp32 rounding."""
+    from avkv.config import compose, instantiate
+    from tests.conftest import adapter, av_prompt
+    ad = adapter("qwen2_5_omni")
+    enc = ad.encode(av_prompt())
+    passes = []
+    a, ga, used = _kept(monkeypatch, ad, enc, instantiate(compose([f"method={name}"]).method), True, "fused", passes)
+    assert used and all(used) and not passes, "the fused prefill served every statistic"
+    b, gb, _ = _kept(monkeypatch, ad, enc, instantiate(compose([f"method={name}"]).method), True, "lse")
+    assert a.keys() == b.keys() and all(torch.equal(a[i], b[i]) for i in a)
+    assert ga.token_ids == gb.token_ids
+    assert torch.allclose(ga.first_logits, gb.first_logits, atol=1e-5)
