@@ -244,21 +244,15 @@ def load_official(media, params: dict, want_audio: bool = True, want_video: bool
     fed: frames, indices, sizes, audio seconds) to the usual ``frames``/``audio``/``image`` keys."""
     sr = int(params.get("sample_rate", SAMPLE_RATE))
     out: dict = {}
-    if media.kind == "video" and not want_video:            # an audio-only model hears the track only
+    if media.kind == "video":
         info = {}
-        if media.with_audio and want_audio and not Path(media.path).is_dir():
-            start = media.start or 0.0
-            dur = None if media.end is None else media.end - start
-            out["audio"] = load_audio_librosa(media.path, sr, start, dur, via_ffmpeg=True, required=False)
-            if out["audio"] is not None:
-                info["audio_s"] = len(out["audio"]) / sr
-    elif media.kind == "video":
-        vp = {k: params[k] for k in ("patch_size", "fps", "min_frames", "max_frames", "min_pixels",
-                                     "max_pixels", "total_pixels") if k in params}
-        out["frames"], info = official_video_frames(media.path, media.start, media.end,
-                                                    getattr(media, "frame_rate", None),
-                                                    max_image_pixels=max_image_pixels, **vp)
-        out["fps"] = info["sample_fps"]
+        if want_video:                                       # an audio-only model hears the track only
+            vp = {k: params[k] for k in ("patch_size", "fps", "min_frames", "max_frames", "min_pixels",
+                                         "max_pixels", "total_pixels") if k in params}
+            out["frames"], info = official_video_frames(media.path, media.start, media.end,
+                                                        getattr(media, "frame_rate", None),
+                                                        max_image_pixels=max_image_pixels, **vp)
+            out["fps"] = info["sample_fps"]
         if media.with_audio and want_audio and not Path(media.path).is_dir():
             start = media.start or 0.0
             dur = None if media.end is None else media.end - start
