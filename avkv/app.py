@@ -3,7 +3,8 @@
 Before Hydra composes, :func:`main` checks every override against the config tree
 (:func:`avkv.config.check_overrides`: an unknown key or group option is one line naming the closest match), so a
 typo never reaches Hydra's traceback; the values themselves are checked by :func:`avkv.config.validate` before
-any dataset or model loads.
+any dataset or model loads. A single run composes the config once (:mod:`avkv.compose_once`; ``hydra.main`` alone
+composes it twice).
 """
 from __future__ import annotations
 
@@ -60,5 +61,10 @@ def main(argv: Sequence[str] | None = None, prog: str = "avkv run") -> int:
     from avkv.experiment import mark_launcher
     mark_launcher()                 # a hydra/launcher=local sweep's children stop when this process is gone
     sys.argv = [prog.replace(" ", "-"), *args]
-    hydra_main()
+    if any(a in ("-m", "--multirun") for a in args):
+        hydra_main()                # a sweep: Hydra composes the sweep config and each job's as always
+    else:
+        from avkv.compose_once import compose_once
+        with compose_once():        # one composition, not Hydra's two (avkv/compose_once.py)
+            hydra_main()
     return 0
