@@ -17,6 +17,10 @@
    rope shift), each sample stopping at its own end-of-sequence token (finished rows are fed their last token and
    their outputs discarded until every row is done or ``max_new_tokens`` is reached).
 
+Which prefill path ran is in every record: ``prefill_batched`` (today always ``False``: the samples are prefilled
+one after the other) and ``prefill_path`` (why: :data:`PER_SAMPLE_REASON`). A batched prefill of left-padded
+prompts (issue 18 item 4) is not implemented yet; the record says so rather than pretending.
+
 Records: one per sample (:meth:`Engine.sample_record`: what that sample kept, its own prefill time) plus the
 batch's shared figures — ``batch_size``, ``batch_prefill_s`` (sum of the samples' prefills, run one after the
 other), ``decode_s`` / ``decode_s_per_token`` (one batched step, shared by all rows), ``batch_decode_tokens_per_s``
@@ -42,6 +46,11 @@ from avkv.engine import Engine, Generation, shift_positions
 from avkv.attention import decoding
 from avkv.kvstore import CompressionError, PreallocLayer, RaggedLayer, prealloc_bytes
 from avkv.measure import MemoryTracker
+
+#: why the per-sample prefill runs (the record's ``prefill_path``): the compressor's hooks see one sample's cache
+PER_SAMPLE_REASON = ("per_sample: the compressor hooks (avkv.compressor.Compressor) see one sample's layer cache "
+                     "at a time; a left-padded batched prefill with per-row compression is not implemented")
+
 
 def _heads(layer: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """A single sample's cache layer as per-KV-head (keys, values), each ``[S_h, D]``."""
@@ -165,7 +174,8 @@ def generate_batch(engine: Engine, encs: list, seed: int = 0, method=None,
     gens = []
     for p, rec, toks, fl in zip(pre, records, tokens, first):
         out_ids = [t for t in toks if t not in eos]
-        rec.update(batch_size=B, batch_prefill_s=sum(q.prefill_s for q in pre), decode_s=decode_s,
+        rec.update(batch_size=B, prefill_batched=False, prefill_path=PER_SAMPLE_REASON,
+                   batch_prefill_s=sum(q.prefill_s for q in pre), decode_s=decode_s,
                    decode_s_per_token=(decode_s / steps) if steps else None, batch_decode_steps=steps,
                    batch_decode_tokens_per_s=((answer_tokens - B) / decode_s) if decode_s > 0 else None,
                    batch_kv_bytes_allocated=batch_kv[1], batch_kv_bytes_prompt=batch_kv[0], new_tokens=len(toks),
@@ -176,4 +186,4 @@ def generate_batch(engine: Engine, encs: list, seed: int = 0, method=None,
     return gens
 
 
-__all__ = ["generate_batch", "check_batchable", "batch_layer"]
+__all__ = ["generate_batch", "check_batchable", "batch_layer", "PER_SAMPLE_REASON"]

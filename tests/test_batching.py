@@ -133,3 +133,14 @@ def test_each_sample_stops_at_its_own_max_new_tokens(encs):
     assert len({g.record["new_tokens"] for g in batch}) > 1                 # the limits did differ
     with pytest.raises(ValueError, match="2 max_new_tokens for 3 samples"):
         generate_batch(eng, es, max_new_tokens=[2, 3])
+
+
+def test_record_says_which_prefill_path_ran(encs):
+    """Every record names the prefill path (issue 18 item 4): today the per-sample one, never silently; its
+    ``batch_prefill_s`` is the sum of the samples' own prefills (run one after the other)."""
+    from avkv.batching import PER_SAMPLE_REASON
+    ad, es = encs
+    batch = generate_batch(Engine(ad, SnapKV(window=8), budget=0.3, max_new_tokens=2), es)
+    for g in batch:
+        assert g.record["prefill_batched"] is False and g.record["prefill_path"] == PER_SAMPLE_REASON
+        assert g.record["batch_prefill_s"] == pytest.approx(sum(x.record["prefill_s"] for x in batch))
