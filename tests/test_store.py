@@ -427,3 +427,22 @@ def test_prompts_that_were_code_keep_the_run_identity():
     res = resolved(compose(["dataset=avqa", "dataset.prompts.default=say"]))
     without = {**res, "dataset": {k: v for k, v in res["dataset"].items() if k != "prompts"}}
     assert run_hash(res) != run_hash(without)
+
+
+def test_only_the_prompt_the_family_uses_enters_the_identity():
+    """A family's prompt entries added to a dataset config move no other family's runs (committed code-era and
+    hashed tables alike); editing the entry a run uses moves it; an entry it does not use never does."""
+    from avkv.config import compose
+    from avkv.experiment import resolved
+    from avkv.results import run_hash
+
+    def h(*o):
+        return run_hash(resolved(compose(list(o))))
+    for ds in ("avqa", "videomme", "kespeech"):
+        base = h(f"dataset={ds}", "model=tiny_qwen2_5_vl")
+        assert h(f"dataset={ds}", "model=tiny_qwen2_5_vl", "++dataset.prompts.videollama2=another text") == base, ds
+    assert h("dataset=avqa", "model=tiny_qwen2_5_vl", "dataset.prompts.default=say") != h("dataset=avqa",
+                                                                                           "model=tiny_qwen2_5_vl")
+    vl2 = h("dataset=avqa", "model=tiny_videollama2_av")               # videollama2 has its own avqa entry
+    assert h("dataset=avqa", "model=tiny_videollama2_av", "dataset.prompts.default=say") == vl2
+    assert h("dataset=avqa", "model=tiny_videollama2_av", "dataset.prompts.videollama2=say") != vl2
