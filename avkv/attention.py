@@ -99,7 +99,7 @@ DECODE_IMPL = "avkv_decode"
 
 
 def decode_attention(module, query, key, value, attention_mask, **kwargs):
-    """The decoder attention over a :class:`~avkv.kvstore.PreallocLayer` (module attribute ``_avkv_decode_layer``),
+    """The decoder attention over a :class:`~avkv.prealloc.PreallocLayer` (module attribute ``_avkv_decode_layer``),
     the same for every storage: one SDPA call per layer with the layer's boolean validity mask.
 
     GQA without copying keys: the ``g`` query heads of each KV head (and, for ``q > 1`` new tokens, their rows) are
@@ -136,11 +136,11 @@ def register_decode_attention() -> None:
 def decoding(text_config: Any, cache: Any, modules: list, extra: int, sources: list[int] | None = None
              ) -> Iterator[list]:
     """Decode through the one path inside: every layer of ``cache`` converted to a preallocated layer with
-    ``extra`` free slots (:func:`~avkv.kvstore.to_prealloc`, one copy; ``sources``: the layer whose cache each
+    ``extra`` free slots (:func:`~avkv.prealloc.to_prealloc`, one copy; ``sources``: the layer whose cache each
     layer reads, for layers that own none) and the decoder switched to :func:`decode_attention`; the previous
     backend is restored and the modules' layer references dropped on exit (the cache keeps its converted layers).
     Yields the converted layers."""
-    from avkv.kvstore import to_prealloc
+    from avkv.prealloc import to_prealloc
     layers = to_prealloc(cache, modules, extra, sources)
     register_decode_attention()
     prev = text_config._attn_implementation

@@ -9,7 +9,7 @@
    (uncompressed) cache exists only while that sample is prefilled: the batch holds B *compressed* caches, which is
    where compression buys capacity (``scripts/bench_capacity.py``);
 2. **one batched cache** (:func:`batch_layer`): per layer, every sample's kept entries, per KV head (a ragged
-   per-head layer keeps its own count per head), in one :class:`~avkv.kvstore.PreallocLayer` ``[B, kvH, L, D]``
+   per-head layer keeps its own count per head), in one :class:`~avkv.prealloc.PreallocLayer` ``[B, kvH, L, D]``
    allocated once for the decode steps, with its ``[B, kvH]`` lengths and validity: a row shorter than the longest
    is padded (never attended), each row writes its new tokens at its own length, and the batch decodes through the
    engine's one decode attention (:func:`avkv.attention.decoding`), the same for every storage;
@@ -44,7 +44,8 @@ import torch
 
 from avkv.engine import Engine, Generation, shift_positions
 from avkv.attention import decoding
-from avkv.kvstore import CompressionError, PreallocLayer, RaggedLayer, prealloc_bytes
+from avkv.kvstore import CompressionError, RaggedLayer
+from avkv.prealloc import PreallocLayer, prealloc_bytes
 from avkv.measure import MemoryTracker
 
 #: why the per-sample prefill runs (the record's ``prefill_path``): the compressor's hooks see one sample's cache
@@ -64,7 +65,7 @@ def _heads(layer: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def batch_layer(samples: list[list[tuple[torch.Tensor, torch.Tensor]]], extra: int) -> PreallocLayer:
-    """One decoder layer's batch cache from each sample's per-head entries: a :class:`~avkv.kvstore.PreallocLayer`
+    """One decoder layer's batch cache from each sample's per-head entries: a :class:`~avkv.prealloc.PreallocLayer`
     ``[B, kvH, L + extra, D]`` (L: the longest (sample, head) row), each row's entries from slot 0, its validity
     and its own length (the rest of the row is padding, never attended)."""
     B, kvH = len(samples), len(samples[0])

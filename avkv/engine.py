@@ -11,7 +11,7 @@ Flow for one prompt of n tokens (batch size 1):
    its original positions, so even the first answer token sees only the kept entries;
 4. greedy decoding continues at logical positions n, n+1, … (never at the pruned cache length), through one path
    whatever the storage (:func:`avkv.attention.decoding`): every layer is converted once into a preallocated
-   :class:`~avkv.kvstore.PreallocLayer` (capacity kept + ``max_new_tokens``, new tokens written in place) and
+   :class:`~avkv.prealloc.PreallocLayer` (capacity kept + ``max_new_tokens``, new tokens written in place) and
    attends through :func:`avkv.attention.decode_attention`; ``decode_policy=fixed`` methods (which evict per step)
    keep transformers' growing cache.
 
@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from avkv.attention import MASKED_IMPL, decoding
 from avkv.compressor import Compressor
 from avkv.kvstore import (BUDGET_TOLERANCE, CompressionError, RaggedLayer, kv_bytes_by_device, kv_cache_bytes,
-                          measure_cache, prealloc_bytes, within_budget)
+                          measure_cache, within_budget)
+from avkv.prealloc import prealloc_bytes
 from avkv.ledger import write_record
 from avkv.measure import Clock, MemoryTracker, _memory_tracker
 from avkv.methods.base import Method

@@ -9,7 +9,8 @@ import torch
 
 from avkv.batching import generate_batch
 from avkv.engine import Engine
-from avkv.kvstore import CompressionError, PreallocLayer, RaggedLayer
+from avkv.kvstore import CompressionError, RaggedLayer
+from avkv.prealloc import PreallocLayer
 from avkv.methods.adakv import AdaKV
 from avkv.methods.full import Full
 from avkv.methods.h2o import H2O

@@ -7,7 +7,8 @@ import torch
 
 from avkv.attention import decode_attention, masked_attention
 from avkv.engine import Engine
-from avkv.kvstore import PreallocLayer, RaggedLayer
+from avkv.kvstore import RaggedLayer
+from avkv.prealloc import PreallocLayer
 from avkv.methods.adakv import AdaKV
 from avkv.methods.full import Full
 from avkv.methods.pyramidkv import PyramidKV

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from avkv.engine import CompressionError, Engine
-from avkv.kvstore import PreallocLayer
+from avkv.prealloc import PreallocLayer
 from avkv.methods.full import Full
 from avkv.methods.snapkv import SnapKV
 from tests.conftest import adapter, av_prompt, tiny_model_dir
