@@ -87,11 +87,10 @@ def prompt_baselines() -> dict[str, dict]:
     return json.loads(BASELINES_FILE.read_text())
 
 
-def _entry(prompts: Any, family: str) -> Any:
-    """The text ``family`` runs with (its own entry, else ``default``; None: refused), as :class:`PromptSet` picks."""
-    if not isinstance(prompts, Mapping):
-        return prompts
-    return prompts[family] if family in prompts else prompts.get("default")
+def _entry(prompts: Any, family: str) -> str | None:
+    """The text ``family`` runs with, as the task picks it (:meth:`avkv.tasks.prompts.PromptSet.template`)."""
+    from avkv.tasks.prompts import PromptSet
+    return PromptSet(prompts).template(family)
 
 
 def model_family(cfg: Mapping) -> str:

@@ -44,7 +44,7 @@ from avkv.records import (ReadReport, atomic_write_text, is_failed, read_json_fi
                           tail_after_last_newline)
 from avkv.run_lock import LOCK, RunLock, RunLocked, describe_holder, lock_holder  # noqa: F401 - re-exported
 from avkv.identity import (BUDGET_KEYS, DESCRIPTIVE_KEYS, NOT_IDENTITY, PROJECT, SHARD_KEYS,  # noqa: F401 - re-exported
-                           _digest, _portable, config_hash, identity_core, point_hash, run_dir, run_hash, run_name,
+                           config_hash, identity_core, point_hash, run_dir, run_hash, run_name,
                            stored_config, uses_budget)
 
 log = logging.getLogger("avkv")

@@ -65,13 +65,21 @@ class PromptSet:
         why = self.refusal(family)
         if why:
             raise ValueError(why)
-        key = family if family in self.table else "default"
+        key = self.key(family)
         tmpl = self.table[key]
         assert tmpl is not None
         try:
             return tmpl.format_map({k: v for k, v in fields.items() if isinstance(v, (str, int, float))})
         except KeyError as e:
             raise ValueError(f"{self.where}.{key}: placeholder {e} is not a field of the sample") from None
+
+    def key(self, family: str) -> str:
+        """The entry ``family`` runs with: its own, else ``default``."""
+        return family if family in self.table else "default"
+
+    def template(self, family: str) -> str | None:
+        """The unfilled text ``family`` runs with (None: the dataset refuses it)."""
+        return self.table.get(self.key(family))
 
     def families(self) -> list[str]:
         """The model families this config names (every key but ``default``)."""
