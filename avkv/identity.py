@@ -163,6 +163,21 @@ def point_hash(cfg: Mapping) -> str:
 config_hash = run_hash
 
 
+def entry_name(node: Any) -> str | None:
+    """A config group entry's name (``model_name``, ``dataset_name``, ``method_name`` of a resolved config, which
+    :func:`run_name` and the report read): its ``name`` key, else the class name of its ``_target_`` in lower case;
+    a plain string names itself. None when it has neither."""
+    if isinstance(node, str):
+        return node
+    if isinstance(node, Mapping):
+        if node.get("name"):
+            return str(node["name"])
+        target = node.get("_target_")
+        if isinstance(target, str):
+            return target.rsplit(".", 1)[-1].lower()
+    return None
+
+
 def _slug(x: Any) -> str:
     s = str(x)
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in s)[:40]
