@@ -49,11 +49,6 @@ COMPRESS_AT = ("question", "context", "prompt")
 log = logging.getLogger("avkv")
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def rotary_rows(pos: torch.Tensor) -> torch.Tensor:
     """The rotary rows of a prompt's position ids: [1, n] (1-D RoPE) or M-RoPE's t/h/w rows [3, n] (Qwen's
     4-row layout drops its first, text-position row)."""
