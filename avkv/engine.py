@@ -139,7 +139,7 @@ class Engine:
                        num_layers=len(adapter.decoder_layers()), num_heads=int(tc.num_attention_heads),
                        num_kv_heads=int(getattr(tc, "num_key_value_heads", None) or tc.num_attention_heads),
                        modality=enc.modality, layout=enc.layout, question_start=enc.question_start,
-                       positions=rotary_rows(pos), model_name=getattr(adapter, "family", None),
+                       positions=rotary_rows(pos), family=getattr(adapter, "family", None),
                        model_path=None if path is None else str(path))
 
     @torch.no_grad()
