@@ -26,7 +26,7 @@ from typing import Any, Mapping
 NOT_IDENTITY = ("hydra", "logger", "wandb", "paths", "progress", "run_dir", "notes", "experiment_name", "grid",
                 "experiment", "smoke", "resume")
 #: keys of the model/dataset/method groups that describe the entry and do not change what is computed
-DESCRIPTIVE_KEYS = ("notes", "families", "hub_id", "tiny_builder")
+DESCRIPTIVE_KEYS = ("notes", "hub_id", "tiny_builder")
 #: identity keys that split one grid point into run directories (``point_hash`` leaves them out)
 SHARD_KEYS = ("shard", "num_shards")
 BUDGET_KEYS = ("budget", "budget_tokens")
