@@ -42,15 +42,15 @@ from typing import Any, Callable
 
 import torch
 
+from avkv.batch_prefill import BATCHED, NotBatched, prefill_batch, refusal
 from avkv.engine import Engine, Generation, shift_positions
 from avkv.attention import decoding
 from avkv.kvstore import CompressionError, RaggedLayer
 from avkv.prealloc import PreallocLayer, prealloc_bytes
 from avkv.measure import MemoryTracker
 
-#: why the per-sample prefill runs (the record's ``prefill_path``): the compressor's hooks see one sample's cache
-PER_SAMPLE_REASON = ("per_sample: the compressor hooks (avkv.compressor.Compressor) see one sample's layer cache "
-                     "at a time; a left-padded batched prefill with per-row compression is not implemented")
+#: the record's ``prefill_path`` when the caller asked for the per-sample prefill (``batched_prefill=False``)
+PER_SAMPLE_REASON = "per_sample: requested (batched_prefill=False)"
 
 
 def _heads(layer: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -106,11 +106,12 @@ def check_batchable(engine: Engine, method) -> None:
 @torch.no_grad()
 def generate_batch(engine: Engine, encs: list, seed: int = 0, method=None,
                    max_new_tokens: int | list[int] | None = None, seeds: list[int] | None = None,
-                   on_cache: Callable[[Any], None] | None = None) -> list[Generation]:
+                   on_cache: Callable[[Any], None] | None = None, batched_prefill: bool = True) -> list[Generation]:
     """Greedy generations of ``encs`` as one batch (see the module docstring); one :class:`Generation` per sample,
     in order. ``max_new_tokens``: one for all or one per sample (each row stops at its own, as at batch 1);
     ``seeds``: a seed per sample (default ``seed`` for all); ``on_cache``: called with the merged batch cache before
-    the first decode step (the tests inspect it)."""
+    the first decode step (the tests inspect it); ``batched_prefill`` False: prefill per sample even where the
+    one batched prefill could run (the batch-1 reference of the tests and benchmarks)."""
     method = method or engine.method
     check_batchable(engine, method)
     if not encs:
@@ -127,15 +128,24 @@ def generate_batch(engine: Engine, encs: list, seed: int = 0, method=None,
     eos = set(adapter.eos_token_ids)
     seeds = list(seeds) if seeds is not None else [seed] * len(encs)
     mem = MemoryTracker(dev, getattr(adapter, "devices", None))
+    path = refusal(method) if batched_prefill else PER_SAMPLE_REASON
     with mem:
-        pre, records, tokens, first = [], [], [], []
-        for enc, sd in zip(encs, seeds):
-            with contextlib.ExitStack() as stack:       # the sample's hooks end with its prefill
-                p = engine.prefill(enc, stack, sd, copy.deepcopy(method), track_memory=False)
-            pre.append(p)
-            first.append(p.logits[0, -1].float().cpu())
-            tokens.append([int(p.logits[0, -1].argmax())])
-            records.append(engine.sample_record(p))
+        pre: list = []
+        if path is None:
+            try:
+                with contextlib.ExitStack() as stack:      # the rows' compressors end with the batched prefill
+                    pre, prefill_s = prefill_batch(engine, encs, seeds, [copy.deepcopy(method) for _ in encs], stack)
+                path = BATCHED
+            except NotBatched as e:                      # raised before anything ran
+                path = str(e)
+        if not pre:
+            for enc, sd in zip(encs, seeds):
+                with contextlib.ExitStack() as stack:       # the sample's hooks end with its prefill
+                    pre.append(engine.prefill(enc, stack, sd, copy.deepcopy(method), track_memory=False))
+            prefill_s = sum(q.prefill_s for q in pre)      # run one after the other
+        first = [p.logits[0, -1].float().cpu() for p in pre]
+        tokens = [[int(p.logits[0, -1].argmax())] for p in pre]
+        records = [engine.sample_record(p) for p in pre]
         layers = [[_heads(p.cache.layers[i]) for p in pre] for i in range(len(pre[0].cache.layers))]
         for p in pre:
             p.cache = None                                  # the samples' own caches are released once merged
@@ -175,8 +185,8 @@ def generate_batch(engine: Engine, encs: list, seed: int = 0, method=None,
     gens = []
     for p, rec, toks, fl in zip(pre, records, tokens, first):
         out_ids = [t for t in toks if t not in eos]
-        rec.update(batch_size=B, prefill_batched=False, prefill_path=PER_SAMPLE_REASON,
-                   batch_prefill_s=sum(q.prefill_s for q in pre), decode_s=decode_s,
+        rec.update(batch_size=B, prefill_batched=path == BATCHED, prefill_path=path,
+                   batch_prefill_s=prefill_s, decode_s=decode_s,
                    decode_s_per_token=(decode_s / steps) if steps else None, batch_decode_steps=steps,
                    batch_decode_tokens_per_s=((answer_tokens - B) / decode_s) if decode_s > 0 else None,
                    batch_kv_bytes_allocated=batch_kv[1], batch_kv_bytes_prompt=batch_kv[0], new_tokens=len(toks),
@@ -187,4 +197,4 @@ def generate_batch(engine: Engine, encs: list, seed: int = 0, method=None,
     return gens
 
 
-__all__ = ["generate_batch", "check_batchable", "batch_layer", "PER_SAMPLE_REASON"]
+__all__ = ["generate_batch", "check_batchable", "batch_layer", "PER_SAMPLE_REASON", "BATCHED"]
