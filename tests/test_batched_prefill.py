@@ -164,3 +164,32 @@ def test_pad_token_is_never_a_media_placeholder():
     assert pad_token(fake(7, 2)) == 2
     with pytest.raises(NotBatched, match="no pad or end-of-sequence id"):
         pad_token(fake(7, 6))
+
+
+def test_a_kernel_that_makes_nan_of_pad_queries_leaks_nothing(monkeypatch):
+    """A pad query of a left-padded row attends to nothing; torch 2.13's CPU SDPA returns 0 there, other kernels
+    NaN, which would reach the row's real queries through the pad tokens' values (0 · NaN). Make SDPA return NaN
+    for every fully masked query row: the batch still equals batch 1, every kept entry finite. (compress_at=prompt:
+    the first token comes from the batched forward's last layer, which a leak on this 2-layer model reaches.)"""
+    real = torch.nn.functional.scaled_dot_product_attention
+    hits = []
+
+    def nan_rows(q, k, v, attn_mask=None, **kw):
+        out = real(q, k, v, attn_mask=attn_mask, **kw)
+        if attn_mask is not None and attn_mask.dtype == torch.bool and attn_mask.dim() == 4:
+            dead = ~attn_mask.any(-1, keepdim=True)
+            if bool(dead.any()):
+                hits.append(int(dead.sum()))
+                out = out.masked_fill(dead, float("nan"))
+        return out
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", nan_rows)
+    ad = adapter("qwen2")
+    es = [ad.encode(p) for p in _prompts("qwen2")]
+    eng = Engine(ad, SnapKV(window=8), budget=0.3, max_new_tokens=MAX_NEW, compress_at="prompt")
+    seen = {}
+    batch = generate_batch(eng, es, on_cache=lambda c: seen.update(cache=c))
+    assert hits, "no fully masked query row: the padding was not exercised"
+    for b, (g, e) in enumerate(zip(batch, es)):
+        assert g.record["prefill_path"] == BATCHED and g.token_ids == eng.generate(e).token_ids
+        for layer in seen["cache"].layers:
+            assert bool(torch.isfinite(layer.keys[layer.valid]).all() and torch.isfinite(layer.values[layer.valid]).all())
