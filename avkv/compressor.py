@@ -21,7 +21,7 @@ from typing import Any, Iterator
 import torch
 
 from avkv import lse_attention
-from avkv.attention import AttentionBackend
+from avkv.attention import AttentionBackend, RowBackend
 from avkv.attention_support import _parts
 from avkv.kvstore import CompressionError, RaggedLayer, apply_selection
 from avkv.ledger import KeepLedger
@@ -356,25 +356,6 @@ class Compressor:
 ROW_UNSUPPORTED = ("prefill_attention", "prunes_hidden_states", "needs_reconstruction")
 
 
-class RowBackend(AttentionBackend):
-    """The backend of one row of a batched prefill: the decoder's attention is the batch's, so a switch to the
-    masked attention is only noted (``wants_masked``); the row's own suffix runs it (:mod:`avkv.batch_prefill`)."""
-
-    wants_masked = False
-
-    def masked(self) -> None:
-        self.wants_masked = True
-
-    def route_base(self, impl: str) -> None:
-        raise CompressionError("a row of a batched prefill does not switch the decoder's attention")
-
-    def pattern(self, pattern):
-        raise CompressionError("a row of a batched prefill has no prefill attention pattern of its own")
-
-    def __exit__(self, *exc) -> bool:
-        return False                       # it switched nothing
-
-
 def _slice_inputs(args: tuple, kwargs: dict, h: torch.Tensor, keep: torch.Tensor, S: int
                   ) -> tuple[tuple, dict]:
     """The decoder-layer inputs of the chunk restricted to ``keep``: hidden states, rotary cos/sin, position
@@ -400,4 +381,4 @@ def _take(t: torch.Tensor, keep: torch.Tensor, dim: int, S: int) -> torch.Tensor
     return t.index_select(dim, keep.to(t.device)) if t.shape[dim] == S else t
 
 
-__all__ = ["Compressor", "RowBackend", "ROW_UNSUPPORTED", "PHASES"]
+__all__ = ["Compressor", "ROW_UNSUPPORTED", "PHASES"]
