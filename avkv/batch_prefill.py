@@ -46,6 +46,50 @@ ROPE_INDEX_ONLY = ("use_audio_in_video",)
 PER_TOKEN_INPUTS = ("mm_token_type_ids", "token_type_ids")
 
 
+#: the batched prefill's attention (:func:`rows_attention`), for these base backends of the model; under any other
+#: (eager, flash-attn) the model's own attention runs with the padding mask
+ROWS_IMPL = "avkv_rows"
+ROW_ATTENTION_IMPLS = ("sdpa",)
+
+
+def rows_attention(module, query, key, value, attention_mask, **kwargs):
+    """The batched prefill's attention on an SDPA model: each row's real queries against its own real keys, causal,
+    through the model's SDPA function exactly as batch 1 calls it (``is_causal``, no mask: SDPA's causal kernel does
+    half the work of a masked one, and a pad neither attends nor is attended; its output is 0). The rows' padding:
+    module attribute ``_avkv_row_pads``."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    B, H, S, _ = query.shape
+    out = query.new_zeros(B, S, H, value.shape[-1])
+    for b, pad in enumerate(module._avkv_row_pads):
+        o, _ = sdpa_attention_forward(module, query[b:b + 1, :, pad:], key[b:b + 1, :, pad:], value[b:b + 1, :, pad:],
+                                      None, **kwargs)
+        out[b, pad:] = o[0]
+    return out, None
+
+
+@contextlib.contextmanager
+def _rows_backend(config: Any, modules: list, pads: list[int]):
+    """The decoder attends through :func:`rows_attention` inside (when the model's backend is one it serves)."""
+    with AttentionBackend(config, modules) as be:
+        if be.base_impl not in ROW_ATTENTION_IMPLS:
+            yield
+            return
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
+
+        from avkv.attention import _no_model_mask
+        AttentionInterface.register(ROWS_IMPL, rows_attention)
+        AttentionMaskInterface.register(ROWS_IMPL, _no_model_mask)
+        for m in modules:
+            m._avkv_row_pads = pads
+        try:
+            be.route_base(ROWS_IMPL)
+            yield
+        finally:
+            for m in modules:
+                del m._avkv_row_pads
+
+
 class NotBatched(Exception):
     """This batch cannot take the one batched prefill; the message is the record's ``prefill_path``."""
 
@@ -199,6 +243,7 @@ def prefill_batch(engine: Engine, encs: list, seeds: list[int], methods: list, s
     stack.callback(lambda: [h.remove() for h in handles])
     t0 = clock.now()
     with contextlib.ExitStack() as stages:
+        stages.enter_context(_rows_backend(tc, modules, [S - r.s for r in rows]))
         for r in rows:
             if r.cm is not None:
                 stages.enter_context(r.cm.stage("prefill"))
@@ -232,4 +277,5 @@ def prefill_batch(engine: Engine, encs: list, seeds: list[int], methods: list, s
     return out, batch_s
 
 
-__all__ = ["prefill_batch", "refusal", "pad_token", "media_batch", "NotBatched", "BATCHED", "PER_TOKEN_INPUTS"]
+__all__ = ["prefill_batch", "refusal", "pad_token", "media_batch", "rows_attention", "NotBatched", "BATCHED",
+           "PER_TOKEN_INPUTS", "ROWS_IMPL", "ROW_ATTENTION_IMPLS"]

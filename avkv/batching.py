@@ -1,13 +1,19 @@
-"""Batch size > 1: each sample prefilled and compressed on its own, then one greedy decode for the whole batch.
+"""Batch size > 1: one left-padded batched prefill compressed row by row, then one greedy decode for the batch.
 
 :func:`generate_batch` runs B encoded prompts through one :class:`~avkv.engine.Engine`:
 
-1. **per-sample prefill and compression** — every sample goes through :meth:`Engine.prefill` exactly as at batch 1
-   (its own position ids — M-RoPE's rope index included —, its own :class:`~avkv.methods.request.Request`, its own
-   copy of the method, so per-request state never leaks between samples), and its first answer token comes from its
-   own logits. Prompts of different lengths therefore need no padding in the prefill, and a sample's full
-   (uncompressed) cache exists only while that sample is prefilled: the batch holds B *compressed* caches, which is
-   where compression buys capacity (``scripts/bench_capacity.py``);
+1. **one batched prefill, per-row compression** (:func:`avkv.batch_prefill.prefill_batch`) — the rows' compressed
+   parts ``[0, s_b)`` left-padded into one forward with an attention mask, each row at its own position ids (M-RoPE's
+   rope index included) and with its media concatenated in row order; per layer each row's unpadded slice goes to
+   its own :class:`~avkv.compressor.Compressor` (its own copy of the method, its own
+   :class:`~avkv.methods.request.Request`, ledger and generator: per-request state never leaks between samples),
+   which runs the code batch 1 runs; each row's suffix ``[s_b, n_b)`` then runs on its own compressed cache and its
+   first answer token comes from its own logits. A sample's answer, kept entries and ledger are batch 1's (first
+   logits within fp32 rounding: ``tests/test_batched_prefill.py``). Where the batch cannot take it — a method that
+   declares a prefill attention pattern, hidden-state pruning or a reconstruction
+   (:data:`avkv.compressor.ROW_UNSUPPORTED`: FastV, PureKV, KVzip), media inputs the model cannot take as one batch,
+   no usable pad token — every sample is prefilled on its own through :meth:`Engine.prefill`, exactly as at batch 1,
+   and the record says why;
 2. **one batched cache** (:func:`batch_layer`): per layer, every sample's kept entries, per KV head (a ragged
    per-head layer keeps its own count per head), in one :class:`~avkv.prealloc.PreallocLayer` ``[B, kvH, L, D]``
    allocated once for the decode steps, with its ``[B, kvH]`` lengths and validity: a row shorter than the longest
@@ -17,18 +23,22 @@
    rope shift), each sample stopping at its own end-of-sequence token (finished rows are fed their last token and
    their outputs discarded until every row is done or ``max_new_tokens`` is reached).
 
-Which prefill path ran is in every record: ``prefill_batched`` (today always ``False``: the samples are prefilled
-one after the other) and ``prefill_path`` (why: :data:`PER_SAMPLE_REASON`). A batched prefill of left-padded
-prompts (issue 18 item 4) is not implemented yet; the record says so rather than pretending.
+Which prefill path ran is in every record: ``prefill_batched`` and ``prefill_path`` (``batched_left_padded``, or
+why the per-sample prefill ran: the fallback's reason, or :data:`PER_SAMPLE_REASON` when the caller asked for it).
 
-Records: one per sample (:meth:`Engine.sample_record`: what that sample kept, its own prefill time) plus the
-batch's shared figures — ``batch_size``, ``batch_prefill_s`` (sum of the samples' prefills, run one after the
-other), ``decode_s`` / ``decode_s_per_token`` (one batched step, shared by all rows), ``batch_decode_tokens_per_s``
-(answer tokens of all rows per second of the batched decode), ``batch_kv_bytes_allocated`` /
-``batch_kv_bytes_prompt`` (the batch's preallocated buffers: all of them / the prompt part, padding to the longest
-row included), ``decode_convert_s`` (building the batch cache) and the batch's peak memory. A sample's own
-``kv_bytes_allocated`` / ``kv_bytes_decode_buffer`` are its row of those buffers (the batch's figures / B: every
-row is as long as the longest).
+Records: one per sample (:meth:`Engine.sample_record`: what that sample kept; its ``prefill_s``: the batched
+forward plus its own suffix, or its own prefill on the per-sample path) plus the batch's shared figures —
+``batch_size``, ``batch_prefill_s`` (the batched forward and every row's suffix, on the engine's clock; per-sample
+path: the sum of the samples' prefills, run one after the other), ``decode_s`` / ``decode_s_per_token`` (one
+batched step, shared by all rows), ``batch_decode_tokens_per_s`` (answer tokens of all rows per second of the
+batched decode), ``batch_kv_bytes_allocated`` / ``batch_kv_bytes_prompt`` (the batch's preallocated buffers: all of
+them / the prompt part, padding to the longest row included), ``decode_convert_s`` (building the batch cache) and
+the batch's peak memory. A sample's own ``kv_bytes_allocated`` / ``kv_bytes_decode_buffer`` are its row of those
+buffers (the batch's figures / B: every row is as long as the longest).
+
+Memory: during the batched prefill each row's uncompressed layer lives until that row compresses it (the same
+layer, at once for the B rows), and a deferred method (one that compresses after seeing every layer) holds the B
+rows' uncompressed caches until the end of the forward — B times what one sample's prefill holds at batch 1.
 
 Not batchable (refused, never silently run at batch 1): a ``decode_policy=fixed`` method (decode-time eviction of
 a ragged batch is not implemented), the masked reference (``mask_only``) and the native ports (their decoder does

@@ -82,8 +82,14 @@ def _heads(layer):
     return [(layer.keys[0, h], layer.values[0, h]) for h in range(layer.keys.shape[1])]
 
 
+@pytest.mark.parametrize("route", ["rows", "mask"])
 @pytest.mark.parametrize("name", list(METHODS))
-def test_batched_prefill_equals_batch_one(family, name, monkeypatch):
+def test_batched_prefill_equals_batch_one(family, name, route, monkeypatch):
+    """``rows``: SDPA row by row on the unpadded slices (avkv.batch_prefill.rows_attention, the SDPA models' route);
+    ``mask``: the model's own attention with the padding mask (the route of the other backends)."""
+    import avkv.batch_prefill as bp
+    if route == "mask":
+        monkeypatch.setattr(bp, "ROW_ATTENTION_IMPLS", ())
     fam, ad, es = family
     eng = Engine(ad, METHODS[name](), budget=0.3, max_new_tokens=MAX_NEW)
     seen = {}
@@ -96,6 +102,8 @@ def test_batched_prefill_equals_batch_one(family, name, monkeypatch):
             ref = eng.generate(enc)
         assert g.token_ids == ref.token_ids, (fam, name, b)
         assert torch.allclose(g.first_logits, ref.first_logits, rtol=1e-4, atol=1e-5), (fam, name, b)
+        if route == "rows" and name != "h2o":          # (H2O's batch 1 attends through the statistics route)
+            assert torch.equal(g.first_logits, ref.first_logits), (fam, name, b, "the same SDPA calls as batch 1")
         for key in RECORD_KEYS:
             assert g.record.get(key) == ref.record.get(key), (fam, name, b, key)
         ref_sel = list(sel.values())
@@ -167,10 +175,13 @@ def test_pad_token_is_never_a_media_placeholder():
 
 
 def test_a_kernel_that_makes_nan_of_pad_queries_leaks_nothing(monkeypatch):
-    """A pad query of a left-padded row attends to nothing; torch 2.13's CPU SDPA returns 0 there, other kernels
-    NaN, which would reach the row's real queries through the pad tokens' values (0 · NaN). Make SDPA return NaN
-    for every fully masked query row: the batch still equals batch 1, every kept entry finite. (compress_at=prompt:
-    the first token comes from the batched forward's last layer, which a leak on this 2-layer model reaches.)"""
+    """On the model's own attention with the padding mask (the route of backends other than SDPA, forced here), a
+    pad query of a left-padded row attends to nothing; torch 2.13's CPU SDPA returns 0 there, other kernels NaN,
+    which would reach the row's real queries through the pad tokens' values (0 · NaN). Make SDPA return NaN for
+    every fully masked query row: the batch still equals batch 1, every kept entry finite. (compress_at=prompt: the
+    first token comes from the batched forward's last layer, which a leak on this 2-layer model reaches.)"""
+    import avkv.batch_prefill as bp
+    monkeypatch.setattr(bp, "ROW_ATTENTION_IMPLS", ())
     real = torch.nn.functional.scaled_dot_product_attention
     hits = []
 
