@@ -14,23 +14,15 @@ from avkv.batch_prefill import BATCHED, pad_token
 from avkv.batching import PER_SAMPLE_REASON, generate_batch
 from avkv.engine import Engine
 from avkv.kvstore import RaggedLayer
-from avkv.methods.adakv import AdaKV
 from avkv.methods.fastv import FastV
-from avkv.methods.full import Full
-from avkv.methods.h2o import H2O
-from avkv.methods.pyramidkv import PyramidKV
 from avkv.methods.snapkv import SnapKV
 from avkv.tasks.base import Media, Prompt
 from tests.conftest import adapter, fixtures_dir
+from tests.test_batching import METHODS as BATCH_METHODS
 
 MAX_NEW = 6
-METHODS = {
-    "full": Full,
-    "snapkv": lambda: SnapKV(window=8),
-    "adakv": lambda: AdaKV(scorer=SnapKV(window=8), floor=0.1),        # ragged: heads keep different counts
-    "pyramidkv": lambda: PyramidKV(scorer=SnapKV(window=8)),          # layers keep different counts
-    "h2o": lambda: H2O(decode_policy="grow"),                          # all-query scores
-}
+#: the no-op, a dense, a per-head (ragged), a per-layer and an all-query method (test_batching's configurations)
+METHODS = {k: BATCH_METHODS[k] for k in ("full", "snapkv", "adakv", "pyramidkv", "h2o")}
 QUESTIONS = ("What colour is the moving square?",
              "Which way is the square moving? Answer with the letter of the best option only, please.",
              "How many?")
