@@ -12,6 +12,10 @@ and a prefill attention pattern. The hooks act only inside a stage:
 * ``with cm.stage("decode"):`` decode steps — a ``decode_policy=fixed`` method holds the cache size.
 
 On exit the hooks are removed, the attention backend is restored (:mod:`avkv.attention`) and ``method.end()`` runs.
+
+Row mode (``Compressor(..., row=True)``): one row of a batched prefill (:mod:`avkv.batch_prefill`). It registers no
+hooks and switches no backend; the batch's one hook per layer hands it that row's unpadded slice, and
+:meth:`Compressor.layer_done` runs on it exactly the code the batch-1 hook runs.
 """
 from __future__ import annotations
 
