@@ -176,7 +176,7 @@ def test_engine_route_keeps_the_same_entries(monkeypatch, one_thread, name):
     b, gb, unused = _kept(monkeypatch, ad, enc, instantiate(compose([f"method={name}"]).method), stats=False)
     assert not any(unused)
     assert a.keys() == b.keys() and all(torch.equal(a[i], b[i]) for i in a)
-    assert ga.token_ids == gb.token_ids
+    assert ga.token_ids == gb.token_ids and gb.record["allquery_route"] == "lse"
     assert torch.allclose(ga.first_logits, gb.first_logits, atol=1e-5)
     assert ad.text_config()._attn_implementation == "sdpa"       # restored after the request
 
@@ -316,7 +316,8 @@ def test_engine_fused_route_keeps_what_the_lse_route_keeps(monkeypatch, one_thre
     passes = []
     a, ga, used = _kept(monkeypatch, ad, enc, instantiate(compose([f"method={name}"]).method), True, "fused", passes)
     assert used and all(used) and not passes, "the fused prefill served every statistic"
+    assert ga.record["allquery_route"] == f"fused/{allquery.fused_impl('cpu')}"          # which one ran
     b, gb, _ = _kept(monkeypatch, ad, enc, instantiate(compose([f"method={name}"]).method), True, "lse")
     assert a.keys() == b.keys() and all(torch.equal(a[i], b[i]) for i in a)
-    assert ga.token_ids == gb.token_ids
+    assert ga.token_ids == gb.token_ids and gb.record["allquery_route"] == "lse"
     assert torch.allclose(ga.first_logits, gb.first_logits, atol=1e-5)
