@@ -207,5 +207,24 @@ class AttentionBackend:
             self.config._attn_implementation = MASKED_IMPL
 
 
-__all__ = ["AttentionBackend", "MASKED_IMPL", "DECODE_IMPL", "decode_attention", "decoding",
+class RowBackend(AttentionBackend):
+    """The backend of one row of a batched prefill: the decoder's attention is the batch's, so a switch to the
+    masked attention is only noted (``wants_masked``); the row's own suffix runs it (:mod:`avkv.batch_prefill`)."""
+
+    wants_masked = False
+
+    def masked(self) -> None:
+        self.wants_masked = True
+
+    def route_base(self, impl: str) -> None:
+        raise CompressionError("a row of a batched prefill does not switch the decoder's attention")
+
+    def pattern(self, pattern):
+        raise CompressionError("a row of a batched prefill has no prefill attention pattern of its own")
+
+    def __exit__(self, *exc) -> bool:
+        return False                       # it switched nothing
+
+
+__all__ = ["AttentionBackend", "RowBackend", "MASKED_IMPL", "DECODE_IMPL", "decode_attention", "decoding",
            "register_decode_attention", "masked_attention", "register_masked_attention", "base_attention"]

@@ -1,13 +1,19 @@
-"""Batch size > 1: each sample prefilled and compressed on its own, then one greedy decode for the whole batch.
+"""Batch size > 1: one left-padded batched prefill compressed row by row, then one greedy decode for the batch.
 
 :func:`generate_batch` runs B encoded prompts through one :class:`~avkv.engine.Engine`:
 
-1. **per-sample prefill and compression** — every sample goes through :meth:`Engine.prefill` exactly as at batch 1
-   (its own position ids — M-RoPE's rope index included —, its own :class:`~avkv.methods.request.Request`, its own
-   copy of the method, so per-request state never leaks between samples), and its first answer token comes from its
-   own logits. Prompts of different lengths therefore need no padding in the prefill, and a sample's full
-   (uncompressed) cache exists only while that sample is prefilled: the batch holds B *compressed* caches, which is
-   where compression buys capacity (``scripts/bench_capacity.py``);
+1. **one batched prefill, per-row compression** (:func:`avkv.batch_prefill.prefill_batch`) — the rows' compressed
+   parts ``[0, s_b)`` left-padded into one forward with an attention mask, each row at its own position ids (M-RoPE's
+   rope index included) and with its media concatenated in row order; per layer each row's unpadded slice goes to
+   its own :class:`~avkv.compressor.Compressor` (its own copy of the method, its own
+   :class:`~avkv.methods.request.Request`, ledger and generator: per-request state never leaks between samples),
+   which runs the code batch 1 runs; each row's suffix ``[s_b, n_b)`` then runs on its own compressed cache and its
+   first answer token comes from its own logits. A sample's answer, kept entries and ledger are batch 1's (first
+   logits within fp32 rounding: ``tests/test_batched_prefill.py``). Where the batch cannot take it — a method that
+   declares a prefill attention pattern, hidden-state pruning or a reconstruction
+   (:data:`avkv.compressor.ROW_UNSUPPORTED`: FastV, PureKV, KVzip), media inputs the model cannot take as one batch,
+   no usable pad token — every sample is prefilled on its own through :meth:`Engine.prefill`, exactly as at batch 1,
+   and the record says why;
 2. **one batched cache** (:func:`batch_layer`): per layer, every sample's kept entries, per KV head (a ragged
    per-head layer keeps its own count per head), in one :class:`~avkv.prealloc.PreallocLayer` ``[B, kvH, L, D]``
    allocated once for the decode steps, with its ``[B, kvH]`` lengths and validity: a row shorter than the longest
@@ -17,18 +23,22 @@
    rope shift), each sample stopping at its own end-of-sequence token (finished rows are fed their last token and
    their outputs discarded until every row is done or ``max_new_tokens`` is reached).
 
-Which prefill path ran is in every record: ``prefill_batched`` (today always ``False``: the samples are prefilled
-one after the other) and ``prefill_path`` (why: :data:`PER_SAMPLE_REASON`). A batched prefill of left-padded
-prompts (issue 18 item 4) is not implemented yet; the record says so rather than pretending.
+Which prefill path ran is in every record: ``prefill_batched`` and ``prefill_path`` (``batched_left_padded``, or
+why the per-sample prefill ran: the fallback's reason, or :data:`PER_SAMPLE_REASON` when the caller asked for it).
 
-Records: one per sample (:meth:`Engine.sample_record`: what that sample kept, its own prefill time) plus the
-batch's shared figures — ``batch_size``, ``batch_prefill_s`` (sum of the samples' prefills, run one after the
-other), ``decode_s`` / ``decode_s_per_token`` (one batched step, shared by all rows), ``batch_decode_tokens_per_s``
-(answer tokens of all rows per second of the batched decode), ``batch_kv_bytes_allocated`` /
-``batch_kv_bytes_prompt`` (the batch's preallocated buffers: all of them / the prompt part, padding to the longest
-row included), ``decode_convert_s`` (building the batch cache) and the batch's peak memory. A sample's own
-``kv_bytes_allocated`` / ``kv_bytes_decode_buffer`` are its row of those buffers (the batch's figures / B: every
-row is as long as the longest).
+Records: one per sample (:meth:`Engine.sample_record`: what that sample kept; its ``prefill_s``: the batched
+forward plus its own suffix, or its own prefill on the per-sample path) plus the batch's shared figures —
+``batch_size``, ``batch_prefill_s`` (the batched forward and every row's suffix, on the engine's clock; per-sample
+path: the sum of the samples' prefills, run one after the other), ``decode_s`` / ``decode_s_per_token`` (one
+batched step, shared by all rows), ``batch_decode_tokens_per_s`` (answer tokens of all rows per second of the
+batched decode), ``batch_kv_bytes_allocated`` / ``batch_kv_bytes_prompt`` (the batch's preallocated buffers: all of
+them / the prompt part, padding to the longest row included), ``decode_convert_s`` (building the batch cache) and
+the batch's peak memory. A sample's own ``kv_bytes_allocated`` / ``kv_bytes_decode_buffer`` are its row of those
+buffers (the batch's figures / B: every row is as long as the longest).
+
+Memory: during the batched prefill each row's uncompressed layer lives until that row compresses it (the same
+layer, at once for the B rows), and a deferred method (one that compresses after seeing every layer) holds the B
+rows' uncompressed caches until the end of the forward — B times what one sample's prefill holds at batch 1.
 
 Not batchable (refused, never silently run at batch 1): a ``decode_policy=fixed`` method (decode-time eviction of
 a ragged batch is not implemented), the masked reference (``mask_only``) and the native ports (their decoder does
@@ -42,15 +52,15 @@ from typing import Any, Callable
 
 import torch
 
+from avkv.batch_prefill import BATCHED, NotBatched, prefill_batch, refusal
 from avkv.engine import Engine, Generation, shift_positions
 from avkv.attention import decoding
 from avkv.kvstore import CompressionError, RaggedLayer
 from avkv.prealloc import PreallocLayer, prealloc_bytes
 from avkv.measure import MemoryTracker
 
-#: why the per-sample prefill runs (the record's ``prefill_path``): the compressor's hooks see one sample's cache
-PER_SAMPLE_REASON = ("per_sample: the compressor hooks (avkv.compressor.Compressor) see one sample's layer cache "
-                     "at a time; a left-padded batched prefill with per-row compression is not implemented")
+#: the record's ``prefill_path`` when the caller asked for the per-sample prefill (``batched_prefill=False``)
+PER_SAMPLE_REASON = "per_sample: requested (batched_prefill=False)"
 
 
 def _heads(layer: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -106,11 +116,12 @@ def check_batchable(engine: Engine, method) -> None:
 @torch.no_grad()
 def generate_batch(engine: Engine, encs: list, seed: int = 0, method=None,
                    max_new_tokens: int | list[int] | None = None, seeds: list[int] | None = None,
-                   on_cache: Callable[[Any], None] | None = None) -> list[Generation]:
+                   on_cache: Callable[[Any], None] | None = None, batched_prefill: bool = True) -> list[Generation]:
     """Greedy generations of ``encs`` as one batch (see the module docstring); one :class:`Generation` per sample,
     in order. ``max_new_tokens``: one for all or one per sample (each row stops at its own, as at batch 1);
     ``seeds``: a seed per sample (default ``seed`` for all); ``on_cache``: called with the merged batch cache before
-    the first decode step (the tests inspect it)."""
+    the first decode step (the tests inspect it); ``batched_prefill`` False: prefill per sample even where the
+    one batched prefill could run (the batch-1 reference of the tests and benchmarks)."""
     method = method or engine.method
     check_batchable(engine, method)
     if not encs:
@@ -127,15 +138,24 @@ def generate_batch(engine: Engine, encs: list, seed: int = 0, method=None,
     eos = set(adapter.eos_token_ids)
     seeds = list(seeds) if seeds is not None else [seed] * len(encs)
     mem = MemoryTracker(dev, getattr(adapter, "devices", None))
+    path = refusal(method) if batched_prefill else PER_SAMPLE_REASON
     with mem:
-        pre, records, tokens, first = [], [], [], []
-        for enc, sd in zip(encs, seeds):
-            with contextlib.ExitStack() as stack:       # the sample's hooks end with its prefill
-                p = engine.prefill(enc, stack, sd, copy.deepcopy(method), track_memory=False)
-            pre.append(p)
-            first.append(p.logits[0, -1].float().cpu())
-            tokens.append([int(p.logits[0, -1].argmax())])
-            records.append(engine.sample_record(p))
+        pre: list = []
+        if path is None:
+            try:
+                with contextlib.ExitStack() as stack:      # the rows' compressors end with the batched prefill
+                    pre, prefill_s = prefill_batch(engine, encs, seeds, [copy.deepcopy(method) for _ in encs], stack)
+                path = BATCHED
+            except NotBatched as e:                      # raised before anything ran
+                path = str(e)
+        if not pre:
+            for enc, sd in zip(encs, seeds):
+                with contextlib.ExitStack() as stack:       # the sample's hooks end with its prefill
+                    pre.append(engine.prefill(enc, stack, sd, copy.deepcopy(method), track_memory=False))
+            prefill_s = sum(q.prefill_s for q in pre)      # run one after the other
+        first = [p.logits[0, -1].float().cpu() for p in pre]
+        tokens = [[int(p.logits[0, -1].argmax())] for p in pre]
+        records = [engine.sample_record(p) for p in pre]
         layers = [[_heads(p.cache.layers[i]) for p in pre] for i in range(len(pre[0].cache.layers))]
         for p in pre:
             p.cache = None                                  # the samples' own caches are released once merged
@@ -175,8 +195,8 @@ def generate_batch(engine: Engine, encs: list, seed: int = 0, method=None,
     gens = []
     for p, rec, toks, fl in zip(pre, records, tokens, first):
         out_ids = [t for t in toks if t not in eos]
-        rec.update(batch_size=B, prefill_batched=False, prefill_path=PER_SAMPLE_REASON,
-                   batch_prefill_s=sum(q.prefill_s for q in pre), decode_s=decode_s,
+        rec.update(batch_size=B, prefill_batched=path == BATCHED, prefill_path=path,
+                   batch_prefill_s=prefill_s, decode_s=decode_s,
                    decode_s_per_token=(decode_s / steps) if steps else None, batch_decode_steps=steps,
                    batch_decode_tokens_per_s=((answer_tokens - B) / decode_s) if decode_s > 0 else None,
                    batch_kv_bytes_allocated=batch_kv[1], batch_kv_bytes_prompt=batch_kv[0], new_tokens=len(toks),
@@ -187,4 +207,4 @@ def generate_batch(engine: Engine, encs: list, seed: int = 0, method=None,
     return gens
 
 
-__all__ = ["generate_batch", "check_batchable", "batch_layer", "PER_SAMPLE_REASON"]
+__all__ = ["generate_batch", "check_batchable", "batch_layer", "PER_SAMPLE_REASON", "BATCHED"]

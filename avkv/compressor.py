@@ -12,6 +12,10 @@ and a prefill attention pattern. The hooks act only inside a stage:
 * ``with cm.stage("decode"):`` decode steps — a ``decode_policy=fixed`` method holds the cache size.
 
 On exit the hooks are removed, the attention backend is restored (:mod:`avkv.attention`) and ``method.end()`` runs.
+
+Row mode (``Compressor(..., row=True)``): one row of a batched prefill (:mod:`avkv.batch_prefill`). It registers no
+hooks and switches no backend; the batch's one hook per layer hands it that row's unpadded slice, and
+:meth:`Compressor.layer_done` runs on it exactly the code the batch-1 hook runs.
 """
 from __future__ import annotations
 
@@ -21,7 +25,8 @@ from typing import Any, Iterator
 import torch
 
 from avkv import lse_attention
-from avkv.attention import AttentionBackend
+from avkv.attention import AttentionBackend, RowBackend
+from avkv.attention_support import _parts
 from avkv.kvstore import CompressionError, RaggedLayer, apply_selection
 from avkv.ledger import KeepLedger
 from avkv.measure import Clock
@@ -34,15 +39,20 @@ PHASES = ("idle", "prefill", "decode")
 class Compressor:
     """Installs the method on every decoder attention layer for one request (context manager)."""
 
-    def __init__(self, adapter: Any, method: Method, request: Request, mask_only: bool = False, seed: int = 0):
+    def __init__(self, adapter: Any, method: Method, request: Request, mask_only: bool = False, seed: int = 0,
+                 row: bool = False):
         self.adapter, self.method, self.req, self.mask_only = adapter, method, request, mask_only
+        #: one row of a batched prefill (:mod:`avkv.batch_prefill`): no hooks of its own and no backend switch —
+        #: the batch's one hook hands it the row's slice of each layer (:meth:`layer_done`), and a switch to the
+        #: masked attention is only noted (``backend.wants_masked``) for the row's own suffix
+        self.row = row
         self.layers = adapter.decoder_layers()
         self.num_layers = len(self.layers)
         self.phase = "idle"
         self.pending: dict = {}                # deferred methods: layer -> (module, modality, n_keep)
         self.handles: list = []
         self.attn_modules = [layer.self_attn for layer in self.layers]
-        self.backend = AttentionBackend(adapter.text_config(), self.attn_modules)
+        self.backend = (RowBackend if row else AttentionBackend)(adapter.text_config(), self.attn_modules)
         self.clock = Clock(adapter.device, getattr(adapter, "devices", None))
         self.ledger = KeepLedger(n_prompt=request.n_prompt, split=request.split)
         self.generator = torch.Generator().manual_seed(int(seed))
@@ -78,12 +88,19 @@ class Compressor:
         if self.method.requires_attentions and self.backend.base_impl != "eager":
             raise CompressionError(f"method {self.method.name!r} reads attention weights and needs "
                                    f"model.attn_implementation=eager (got {self.backend.base_impl!r})")
+        if self.row:
+            asks = [f for f in ROW_UNSUPPORTED if any(getattr(m, f, False) for m in _parts(self.method))]
+            if asks:
+                raise CompressionError(f"method {self.method.name!r} cannot run as one row of a batched prefill: "
+                                       f"it needs {', '.join(asks)}")
         self.backend.__enter__()
         for i, m in enumerate(self.attn_modules):
             m._avkv_layer = i
-            self.handles.append(m.register_forward_hook(self._hook, with_kwargs=True))
+            if not self.row:
+                self.handles.append(m.register_forward_hook(self._hook, with_kwargs=True))
         try:
-            lse_attention.install(self.backend, self.method, self.modality)   # all-query methods: the prefill's statistics
+            if not self.row:       # all-query methods: the prefill's statistics (a row's view recomputes queries)
+                lse_attention.install(self.backend, self.method, self.modality)
             if getattr(self.method, "needs_reconstruction", False):
                 from avkv.reconstruct import Capture            # KVzip: the decoder input of the prefill
                 self.capture = Capture(self.adapter)
@@ -219,12 +236,19 @@ class Compressor:
         cache = kwargs.get("past_key_values")
         if cache is None:
             raise CompressionError("the decoder was called without a cache; the engine always passes one")
+        attn = output[1][0] if isinstance(output, tuple) and len(output) > 1 and output[1] is not None else None
+        self.layer_done(module, cache, kwargs, attn)
+
+    def layer_done(self, module, cache, kwargs: dict, attn: torch.Tensor | None) -> None:
+        """The end of one attention layer's forward in the current stage: ``cache`` holds this request's layer,
+        ``kwargs`` its ``hidden_states`` [1, S, D] and ``position_embeddings``, ``attn`` its attention weights
+        [H, q, S] (eager only). Called by the layer's hook, or, for a row of a batched prefill, with the row's
+        unpadded slices (:mod:`avkv.batch_prefill`): the same code either way."""
         i = module._avkv_layer
         layer = cache.layers[i]
         if layer.keys is None:           # owns no cache: it attends over its source's, compressed with the source
             return
         t0 = self.clock.now()
-        attn = output[1][0] if isinstance(output, tuple) and len(output) > 1 and output[1] is not None else None
         if self.phase == "prefill":
             if i in self.ledger.kept or i in self.pending:   # each layer is compressed once, at the end of its chunk
                 return
@@ -333,6 +357,11 @@ class Compressor:
         return hook
 
 
+#: what a row of a batched prefill cannot do (the batch's forward is shared: one attention pattern, one set of
+#: hidden states; reconstruction re-runs the prefill of one request); such methods take the per-sample prefill
+ROW_UNSUPPORTED = ("prefill_attention", "prunes_hidden_states", "needs_reconstruction")
+
+
 def _slice_inputs(args: tuple, kwargs: dict, h: torch.Tensor, keep: torch.Tensor, S: int
                   ) -> tuple[tuple, dict]:
     """The decoder-layer inputs of the chunk restricted to ``keep``: hidden states, rotary cos/sin, position
@@ -358,4 +387,4 @@ def _take(t: torch.Tensor, keep: torch.Tensor, dim: int, S: int) -> torch.Tensor
     return t.index_select(dim, keep.to(t.device)) if t.shape[dim] == S else t
 
 
-__all__ = ["Compressor", "PHASES"]
+__all__ = ["Compressor", "ROW_UNSUPPORTED", "PHASES"]

@@ -49,11 +49,6 @@ COMPRESS_AT = ("question", "context", "prompt")
 log = logging.getLogger("avkv")
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def rotary_rows(pos: torch.Tensor) -> torch.Tensor:
     """The rotary rows of a prompt's position ids: [1, n] (1-D RoPE) or M-RoPE's t/h/w rows [3, n] (Qwen's
     4-row layout drops its first, text-position row)."""
@@ -144,8 +139,21 @@ class Engine:
                        num_layers=len(adapter.decoder_layers()), num_heads=int(tc.num_attention_heads),
                        num_kv_heads=int(getattr(tc, "num_key_value_heads", None) or tc.num_attention_heads),
                        modality=enc.modality, layout=enc.layout, question_start=enc.question_start,
-                       positions=rotary_rows(pos), model_name=getattr(adapter, "family", None),
+                       positions=rotary_rows(pos), family=getattr(adapter, "family", None),
                        model_path=None if path is None else str(path))
+
+    def plan(self, enc: Encoded, method: Method) -> tuple[int, int, int, bool]:
+        """(n, s, target, compress) of one sample: its length, split, kept-entry target and whether the method
+        compresses it at all (a no-op, or a budget that keeps the whole prefix, does not)."""
+        n = int(enc.input_ids.shape[1])
+        s = self.split_point(enc)
+        target = self.target_kept(n)
+        n_keep = target - (n - s)
+        compress = not method.is_noop() and n_keep < s
+        if n_keep < 1 and compress:
+            raise CompressionError(f"budget keeps {target} of {n} prompt entries, fewer than the {n - s} "
+                                   f"uncompressed entries after the split (compress_at={self.compress_at})")
+        return n, s, target, compress
 
     @torch.no_grad()
     def prefill(self, enc: Encoded, stack: contextlib.ExitStack, seed: int = 0, method: Method | None = None,
@@ -157,14 +165,7 @@ class Engine:
         method = method or self.method
         adapter, dev = self.adapter, self.adapter.device
         input_ids = enc.input_ids.to(dev)
-        n = input_ids.shape[1]
-        s = self.split_point(enc)
-        target = self.target_kept(n)
-        n_keep = target - (n - s)
-        compress = not method.is_noop() and n_keep < s
-        if n_keep < 1 and compress:
-            raise CompressionError(f"budget keeps {target} of {n} prompt entries, fewer than the {n - s} "
-                                   f"uncompressed entries after the split (compress_at={self.compress_at})")
+        n, s, target, compress = self.plan(enc, method)
         mm = adapter.media_inputs(enc)
         tp = self.clock.now()
         pos = adapter.prompt_position_ids(enc).to(dev)   # M-RoPE: the model's own rope index (timed on its own)

@@ -209,11 +209,11 @@ def verdict_fields(judge: Judge, question: str, answer: Any, prediction: str) ->
 def judge_run(run_dir: str | Path, judge: Judge | None = None) -> dict:
     """Judge the pending records of one run directory (its ``samples.jsonl``), rewrite it atomically and update
     ``summary.json``'s judge accuracy. Returns ``{n_judged, n_pending, n_failed, judge_accuracy}``."""
-    from avkv.report import read_samples
+    from avkv.records import SAMPLES, SUMMARY, atomic_write_text, read_records
 
     run_dir = Path(run_dir)
-    samples = run_dir / "samples.jsonl"
-    records = read_samples(samples)
+    samples = run_dir / SAMPLES
+    records = read_records(samples)
     if judge is None:
         prompt = next((r.get("judge_prompt") for r in records if r.get("judge_prompt")), "ultraeval_ref_qa")
         judge = Judge(prompt=prompt)
@@ -229,19 +229,15 @@ def judge_run(run_dir: str | Path, judge: Judge | None = None) -> dict:
             n_judged += 1
         except JudgeError as e:
             r["judge_error"] = str(e)
-    tmp = samples.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    os.replace(tmp, samples)
+    atomic_write_text(samples, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     agg = judge_aggregate(records)
-    summ = run_dir / "summary.json"
+    summ = run_dir / SUMMARY
     if summ.is_file():
         s = json.loads(summ.read_text())
         s.setdefault("task", {}).update(agg)
         if s.get("metric") == "judge_accuracy":
             s["score"] = agg["judge_accuracy"]
-        tmp = summ.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(s, indent=2))
-        os.replace(tmp, summ)
+        atomic_write_text(summ, json.dumps(s, indent=2))
     return {"n_judged": n_judged, **{k: agg[k] for k in ("n_pending", "n_failed", "judge_accuracy")}}
 
 

@@ -17,6 +17,12 @@ from typing import Any, Mapping
 
 log = logging.getLogger("avkv")
 
+#: a run directory's files (:mod:`avkv.results` re-exports them; ``run.lock`` is :mod:`avkv.run_lock`'s ``LOCK``)
+SAMPLES = "samples.jsonl"
+CONFIG = "config.yaml"
+META = "meta.json"
+SUMMARY = "summary.json"
+
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` so a reader sees the old file or the new one, never a torn one."""

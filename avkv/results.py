@@ -40,8 +40,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from avkv.records import (ReadReport, atomic_write_text, is_failed, read_json_file, read_records,  # noqa: F401
-                          tail_after_last_newline)
+from avkv.records import (CONFIG, META, SAMPLES, SUMMARY, ReadReport, atomic_write_text,  # noqa: F401
+                          is_failed, read_json_file, read_records, tail_after_last_newline)
 from avkv.run_lock import LOCK, RunLock, RunLocked, describe_holder, lock_holder  # noqa: F401 - re-exported
 from avkv.identity import (BUDGET_KEYS, DESCRIPTIVE_KEYS, NOT_IDENTITY, PROJECT, SHARD_KEYS,  # noqa: F401 - re-exported
                            config_hash, identity_core, point_hash, run_dir, run_hash, run_name,
@@ -49,11 +49,7 @@ from avkv.identity import (BUDGET_KEYS, DESCRIPTIVE_KEYS, NOT_IDENTITY, PROJECT,
 
 log = logging.getLogger("avkv")
 
-SAMPLES = "samples.jsonl"
-CONFIG = "config.yaml"
-META = "meta.json"
-SUMMARY = "summary.json"
-# LOCK = "run.lock": avkv.run_lock's, imported above
+# the file names (SAMPLES, CONFIG, META, SUMMARY) are avkv.records', LOCK = "run.lock" avkv.run_lock's: imported above
 
 # ------------------------------------------------------------------------------------------------ metadata
 def git_commit(root: Path) -> str | None:

@@ -6,8 +6,11 @@
 Model: a Qwen2 text decoder with random weights and the per-layer shapes of Qwen2.5-0.5B (``--shape 7b``: of
 Qwen2.5-7B), ``--layers`` layers (``scripts/bench_overhead.py``'s ``BenchAdapter``). Every sample is a prompt of
 ``--length`` random tokens, compressed whole (``compress_at=prompt``) by ``--method`` at each budget, then the batch
-decodes ``--new-tokens`` tokens (no end-of-sequence token) through :func:`avkv.batching.generate_batch`: every
-sample prefilled and compressed on its own, then one batched decode over one preallocated cache.
+decodes ``--new-tokens`` tokens (no end-of-sequence token) through :func:`avkv.batching.generate_batch`: one
+left-padded batched prefill compressed row by row (``--per-sample-prefill``: every sample prefilled on its own, the
+path before it), then one batched decode over one preallocated cache. Prefill tokens/s at a batch: ``B · length``
+over the calling thread's CPU time of the prefill's forwards (CUDA: the record's ``batch_prefill_s``), medians over
+the same rounds as the decode figure.
 
 What the cap bounds, and what is measured:
 
@@ -16,7 +19,8 @@ What the cap bounds, and what is measured:
   ``generate_batch`` measures them (``batch_kv_bytes_allocated``). A batch fits when that is ≤ the cap. This is the
   criterion on every device.
 * ``--cap-mem-bytes`` (CUDA only): also require the batch's peak ``torch.cuda.max_memory_allocated`` minus the
-  weights (KV cache, activations, the one sample's uncompressed cache during its prefill, workspace) ≤ the cap. On
+  weights (KV cache, activations, the batch's uncompressed layer during the batched prefill — each row's full layer
+  lives until that row compresses it —, workspace) ≤ the cap. On
   CPU the peak memory recorded is the process's RSS (read at phase boundaries, or ``ru_maxrss`` where it rose:
   weights, interpreter and allocator slack included, earlier trials' freed memory still mapped): it is reported,
   never used as a criterion, since it cannot isolate one batch's own bytes.
@@ -68,12 +72,15 @@ def trial(adapter, a, budget: float, B: int, W: int, rnd: int = 0) -> dict:
         torch.cuda.synchronize()
     adapter.calls = []
     t = time.perf_counter()
-    gens = generate_batch(eng, encs)
+    gens = generate_batch(eng, encs, batched_prefill=not a.per_sample_prefill)
     wall = time.perf_counter() - t
     r = gens[0].record
     steps = int(r["batch_decode_steps"])
-    dec_cpu = sum(adapter.calls[B:])                # [B prefills, decode steps...]
+    prefill_calls = len(adapter.calls) - steps      # [the prefill's forwards (1 batched, or B), decode steps...]
+    dec_cpu = sum(adapter.calls[prefill_calls:])
+    pre_cpu = sum(adapter.calls[:prefill_calls])
     dec_s = r["decode_s"] if cuda else dec_cpu      # CUDA: the engine's CUDA-event time; CPU: thread CPU time
+    pre_s = r["batch_prefill_s"] if cuda else pre_cpu
     alloc, peak = int(r["batch_kv_bytes_allocated"]), int(r["peak_mem_bytes"])
     fits = alloc <= a.cap_kv_bytes
     if a.cap_mem_bytes is not None:
@@ -84,10 +91,12 @@ def trial(adapter, a, budget: float, B: int, W: int, rnd: int = 0) -> dict:
            "peak_mem_bytes": peak, "peak_mem_kind": r["peak_mem_kind"], "weight_bytes": W, "decode_steps": steps,
            "decode_s": dec_s, "tokens_per_s": B * steps / dec_s if dec_s > 0 else None,
            "tokens_per_s_wall": r["batch_decode_tokens_per_s"], "prefill_s_total": r["batch_prefill_s"],
-           "trial_wall_s": wall}
+           "prefill_path": r["prefill_path"], "prefill_s": pre_s,
+           "prefill_tokens_per_s": B * a.length / pre_s if pre_s > 0 else None, "trial_wall_s": wall}
     print(f"b={budget:<4} B={B:<4} alloc {alloc / 2**20:9.2f} MiB (cap {a.cap_kv_bytes / 2**20:.2f}) "
           f"{'fits' if fits else 'over'}  peak {peak / 2**20:8.1f} MiB ({r['peak_mem_kind']})  "
-          f"{row['tokens_per_s'] or 0:8.1f} tok/s  [{wall:.1f} s]", flush=True)
+          f"{row['tokens_per_s'] or 0:8.1f} tok/s  prefill {row['prefill_tokens_per_s'] or 0:8.1f} tok/s  "
+          f"[{wall:.1f} s]", flush=True)
     return row
 
 
@@ -135,6 +144,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2,
                     help="round 0 is the search; each later round times every budget's largest batch and batch 1 "
                          "once more, budgets in alternating order (tokens/s: the median over rounds)")
+    ap.add_argument("--per-sample-prefill", action="store_true",
+                    help="prefill every sample on its own (generate_batch(batched_prefill=False)) instead of the one "
+                         "left-padded batched prefill: the before/after of the prefill tokens/s")
     ap.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
     ap.add_argument("--out", default=str(OUT))
     a = ap.parse_args()
@@ -170,17 +182,19 @@ def main() -> None:
                 rows.append(trial(adapter, a, x["budget"], B, W, rnd))
                 save()
     meta = {"rounds": a.rounds, "device": a.device, "shape": a.shape, "layers": a.layers, "length": a.length, "new_tokens": a.new_tokens,
-            "method": a.method, "dtype": dtype, "cap_kv_bytes": a.cap_kv_bytes, "cap_mem_bytes": a.cap_mem_bytes,
+            "method": a.method, "prefill": "per_sample" if a.per_sample_prefill else "batched", "dtype": dtype, "cap_kv_bytes": a.cap_kv_bytes, "cap_mem_bytes": a.cap_mem_bytes,
             "weight_bytes": W, "threads": torch.get_num_threads(), "torch": torch.__version__,
             "platform": platform.platform(), "gpu": torch.cuda.get_device_name() if cuda else None,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     (out / "meta.json").write_text(json.dumps(meta, indent=1))
     for x in best:                                  # tokens/s: median over the rounds of the same batch
         for key, B in (("fit", x["max_batch"]), ("batch1", 1)):
-            tps = [r["tokens_per_s"] for r in rows if r["budget"] == x["budget"] and r["batch"] == B
-                   and r["tokens_per_s"] is not None]
+            same = [r for r in rows if r["budget"] == x["budget"] and r["batch"] == B]
+            tps = [r["tokens_per_s"] for r in same if r["tokens_per_s"] is not None]
+            pps = [r["prefill_tokens_per_s"] for r in same if r["prefill_tokens_per_s"] is not None]
             if x.get(key) and tps:
-                x[key] = dict(x[key], tokens_per_s=statistics.median(tps), rounds=len(tps))
+                x[key] = dict(x[key], tokens_per_s=statistics.median(tps), rounds=len(tps),
+                              prefill_tokens_per_s=statistics.median(pps) if pps else None)
     summary = [summarise(x, best[0]) for x in best]
     (out / "capacity.json").write_text(json.dumps({"meta": meta, "budgets": summary}, indent=1))
     (out / "table.md").write_text(table(meta, summary))
@@ -197,6 +211,8 @@ def summarise(x: dict, base: dict) -> dict:
             "peak_mem_bytes": fit["peak_mem_bytes"] if fit else None, "kept_ratio": fit["kept_ratio"] if fit else None,
             "tokens_per_s": tps, "tokens_per_s_wall": fit["tokens_per_s_wall"] if fit else None,
             "tokens_per_s_batch1": one.get("tokens_per_s"),
+            "prefill_tokens_per_s": fit.get("prefill_tokens_per_s") if fit else None,
+            "prefill_tokens_per_s_batch1": one.get("prefill_tokens_per_s"),
             "capacity_ratio": x["max_batch"] / base["max_batch"] if base["max_batch"] else None,
             "tokens_per_s_ratio": tps / base_tps if tps and base_tps else None}
 
@@ -210,13 +226,15 @@ def table(meta: dict, summary: list[dict]) -> str:
              + (f"; cap on peak memory minus weights: {mib(meta['cap_mem_bytes'])} MiB" if meta["cap_mem_bytes"]
                 else "") + ".", "",
              "| budget | largest batch | KV allocated (MiB) | batch+1 allocates (MiB) | peak memory (MiB) | "
-             "tokens/s at it | tokens/s (wall) | tokens/s at batch 1 | capacity × | tokens/s × |",
-             "|---" * 10 + "|"]
+             "tokens/s at it | tokens/s (wall) | tokens/s at batch 1 | capacity × | tokens/s × | "
+             "prefill tokens/s at it | prefill tokens/s at batch 1 |",
+             "|---" * 12 + "|"]
     for s in summary:
         lines.append(f"| {s['budget']} | {s['max_batch']} | {mib(s['kv_bytes_allocated'])} | "
                      f"{mib(s['next_batch_kv_bytes_allocated'])} | {mib(s['peak_mem_bytes'])} | "
                      f"{num(s['tokens_per_s'])} | {num(s['tokens_per_s_wall'])} | {num(s['tokens_per_s_batch1'])} | "
-                     f"{num(s['capacity_ratio'], '.2f')} | {num(s['tokens_per_s_ratio'], '.2f')} |")
+                     f"{num(s['capacity_ratio'], '.2f')} | {num(s['tokens_per_s_ratio'], '.2f')} | "
+                     f"{num(s['prefill_tokens_per_s'])} | {num(s['prefill_tokens_per_s_batch1'])} |")
     return "\n".join(lines) + "\n"
 
 

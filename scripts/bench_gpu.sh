@@ -3,7 +3,8 @@
 # MLP 18944), prefill compression overhead, decode time per token at budgets 1.0/0.5/0.2/0.1 and peak CUDA memory
 # (scripts/bench_overhead.py: CUDA-event wall times, bf16), then the capacity sweep and the decode bandwidth
 # model where those scripts exist (scripts/bench_capacity.py: the largest batch under a KV cap and its tokens/s per
-# budget; scripts/bench_decode.py). Writes results/bench/gpu/.
+# budget; scripts/bench_decode.py; scripts/bench_batched_prefill.py: prefill tokens/s of one batched prefill vs
+# per-sample ones). Writes results/bench/gpu/.
 #
 #   bash scripts/bench_gpu.sh                    # on a CUDA machine (environment.yml)
 #   bash scripts/bench_gpu.sh --dry-run          # CPU, 1 layer, 256 tokens: checks the pipeline in a minute
@@ -64,4 +65,6 @@ CAP_KV=$("$PY" -c "print(int((${CAP_GB:-80} * 1e9 - 15.23e9) * $LAYERS / 28))")
 optional_step bench_capacity.py capacity "capacity sweep (KV cap $CAP_KV bytes)" --shape 7b --layers "$LAYERS" \
   --length 16384 --new-tokens 32 --cap-kv-bytes "$CAP_KV"
 optional_step bench_decode.py decode "decode vs the bandwidth model"
+optional_step bench_batched_prefill.py batched_prefill "one batched prefill vs per-sample prefills" --shape 7b \
+  --layers "$LAYERS" --length 8192 --batch 8
 echo "wrote $OUT"

@@ -26,6 +26,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -77,11 +78,14 @@ class BenchAdapter(ModelAdapter):
     def prompt_position_ids(self, enc: Encoded) -> torch.Tensor:
         return torch.arange(enc.input_ids.shape[1], device=self.device)[None]
 
-    def forward(self, input_ids, cache, position_ids, mm_inputs=None, logits_to_keep=1):
+    #: the batched prefill's left padding (avkv.batch_prefill.pad_token): any id of this text-only vocabulary
+    tokenizer = SimpleNamespace(pad_token_id=0, eos_token_id=None)
+
+    def forward(self, input_ids, cache, position_ids, mm_inputs=None, logits_to_keep=1, attention_mask=None):
         """The engine's forward, with the calling thread's CPU time of each call recorded in ``self.calls``."""
         t = time.thread_time()
         try:
-            return super().forward(input_ids, cache, position_ids, mm_inputs, logits_to_keep)
+            return super().forward(input_ids, cache, position_ids, mm_inputs, logits_to_keep, attention_mask)
         finally:
             self.calls.append(time.thread_time() - t)
 

@@ -1,4 +1,4 @@
-"""Batch size > 1 (avkv.batching): every sample of a batch of prompts of different lengths gets exactly what it gets
+"""Batch size > 1 (avkv.batching), with the per-sample prefill: every sample of a batch of prompts of different lengths gets exactly what it gets
 at batch 1 — the same tokens, the same first logits, the same kept entries (the batch cache's rows hold that
 sample's batch-1 cache, head by head) — for dense, per-layer, ragged per-head and all-query methods; each sample
 stops at its own end-of-sequence token; what cannot batch is refused by name."""
@@ -61,11 +61,13 @@ def _heads(layer):
 
 @pytest.mark.parametrize("name", list(METHODS))
 def test_batch_equals_batch_one_per_sample(encs, name):
+    """The per-sample prefill (``batched_prefill=False``) then the batched decode: bit-identical to batch 1 (the
+    one batched prefill is compared with batch 1 in tests/test_batched_prefill.py, within fp32 rounding)."""
     ad, es = encs
     eng = Engine(ad, METHODS[name](), budget=0.3, max_new_tokens=MAX_NEW)
     seen = {}
     with _logits(ad) as out:
-        batch = generate_batch(eng, es, on_cache=lambda c: seen.update(cache=c))
+        batch = generate_batch(eng, es, on_cache=lambda c: seen.update(cache=c), batched_prefill=False)
     steps = [o for o in out if o.shape[0] == len(es)]               # the batched decode steps, [B, V] each
     single, single_steps = [], []
     for e in es:
@@ -137,11 +139,14 @@ def test_each_sample_stops_at_its_own_max_new_tokens(encs):
 
 
 def test_record_says_which_prefill_path_ran(encs):
-    """Every record names the prefill path (issue 18 item 4): today the per-sample one, never silently; its
-    ``batch_prefill_s`` is the sum of the samples' own prefills (run one after the other)."""
-    from avkv.batching import PER_SAMPLE_REASON
+    """Every record names the prefill path (issue 18 item 4): by default the one batched prefill, on request the
+    per-sample one, whose ``batch_prefill_s`` is the sum of the samples' own prefills (run one after the other)."""
+    from avkv.batching import BATCHED, PER_SAMPLE_REASON
     ad, es = encs
-    batch = generate_batch(Engine(ad, SnapKV(window=8), budget=0.3, max_new_tokens=2), es)
+    eng = Engine(ad, SnapKV(window=8), budget=0.3, max_new_tokens=2)
+    for g in generate_batch(eng, es):
+        assert g.record["prefill_batched"] is True and g.record["prefill_path"] == BATCHED
+    batch = generate_batch(eng, es, batched_prefill=False)
     for g in batch:
         assert g.record["prefill_batched"] is False and g.record["prefill_path"] == PER_SAMPLE_REASON
         assert g.record["batch_prefill_s"] == pytest.approx(sum(x.record["prefill_s"] for x in batch))

@@ -342,10 +342,14 @@ class ModelAdapter:
         return mod
 
     def forward(self, input_ids: torch.Tensor, cache: Any, position_ids: torch.Tensor,
-                mm_inputs: dict | None = None, logits_to_keep: int = 1) -> torch.Tensor:
-        """One forward over ``input_ids`` appended to ``cache``; returns logits of the last ``logits_to_keep``."""
+                mm_inputs: dict | None = None, logits_to_keep: int = 1,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """One forward over ``input_ids`` appended to ``cache``; returns logits of the last ``logits_to_keep``.
+        ``attention_mask`` [B, S] (1 = token, 0 = padding; the batched prefill's left padding): passed to the model;
+        None (batch 1, no padding): the causal mask is implied."""
+        extra = {} if attention_mask is None else {"attention_mask": attention_mask}
         out = self.model(input_ids=input_ids, past_key_values=cache, position_ids=position_ids, use_cache=True,
-                         logits_to_keep=logits_to_keep, **(mm_inputs or {}))
+                         logits_to_keep=logits_to_keep, **extra, **(mm_inputs or {}))
         return out.logits
 
     def describe(self) -> dict:

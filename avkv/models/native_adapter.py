@@ -108,7 +108,10 @@ class NativeAdapter(ModelAdapter):
         return torch.arange(enc.input_ids.shape[1], device=enc.input_ids.device)[None]
 
     def forward(self, input_ids: torch.Tensor, cache: Any, position_ids: torch.Tensor,
-                mm_inputs: dict | None = None, logits_to_keep: int = 1) -> torch.Tensor:
+                mm_inputs: dict | None = None, logits_to_keep: int = 1,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if attention_mask is not None:
+            raise ValueError(f"the native port {self.family!r} takes no attention mask (no padded batches)")
         media = (mm_inputs or {}).get("media")
         return self.model(input_ids.to(self.device), cache, position_ids.to(self.device), media=media,
                           logits_to_keep=logits_to_keep)
