@@ -48,6 +48,7 @@ def test_kernel_equals_the_definition(S, chunk, tile):
 @pytest.fixture
 def broken_compiler(monkeypatch, tmp_path):
     """A fresh kernel state whose build fails (no such compiler, an empty kernel folder)."""
+    monkeypatch.delenv("AVKV_FUSED_KERNEL", raising=False)
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setenv("AVKV_KERNEL_DIR", str(tmp_path / "kernels"))
     monkeypatch.setattr(fused_kernel, "_STATE", {})
@@ -75,8 +76,9 @@ def test_a_failed_build_warns_once_and_the_torch_ops_run(broken_compiler):
 
 
 @needs_kernel
-def test_the_route_used_is_recorded():
+def test_the_route_used_is_recorded(monkeypatch):
     """With the kernel built (and past its self-check), the prefill's statistics say fused/c."""
+    monkeypatch.delenv("AVKV_FUSED_KERNEL", raising=False)
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(1, n, 130, 16, generator=g) for n in (6, 2, 2))
     m = _Module()
@@ -88,6 +90,7 @@ def test_the_route_used_is_recorded():
 @needs_kernel
 def test_a_wrong_kernel_fails_its_self_check(monkeypatch, tmp_path):
     """A kernel whose results differ from the torch ops' is not used (warned), whatever the build did."""
+    monkeypatch.delenv("AVKV_FUSED_KERNEL", raising=False)
     monkeypatch.setattr(fused_kernel, "_STATE", {})
     real = fused_kernel.fused_attention
 
