@@ -261,6 +261,8 @@ class Compressor:
             n_keep = min(self.req.n_keep, S)
             view = lse_attention.attach(self._view(module, kwargs, layer.keys[0], layer.values[0], modality, n_keep,
                                                    attn), module)
+            if view.stats is not None:                      # how the prefill computed the all-query statistics
+                self.ledger.record["allquery_route"] = view.stats.route
             if self.method.deferred:          # scores now, selection once every layer has been seen
                 self._call(self.method.observe, view)
                 self.pending[i] = (module, modality, n_keep)

@@ -11,7 +11,9 @@ the layer's shape, length and device (a measured rule):
 * ``fused``: the layer's attention is :func:`avkv.methods.allquery.attention_with_sums` (chunked q·kᵀ, softmax,
   P·V), which also accumulates, from the same probabilities, the column sums and the row-weighted sums the method
   declared (:meth:`avkv.methods.base.Method.all_query_rows`, evaluated on the prompt's modality ids): q·kᵀ is computed
-  once. Its output equals SDPA's up to fp32 rounding (not bit-identical; measured in ``results/bench/README.md``);
+  once. Its output equals SDPA's up to fp32 rounding (not bit-identical; measured in ``results/bench/README.md``).
+  On CPU the loop is one compiled call when :mod:`avkv.methods.fused_kernel` builds (else torch ops; the route
+  used, ``fused/c`` or ``fused/torch``, is in ``PrefillStats.route`` and the run record's ``allquery_route``);
 * ``lse``: the fused kernel SDPA itself dispatches to, asked for the log-sum-exps as well (output bit-identical to
   ``F.scaled_dot_product_attention`` on CPU, checked once per device and dtype before the route is used); the sums
   are then one pass without P·V (:func:`avkv.methods.allquery.column_pass`).
@@ -89,8 +91,10 @@ def stats_attention(module, query, key, value, attention_mask, dropout: float = 
         H, kvH, D = query.shape[1], key.shape[1], query.shape[-1]
         if allquery.prefill_route(query.device, H, kvH, D, q_len) == "fused":
             rows = _rows(sink, q_len, query.device)
-            out, lse, sums = allquery.attention_with_sums(query[0], key[0], value[0], scale, rows)
-            sink["stats"] = PrefillStats(queries=query[0], lse=lse, row_weights=rows, sums=sums)
+            impl = allquery.fused_impl(query.device)
+            out, lse, sums = allquery.attention_with_sums(query[0], key[0], value[0], scale, rows,
+                                                          kernel=impl == "c")
+            sink["stats"] = PrefillStats(queries=query[0], lse=lse, row_weights=rows, sums=sums, route=f"fused/{impl}")
             return out[None], None
         res = _kernel(query, key, value, scale)
         if res is not None:

@@ -9,7 +9,8 @@ times, in interleaved rounds (every route once per round, so machine load hits t
 * ``prefill``: the layer's prefill (a one-layer model's forward under SDPA, the reference of every ratio);
 * ``prefill_fused``: the same forward with the layer's attention on the ``fused`` route
   (:func:`avkv.methods.allquery.attention_with_sums` through ``avkv_stats``, plain column sums): its excess over
-  ``prefill`` is the fused route's whole cost;
+  ``prefill`` is the fused route's whole cost; ``prefill_fused_torch`` / ``fused_torch/...``: the same without the
+  compiled kernel (``AVKV_FUSED_KERNEL=0`` / ``kernel=False``: the torch ops, the "before" of that kernel);
 * ``sdpa_kernel`` / ``fused/acc`` / ``fused/sums``: the attention alone, SDPA's kernel (with log-sum-exps) against
   the fused attention with plain column sums and with AccKV's row weights; ``fused − sdpa_kernel`` is the fused
   route's cost at kernel level (also written, as ``fused_excess/...``, the median of the per-round differences);
@@ -107,11 +108,24 @@ def main() -> None:
                           logits_to_keep=1)
             adapter.model.config._attn_implementation = "sdpa"
 
+        def torch_ops(f):                                      # the fused route without the compiled kernel
+            def run():
+                os.environ["AVKV_FUSED_KERNEL"] = "0"
+                try:
+                    return f()
+                finally:
+                    os.environ.pop("AVKV_FUSED_KERNEL")
+            return run
+
         fused_rows = allquery.row_matrix(S, "cpu", rw, blocks)
+        print(f"fused route implementation: {allquery.fused_impl('cpu')}", flush=True)
         routes = {"prefill": prefill, "prefill_fused": lambda: prefill(lse_attention.STATS_IMPL),
+                  "prefill_fused_torch": torch_ops(lambda: prefill(lse_attention.STATS_IMPL)),
                   "sdpa_kernel": lambda: _kernel(q[None], k[None], v[None], scale),
                   "fused/acc": lambda: allquery.attention_with_sums(q, k, v, scale),
                   "fused/sums": lambda: allquery.attention_with_sums(q, k, v, scale, fused_rows),
+                  "fused_torch/acc": lambda: allquery.attention_with_sums(q, k, v, scale, kernel=False),
+                  "fused_torch/sums": lambda: allquery.attention_with_sums(q, k, v, scale, fused_rows, kernel=False),
                   "softmax/acc": lambda: accumulated_scores(view, 512),
                   "lse_first/acc": lambda: accumulated_scores(replace(view, stats=allquery.PrefillStats(
                       q, _kernel(q[None], k[None], v[None], scale)[1][0].float())), 512)}
@@ -125,7 +139,9 @@ def main() -> None:
         routes = {n: f for n, f in routes.items() if n not in a.skip}
         ref_out = _kernel(q[None], k[None], v[None], scale)[0][0].transpose(0, 1)
         diff = float((allquery.attention_with_sums(q, k, v, scale)[0] - ref_out).abs().max())
-        print(f"S={S}: fused output vs SDPA's kernel, max abs diff {diff:.3g} (max |out| {float(ref_out.abs().max()):.3g})")
+        diff_t = float((allquery.attention_with_sums(q, k, v, scale, kernel=False)[0] - ref_out).abs().max())
+        print(f"S={S}: fused output vs SDPA's kernel, max abs diff {diff:.3g} (torch ops {diff_t:.3g}; "
+              f"max |out| {float(ref_out.abs().max()):.3g})")
         times = {n: [] for n in routes}
         with torch.no_grad():
             for n, f in routes.items():                        # warm-up (first-call costs)
@@ -152,14 +168,16 @@ def main() -> None:
                 print(f"S={S} round {r}: " + ", ".join(f"{n} {times[n][-1]:.2f}s" for n in routes),
                       f"(load {os.getloadavg()[0]:.1f})", flush=True)
         ref = statistics.median(times["prefill"])
-        for base, n in [("sdpa_kernel", "fused/acc"), ("sdpa_kernel", "fused/sums"), ("prefill", "prefill_fused")]:
+        for base, n in [("sdpa_kernel", "fused/acc"), ("sdpa_kernel", "fused/sums"), ("prefill", "prefill_fused"),
+                        ("sdpa_kernel", "fused_torch/acc"), ("sdpa_kernel", "fused_torch/sums"),
+                        ("prefill", "prefill_fused_torch")]:
             if base in times and n in times:                   # the fused route's cost: per-round differences
                 times[f"fused_excess/{n}"] = [x - y for x, y in zip(times[n], times[base])]
         for n in times:
             med = statistics.median(times[n])
             rows.append({"shape": a.shape, "prompt_len": S, "route": n, "rounds": a.rounds, "median_s": med,
                          "ratio_to_prefill": med / ref, "min_s": min(times[n]), "max_s": max(times[n]),
-                         "max_abs_diff": diff if "fused" in n else "",
+                         "max_abs_diff": (diff_t if "torch" in n else diff) if "fused" in n else "", "fused_impl": "torch" if "torch" in n else allquery.fused_impl("cpu"),
                          "layer_max_abs_diff": layer_diff if n == "prefill_fused" else ""})
             print(f"  {n:<28} {med:8.3f} s  {100 * med / ref:7.2f}% of the layer's prefill", flush=True)
     out = Path(a.out)

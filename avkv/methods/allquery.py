@@ -10,7 +10,9 @@ Three routes:
 * ``fused`` (:func:`attention_with_sums`, run by the prefill itself, :mod:`avkv.lse_attention`): the layer's
   attention computed chunk by chunk (q·kᵀ, softmax, P·V) and, from the same probabilities, the sums Σ_i w_r[i]·A[i, j]
   for every row-weight vector r the method declared (:meth:`avkv.methods.base.Method.all_query_rows`; plain column
-  sums always): q·kᵀ is computed once for the output and the statistics;
+  sums always): q·kᵀ is computed once for the output and the statistics. On CPU the loop is one compiled call
+  (:mod:`avkv.methods.fused_kernel`: per KV head, tiles that stay in L2, products through torch's BLAS, the
+  probabilities streamed once into the chunk buffer the sums read) when that kernel builds, else torch ops;
 * ``lse`` (the prefill captured the rows' log-sum-exps): A[i, j] = exp(q_i·k_j·s − lse_i) recomputed, one ``baddbmm``
   (the −lse folded in) and one ``exp2`` per element, no max/normalise passes, no P·V product (:func:`column_pass`);
 * ``softmax`` (no captured statistics: eager or another backend, a masked prefill, a deferred pass): the same chunks
@@ -36,12 +38,14 @@ import torch
 class PrefillStats:
     """What the prefill's attention captured for one layer: post-RoPE queries [H, S, D] (the model's dtype), the
     rows' natural log-sum-exps of the scaled, causal logits [H, S] (fp32), and on the ``fused`` route the row-weight
-    vectors [R, S] it accumulated and their sums Σ_i w_r[i]·A[h, i, j] [H, R, S] (fp32)."""
+    vectors [R, S] it accumulated and their sums Σ_i w_r[i]·A[h, i, j] [H, R, S] (fp32). ``route``: how they
+    were computed, ``"fused/c"`` (the compiled kernel), ``"fused/torch"`` or ``"lse"``."""
 
     queries: torch.Tensor
     lse: torch.Tensor
     row_weights: torch.Tensor | None = None
     sums: torch.Tensor | None = None
+    route: str = "lse"
 
     @property
     def seq_len(self) -> int:
@@ -54,6 +58,8 @@ DEFAULT_CHUNK = 128
 TILE = 1024
 #: rows per chunk and key columns per tile of the ``fused`` route (measured, ``results/bench/README.md``)
 FUSED_CHUNK, FUSED_TILE = 32, 2048
+#: key columns per tile of the compiled fused kernel: one KV head's 7·32 rows × 1024 keys (917 KB) stay in L2
+KERNEL_TILE = 1024
 LOG2E = 1.4426950408889634
 
 
@@ -105,8 +111,9 @@ def _upper(r: int, dev) -> torch.Tensor:
 
 
 def attention_with_sums(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                        row_weights: torch.Tensor | None = None, chunk: int = FUSED_CHUNK, tile: int = FUSED_TILE,
-                        max_elements: int = 1 << 26) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                        row_weights: torch.Tensor | None = None, chunk: int = FUSED_CHUNK, tile: int | None = None,
+                        max_elements: int = 1 << 26, kernel: bool | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Causal attention of queries [H, S, D] over keys/values [kvH, S, D] (query head h reads KV head h // (H/kvH)),
     and from the same probabilities the row-weighted column sums: returns ``out`` [S, H, Dv] (q's dtype),
     ``lse`` [H, S] (natural log-sum-exps of the scaled logits, fp32) and ``sums`` [H, R, S] =
@@ -117,7 +124,19 @@ def attention_with_sums(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
     The tiles' probabilities stay in one chunk buffer (H·chunk·S floats at most, ``chunk`` shrinks to keep it under
     ``max_elements``) until the chunk's rows are complete; then the sums are one product per tile with
     w_r[i]·2^(m_tile,i − m_i)/l_i. Nothing of size S×S exists. fp32 throughout; exact up to fp32 rounding (not
-    bit-identical to SDPA's kernel)."""
+    bit-identical to SDPA's kernel).
+
+    ``kernel``: the whole loop as one compiled call (:mod:`avkv.methods.fused_kernel`: per KV head, tiles that
+    stay in cache, the products through torch's BLAS; None: when it is available on this CPU; False: torch ops
+    only; True: required). Which ran is :func:`fused_impl`'s answer for the same argument. ``tile`` defaults to
+    ``KERNEL_TILE`` for the kernel and ``FUSED_TILE`` for the torch ops."""
+    so = _kernel_lib(kernel) if q.device.type == "cpu" else None
+    if kernel and so is None:
+        raise RuntimeError("attention_with_sums(kernel=True): the fused kernel is not available (see the warning "
+                           "of avkv.methods.fused_kernel, or AVKV_FUSED_KERNEL=0)")
+    if so is not None:
+        return _with_sums_kernel(so, q, k, v, scale, row_weights, chunk, tile or KERNEL_TILE, max_elements)
+    tile = tile or FUSED_TILE
     H, S, D = q.shape
     kvH, Dv = k.shape[0], v.shape[-1]
     g, dev = H // kvH, q.device
@@ -160,6 +179,31 @@ def attention_with_sums(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
         for b, b2, mt, st in tiles:
             sums[:, :, b:b2] += torch.bmm(wl * torch.exp2(mt - m).view(H, 1, r), st.view(H, r, b2 - b))
     return out, lse, sums
+
+
+def _kernel_lib(kernel: bool | None):
+    if kernel is False:
+        return None
+    from avkv.methods import fused_kernel
+    return fused_kernel.lib()
+
+
+def fused_impl(device, kernel: bool | None = None) -> str:
+    """What :func:`attention_with_sums` runs its element-wise work with: ``"c"`` (the compiled tile pass) or
+    ``"torch"``."""
+    return "c" if torch.device(device).type == "cpu" and _kernel_lib(kernel) is not None else "torch"
+
+
+def _with_sums_kernel(so, q, k, v, scale, row_weights, chunk, tile, max_elements):
+    """:func:`attention_with_sums` as one compiled call (:func:`avkv.methods.fused_kernel.fused_attention`): the
+    same chunks and tiles, per KV head, the products through torch's BLAS; the output cast to q's dtype."""
+    from avkv.methods.fused_kernel import fused_attention
+    H, S = q.shape[:2]
+    g = H // k.shape[0]
+    rw = torch.ones(1, S) if row_weights is None else row_weights
+    c = max(1, min(chunk, max_elements // max(1, g * S)))       # the probabilities buffer: g·c·S floats
+    out, lse, sums = fused_attention(so, q, k, v, scale, rw, c, tile)
+    return out.to(q.dtype), lse, sums
 
 
 def prefill_route(device: torch.device, num_heads: int, kv_heads: int, head_dim: int, seq_len: int) -> str:
@@ -236,5 +280,5 @@ def weighted_sums(view, chunk: int = DEFAULT_CHUNK, row_weight: torch.Tensor | N
     return cols, out
 
 
-__all__ = ["PrefillStats", "column_pass", "attention_with_sums", "prefill_route", "row_matrix", "captured_sums",
+__all__ = ["PrefillStats", "column_pass", "attention_with_sums", "fused_impl", "prefill_route", "row_matrix", "captured_sums",
            "accumulated", "weighted_sums", "usable", "DEFAULT_CHUNK"]

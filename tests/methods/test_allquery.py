@@ -176,7 +176,7 @@ def test_engine_route_keeps_the_same_entries(monkeypatch, one_thread, name):
     b, gb, unused = _kept(monkeypatch, ad, enc, instantiate(compose([f"method={name}"]).method), stats=False)
     assert not any(unused)
     assert a.keys() == b.keys() and all(torch.equal(a[i], b[i]) for i in a)
-    assert ga.token_ids == gb.token_ids
+    assert ga.token_ids == gb.token_ids and "allquery_route" not in gb.record      # nothing captured: no route
     assert torch.allclose(ga.first_logits, gb.first_logits, atol=1e-5)
     assert ad.text_config()._attn_implementation == "sdpa"       # restored after the request
 
@@ -185,17 +185,25 @@ def test_engine_route_keeps_the_same_entries(monkeypatch, one_thread, name):
 FUSED_TILINGS = [dict(chunk=1, tile=4), dict(chunk=7, tile=5), dict(chunk=16, tile=64), dict(chunk=32, tile=2048)]
 
 
+def _kernels():
+    from avkv.methods import fused_kernel
+    return [False, pytest.param(True, marks=pytest.mark.skipif(fused_kernel.lib() is None,
+                                                                reason="the fused kernel did not build here"))]
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("tiling", FUSED_TILINGS)
-def test_fused_attention_equals_the_definition(shape, tiling):
+@pytest.mark.parametrize("kernel", _kernels())
+def test_fused_attention_equals_the_definition(shape, tiling, kernel):
     """Output, log-sum-exps and row-weighted column sums of the chunked attention against the float64 matrix: rows
-    not a multiple of the chunk, tiles smaller than the chunk (the online softmax rescales), GQA."""
+    not a multiple of the chunk, tiles smaller than the chunk (the online softmax rescales), GQA; the torch ops and
+    the compiled kernel (:mod:`avkv.methods.fused_kernel`)."""
     v = make_view(seed=tiling["chunk"], **shape)
     q, S = v.queries(0, v.seq_len), v.seq_len
     g = torch.Generator().manual_seed(3)
     rows = torch.cat([torch.ones(1, S), torch.rand(2, S, generator=g)])
     val = torch.randn(v.num_kv_heads, S, 7, generator=g)                      # Dv ≠ D
-    out, lse, sums = allquery.attention_with_sums(q, v.keys, val, v.scaling, rows, **tiling)
+    out, lse, sums = allquery.attention_with_sums(q, v.keys, val, v.scaling, rows, kernel=kernel, **tiling)
     A = reference(q, v.keys, v.scaling)
     ref_out = torch.einsum("hij,hjd->ihd", A, val.double().repeat_interleave(v.groups, 0))
     assert out.shape == (S, v.num_heads, 7) and torch.allclose(out.double(), ref_out, atol=1e-5)
@@ -308,7 +316,8 @@ def test_engine_fused_route_keeps_what_the_lse_route_keeps(monkeypatch, one_thre
     passes = []
     a, ga, used = _kept(monkeypatch, ad, enc, instantiate(compose([f"method={name}"]).method), True, "fused", passes)
     assert used and all(used) and not passes, "the fused prefill served every statistic"
+    assert ga.record["allquery_route"] == f"fused/{allquery.fused_impl('cpu')}"          # which one ran
     b, gb, _ = _kept(monkeypatch, ad, enc, instantiate(compose([f"method={name}"]).method), True, "lse")
     assert a.keys() == b.keys() and all(torch.equal(a[i], b[i]) for i in a)
-    assert ga.token_ids == gb.token_ids
+    assert ga.token_ids == gb.token_ids and gb.record["allquery_route"] == "lse"
     assert torch.allclose(ga.first_logits, gb.first_logits, atol=1e-5)
