@@ -4,8 +4,8 @@ the same kept indices per layer and KV head, the same kept entries, the same led
 fp32 rounding — on Qwen2 (text), Qwen2.5-VL and Qwen2-VL (image/video), Qwen2.5-Omni (video with audio, images),
 Qwen2-Audio (clips of different lengths, two in a row) and LLaVA-OneVision (images of different sizes), for the
 no-op, a dense, a per-head (ragged), a per-layer and an all-query method; a method the shared forward cannot serve
-falls back to the per-sample prefill and says why, and so
-do media one forward cannot take (LLaVA-OneVision images cut into different numbers of patches)."""
+falls back to the per-sample prefill and says why, and so do
+media one forward cannot take (image patch stacks of different lengths on an adapter without ``batch_pad_dims``)."""
 import contextlib
 from pathlib import Path
 
@@ -38,7 +38,8 @@ RECORD_KEYS = ("n_prompt", "kept_ratio", "kept_per_layer", "kept_by_modality", "
 
 
 #: LLaVA-OneVision images of different sizes that its anyres tiling cuts into the same number of patches (64x64
-#: base grid: 2 each; their unpadded features differ in length), and one it cuts into 3 (:func:`_sized`)
+#: base grid: 2 each; their unpadded features differ in length), and one it cuts into 3 (:func:`_sized`; the
+#: batch zero-pads the patch stacks: ``batch_pad_dims``)
 SAME_PATCHES, MORE_PATCHES = ((64, 48), (48, 64), (100, 60)), (128, 64)
 
 
@@ -60,12 +61,12 @@ def _prompts(family: str, tmp: Path | None = None) -> list[Prompt]:
                 Prompt(context=["First: ", Media("audio", str(wavs[1])), " then: ", Media("audio", str(wavs[2]))],
                        question=QUESTIONS[1]),
                 Prompt(context=[Media("audio", str(wavs[3]))], question=QUESTIONS[2])]
-    if family == "llava_onevision":  # images of different sizes, one patch count (MORE_PATCHES: the fallback test)
-        a, b, c = (_sized(tmp, sz) for sz in SAME_PATCHES)
+    if family == "llava_onevision":  # images of different sizes and patch counts
+        a, b, c, d = (_sized(tmp, sz) for sz in SAME_PATCHES + (MORE_PATCHES,))
         return [Prompt(context=[Media("image", a)], question=QUESTIONS[0]),
                 Prompt(context=["First image: ", Media("image", b), " second image: ", Media("image", c), "\n"],
                        question=QUESTIONS[1]),
-                Prompt(context=[Media("image", c)], question=QUESTIONS[2])]
+                Prompt(context=[Media("image", d)], question=QUESTIONS[2])]
     if family == "qwen2":
         ctx = [["A red square moves left."], ["A short clip: a red square moves from the right edge to the left."],
                ["Square."]]
@@ -234,11 +235,13 @@ def test_a_kernel_that_makes_nan_of_pad_queries_leaks_nothing(monkeypatch):
             assert bool(torch.isfinite(layer.keys[layer.valid]).all() and torch.isfinite(layer.values[layer.valid]).all())
 
 
-def test_media_one_forward_cannot_take_fall_back_per_sample_with_the_shape_reason(tmp_path):
+def test_media_one_forward_cannot_take_fall_back_per_sample_with_the_shape_reason(tmp_path, monkeypatch):
     """LLaVA-OneVision images its anyres tiling cuts into different numbers of patches (2 and 3) give pixel values
-    of different shapes: the batch prefills per sample, ``prefill_path`` names the input and its shapes, and every
-    row still equals batch 1."""
+    of different shapes; without the adapter's ``batch_pad_dims`` (which lets the batch zero-pad the patch stacks)
+    they cannot be concatenated: the batch prefills per sample, ``prefill_path`` names the input and its shapes, and
+    every row still equals batch 1."""
     ad = adapter("llava_onevision")
+    monkeypatch.setattr(ad, "batch_pad_dims", {})
     es = [ad.encode(Prompt(context=[Media("image", _sized(tmp_path, sz))], question=q))
           for sz, q in zip((SAME_PATCHES[0], MORE_PATCHES), QUESTIONS)]
     eng = Engine(ad, SnapKV(window=8), budget=0.3, max_new_tokens=3)
