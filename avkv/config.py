@@ -38,7 +38,7 @@ PAPERS_DIR = (ROOT / "results" / "papers") if IN_CLONE else PACKAGE / "papers"  
 
 #: keys of a model/dataset config group that describe the entry or are the harness's (``dataset.limit_per_task``:
 #: applied by the run to the loader's documents), not constructor arguments
-META_KEYS = ("name", "tiny_builder", "hub_id", "families", "notes", "preprocessing_source", "limit_per_task")
+META_KEYS = ("name", "tiny_builder", "hub_id", "notes", "preprocessing_source", "limit_per_task")
 
 
 def register_resolvers() -> None:

@@ -49,11 +49,6 @@ COMPRESS_AT = ("question", "context", "prompt")
 log = logging.getLogger("avkv")
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def rotary_rows(pos: torch.Tensor) -> torch.Tensor:
     """The rotary rows of a prompt's position ids: [1, n] (1-D RoPE) or M-RoPE's t/h/w rows [3, n] (Qwen's
     4-row layout drops its first, text-position row)."""
@@ -144,7 +139,7 @@ class Engine:
                        num_layers=len(adapter.decoder_layers()), num_heads=int(tc.num_attention_heads),
                        num_kv_heads=int(getattr(tc, "num_key_value_heads", None) or tc.num_attention_heads),
                        modality=enc.modality, layout=enc.layout, question_start=enc.question_start,
-                       positions=rotary_rows(pos), model_name=getattr(adapter, "family", None),
+                       positions=rotary_rows(pos), family=getattr(adapter, "family", None),
                        model_path=None if path is None else str(path))
 
     def plan(self, enc: Encoded, method: Method) -> tuple[int, int, int, bool]:

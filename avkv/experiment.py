@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from avkv import results
 from avkv.config import CONFIG_DIR, ROOT, ConfigError, Problem, constructor_args, device_problem, instantiate, validate
 from avkv.engine import Engine
+from avkv.identity import entry_name
 from avkv.launcher import LAUNCHER_ENV, _start_time, follow_launcher, mark_launcher  # noqa: F401 - re-exported
 from avkv.models.base import CheckpointMissing, UnsafeCheckpoint
 from avkv.results import RunStore, efficiency_summary, environment_meta
@@ -92,11 +93,9 @@ def load_adapter(cfg: DictConfig):
 
 
 def _group_name(cfg: DictConfig, group: str) -> str:
-    """A config group entry's name: its ``name`` key, else the target class (never global Hydra state, so the
-    same config gets the same name inside a Hydra app and in ``compose``)."""
-    if cfg[group].get("name"):
-        return str(cfg[group].name)
-    return str(cfg[group].get("_target_", group)).rsplit(".", 1)[-1].lower()
+    """A config group entry's name (:func:`avkv.identity.entry_name`; never global Hydra state, so the same config
+    gets the same name inside a Hydra app and in ``compose``), the group's own name when it has none."""
+    return entry_name(cfg[group]) or group
 
 
 def resolved(cfg: DictConfig) -> dict:

@@ -26,7 +26,7 @@ from typing import Any, Mapping
 NOT_IDENTITY = ("hydra", "logger", "wandb", "paths", "progress", "run_dir", "notes", "experiment_name", "grid",
                 "experiment", "smoke", "resume")
 #: keys of the model/dataset/method groups that describe the entry and do not change what is computed
-DESCRIPTIVE_KEYS = ("notes", "families", "hub_id", "tiny_builder")
+DESCRIPTIVE_KEYS = ("notes", "hub_id", "tiny_builder")
 #: identity keys that split one grid point into run directories (``point_hash`` leaves them out)
 SHARD_KEYS = ("shard", "num_shards")
 BUDGET_KEYS = ("budget", "budget_tokens")
@@ -161,6 +161,21 @@ def point_hash(cfg: Mapping) -> str:
 
 #: the name ``config_hash`` earlier code and W&B run ids use
 config_hash = run_hash
+
+
+def entry_name(node: Any) -> str | None:
+    """A config group entry's name (``model_name``, ``dataset_name``, ``method_name`` of a resolved config, which
+    :func:`run_name` and the report read): its ``name`` key, else the class name of its ``_target_`` in lower case;
+    a plain string names itself. None when it has neither."""
+    if isinstance(node, str):
+        return node
+    if isinstance(node, Mapping):
+        if node.get("name"):
+            return str(node["name"])
+        target = node.get("_target_")
+        if isinstance(target, str):
+            return target.rsplit(".", 1)[-1].lower()
+    return None
 
 
 def _slug(x: Any) -> str:

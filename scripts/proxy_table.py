@@ -30,6 +30,7 @@ from avkv.engine import within_budget  # noqa: E402
 from avkv.experiment import display_path, run  # noqa: E402
 from avkv.models.base import weights_digest  # noqa: E402
 from avkv.proxies.build import PROXIES, build_init  # noqa: E402
+from avkv.results import SAMPLES, SUMMARY, read_records  # noqa: E402
 
 CONTROLS = ("full", "drop_media")
 CHANCE = 0.25
@@ -56,7 +57,7 @@ def run_cell(proxy: str, method: str, budget: float, out: Path, args, extra: lis
                    f"threads={args.threads}", f"paths.fixtures={args.fixtures}",
                    *([f"dataset.limit={args.limit}"] if args.limit else []), *extra])
     s = summary_of(out / proxy / tag, args) if args.from_runs else run(cfg)
-    recs = [json.loads(x) for x in (Path(s["run_dir"]) / "samples.jsonl").read_text().splitlines()]
+    recs = read_records(Path(s["run_dir"]) / SAMPLES)
     ok = [r for r in recs if r.get("error") is None]
     mean, lo, hi = bootstrap([r["score"] for r in ok])
     by_type: dict[str, list[float]] = {}
@@ -72,11 +73,11 @@ def run_cell(proxy: str, method: str, budget: float, out: Path, args, extra: lis
 
 def summary_of(run_dir: Path, args) -> dict:
     """A finished cell's summary, read back from its run directory (``--from-runs``: nothing is run)."""
-    path = run_dir / "summary.json"
+    path = run_dir / SUMMARY
     if not path.is_file():
         raise SystemExit(f"--from-runs: {path} does not exist; run the cell first (without --from-runs)")
     s = json.loads(path.read_text())
-    n = sum(1 for line in (run_dir / "samples.jsonl").read_text().splitlines() if line.strip())
+    n = len(read_records(run_dir / SAMPLES))
     if args.limit and n != args.limit:
         raise SystemExit(f"--from-runs: {run_dir} holds {n} samples, not --limit {args.limit}; resume it first")
     return dict(s, run_dir=str(run_dir))

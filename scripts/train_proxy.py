@@ -40,6 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from avkv.proxies.build import PROXIES, build_init, proxy_task  # noqa: E402
+from avkv.results import SAMPLES, read_records  # noqa: E402
 from avkv.tasks.fixtures import proxy as tasks  # noqa: E402
 
 
@@ -131,7 +132,7 @@ def held_out_accuracy(name: str, ckpt: Path, fixtures: Path, run_dir: Path, thre
                    "progress=false", f"threads={threads}"])
     s = run(cfg)
     order = [str(d["id"]) for d in json.loads((fixtures / f"proxy_{name}" / "val_qa.json").read_text())]
-    score = {r["sample_id"]: r["score"] for r in map(json.loads, (run_dir / "samples.jsonl").read_text().splitlines())}
+    score = {r["sample_id"]: r["score"] for r in read_records(run_dir / SAMPLES)}
     head = [score[i] for i in order[:SLICE]]
     agg = s["task"]
     return {"accuracy": s["score"], "n": s["n"], "n_failed": s["n_failed"],

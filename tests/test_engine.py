@@ -145,7 +145,9 @@ def test_query_recomputation_matches_cached_keys(family):
     """The engine recomputes post-RoPE queries from hidden states; the same recipe applied to k_proj must
     reproduce the cached (post-RoPE) keys, which checks the rotary handling on M-RoPE (Qwen2.5-Omni) and on a
     native port's spliced 1-D RoPE prefill (MobileVLM's LLaMA)."""
-    from avkv.engine import rotate_half
+    def rotate_half(x):                         # the rotate-half RoPE of the Qwen2/Llama attention
+        return torch.cat((-x[..., x.shape[-1] // 2:], x[..., : x.shape[-1] // 2]), dim=-1)
+
     ad = adapter(family)
     enc = ad.encode(av_prompt())
     seen = {}

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from avkv.methods.allocation import Wrapper
-from avkv.methods.counts import apportion
+from avkv.methods.counts import chunk_quotas
 from avkv.methods.base import LayerView, ScoreMethod, Selection, sub_view
 from avkv.methods.snapkv import SnapKV
 
@@ -45,11 +45,8 @@ class Chunk(Wrapper):
             raise TypeError(f"Chunk needs a ScoreMethod scorer, got {type(self.scorer).__name__}")
         S = view.seq_len
         n = max(1, min(view.n_keep, S))
-        bounds = [(a, min(S, a + self.chunk)) for a in range(0, S, self.chunk)]
-        lengths = torch.tensor([b - a for a, b in bounds], dtype=torch.float64)
-        counts = apportion(lengths, n, 1, lengths)                       # ∝ length, at least 1 per chunk
         parts = []
-        for (a, b), c in zip(bounds, counts.tolist()):
+        for a, b, c in chunk_quotas(S, self.chunk, n, lo=1):          # ∝ length, at least 1 per chunk
             sel = self.scorer.compress(sub_view(view, slice(a, b), c))
             if sel.valid is not None or sel.keys is not None:
                 raise TypeError("Chunk needs a scorer whose selections keep the same count per head, unmerged")

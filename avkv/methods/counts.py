@@ -133,6 +133,16 @@ def mask_to_indices(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | No
     return torch.where(valid, idx, last), valid
 
 
+def chunk_quotas(length: int, size: int, total: int, lo: int = 0) -> list[tuple[int, int, int]]:
+    """Consecutive chunks ``[a, b)`` of ``size`` positions over ``length`` (the last one shorter) and each chunk's
+    share ``c`` of ``total`` entries, in proportion to its length, each within [``lo``, its length]
+    (:func:`apportion`): ``[(a, b, c), ...]``."""
+    bounds = [(a, min(length, a + size)) for a in range(0, length, size)]
+    lengths = torch.tensor([b - a for a, b in bounds], dtype=torch.float64)
+    counts = apportion(lengths, total, lo, lengths)
+    return [(a, b, c) for (a, b), c in zip(bounds, counts.tolist())]
+
+
 def ragged_topk(scores: torch.Tensor, counts: torch.Tensor | Sequence[int], protect_last: int = 0
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Row r of ``scores`` [R, S] keeps ``counts[r]`` positions (clipped to [1, S]): the last ``protect_last``

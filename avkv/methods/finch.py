@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from avkv.methods.counts import apportion
+from avkv.methods.counts import chunk_quotas
 from avkv.methods.base import (LayerView, ScoreMethod, Selection, attention_rows, check_choice, rank_positions,
                                reduce_gqa)
 from avkv.methods.key_rerotation import CONTINUE_AT, rerotate
@@ -81,11 +81,8 @@ class FINCH(ScoreMethod):
         if self.chunk_length <= 0:
             order = rank_positions(scores)[:, :n]
         else:
-            bounds = [(a, min(S, a + self.chunk_length)) for a in range(0, S, self.chunk_length)]
-            lengths = torch.tensor([b - a for a, b in bounds], dtype=torch.float64)
-            counts = apportion(lengths, n, 0, lengths)
             order = torch.cat([a + rank_positions(scores[:, a:b])[:, :c]
-                               for (a, b), c in zip(bounds, counts.tolist()) if c > 0], dim=1)
+                               for a, b, c in chunk_quotas(S, self.chunk_length, n) if c > 0], dim=1)
         idx = order.sort(dim=-1).values
         if self.rerotate:
             keys, shift = rerotate(view, idx, continue_at=self.continue_at)

@@ -38,7 +38,7 @@ class Request:
     layout: Mapping[str, Any] = field(default_factory=dict)   # adapter extras, e.g. video "frame"/"spatial" index
     question_start: int | None = None  # first question token
     positions: torch.Tensor | None = None   # rotary position ids of the prompt [R, n] (R = 1, or 3 for M-RoPE)
-    model_name: str | None = None      # the model's family, for messages and per-model files
+    family: str | None = None          # the model family (ModelAdapter.family), for messages and per-model files
     model_path: str | None = None      # the checkpoint folder (AudioKV finds its calibration file from it)
 
 

@@ -201,6 +201,21 @@ def load_video_frames(path: str, num_frames: int | None = 8, fps: float | None =
     return np.stack(frames), float(sampled_fps)
 
 
+def _resampled(container, resampler, path: str) -> list:
+    """Every frame of ``container``'s first audio stream through ``resampler`` (flushed at the end), as flat
+    arrays; a decoding error is a :class:`MediaError` naming ``path``."""
+    chunks = []
+    try:
+        for fr in container.decode(audio=0):
+            for o in resampler.resample(fr):
+                chunks.append(o.to_ndarray().reshape(-1))
+        for o in resampler.resample(None):
+            chunks.append(o.to_ndarray().reshape(-1))
+    except Exception as e:
+        raise MediaError(f"corrupt audio in {path}: {e}") from e
+    return chunks
+
+
 def load_audio(path: str, sr: int = SAMPLE_RATE, start: float | None = None, end: float | None = None,
                max_s: float | None = None, required: bool = True) -> np.ndarray | None:
     """fixed_frames: the first audio stream as mono float32 at ``sr`` Hz, downmixed and resampled by PyAV
@@ -212,15 +227,7 @@ def load_audio(path: str, sr: int = SAMPLE_RATE, start: float | None = None, end
                 raise MediaError(f"no audio stream in {path}")
             return None
         res = av.AudioResampler(format="flt", layout="mono", rate=sr)
-        chunks = []
-        try:
-            for fr in c.decode(audio=0):
-                for o in res.resample(fr):
-                    chunks.append(o.to_ndarray().reshape(-1))
-            for o in res.resample(None):
-                chunks.append(o.to_ndarray().reshape(-1))
-        except Exception as e:
-            raise MediaError(f"corrupt audio in {path}: {e}") from e
+        chunks = _resampled(c, res, path)
     if not chunks:
         raise MediaError(f"no decodable audio in {path}")
     wav = np.concatenate(chunks).astype(np.float32)
@@ -249,15 +256,7 @@ def decode_audio_s16(path: str, layout: str | None = None, rate: int | None = No
         layout = layout or st.layout.name
         rate = rate or st.rate
         res = av.AudioResampler(format="s16", layout=layout, rate=rate)
-        chunks = []
-        try:
-            for fr in c.decode(audio=0):
-                for o in res.resample(fr):
-                    chunks.append(o.to_ndarray().reshape(-1))
-            for o in res.resample(None):
-                chunks.append(o.to_ndarray().reshape(-1))
-        except Exception as e:
-            raise MediaError(f"corrupt audio in {path}: {e}") from e
+        chunks = _resampled(c, res, path)
         channels = len(av.AudioLayout(layout).channels)
         keep = None
         if trim_to_duration and st.duration is not None and st.time_base is not None:

@@ -14,6 +14,7 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 
+from avkv.identity import entry_name
 from avkv.results import CONFIG, META, SAMPLES, SHARD_KEYS, SUMMARY  # noqa: F401 - the store's file names
 
 #: where a dataset config may name its sub-task (MileBench dataset, MVBench task, ...)
@@ -77,22 +78,6 @@ def _get(d: Any, dotted: str, default=None):
     return cur
 
 
-def _name_of(node: Any) -> str | None:
-    """A group's option name: ``name`` / ``id`` field, else the class name of ``_target_``, else a plain string."""
-    if node is None:
-        return None
-    if isinstance(node, str):
-        return node
-    if isinstance(node, dict):
-        for k in ("name", "id", "key"):
-            if isinstance(node.get(k), str):
-                return node[k]
-        t = node.get("_target_")
-        if isinstance(t, str):
-            return t.rsplit(".", 1)[-1].lower()
-    return None
-
-
 def describe(cfg: dict) -> dict:
     """The coordinates of a run in a grid, read from its resolved config (tolerant of where keys live)."""
     dataset = cfg.get("dataset")
@@ -140,7 +125,7 @@ def _label(cfg: dict, group: str) -> str | None:
     name = cfg.get(f"{group}_name")
     if isinstance(name, str) and name and name != group:
         return name
-    return _name_of(cfg.get(group))
+    return entry_name(cfg.get(group))
 
 
 def _float(x) -> float:

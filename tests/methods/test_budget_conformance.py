@@ -37,7 +37,7 @@ REFUSED = {
     **{("gemma3n", m): _IRREGULAR + "per-head budgets (ragged storage) are not, where its heads keep different counts"
        for m in ("adakv", "audiokv", "criticaladakv")},
     **{("gemma3n", m): _IRREGULAR + "re-rotating keys needs one RoPE (sliding and full layers have their own θ)"
-       for m in ("compactor", "expected_attention", "key_rerotation")},
+       for m in ("compactor", "expected_attention", "key_rerotation", "leverage")},
     ("gemma3n", "fastv"): _IRREGULAR + "hidden-state pruning re-runs layers whose cache others read",
     ("gemma3n", "kvzip"): _IRREGULAR + "its context reconstruction is not run on it",
     ("gemma3n", "purekv"): _IRREGULAR + "its prefill attention pattern would replace the sliding layers' masks",

@@ -147,3 +147,20 @@ def test_batched_merge_equals_per_head():
         assert torch.allclose(bk[h], hk) and torch.allclose(bv[h], hv)
     with pytest.raises(ValueError):
         merge_into_nearest(v.keys, v.values, keep, ev, mode="nope")
+
+
+def test_chunk_quotas_split_the_total_by_chunk_length():
+    """Finch's and Chunk's per-chunk budgets (``counts.chunk_quotas``): consecutive chunks of ``size`` (the last one
+    shorter), shares ∝ length by the apportioner, each within [lo, its length], summing to the total."""
+    from avkv.methods.counts import chunk_quotas
+
+    assert chunk_quotas(10, 4, 5) == [(0, 4, 2), (4, 8, 2), (8, 10, 1)]
+    assert chunk_quotas(9, 4, 3, lo=1) == [(0, 4, 1), (4, 8, 1), (8, 9, 1)]           # the short chunk gets its floor
+    assert chunk_quotas(7, 7, 3) == [(0, 7, 3)]
+    for length, size, total, lo in [(1000, 128, 100, 0), (1000, 128, 100, 1), (37, 5, 11, 1), (64, 64, 64, 0)]:
+        q = chunk_quotas(length, size, total, lo)
+        assert [a for a, _, _ in q] == list(range(0, length, size)) and q[-1][1] == length
+        assert sum(c for _, _, c in q) == total
+        assert all(lo <= c <= b - a for a, b, c in q)
+        exact = [total * (b - a) / length for a, b, _ in q]
+        assert all(abs(c - e) < 1 + 1e-9 for (_, _, c), e in zip(q, exact))

@@ -49,6 +49,10 @@ PRESS_CASES: list[dict] = [
      "avkv": {"method": "compactor", "overrides": {"blending": 0.35}}, "compare": "kept+logits",
      "note": "sketch 48 ≥ head_dim 16: the random sketch (global RNG in kvpress, the sample's generator in avkv) only "
              "enters through the 0.01 Cholesky jitter"},
+    {"id": "leverage", "press": "LeverageScorePress", "kwargs": {}, "ratios": [0.5, 0.8],
+     "avkv": {"method": "leverage"}, "compare": "kept+logits",
+     "note": "sketch 48 ≥ head_dim 16: the random sketch only enters through the 0.01 Cholesky jitter; kvpress's "
+             "layer z-score ranks as the raw scores"},
     {"id": "finch_w16", "press": "FinchPress", "kwargs": {"rerotate_keys": False},
      "attrs": {"window_size": 16, "delimiter_token_id": -1}, "ratios": [0.5, 0.8],
      "avkv": {"method": "finch", "overrides": {"window": 16, "rerotate": False}}, "compare": "kept+logits",

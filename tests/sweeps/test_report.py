@@ -324,3 +324,26 @@ def test_plot_title_names_model_dataset_metric_and_n(mixed, tmp_path, monkeypatc
     assert titles == ["tiny_qwen25vl · avqa · accuracy · n=8  —  experiment context_demo (limit 8, compress_at "
                       "context)"]
     assert ylabels[0][0].startswith("accuracy") and "ms/token, mean ± 95% CI" in ylabels[0][2]
+
+
+# ---------------------------------------------------------------------------------------------- naming
+@pytest.mark.parametrize("group", ["model", "dataset", "method"])
+def test_report_labels_a_config_without_its_name_keys_as_the_run_named_it(group):
+    """One naming rule (``avkv.identity.entry_name``): for every ``configs/<group>/*.yaml``, the report's label of a
+    stored config that lacks ``<group>_name`` (an older store) is the name the run gave it (``experiment.resolved``)."""
+    from omegaconf import OmegaConf
+
+    from avkv.config import CONFIG_DIR, compose
+    from avkv.experiment import _group_name
+    from avkv.report.collect import _label
+
+    paths = sorted((CONFIG_DIR / group).glob("*.yaml"))
+    assert paths
+    for p in paths:
+        node = OmegaConf.load(p)
+        if "defaults" in node:                                   # composed from other groups: compose it
+            node = compose([f"{group}={p.stem}"])[group]
+        cfg = OmegaConf.create({group: node})
+        ran = _group_name(cfg, group)
+        assert ran == _label({group: OmegaConf.to_container(cfg[group], resolve=False)}, group), p.stem
+        assert ran != group, f"{p.stem}: neither a name nor a _target_"
