@@ -118,8 +118,9 @@ def pad_token(adapter: Any) -> int:
 
 def media_batch(adapter: Any, encs: list, splits: list[int], S: int) -> dict:
     """The rows' media inputs as one forward's: per-token inputs left-padded to ``S``, per-item tensors concatenated
-    in row order (the model fills the placeholders of the flattened batch in that order), flags equal in every
-    row. Raises :class:`NotBatched` naming the input that cannot be batched."""
+    in row order (the model fills the placeholders of the flattened batch in that order; along the dimension
+    ``adapter.batch_pad_dims`` names, zero-padded to the longest first), flags equal in every row. Raises
+    :class:`NotBatched` naming the input that cannot be batched."""
     mms = [adapter.media_inputs(e) for e in encs]
     out: dict = {}
     for k in sorted(set().union(*mms) - set(ROPE_INDEX_ONLY)):
@@ -135,6 +136,10 @@ def media_batch(adapter: Any, encs: list, splits: list[int], S: int) -> dict:
                 raise NotBatched(f"per_sample: the rows' {k!r} differ ({vals}); one forward takes one value")
             out[k] = vals[0]
             continue
+        d = getattr(adapter, "batch_pad_dims", {}).get(k)
+        if d is not None and len({v.shape[d] for v in present}) > 1:       # the model reads each item's own length
+            n = max(v.shape[d] for v in present)
+            present = [F.pad(v, (0, 0) * (v.dim() - 1 - d) + (0, n - v.shape[d])) for v in present]
         if len({tuple(v.shape[1:]) for v in present}) > 1:
             raise NotBatched(f"per_sample: the rows' {k!r} have shapes {[tuple(v.shape) for v in present]}, which "
                              "cannot be concatenated into one forward's input")

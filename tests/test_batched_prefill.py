@@ -1,10 +1,13 @@
 """The one left-padded batched prefill (avkv.batch_prefill): per sample, a batch whose prompts differ in length (and,
 for the media families, in media: video, images, another video) gives what batch 1 gives — the same answer tokens,
 the same kept indices per layer and KV head, the same kept entries, the same ledger counts and first logits within
-fp32 rounding — on Qwen2 (text), Qwen2.5-VL (image/video) and Qwen2.5-Omni (video with audio, images), for the
+fp32 rounding — on Qwen2 (text), Qwen2.5-VL and Qwen2-VL (image/video), Qwen2.5-Omni (video with audio, images),
+Qwen2-Audio (clips of different lengths, two in a row) and LLaVA-OneVision (images of different sizes), for the
 no-op, a dense, a per-head (ragged), a per-layer and an all-query method; a method the shared forward cannot serve
-falls back to the per-sample prefill and says why."""
+falls back to the per-sample prefill and says why, and so do
+media one forward cannot take (image patch stacks of different lengths on an adapter without ``batch_pad_dims``)."""
 import contextlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,12 +29,44 @@ METHODS = {k: BATCH_METHODS[k] for k in ("full", "snapkv", "adakv", "pyramidkv",
 QUESTIONS = ("What colour is the moving square?",
              "Which way is the square moving? Answer with the letter of the best option only, please.",
              "How many?")
+#: families whose media encoder runs the batch's items as one batch of another size than batch 1's (Qwen2-Audio's
+#: audio tower: the rows' 4 clips as [4, 128, 500], batch 1 as 1, 2 and 1): its GEMMs round differently (measured:
+#: up to 4e-7 in its output), so their first logits equal batch 1's within fp32 rounding, not bit for bit
+MEDIA_ENCODER_REBATCHED = ("qwen2_audio",)
 RECORD_KEYS = ("n_prompt", "kept_ratio", "kept_per_layer", "kept_by_modality", "kv_bytes_kept", "kv_storage",
                "budget_achieved", "budget_held")
 
 
-def _prompts(family: str) -> list[Prompt]:
+#: LLaVA-OneVision images of different sizes that its anyres tiling cuts into the same number of patches (64x64
+#: base grid: 2 each; their unpadded features differ in length), and one it cuts into 3 (:func:`_sized`; the
+#: batch zero-pads the patch stacks: ``batch_pad_dims``)
+SAME_PATCHES, MORE_PATCHES = ((64, 48), (48, 64), (100, 60)), (128, 64)
+
+
+def _sized(tmp: Path, size: tuple[int, int]) -> str:
+    """The first ALFRED fixture image resized to ``size`` (w, h), written under ``tmp``."""
+    from PIL import Image
+    out = tmp / f"{size[0]}x{size[1]}.jpg"
+    if not out.exists():
+        src = sorted((fixtures_dir() / "milebench" / "ALFRED" / "images" / "0").glob("*.jpg"))[0]
+        Image.open(src).convert("RGB").resize(size).save(out)
+    return str(out)
+
+
+def _prompts(family: str, tmp: Path | None = None) -> list[Prompt]:
     fx = fixtures_dir()
+    if family == "qwen2_audio":      # audio of different lengths (the features are padded to the extractor's chunk,
+        wavs = sorted((fx / "librispeech").rglob("*.flac"))[:4]      # the mask marks each one's frames), two in a row
+        return [Prompt(context=[Media("audio", str(wavs[0]))], question=QUESTIONS[0]),
+                Prompt(context=["First: ", Media("audio", str(wavs[1])), " then: ", Media("audio", str(wavs[2]))],
+                       question=QUESTIONS[1]),
+                Prompt(context=[Media("audio", str(wavs[3]))], question=QUESTIONS[2])]
+    if family == "llava_onevision":  # images of different sizes and patch counts
+        a, b, c, d = (_sized(tmp, sz) for sz in SAME_PATCHES + (MORE_PATCHES,))
+        return [Prompt(context=[Media("image", a)], question=QUESTIONS[0]),
+                Prompt(context=["First image: ", Media("image", b), " second image: ", Media("image", c), "\n"],
+                       question=QUESTIONS[1]),
+                Prompt(context=[Media("image", d)], question=QUESTIONS[2])]
     if family == "qwen2":
         ctx = [["A red square moves left."], ["A short clip: a red square moves from the right edge to the left."],
                ["Square."]]
@@ -44,10 +79,11 @@ def _prompts(family: str) -> list[Prompt]:
             Prompt(context=[Media("video", str(videos[1]), with_audio=True)], question=QUESTIONS[2])]
 
 
-@pytest.fixture(scope="module", params=["qwen2", "qwen2_5_vl", "qwen2_5_omni"])
-def family(request):
+@pytest.fixture(scope="module", params=["qwen2", "qwen2_5_vl", "qwen2_5_omni", "qwen2_audio", "llava_onevision",
+                                        "qwen2_vl"])
+def family(request, tmp_path_factory):
     ad = adapter(request.param)
-    encs = [ad.encode(p) for p in _prompts(request.param)]
+    encs = [ad.encode(p) for p in _prompts(request.param, tmp_path_factory.mktemp("images"))]
     splits = [e.assistant_start for e in encs]
     assert len(set(splits)) == len(splits), "the compressed parts must differ in length (padding exercised)"
     return request.param, ad, encs
@@ -94,7 +130,8 @@ def test_batched_prefill_equals_batch_one(family, name, route, monkeypatch):
             ref = eng.generate(enc)
         assert g.token_ids == ref.token_ids, (fam, name, b)
         assert torch.allclose(g.first_logits, ref.first_logits, rtol=1e-4, atol=1e-5), (fam, name, b)
-        if route == "rows" and name != "h2o":          # (H2O's batch 1 attends through the statistics route)
+        if route == "rows" and name != "h2o" and fam not in MEDIA_ENCODER_REBATCHED:   # (H2O's batch 1 attends
+            # through the statistics route)
             assert torch.equal(g.first_logits, ref.first_logits), (fam, name, b, "the same SDPA calls as batch 1")
         for key in RECORD_KEYS:
             assert g.record.get(key) == ref.record.get(key), (fam, name, b, key)
@@ -196,3 +233,20 @@ def test_a_kernel_that_makes_nan_of_pad_queries_leaks_nothing(monkeypatch):
         assert g.record["prefill_path"] == BATCHED and g.token_ids == eng.generate(e).token_ids
         for layer in seen["cache"].layers:
             assert bool(torch.isfinite(layer.keys[layer.valid]).all() and torch.isfinite(layer.values[layer.valid]).all())
+
+
+def test_media_one_forward_cannot_take_fall_back_per_sample_with_the_shape_reason(tmp_path, monkeypatch):
+    """LLaVA-OneVision images its anyres tiling cuts into different numbers of patches (2 and 3) give pixel values
+    of different shapes; without the adapter's ``batch_pad_dims`` (which lets the batch zero-pad the patch stacks)
+    they cannot be concatenated: the batch prefills per sample, ``prefill_path`` names the input and its shapes, and
+    every row still equals batch 1."""
+    ad = adapter("llava_onevision")
+    monkeypatch.setattr(ad, "batch_pad_dims", {})
+    es = [ad.encode(Prompt(context=[Media("image", _sized(tmp_path, sz))], question=q))
+          for sz, q in zip((SAME_PATCHES[0], MORE_PATCHES), QUESTIONS)]
+    eng = Engine(ad, SnapKV(window=8), budget=0.3, max_new_tokens=3)
+    batch = generate_batch(eng, es)
+    for g, e in zip(batch, es):
+        assert g.record["prefill_batched"] is False
+        assert "'pixel_values' have shapes [(1, 2, 3, 112, 112), (1, 3, 3, 112, 112)]" in g.record["prefill_path"]
+        assert g.token_ids == eng.generate(e).token_ids

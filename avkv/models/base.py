@@ -84,6 +84,10 @@ class ModelAdapter:
     """Base adapter. Subclasses implement ``_load``, ``encode`` and the position logic."""
 
     family: str = "base"
+    #: media inputs the model reads only up to a length it derives per item (e.g. LLaVA-OneVision's anyres patches:
+    #: ``pixel_values[i, :num_patches(image_sizes[i])]``), by input name: the dimension the batched prefill
+    #: (:func:`avkv.batch_prefill.media_batch`) may zero-pad to the rows' longest before concatenating
+    batch_pad_dims: dict[str, int] = {}
     #: modalities the model can take as input
     modalities: tuple[str, ...] = ()
 

@@ -21,6 +21,9 @@ class LlavaOnevisionAdapter(TagAdapter):
     modalities = ("image", "video")
     placeholder_tokens = {"image": "<image>", "video": "<video>"}
     media_tags = {"image": "<image>\n", "video": "<video>\n"}
+    #: the model takes image ``i``'s first ``image_size_to_num_patches(image_sizes[i])`` patches (its own unpadding
+    #: of the processor's padded stack), so rows whose images have different patch counts share one forward
+    batch_pad_dims = {"pixel_values": 1}
 
     def _load(self):
         from transformers import LlavaOnevisionForConditionalGeneration
