@@ -102,8 +102,8 @@ class Compressor:
             if not self.row:       # all-query methods: the prefill's statistics (a row's view recomputes queries)
                 lse_attention.install(self.backend, self.method, self.modality)
             if getattr(self.method, "needs_reconstruction", False):
-                from avkv.reconstruct import Capture            # KVzip: the decoder input of the prefill
-                self.capture = Capture(self.adapter)
+                from avkv.reconstruct import Capture, plan_of   # KVzip: the decoder input of the prefill
+                self.capture = Capture(self.adapter, plan_of(self.method))
             self.plan = self.method.begin(self.req) or PrefillPlan()
             self._install(self.plan)
         except BaseException:
