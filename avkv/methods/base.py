@@ -178,6 +178,9 @@ class Method:
     #: ``prune_from`` layer on (FastV), and a prefill attention pattern (PureKV)
     prunes_hidden_states: ClassVar[bool] = False
     prefill_attention: ClassVar[bool] = False
+    #: the method reads ``view.rope`` (un-/re-rotates keys, rotates future positions): the engine refuses it, by name,
+    #: on a model without one rotary embedding for every layer (``ModelAdapter.rotary_embedding`` raises: Gemma-3n)
+    needs_rope: ClassVar[bool] = False
     #: the method needs the attention of every prompt query (:func:`accumulated_scores`, :func:`attention_sums`): the
     #: engine then captures each layer's queries and row log-sum-exps, or the sums themselves, from the prefill itself
     #: (SDPA models; :mod:`avkv.lse_attention`)
