@@ -224,4 +224,7 @@ def test_needs_rope_is_refused_before_the_prefill(tmp_path_factory):
 
     with pytest.raises(CompressionError, match=r"'snapkv_rope' reads the rotary embedding \(needs_rope\).*gemma3n"):
         Engine(ad, Declared(), budget=0.5, max_new_tokens=1).generate(enc)
+    from avkv.methods.per_layer_compression import PerLayerCompression
+    with pytest.raises(CompressionError, match=r"\(needs_rope\).*gemma3n"):             # declared by a nested scorer
+        Engine(ad, PerLayerCompression(scorer=Declared(), ratios=[0.5]), budget=0.5, max_new_tokens=1).generate(enc)
     assert Engine(ad, SnapKV(), budget=0.5, max_new_tokens=1).generate(enc).record["compressed"]
