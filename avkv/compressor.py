@@ -85,6 +85,8 @@ class Compressor:
                 asks.append("mask_only (the masked reference)")
             if asks:
                 raise self._refuse("it needs " + ", ".join(asks))
+        if any(getattr(m, "needs_rope", False) for m in _parts(self.method)):
+            self._rotary()                     # needs_rope: refused here where the model has no single RoPE
         if self.method.requires_attentions and self.backend.base_impl != "eager":
             raise CompressionError(f"method {self.method.name!r} reads attention weights and needs "
                                    f"model.attn_implementation=eager (got {self.backend.base_impl!r})")
@@ -102,8 +104,8 @@ class Compressor:
             if not self.row:       # all-query methods: the prefill's statistics (a row's view recomputes queries)
                 lse_attention.install(self.backend, self.method, self.modality)
             if getattr(self.method, "needs_reconstruction", False):
-                from avkv.reconstruct import Capture            # KVzip: the decoder input of the prefill
-                self.capture = Capture(self.adapter)
+                from avkv.reconstruct import Capture, plan_of   # KVzip: the decoder input of the prefill
+                self.capture = Capture(self.adapter, plan_of(self.method))
             self.plan = self.method.begin(self.req) or PrefillPlan()
             self._install(self.plan)
         except BaseException:
@@ -211,15 +213,20 @@ class Compressor:
                          value_norm_fn=lambda: values.float().norm(dim=-1), positions=positions,
                          rope_fn=self._rope, out_weight_fn=lambda: self.adapter.output_weight(module))
 
-    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin) [T, D] of rotary position ids [R, T], from the decoder's own rotary embedding."""
-        rot = getattr(self, "_rotary", None)
+    def _rotary(self) -> torch.nn.Module:
+        """The decoder's rotary embedding; a CompressionError naming the method where the adapter has none."""
+        rot = getattr(self, "_rotary_emb", None)
         if rot is None:
             try:
-                rot = self._rotary = self.adapter.rotary_embedding()
+                rot = self._rotary_emb = self.adapter.rotary_embedding()
             except NotImplementedError as e:
-                raise CompressionError(f"method {self.method.name!r} re-rotates keys, not supported on the "
-                                       f"{self.adapter.family} model: {e}") from e
+                raise CompressionError(f"method {self.method.name!r} reads the rotary embedding (needs_rope), not "
+                                       f"supported on the {self.adapter.family} model: {e}") from e
+        return rot
+
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) [T, D] of rotary position ids [R, T], from the decoder's own rotary embedding."""
+        rot = self._rotary()
         p = positions.to(self.adapter.device)                   # [R, T]
         pid = p[:, None] if p.shape[0] == 3 else p               # M-RoPE [3, 1, T]; 1-D [1, T]
         x = torch.zeros(1, dtype=self.adapter.dtype, device=self.adapter.device)

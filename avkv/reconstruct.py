@@ -3,7 +3,9 @@
 A method that declares ``needs_reconstruction`` (:class:`~avkv.methods.kvzip.KVzip`) scores the cache by how much
 a *reconstruction* of the context attends to it. After the prefill of the compressed chunk ``[0, s)`` the engine
 makes one call, :func:`reconstruct` (from ``Compressor.end_prefill``, before the deferred compressions), which runs
-extra forwards of the decoder over the cache, one per context chunk ``[a, b)``:
+extra forwards of the decoder over the cache, one per context chunk ``[a, b)``, as the method's
+:class:`~avkv.methods.request.ReconstructionPlan` says (``method.reconstruction_plan()``, asked once per sample
+when the engine installs :class:`Capture`, :func:`plan_of`; the engine never reads the method's own settings):
 
     repeat instruction · (last ``tail`` entries of the previous chunk) · assistant preamble · context[a:b]
 
@@ -28,6 +30,8 @@ from typing import Any, Callable
 
 import torch
 
+from avkv.methods.request import ReconstructionPlan
+
 
 class ReconstructionError(RuntimeError):
     pass
@@ -46,9 +50,11 @@ def decoder_stack(adapter) -> torch.nn.Module:
 
 class Capture:
     """The decoder's input of the first forward after it is installed (the prefill of the compressed chunk):
-    input embeddings ``[1, s, hidden]`` (media features merged, as the decoder received them) and position ids."""
+    input embeddings ``[1, s, hidden]`` (media features merged, as the decoder received them) and position ids;
+    ``plan`` is the method's :class:`~avkv.methods.request.ReconstructionPlan` for this sample (:func:`plan_of`)."""
 
-    def __init__(self, adapter):
+    def __init__(self, adapter, plan: ReconstructionPlan | None = None):
+        self.plan = plan                   # what the engine will run over the captured input (reconstruct)
         self.stack = decoder_stack(adapter)
         self.embeds: torch.Tensor | None = None
         self.position_ids: torch.Tensor | None = None
@@ -69,6 +75,16 @@ class Capture:
         if self._h is not None:
             self._h.remove()
             self._h = None
+
+
+def plan_of(method: Any) -> ReconstructionPlan:
+    """The method's reconstruction plan (``Method.reconstruction_plan``), which a method that declares
+    ``needs_reconstruction`` must return."""
+    plan = method.reconstruction_plan()
+    if not isinstance(plan, ReconstructionPlan):
+        raise ReconstructionError(f"method {method.name!r} declares needs_reconstruction but its "
+                                  f"reconstruction_plan() returned {plan!r}, not a ReconstructionPlan")
+    return plan
 
 
 def next_positions(pos: torch.Tensor | None, s: int, count: int, device) -> torch.Tensor:
@@ -139,9 +155,10 @@ def reconstruct(compressor: Any, cache: Any) -> float:
     clock = compressor.clock
     t0 = clock.now()
     cap: Capture | None = getattr(compressor, "capture", None)
-    if cap is None or cap.embeds is None:
+    if cap is None or cap.embeds is None or cap.plan is None:
         raise ReconstructionError(f"{method.name}: the prefill input was not captured (the engine installs Capture "
-                                  "for a method with needs_reconstruction)")
+                                  "with the method's plan for a method with needs_reconstruction)")
+    plan = cap.plan
     s = int(cache.layers[0].keys.shape[2])
     lengths = {int(layer.keys.shape[2]) for layer in cache.layers}
     if lengths != {s} or cap.embeds.shape[1] != s:
@@ -149,12 +166,13 @@ def reconstruct(compressor: Any, cache: Any) -> float:
                                   f"{sorted(lengths)}, the captured input {cap.embeds.shape[1]})")
     ctx = cap.embeds
     dev = ctx.device
-    prefix, preamble = method.reconstruction_prefix(adapter, s)
+    prefix, preamble = template_parts(adapter)
+    prefix = max(0, min(prefix if plan.prefix is None else plan.prefix, s - 1))
     emb = cap.stack.get_input_embeddings()
     embed = lambda ids: emb(torch.tensor([ids], dtype=torch.long, device=emb.weight.device)).to(ctx.dtype).to(dev)
-    first, later, tail = embed(plain_ids(adapter, method.repeat_prompt)), None, int(method.tail)
+    first, later, tail = embed(plain_ids(adapter, plan.repeat_prompt)), None, plan.tail
     pre = embed(preamble) if preamble else ctx[:, :0]
-    chunk = int(method.chunk)
+    chunk = plan.chunk
     current: dict = {}
 
     def hook(module, args, kwargs, output):
@@ -180,7 +198,7 @@ def reconstruct(compressor: Any, cache: Any) -> float:
             if a == prefix:
                 parts = [first]
             else:
-                later = embed(plain_ids(adapter, method.repeat_part_prompt)) if later is None else later
+                later = embed(plain_ids(adapter, plan.repeat_part_prompt)) if later is None else later
                 parts = [later, ctx[:, a - min(tail, chunk):a]]     # the previous chunk's end
             x = torch.cat(parts + [pre, ctx[:, a:b]], dim=1)
             current.update(a=a, b=b)

@@ -28,7 +28,7 @@ from typing import Any, Callable, ClassVar
 import torch
 
 from avkv.methods.merging import complement, merge_into_nearest  # noqa: F401 - re-exported
-from avkv.methods.request import PrefillPlan, Request
+from avkv.methods.request import PrefillPlan, ReconstructionPlan, Request
 from avkv.methods.scoring import (accumulated_scores, attention_rows, attention_sums, keep_topk,  # noqa: F401
                                   pool_prefix, pool_scores, rank_positions, reduce_gqa, repeat_kv, window_scores)
 from avkv.schema import AUDIO, IMAGE, MODALITIES, TEXT, VIDEO  # noqa: F401 - the methods read them from here too
@@ -164,7 +164,7 @@ class Method:
     deferred: ClassVar[bool] = False
     #: the method scores from a context reconstruction (KVzip): a deferred method whose :meth:`observe` runs in the
     #: prefill, then the engine runs ``avkv.reconstruct.reconstruct`` (which calls ``score_reconstruction``) before
-    #: the deferred :meth:`compress` calls
+    #: the deferred :meth:`compress` calls, as :meth:`reconstruction_plan` describes
     needs_reconstruction: ClassVar[bool] = False
     #: ``held``: the method keeps the budget (entries and bytes within ±1 %, the engine checks every sample);
     #: ``achieved``: it keeps what its mechanism keeps and ``budget_reason`` says why (records and reports then put
@@ -178,6 +178,9 @@ class Method:
     #: ``prune_from`` layer on (FastV), and a prefill attention pattern (PureKV)
     prunes_hidden_states: ClassVar[bool] = False
     prefill_attention: ClassVar[bool] = False
+    #: the method reads ``view.rope`` (un-/re-rotates keys, rotates future positions): the engine refuses it, by name,
+    #: on a model without one rotary embedding for every layer (``ModelAdapter.rotary_embedding`` raises: Gemma-3n)
+    needs_rope: ClassVar[bool] = False
     #: the method needs the attention of every prompt query (:func:`accumulated_scores`, :func:`attention_sums`): the
     #: engine then captures each layer's queries and row log-sum-exps, or the sums themselves, from the prefill itself
     #: (SDPA models; :mod:`avkv.lse_attention`)
@@ -199,6 +202,11 @@ class Method:
     def begin(self, request: Request) -> PrefillPlan | None:
         """Called before each sample's prefill with its model-free description; returns what the engine should
         install for the capabilities the method declares (None: nothing)."""
+        return None
+
+    def reconstruction_plan(self) -> ReconstructionPlan | None:
+        """``needs_reconstruction`` methods: how the engine reconstructs the context (chunking, instructions,
+        prefix), read once per sample before its prefill. A method that declares the capability must return one."""
         return None
 
     def end(self) -> None:

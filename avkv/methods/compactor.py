@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -84,6 +85,7 @@ class Compactor(ScoreMethod):
     """
 
     name = "compactor"
+    needs_rope: ClassVar[bool] = True                 # reads view.rope
     sink_start: int = 8
     sink_end: int = 4
     chunk: int = 256

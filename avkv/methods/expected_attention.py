@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -53,6 +54,7 @@ class ExpectedAttention(ScoreMethod):
     """
 
     name = "expected_attention"
+    needs_rope: ClassVar[bool] = True                 # reads view.rope
     future: int = 512
     sink: int = 4
     covariance: bool = True

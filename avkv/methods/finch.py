@@ -49,6 +49,10 @@ class FINCH(ScoreMethod):
         check_choice("continue_at", self.continue_at, CONTINUE_AT)
         self._question_start: int | None = None
 
+    @property
+    def needs_rope(self) -> bool:  # type: ignore[override]
+        return self.rerotate                          # rerotate() reads view.rope
+
     def begin(self, request: Request) -> None:
         self._question_start = request.question_start
 

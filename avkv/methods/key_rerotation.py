@@ -3,6 +3,7 @@ rotate the kept keys onto contiguous positions 0..k-1, so the pruned cache reads
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
@@ -58,6 +59,7 @@ class KeyRerotation(Wrapper):
     """
 
     name = "key_rerotation"
+    needs_rope: ClassVar[bool] = True                 # rerotate() reads view.rope
     scorer: ScoreMethod = field(default_factory=SnapKV)
     continue_at: str = "compressed"
 

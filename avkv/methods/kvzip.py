@@ -10,6 +10,7 @@ import torch
 
 from avkv.methods.counts import mask_to_indices
 from avkv.methods.base import LayerView, Method, Selection, rank_positions
+from avkv.methods.request import ReconstructionPlan
 
 
 @dataclass
@@ -78,13 +79,11 @@ class KVzip(Method):
         if not (self.prefix == "template" or (isinstance(self.prefix, int) and self.prefix >= 0)):
             raise ValueError(f"kvzip: prefix must be 'template' or a count ≥ 0, got {self.prefix!r}")
 
-    def reconstruction_prefix(self, adapter, s: int) -> tuple[int, list[int]]:
-        """(leading entries not reconstructed, assistant-preamble ids) for a prefilled chunk of ``s`` entries."""
-        from avkv.reconstruct import template_parts
-        n, preamble = template_parts(adapter)
-        if self.prefix != "template":
-            n = int(self.prefix)
-        return max(0, min(n, s - 1)), preamble
+    def reconstruction_plan(self) -> ReconstructionPlan:
+        """The reconstruction the engine runs after the prefill (``avkv/reconstruct.py``)."""
+        return ReconstructionPlan(chunk=int(self.chunk), tail=int(self.tail), repeat_prompt=self.repeat_prompt,
+                                  repeat_part_prompt=self.repeat_part_prompt,
+                                  prefix=None if self.prefix == "template" else int(self.prefix))
 
     # -------------------------------------------------------------------------------- scoring
     def observe(self, view: LayerView) -> None:

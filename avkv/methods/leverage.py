@@ -3,6 +3,7 @@ query-agnostic half): keep the entries whose pre-RoPE keys are the geometric out
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -30,6 +31,7 @@ class LeverageScore(ScoreMethod):
     """
 
     name = "leverage"
+    needs_rope: ClassVar[bool] = True                 # reads view.rope
     sketch: int = 48
     window: int = 0
 

@@ -9,7 +9,10 @@ installs what the returned :class:`PrefillPlan` asks for, for the capabilities t
   selection of layer ``prune_from - 1`` names the chunk positions that stay (``Selection.hidden_keep``) and the
   engine slices the later layers' inputs and knows which positions their caches hold;
 * ``prefill_attention`` (PureKV): the compressed chunk's forward runs through ``plan.attention``, a registered
-  attention function the engine switches the decoder to (:mod:`avkv.attention` owns that switch).
+  attention function the engine switches the decoder to (:mod:`avkv.attention` owns that switch);
+* ``needs_reconstruction`` (KVzip): the method's ``reconstruction_plan()`` returns a :class:`ReconstructionPlan`
+  (chunk size, instruction texts, prefix rule) and the engine runs that reconstruction after the prefill
+  (:mod:`avkv.reconstruct`), never reading the method's own settings.
 
 What a method finds out comes back as return values: ``Selection.info`` (per layer), ``Selection.record`` and
 ``plan.record`` / ``plan.attention.report()`` (fields of the sample's record), ``Selection.position_shift``
@@ -67,6 +70,29 @@ class PrefillPlan:
     record: dict = field(default_factory=dict)  # fields of the sample's record known before the prefill
 
 
+@dataclass(frozen=True)
+class ReconstructionPlan:
+    """How the engine reconstructs the context for a ``needs_reconstruction`` method
+    (``Method.reconstruction_plan``'s return value; :mod:`avkv.reconstruct` runs it).
+
+    Per context chunk ``[a, b)`` of at most ``chunk`` entries after the first ``prefix`` entries, the decoder reads
+    ``repeat_prompt`` (first chunk) or ``repeat_part_prompt`` + the previous chunk's last ``tail`` entries (later
+    chunks), then the chat template's assistant preamble, then the chunk. The texts are plain text (control
+    strings escaped). ``prefix=None``: the chat template's own prefix (tokens before a user message's content).
+    """
+
+    chunk: int                         # context entries reconstructed per forward
+    tail: int                          # entries of the previous chunk repeated after a later chunk's instruction
+    repeat_prompt: str                 # instruction of the first chunk
+    repeat_part_prompt: str            # instruction of the later chunks
+    prefix: int | None = None          # leading entries never reconstructed; None: the chat template's prefix
+
+    def __post_init__(self) -> None:
+        if self.chunk < 1 or self.tail < 0 or (self.prefix is not None and self.prefix < 0):
+            raise ValueError(f"ReconstructionPlan: chunk must be ≥ 1, tail and prefix ≥ 0 (got chunk={self.chunk}, "
+                             f"tail={self.tail}, prefix={self.prefix})")
+
+
 def one_plan(plans: list[PrefillPlan | None], owner: str) -> PrefillPlan | None:
     """The plan of several inner methods (wrappers, compositions): at most one may install something."""
     real = [p for p in plans if p is not None]
@@ -81,4 +107,4 @@ def one_plan(plans: list[PrefillPlan | None], owner: str) -> PrefillPlan | None:
     return PrefillPlan(prune_from=main.prune_from, attention=main.attention, record=record)
 
 
-__all__ = ["Request", "PrefillPlan", "AttentionPattern", "one_plan"]
+__all__ = ["Request", "PrefillPlan", "AttentionPattern", "ReconstructionPlan", "one_plan"]

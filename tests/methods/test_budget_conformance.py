@@ -8,12 +8,14 @@ padding would show.
 Cheap on purpose: one short prompt per model (VideoLLaMA2 video-only: its audio encoder alone gives ~1500
 tokens), each method config composed once, one new token.
 """
+import functools
 import json
 from dataclasses import dataclass, replace
 
 import pytest
 import torch
 
+from avkv.attention_support import _parts
 from avkv.config import compose, instantiate
 from avkv.engine import CompressionError, Engine, within_budget
 from avkv.methods.snapkv import SnapKV
@@ -36,14 +38,29 @@ REFUSED = {
        for m in ("d2o", "decoding", "h2o")},
     **{("gemma3n", m): _IRREGULAR + "per-head budgets (ragged storage) are not, where its heads keep different counts"
        for m in ("adakv", "audiokv", "criticaladakv")},
-    **{("gemma3n", m): _IRREGULAR + "re-rotating keys needs one RoPE (sliding and full layers have their own θ)"
-       for m in ("compactor", "expected_attention", "key_rerotation", "leverage")},
     ("gemma3n", "fastv"): _IRREGULAR + "hidden-state pruning re-runs layers whose cache others read",
     ("gemma3n", "kvzip"): _IRREGULAR + "its context reconstruction is not run on it",
     ("gemma3n", "purekv"): _IRREGULAR + "its prefill attention pattern would replace the sliding layers' masks",
     ("gemma3n", "finch"): _IRREGULAR + "a sliding layer's view holds only its window, not the question it indexes",
     ("gemma3n", "madakv"): _IRREGULAR + "its conserved allocation expects every decoder layer to hold a cache",
 }
+#: families whose adapter has no single rotary embedding (``ModelAdapter.rotary_embedding`` raises): every method
+#: that declares ``needs_rope`` (it reads ``view.rope``; itself or a method nested in it) is refused on them
+NO_ROPE = {"gemma3n": _IRREGULAR + "re-rotating keys needs one RoPE (sliding and full layers have their own θ)"}
+
+
+@functools.lru_cache(maxsize=None)
+def needs_rope(name: str) -> bool:
+    """The method config ``name`` declares needs_rope (the class flag, on it or a nested method)."""
+    return any(getattr(m, "needs_rope", False) for m in _parts(instantiate(compose([f"method={name}"]).method)))
+
+
+def refusal(family: str, name: str) -> str | None:
+    """Why the engine refuses ``name`` on ``family`` (None: it runs): the hand list above, then needs_rope."""
+    why = REFUSED.get((family, name))
+    return why if why is not None or family not in NO_ROPE or not needs_rope(name) else NO_ROPE[family]
+
+
 #: the configs known to declare budget_mode: achieved; a config that starts declaring it fails until listed here,
 #: so a method cannot leave the budget by a config edit alone
 DECLARED = {"drop_media", "simlayerkv", "per_layer_compression"}
@@ -108,7 +125,7 @@ def run_budgets(family, name, cfg_of, tmp_path_factory):
         if "head_scores" in cfg:                       # a method that reads per-model head scores (AudioKV)
             cfg.head_scores = head_scores
         eng = Engine(ad, instantiate(cfg), budget=budget, max_new_tokens=1)
-        if (family, name) in REFUSED:
+        if refusal(family, name):
             try:
                 r = eng.generate(enc).record
             except CompressionError as e:
@@ -125,7 +142,7 @@ def run_budgets(family, name, cfg_of, tmp_path_factory):
         if "capacity_per_layer" not in r:
             assert r["budget_target"] == pytest.approx(round(budget * n) / n)
         check_conformance(r, name, n, entry, where)
-    assert refused or (family, name) not in REFUSED, f"{(family, name)} is listed as refused but ran at every budget"
+    assert refused or not refusal(family, name), f"{(family, name)} is listed as refused but ran at every budget"
 
 
 @pytest.mark.parametrize("name", METHODS)
@@ -190,3 +207,24 @@ def test_proxy_table_flags_cells_off_budget_both_ways_on_entries_and_bytes():
                                         budget_infeasible=True), 0.2)
     assert "declared" in pt.over(cell(0.2, kept_ratio=0.45, kv_bytes_ratio=0.45, budget_held=False,
                                       budget_mode="achieved"), 0.2)
+
+
+def test_needs_rope_is_refused_before_the_prefill(tmp_path_factory):
+    """The refusal follows the declaration, not the first view.rope call: a SnapKV that declares needs_rope (and
+    never reads it) is refused on Gemma-3n by name before any layer is compressed; undeclared, it runs."""
+    ad, enc, _ = model("gemma3n", tmp_path_factory)
+
+    @dataclass
+    class Declared(SnapKV):
+        name = "snapkv_rope"
+        needs_rope = True
+
+        def compress(self, view):
+            pytest.fail("a layer was compressed")
+
+    with pytest.raises(CompressionError, match=r"'snapkv_rope' reads the rotary embedding \(needs_rope\).*gemma3n"):
+        Engine(ad, Declared(), budget=0.5, max_new_tokens=1).generate(enc)
+    from avkv.methods.per_layer_compression import PerLayerCompression
+    with pytest.raises(CompressionError, match=r"\(needs_rope\).*gemma3n"):             # declared by a nested scorer
+        Engine(ad, PerLayerCompression(scorer=Declared(), ratios=[0.5]), budget=0.5, max_new_tokens=1).generate(enc)
+    assert Engine(ad, SnapKV(), budget=0.5, max_new_tokens=1).generate(enc).record["compressed"]

@@ -12,7 +12,7 @@ from avkv.engine import CompressionError, Engine
 from avkv.methods.base import MODALITIES
 from tests import discover
 from tests.conftest import adapter, av_prompt, family_prompt, tiny_model_dir
-from tests.methods.test_budget_conformance import REFUSED
+from tests.methods.test_budget_conformance import refusal
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -54,7 +54,7 @@ def test_press_end_to_end_on_every_family(family, name):
     ad, enc = loaded(family)
     overrides = {"n_recent": 16, "lazy_threshold": 0.0} if name == "simlayerkv" else {}
     eng = Engine(ad, method(name, **overrides), budget=0.2, max_new_tokens=3)
-    if (family, name) in REFUSED:                       # irregular caches: refused by name (test_budget_conformance)
+    if refusal(family, name):                       # irregular caches: refused by name (test_budget_conformance)
         try:
             r = eng.generate(enc).record
         except CompressionError as e:

@@ -2,6 +2,7 @@
 KVzipPress) cannot see — the cache after the reconstruction, its timing, the instruction as plain text, the
 reconstruction positions on M-RoPE, the score against a reference written from the paper's rule, media families."""
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ import torch
 from avkv.config import compose, instantiate
 from avkv.engine import Engine
 from avkv.methods.kvzip import KVzip
-from avkv.reconstruct import Capture, ReconstructionView, next_positions, plain_ids
+from avkv.reconstruct import Capture, ReconstructionError, ReconstructionView, next_positions, plain_ids
 from tests.conftest import adapter, av_prompt, family_prompt, tiny_model_dir
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -142,3 +143,38 @@ def test_physical_prune_equals_the_masked_full_cache(qwen2):
     assert pruned.record["kv_bytes_kept"] < masked.record["kv_bytes_kept"]
     assert torch.allclose(pruned.first_logits, masked.first_logits, atol=1e-5)
     assert pruned.token_ids == masked.token_ids
+
+
+class NoPlan(KVzip):
+    """Declares needs_reconstruction (inherited) but says nothing of how to reconstruct."""
+
+    name = "kvzip_noplan"
+
+    def reconstruction_plan(self):
+        return None
+
+
+def test_a_reconstruction_without_a_plan_is_refused_before_the_prefill(qwen2):
+    """The engine asks the method for its ReconstructionPlan (it never reads KVzip's fields): a method that declares
+    needs_reconstruction and returns none is refused by name, before any forward ran."""
+    ad, enc = qwen2
+    m = NoPlan()
+    m.observe = lambda view: pytest.fail("the prefill ran")
+    with pytest.raises(ReconstructionError, match=r"'kvzip_noplan' declares needs_reconstruction.*returned None"):
+        Engine(ad, m, budget=0.5, compress_at="context", max_new_tokens=2).generate(enc)
+
+
+def test_the_plan_is_what_the_engine_runs(qwen2):
+    """The engine runs the plan's chunking, not the method's field: a plan of chunk 5 on a method whose own chunk
+    is 2048 reconstructs in chunks of 5."""
+    ad, enc = qwen2
+
+    class Planned(Spy):
+        def reconstruction_plan(self):
+            return replace(super().reconstruction_plan(), chunk=5)
+
+    m = Planned()
+    r = Engine(ad, m, budget=0.5, compress_at="context", max_new_tokens=2).generate(enc).record
+    assert m.chunk == 2048
+    assert r["reconstruct_chunks"] == math.ceil((enc.question_start - r["reconstruct_prefix"]) / 5)
+    assert max(b - a for _, a, b, _ in m.chunks) == 5
