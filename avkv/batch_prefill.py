@@ -177,10 +177,7 @@ def _layer_hook(i: int, rows: list[_Row], S: int):
         w = output[1] if isinstance(output, tuple) and len(output) > 1 else None
         for b, r in enumerate(rows):
             pad = S - r.s
-            k, v = r.cache.layers[i].update(K[b:b + 1, :, pad:], V[b:b + 1, :, pad:])
-            if not bool(torch.isfinite(k).all() and torch.isfinite(v).all()):
-                raise CompressionError(f"the batched prefill gave row {b} non-finite keys/values at layer {i} "
-                                       "(padding leaked into it)")
+            r.cache.layers[i].update(K[b:b + 1, :, pad:], V[b:b + 1, :, pad:])   # a leak shows in the logits check
             if r.cm is not None:
                 view = {"hidden_states": h[b:b + 1, pad:],
                         "position_embeddings": (_row(cos, b, pad), _row(sin, b, pad))}
