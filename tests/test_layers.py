@@ -6,7 +6,11 @@ Rules (``docs/architecture.md``):
 * no import circle between units (a sub-package — ``avkv.tasks``, ``avkv.models``, ... — counts as one unit, a
   top-level module such as ``avkv.config`` as another);
 * ``avkv.schema`` imports nothing of avkv (it is the leaf every layer shares);
-* methods never import tasks or models; tasks never import models or methods; models never import tasks.
+* methods never import tasks or models; tasks never import models or methods; models never import tasks;
+* ``avkv.measure`` is the one owner of the host clock: no other module reads ``time.perf_counter``,
+  ``time.monotonic``, ``time.time`` (or their ``_ns``, ``process_time``, ``thread_time``) — harness timings, the
+  adapters' ``media_s`` and deadlines go through ``measure.wall`` / ``Stopwatch`` / ``epoch``; it imports nothing of
+  avkv, so every layer may use it.
 """
 from __future__ import annotations
 
@@ -14,6 +18,10 @@ import ast
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "avkv"
+LEAVES = ("avkv.schema", "avkv.measure")          # import nothing of avkv
+CLOCK_OWNER = "avkv.measure"
+CLOCKS = {"perf_counter", "perf_counter_ns", "monotonic", "monotonic_ns", "time", "time_ns", "process_time",
+          "process_time_ns", "thread_time", "thread_time_ns"}
 FORBIDDEN = {"avkv.methods": ("avkv.tasks", "avkv.models"), "avkv.tasks": ("avkv.models", "avkv.methods"),
              "avkv.models": ("avkv.tasks",)}
 
@@ -106,12 +114,35 @@ def violations(g: dict[str, set[str]]) -> list[str]:
     out = []
     for m, deps in sorted(g.items()):
         for d in sorted(deps):
-            if m == "avkv.schema":
-                out.append(f"avkv.schema imports {d} (it must import nothing of avkv)")
+            if m in LEAVES:
+                out.append(f"{m} imports {d} (it must import nothing of avkv)")
             for low, banned in FORBIDDEN.items():
                 if unit(m) == low and unit(d) in banned:
                     out.append(f"{m} imports {d} ({low} never imports {', '.join(banned)})")
     return out
+
+
+def clock_reads(path: Path, pkg: Path = PKG) -> list[str]:
+    """``file:line`` of every read of a host clock of ``time`` in ``path`` (``time.perf_counter()``, an alias of the
+    module, ``from time import monotonic``), unless ``path`` is the clock's owner."""
+    if module_name(path, pkg) == CLOCK_OWNER:
+        return []
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    mods = {a.asname or a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names
+            if a.name == "time"}
+    out = []
+    for n in ast.walk(tree):
+        if isinstance(n, ast.ImportFrom) and n.module == "time" and not n.level:
+            out += [f"{path.relative_to(pkg.parent)}:{n.lineno}: from time import {a.name}" for a in n.names
+                    if a.name in CLOCKS or a.name == "*"]
+        elif isinstance(n, ast.Attribute) and n.attr in CLOCKS and isinstance(n.value, ast.Name) \
+                and n.value.id in mods:
+            out.append(f"{path.relative_to(pkg.parent)}:{n.lineno}: {n.value.id}.{n.attr}")
+    return out
+
+
+def all_clock_reads(pkg: Path = PKG) -> list[str]:
+    return [r for p in sorted(pkg.rglob("*.py")) for r in clock_reads(p, pkg)]
 
 
 def test_no_import_circle_between_units():
@@ -122,6 +153,12 @@ def test_no_import_circle_between_units():
 def test_layer_rules():
     bad = violations(graph())
     assert not bad, "\n".join(bad)
+
+
+def test_only_measure_reads_the_host_clock():
+    bad = all_clock_reads()
+    assert not bad, ("read the host clock through avkv.measure (wall, Stopwatch, epoch), not time:\n"
+                     + "\n".join(bad))
 
 
 def _plant(tmp_path: Path, files: dict[str, str]) -> dict[str, set[str]]:
@@ -141,3 +178,11 @@ def test_the_checks_catch_planted_violations(tmp_path):
     bad = "\n".join(violations(g))
     assert "avkv.models.base imports avkv.tasks.base" in bad and "avkv.methods.x imports avkv.models.base" in bad
     assert "avkv.schema imports avkv.config" in bad
+
+
+def test_the_clock_check_catches_planted_reads(tmp_path):
+    _plant(tmp_path, {"a.py": "import time\nt = time.perf_counter()\n", "b.py": "import time as t\nx = t.monotonic()\n",
+                      "c.py": "from time import time as now\n", "d.py": "import time\ntime.sleep(1)\n",
+                      "measure.py": "import time\nx = time.perf_counter()\n", "e.py": "import os\nos.time = 1\n"})
+    bad = all_clock_reads(tmp_path / "avkv")
+    assert bad == ["avkv/a.py:2: time.perf_counter", "avkv/b.py:2: t.monotonic", "avkv/c.py:1: from time import time"]

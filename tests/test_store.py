@@ -209,7 +209,7 @@ def test_fsync_runs_at_the_interval_before_the_summary_and_at_close(tmp_path, mo
     synced, clock = [], {"t": 1000.0}
     real_fsync = os.fsync
     monkeypatch.setattr(results.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
-    monkeypatch.setattr(results.time, "monotonic", lambda: clock["t"])
+    monkeypatch.setattr(results.measure, "wall", lambda: clock["t"])
     d = tmp_path / "run"
     d.mkdir()
     store = RunStore(d, fsync_every_s=10).open()              # (the lock file is fsynced as it is written)
