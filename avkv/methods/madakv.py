@@ -75,6 +75,7 @@ class MadaKV(Method):
     """
 
     name = "madakv"
+    ragged_heads: ClassVar[bool] = True           # its heads keep different counts
     deferred: ClassVar[bool] = True
     proxy: int = 32
     theta: float = 0.9
@@ -87,6 +88,11 @@ class MadaKV(Method):
     def __post_init__(self) -> None:
         check_choice("mode", self.mode, ("full", "mpa", "hcc"))
         check_choice("allocation", self.allocation, ("conserve", "sequential"))
+
+    @property
+    def needs_every_layer(self) -> bool:  # type: ignore[override]
+        """``conserve`` splits the budget over every decoder layer's cache."""
+        return self.allocation == "conserve"
 
     # ------------------------------------------------------------------ pieces
     @staticmethod
