@@ -154,6 +154,4 @@ class MemoryTracker:
         return False
 
 
-_memory_tracker = MemoryTracker            # the name the multi-device tests use
-
 __all__ = ["Clock", "MemoryTracker", "PeakRSS", "Stopwatch", "epoch", "wall"]

@@ -84,9 +84,10 @@ def test_run_refuses_a_locked_run_dir_before_loading_anything(tmp_path, monkeypa
 def test_local_sweep_children_stop_with_their_launcher(tmp_path):
     launcher = subprocess.Popen([PY, "-c", "import time; time.sleep(60)"])
     try:
-        from avkv.experiment import _start_time
+        from avkv.experiment import process_start_time
+        host = __import__("socket").gethostname()
         env = dict(os.environ, PYTHONPATH=str(ROOT), SUBMITIT_EXECUTOR="local",
-                   AVKV_LAUNCHER=f"{__import__('socket').gethostname()}:{launcher.pid}:{_start_time(launcher.pid)}")
+                   AVKV_LAUNCHER=f"{host}:{launcher.pid}:{process_start_time(launcher.pid)}")
         child = subprocess.Popen([PY, "-c", "import time; from avkv.experiment import follow_launcher; "
                                   "follow_launcher(0.05); print('following', flush=True); time.sleep(60)"],
                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

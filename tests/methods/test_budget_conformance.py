@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 import pytest
 import torch
 
-from avkv.attention_support import _parts as method_parts
+from avkv.attention_support import method_parts
 from avkv.config import compose, instantiate
 from avkv.engine import CompressionError, Engine, within_budget
 from avkv.methods.snapkv import SnapKV
