@@ -104,7 +104,7 @@ class Harness:
             overrides: Sequence[str] = (), progress: bool = False) -> pd.DataFrame:
         """Run ``method`` at ``budget`` on ``docs`` (default: the dataset's documents); one row per sample: the
         record ``avkv run`` would append to ``samples.jsonl``, plus ``model``, ``method``, ``budget``."""
-        from avkv.experiment import _progress, make_engine, run_sample
+        from avkv.experiment import make_engine, progress_bar, run_sample
         from avkv.tasks.base import DatasetError
         extra = [f"method={method}", f"budget={budget}", f"compress_at={compress_at}",
                  *self._dataset_overrides(dataset, limit, overrides)]
@@ -124,7 +124,7 @@ class Harness:
             from avkv.config import ConfigError
             raise ConfigError([batch_problem(cfg, meth)])
         require_batchable(engine, meth, bs)
-        items = _progress(docs, progress, method)
+        items = progress_bar(docs, progress, method)
         rows = ([run_sample(cfg, task, self.adapter, engine, d) for d in items] if bs == 1
                 else list(run_batches(cfg, task, self.adapter, engine, items, bs)))
         df = pd.DataFrame(rows)

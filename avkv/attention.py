@@ -82,7 +82,7 @@ def masked_attention(module, query, key, value, attention_mask, **kwargs):
     return fn(module, query, key, value, bias, **kwargs)
 
 
-def _no_model_mask(*args, **kwargs):
+def no_model_mask(*args, **kwargs):
     """Mask function of the avkv backend: none from the model; :func:`masked_attention` builds it per layer."""
     return None
 
@@ -91,7 +91,7 @@ def register_masked_attention() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
     AttentionInterface.register(MASKED_IMPL, masked_attention)
-    AttentionMaskInterface.register(MASKED_IMPL, _no_model_mask)
+    AttentionMaskInterface.register(MASKED_IMPL, no_model_mask)
 
 
 # ------------------------------------------------------------------------------------- the one decode path
@@ -129,7 +129,7 @@ def register_decode_attention() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
     AttentionInterface.register(DECODE_IMPL, decode_attention)
-    AttentionMaskInterface.register(DECODE_IMPL, _no_model_mask)
+    AttentionMaskInterface.register(DECODE_IMPL, no_model_mask)
 
 
 @contextlib.contextmanager

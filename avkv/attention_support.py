@@ -23,7 +23,7 @@ VARYING_CACHE = ("HeadAllocation", "LayerAllocation", "AudioKV", "MadaKV", "Crit
 _INNER = ("scorer", "press", "base", "methods")
 
 
-def _parts(method) -> list:
+def method_parts(method) -> list:
     """The method and every method nested in it (wrappers' scorers, Composed's stages)."""
     out, todo = [], [method]
     while todo:
@@ -41,7 +41,7 @@ def _parts(method) -> list:
 
 def varying_cache(method) -> bool:
     """True when ``method`` (or a method inside it) can leave caches of different lengths across layers or heads."""
-    return any(c.__name__ in VARYING_CACHE for m in _parts(method) for c in type(m).__mro__)
+    return any(c.__name__ in VARYING_CACHE for m in method_parts(method) for c in type(m).__mro__)
 
 
 def attention_problem(method, attn_implementation: str) -> str | None:

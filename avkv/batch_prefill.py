@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from avkv.attention import AttentionBackend
-from avkv.attention_support import _parts
+from avkv.attention_support import method_parts
 from avkv.compressor import ROW_UNSUPPORTED, Compressor
 from avkv.engine import Engine, Prefilled, shift_positions
 from avkv.kvstore import CompressionError, RaggedLayer, measure_cache
@@ -77,9 +77,9 @@ def _rows_backend(config: Any, modules: list, pads: list[int]):
         from transformers import AttentionInterface
         from transformers.masking_utils import AttentionMaskInterface
 
-        from avkv.attention import _no_model_mask
+        from avkv.attention import no_model_mask
         AttentionInterface.register(ROWS_IMPL, rows_attention)
-        AttentionMaskInterface.register(ROWS_IMPL, _no_model_mask)
+        AttentionMaskInterface.register(ROWS_IMPL, no_model_mask)
         for m in modules:
             m._avkv_row_pads = pads
         try:
@@ -96,7 +96,7 @@ class NotBatched(Exception):
 
 def refusal(method) -> str | None:
     """Why ``method`` cannot run in the batched prefill (None: it can)."""
-    asks = [f for f in ROW_UNSUPPORTED if any(getattr(m, f, False) for m in _parts(method))]
+    asks = [f for f in ROW_UNSUPPORTED if any(getattr(m, f, False) for m in method_parts(method))]
     if asks:
         return (f"per_sample: method {method.name!r} declares {', '.join(asks)}, which one forward shared by the "
                 "rows cannot give each row")

@@ -26,7 +26,7 @@ import torch
 
 from avkv import lse_attention
 from avkv.attention import AttentionBackend, RowBackend
-from avkv.attention_support import _parts
+from avkv.attention_support import method_parts
 from avkv.kvstore import CompressionError, RaggedLayer, apply_selection
 from avkv.ledger import KeepLedger
 from avkv.measure import Clock
@@ -85,13 +85,13 @@ class Compressor:
                 asks.append("mask_only (the masked reference)")
             if asks:
                 raise self._refuse("it needs " + ", ".join(asks))
-        if any(getattr(m, "needs_rope", False) for m in _parts(self.method)):
+        if any(getattr(m, "needs_rope", False) for m in method_parts(self.method)):
             self._rotary()                     # needs_rope: refused here where the model has no single RoPE
         if self.method.requires_attentions and self.backend.base_impl != "eager":
             raise CompressionError(f"method {self.method.name!r} reads attention weights and needs "
                                    f"model.attn_implementation=eager (got {self.backend.base_impl!r})")
         if self.row:
-            asks = [f for f in ROW_UNSUPPORTED if any(getattr(m, f, False) for m in _parts(self.method))]
+            asks = [f for f in ROW_UNSUPPORTED if any(getattr(m, f, False) for m in method_parts(self.method))]
             if asks:
                 raise CompressionError(f"method {self.method.name!r} cannot run as one row of a batched prefill: "
                                        f"it needs {', '.join(asks)}")

@@ -39,7 +39,7 @@ from avkv.kvstore import (BUDGET_TOLERANCE, CompressionError, RaggedLayer, kv_by
                           measure_cache, within_budget)
 from avkv.prealloc import prealloc_bytes
 from avkv.ledger import write_record
-from avkv.measure import Clock, MemoryTracker, _memory_tracker
+from avkv.measure import Clock, MemoryTracker
 from avkv.methods.base import Method
 from avkv.methods.request import Request
 from avkv.models.base import Encoded, ModelAdapter
@@ -260,4 +260,4 @@ class Engine:
 
 __all__ = ["Engine", "Generation", "Prefilled", "Compressor", "CompressionError", "RaggedLayer", "Request", "kv_cache_bytes",
            "measure_cache", "kv_bytes_by_device", "within_budget", "rotary_rows", "shift_positions", "COMPRESS_AT",
-           "BUDGET_TOLERANCE", "MASKED_IMPL", "Clock", "MemoryTracker", "_memory_tracker"]
+           "BUDGET_TOLERANCE", "MASKED_IMPL", "Clock", "MemoryTracker"]

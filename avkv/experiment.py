@@ -18,7 +18,7 @@ from avkv import results
 from avkv.config import CONFIG_DIR, ROOT, ConfigError, Problem, constructor_args, device_problem, instantiate, validate
 from avkv.engine import Engine
 from avkv.identity import entry_name
-from avkv.launcher import LAUNCHER_ENV, _start_time, follow_launcher, mark_launcher  # noqa: F401 - re-exported
+from avkv.launcher import LAUNCHER_ENV, follow_launcher, mark_launcher, process_start_time  # noqa: F401 - re-exported
 from avkv.models.base import CheckpointMissing, UnsafeCheckpoint
 from avkv.results import RunStore, efficiency_summary, environment_meta
 from avkv.samples import (DEFAULT_MAX_NEW_TOKENS, batch_problem, batch_size, build_prompt,  # noqa: F401 - re-exported
@@ -238,7 +238,7 @@ def run(cfg: DictConfig) -> dict:
                  len(todo), " (failed ones again: resume.retry_failed)" if retry_failed else "")
 
         records = {str(r["sample_id"]): r for r in store.records()}
-        bar = _progress(todo, enabled=bool(cfg.get("progress", True)), desc=res["method_name"])
+        bar = progress_bar(todo, enabled=bool(cfg.get("progress", True)), desc=res["method_name"])
         stream = ((run_sample(cfg, task, adapter, engine, doc) for doc in bar) if bs == 1
                   else run_batches(cfg, task, adapter, engine, bar, bs))
         for rec in stream:
@@ -291,7 +291,7 @@ def display_path(path: str | Path) -> str:
         return str(p)
 
 
-def _progress(items, enabled: bool, desc: str):
+def progress_bar(items, enabled: bool, desc: str):
     if not enabled:
         return items
     from tqdm.auto import tqdm

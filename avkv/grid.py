@@ -40,7 +40,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from avkv.resolvers import _as_list, available, sweep_string  # noqa: F401 - the sweep resolvers, re-exported
+from avkv.resolvers import as_list, available, sweep_string  # noqa: F401 - the sweep resolvers, re-exported
 
 
 

@@ -36,12 +36,12 @@ def kv_cache_bytes(cache: Any) -> int:
 
 # --------------------------------------------------------------------------------------- ragged storage
 try:
-    from transformers.cache_utils import DynamicLayer as _DynamicLayer
+    from transformers.cache_utils import DynamicLayer
 except ImportError:  # pragma: no cover - transformers < 4.54 has no cache layers
-    _DynamicLayer = object
+    DynamicLayer = object
 
 
-class RaggedLayer(_DynamicLayer):
+class RaggedLayer(DynamicLayer):
     """One decoder layer's cache whose KV heads hold different numbers of entries, stored without padding.
 
     ``keys``/``values`` are ``[1, 1, T, D]`` with T = Σ_h ``lengths[h]``: head h's entries are rows

@@ -14,7 +14,7 @@ log = logging.getLogger("avkv")
 LAUNCHER_ENV = "AVKV_LAUNCHER"
 
 
-def _start_time(pid: int) -> str | None:
+def process_start_time(pid: int) -> str | None:
     """A live process's start time (clock ticks since boot, from /proc), None when it is gone or a zombie."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -27,7 +27,7 @@ def _start_time(pid: int) -> str | None:
 def mark_launcher() -> None:
     """Called by ``run.py`` in the process that launches a sweep: its host, pid and start time go to the sweep's
     children through the environment (``follow_launcher``)."""
-    os.environ.setdefault(LAUNCHER_ENV, f"{socket.gethostname()}:{os.getpid()}:{_start_time(os.getpid())}")
+    os.environ.setdefault(LAUNCHER_ENV, f"{socket.gethostname()}:{os.getpid()}:{process_start_time(os.getpid())}")
 
 
 def follow_launcher(poll_s: float = 0.5) -> threading.Thread | None:
@@ -44,7 +44,7 @@ def follow_launcher(poll_s: float = 0.5) -> threading.Thread | None:
 
     def watch() -> None:
         while True:
-            if _start_time(pid) != start:
+            if process_start_time(pid) != start:
                 log.error("the sweep's launcher (pid %d) is gone: this job stops too (run again to resume)", pid)
                 logging.shutdown()
                 os._exit(143)

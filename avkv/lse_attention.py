@@ -125,8 +125,8 @@ def _rows(sink: dict, S: int, device) -> torch.Tensor:
 
 def wants_stats(method) -> bool:
     """The method, or a method inside it (a wrapper's scorer, Composed's stages), declared ``all_query_stats``."""
-    from avkv.attention_support import _parts
-    return any(getattr(m, "all_query_stats", False) for m in _parts(method))
+    from avkv.attention_support import method_parts
+    return any(getattr(m, "all_query_stats", False) for m in method_parts(method))
 
 
 def attach(view, module):
@@ -155,8 +155,8 @@ def install(backend, method, modality: torch.Tensor | None = None) -> bool:
     route). Later switches to the engine's per-layer attention keep it as their base function."""
     if not wants_stats(method) or backend.base_impl != "sdpa":
         return False
-    from avkv.attention_support import _parts
-    methods = [m for m in _parts(method) if getattr(m, "all_query_stats", False)]
+    from avkv.attention_support import method_parts
+    methods = [m for m in method_parts(method) if getattr(m, "all_query_stats", False)]
     register()
     shared = {"modality": modality, "methods": methods, "rows": {}}
     for m in backend.modules:

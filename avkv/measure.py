@@ -1,4 +1,7 @@
-"""Measurement of one sample: wall-clock sections (:class:`Clock`) and peak memory (:class:`MemoryTracker`).
+"""Measurement of one sample: wall-clock sections (:class:`Clock`) and peak memory (:class:`MemoryTracker`); the
+one reader of the host clock in avkv (:func:`wall`, :class:`Stopwatch`, :func:`epoch`: harness timings, the
+adapters' ``media_s``, deadlines; ``tests/test_layers.py`` fails on any other module reading ``time.perf_counter``,
+``time.monotonic`` or ``time.time``).
 
 On GPU the peak is CUDA's ``max_memory_allocated`` (summed over every GPU holding layers); on CPU it is the
 process's peak resident memory, which includes weights, activations and allocator slack, not only the KV cache.
@@ -8,7 +11,37 @@ from __future__ import annotations
 import sys
 import time
 
-import torch
+
+def wall() -> float:
+    """Seconds on the host's monotonic high-resolution clock (``perf_counter``); only differences mean anything."""
+    return time.perf_counter()
+
+
+def epoch() -> float:
+    """Seconds since the Unix epoch (a timestamp to write down, never to time with)."""
+    return time.time()
+
+
+class Stopwatch:
+    """Host wall time since it started: ``sw = Stopwatch()`` starts it, ``sw.s`` reads the seconds so far; as a
+    context manager it restarts on entry and ``sw.s`` stays at the section's length after exit."""
+
+    __slots__ = ("t0", "_end")
+
+    def __init__(self):
+        self.t0, self._end = wall(), None
+
+    @property
+    def s(self) -> float:
+        return (wall() if self._end is None else self._end) - self.t0
+
+    def __enter__(self) -> "Stopwatch":
+        self.t0, self._end = wall(), None
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self._end = wall()
+        return False
 
 
 class PeakRSS:
@@ -57,18 +90,20 @@ class Clock:
     not see the others' work."""
 
     def __init__(self, device: torch.device, devices: list | None = None):
+        import torch
         gpus = {torch.device(d) for d in (devices or [device]) if torch.device(d).type == "cuda"}
         self.sync = sorted(gpus, key=str) if len(gpus) > 1 else []
         self.cuda = device.type == "cuda" and not self.sync
 
     def now(self):
+        import torch
         if self.cuda:
             e = torch.cuda.Event(enable_timing=True)
             e.record()
             return e
         for d in self.sync:
             torch.cuda.synchronize(d)
-        return time.perf_counter()
+        return wall()
 
     def elapsed(self, a, b) -> float:
         if self.cuda:
@@ -82,6 +117,7 @@ class MemoryTracker:
     ``by_device``), process peak RSS on CPU."""
 
     def __init__(self, device: torch.device, devices: list | None = None):
+        import torch
         self.device, self.peak, self.by_device = device, 0, {}
         self.gpus = sorted({torch.device(d) for d in (devices or [device]) if torch.device(d).type == "cuda"}, key=str)
         if device.type == "cuda" and device not in self.gpus:
@@ -91,6 +127,7 @@ class MemoryTracker:
 
     def __enter__(self):
         if self.gpus:
+            import torch
             for d in self.gpus:
                 torch.cuda.synchronize(d)
                 torch.cuda.reset_peak_memory_stats(d)
@@ -105,6 +142,7 @@ class MemoryTracker:
 
     def __exit__(self, *exc):
         if self.gpus:
+            import torch
             for d in self.gpus:
                 torch.cuda.synchronize(d)
                 self.by_device[str(d)] = int(torch.cuda.max_memory_allocated(d))
@@ -116,6 +154,4 @@ class MemoryTracker:
         return False
 
 
-_memory_tracker = MemoryTracker            # the name the multi-device tests use
-
-__all__ = ["Clock", "MemoryTracker", "PeakRSS"]
+__all__ = ["Clock", "MemoryTracker", "PeakRSS", "Stopwatch", "epoch", "wall"]

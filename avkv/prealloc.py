@@ -9,10 +9,10 @@ from typing import Any
 
 import torch
 
-from avkv.kvstore import CompressionError, RaggedLayer, _DynamicLayer
+from avkv.kvstore import CompressionError, RaggedLayer, DynamicLayer
 
 
-class PreallocLayer(_DynamicLayer):
+class PreallocLayer(DynamicLayer):
     """One decoder layer's cache for decoding, whatever the storage it came from: buffers allocated once, new
     tokens written in place (no per-step copy of the cache).
 

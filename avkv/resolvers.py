@@ -11,7 +11,7 @@ from typing import Any, Callable
 from omegaconf import ListConfig, OmegaConf
 
 
-def _as_list(x: Any) -> list:
+def as_list(x: Any) -> list:
     if isinstance(x, (ListConfig, list, tuple)):
         return list(x)
     if isinstance(x, str):
@@ -21,7 +21,7 @@ def _as_list(x: Any) -> list:
 
 def sweep_string(values: Any) -> str:
     """``[a, b, 0.2]`` → ``"a,b,0.2"`` (Hydra's sweep syntax; a single value stays a plain override)."""
-    items = _as_list(values)
+    items = as_list(values)
     if not items:
         raise ValueError("an empty sweep list")
     return ",".join(str(v) for v in items)
@@ -33,7 +33,7 @@ def available(values: Any, group: str = "method", config_dir: str | Path | None 
     Asks the running Hydra's config repository (every config source, as composition would); outside Hydra, or
     with ``config_dir``, looks for ``<config_dir>/<group>/<name>.yaml``.
     """
-    names = _as_list(values)
+    names = as_list(values)
     options = None
     if config_dir is None:
         from hydra.core.global_hydra import GlobalHydra

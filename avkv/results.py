@@ -36,10 +36,10 @@ import os
 import platform
 import statistics
 import subprocess
-import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from avkv import measure
 from avkv.records import (CONFIG, META, SAMPLES, SUMMARY, ReadReport, atomic_write_text,  # noqa: F401
                           is_failed, read_json_file, read_records, tail_after_last_newline)
 from avkv.run_lock import LOCK, RunLock, RunLocked, describe_holder, lock_holder  # noqa: F401 - re-exported
@@ -97,7 +97,7 @@ class RunStore:
         self.samples_path = self.dir / SAMPLES
         self.lock = RunLock(self.dir)
         self.fsync_every_s = FSYNC_EVERY_S if fsync_every_s is None else float(fsync_every_s)
-        self._unsynced, self._last_sync = False, time.monotonic()
+        self._unsynced, self._last_sync = False, measure.wall()
 
     def open(self) -> "RunStore":
         """Take the run directory's lock (raises :class:`RunLocked` naming the holder)."""
@@ -118,7 +118,7 @@ class RunStore:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        self._unsynced, self._last_sync = False, time.monotonic()
+        self._unsynced, self._last_sync = False, measure.wall()
 
     def __enter__(self) -> "RunStore":
         return self.open()
@@ -190,9 +190,9 @@ class RunStore:
             f.write(line)
             f.flush()                               # in the kernel now: a killed process loses nothing
             self._unsynced = True
-            if time.monotonic() - self._last_sync >= self.fsync_every_s:
+            if measure.wall() - self._last_sync >= self.fsync_every_s:
                 os.fsync(f.fileno())
-                self._unsynced, self._last_sync = False, time.monotonic()
+                self._unsynced, self._last_sync = False, measure.wall()
 
     def write_summary(self, summary: dict) -> None:
         self.sync()                                 # the summary never counts records a crash could take back

@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Mapping
 
+from avkv.measure import epoch, wall
+
 LOCK = "run.lock"
 
 
@@ -39,7 +41,7 @@ def _holder_info() -> dict:
     env = os.environ
     slurm = env.get("SLURM_ARRAY_JOB_ID") and f"{env['SLURM_ARRAY_JOB_ID']}_{env.get('SLURM_ARRAY_TASK_ID', '')}"
     return {"pid": os.getpid(), "host": socket.gethostname(),
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "started_unix": time.time(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "started_unix": epoch(),
             "slurm_job": slurm or env.get("SLURM_JOB_ID"), "submitit_job": env.get("SUBMITIT_LOCAL_JOB_ID"),
             "argv": " ".join(sys.argv)[:300]}
 
@@ -72,7 +74,7 @@ class RunLock:
     def acquire(self) -> "RunLock":
         self.dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        deadline = time.monotonic() + self.RETRY_S
+        deadline = wall() + self.RETRY_S
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -81,7 +83,7 @@ class RunLock:
                 if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                     os.close(fd)
                     raise
-                if time.monotonic() > deadline:
+                if wall() > deadline:
                     holder = _read_holder(fd)
                     os.close(fd)
                     raise RunLocked(self.dir, holder) from None

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import time
 import traceback
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
@@ -40,6 +39,7 @@ from omegaconf import DictConfig, OmegaConf
 from avkv.batching import check_batchable, generate_batch
 from avkv.config import ConfigError, Problem
 from avkv.engine import Engine
+from avkv.measure import Stopwatch
 
 log = logging.getLogger("avkv")
 DEFAULT_MAX_NEW_TOKENS = 16
@@ -65,7 +65,7 @@ class Pending:
     """A sample between :func:`begin` and :func:`finish`: its record so far and, unless it failed, its encoding."""
     doc: Any
     rec: dict
-    t0: float
+    watch: Stopwatch                 # started when the sample begins: its ``wall_s``
     enc: Any = None
     max_new: int = 0
     seed: int = 0
@@ -85,7 +85,7 @@ def _fail(rec: dict, e: BaseException) -> None:
 def begin(cfg: DictConfig, task, adapter, doc) -> Pending:
     """The sample's prompt and encoding (a failure is recorded in ``rec``, never raised)."""
     rec: dict = {"sample_id": str(doc.id), "target": doc.target, "prediction": None, "score": None, "error": None}
-    p = Pending(doc, rec, time.perf_counter())
+    p = Pending(doc, rec, Stopwatch())
     if getattr(doc, "error", None):                 # the loader refused it (a path outside the dataset, ...)
         rec["error"] = f"DatasetError: {doc.error}"
         rec["wall_s"] = 0.0
@@ -93,15 +93,15 @@ def begin(cfg: DictConfig, task, adapter, doc) -> Pending:
         return p
     try:
         prompt = build_prompt(task, adapter, doc)
-        t_enc = time.perf_counter()
-        p.enc = adapter.encode(prompt)
+        with Stopwatch() as encode:
+            p.enc = adapter.encode(prompt)
         # the encode beyond the media decode (media_s): chat template, tokenizer, image/video/audio processors
-        p.processor_s = max(0.0, time.perf_counter() - t_enc - float(p.enc.media_s or 0.0))
+        p.processor_s = max(0.0, encode.s - float(p.enc.media_s or 0.0))
         p.max_new = int(cfg.get("max_new_tokens") or prompt.max_new_tokens or DEFAULT_MAX_NEW_TOKENS)
         p.seed = sample_seed(int(cfg.seed), str(doc.id))
     except Exception as e:  # a broken sample is data, not a crash
         _fail(rec, e)
-    rec["wall_s"] = time.perf_counter() - p.t0      # so far (run_sample: the whole sample)
+    rec["wall_s"] = p.watch.s      # so far (run_sample: the whole sample)
     return p
 
 
@@ -131,7 +131,7 @@ def run_sample(cfg: DictConfig, task, adapter, engine: Engine, doc) -> dict:
         _fail(p.rec, e)
     else:
         finish(cfg, task, engine, p, gen)
-    p.rec["wall_s"] = time.perf_counter() - p.t0
+    p.rec["wall_s"] = p.watch.s
     return p.rec
 
 
@@ -190,7 +190,7 @@ def _chunks(items: Iterable, size: int) -> Iterator[list]:
 
 def _generate(cfg, task, engine: Engine, ready: list[Pending]) -> None:
     """Generate ``ready`` as one batch and finish their records; on a failure of the batch, one at a time."""
-    t0 = time.perf_counter()
+    watch = Stopwatch()
     try:
         gens = generate_batch(engine, [p.enc for p in ready], seeds=[p.seed for p in ready],
                               max_new_tokens=[p.max_new for p in ready])
@@ -203,7 +203,7 @@ def _generate(cfg, task, engine: Engine, ready: list[Pending]) -> None:
         for p in ready:
             _generate(cfg, task, engine, [p])
         return
-    share = (time.perf_counter() - t0) / len(ready)
+    share = watch.s / len(ready)
     for p, gen in zip(ready, gens):
         finish(cfg, task, engine, p, gen)
         p.rec["wall_s"] += share

@@ -14,12 +14,9 @@ second per variant (median over rounds) and the per-round ratio batched / per-sa
 """
 from __future__ import annotations
 
-import argparse
 import json
-import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -30,7 +27,9 @@ import torch  # noqa: E402
 from avkv.batching import generate_batch  # noqa: E402
 from avkv.config import compose, instantiate  # noqa: E402
 from avkv.engine import Engine  # noqa: E402
-from bench_overhead import SHAPES, BenchAdapter, encoded  # noqa: E402
+from bench_common import (add_model_options, add_output_options, build_adapter, environment,  # noqa: E402
+                          on_cuda, parser)
+from bench_overhead import encoded  # noqa: E402
 
 OUT = Path(__file__).resolve().parent.parent / "results" / "bench" / "batched_prefill"
 
@@ -47,24 +46,17 @@ def prefill(adapter, a, encs, batched: bool) -> tuple[float, str]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--shape", choices=sorted(SHAPES), default="0.5b")
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--length", type=int, default=1024)
+    ap = parser(__doc__)
+    add_model_options(ap, length=1024)
     ap.add_argument("--spread", type=float, default=0.25, help="prompt lengths spread over [(1-spread)·length, length]")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--method", default="snapkv")
     ap.add_argument("--budget", type=float, default=0.2)
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
-    ap.add_argument("--out", default=str(OUT))
+    add_output_options(ap, OUT)
     a = ap.parse_args()
-    cuda = a.device.startswith("cuda")
-    if not cuda:
-        torch.set_num_threads(1)
-    dtype = a.dtype or ("bfloat16" if cuda else "float32")
-    adapter = BenchAdapter(a.layers, a.device, dtype, "sdpa", a.shape)
+    cuda = on_cuda(a)
+    adapter, dtype = build_adapter(a)
     B = a.batch
     lengths = [a.length - round(a.spread * a.length * i / max(B - 1, 1)) for i in range(B)]
     encs = [encoded(n, seed=i) for i, n in enumerate(lengths)]
@@ -84,10 +76,8 @@ def main() -> None:
               f"batch 1 {s:.3f} s", flush=True)
     ratios = [p / b for b, p in zip(runs["batched"], runs["per_sample"])]     # > 1: batched is faster
     res = {"meta": {"device": a.device, "shape": a.shape, "layers": a.layers, "lengths": lengths, "method": a.method,
-                    "budget": a.budget, "rounds": a.rounds, "dtype": dtype, "threads": torch.get_num_threads(),
-                    "torch": torch.__version__, "platform": platform.platform(),
-                    "gpu": torch.cuda.get_device_name() if cuda else None,
-                    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "paths": sorted(paths)},
+                    "budget": a.budget, "rounds": a.rounds, "dtype": dtype, **environment(cuda),
+                    "paths": sorted(paths)},
            "tokens_per_s": {"batched": tokens / statistics.median(runs["batched"]),
                             "per_sample": tokens / statistics.median(runs["per_sample"]),
                             "batch1": lengths[0] / statistics.median(runs["batch1"])},

@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import platform
 import statistics
 import sys
 import time
@@ -53,7 +52,9 @@ import torch  # noqa: E402
 from avkv.batching import generate_batch  # noqa: E402
 from avkv.config import compose, instantiate  # noqa: E402
 from avkv.engine import Engine  # noqa: E402
-from bench_overhead import SHAPES, BenchAdapter, encoded  # noqa: E402
+from bench_common import (add_model_options, add_output_options, build_adapter, environment,  # noqa: E402
+                          on_cuda, parser)
+from bench_overhead import encoded  # noqa: E402
 
 OUT = Path(__file__).resolve().parent.parent / "results" / "bench" / "capacity"
 
@@ -127,11 +128,8 @@ def largest_batch(adapter, a, budget: float, W: int, rows: list[dict]) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--shape", choices=sorted(SHAPES), default="0.5b")
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--length", type=int, default=2048)
+    ap = parser(__doc__)
+    add_model_options(ap, length=2048)
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--budgets", type=float, nargs="+", default=[1.0, 0.5, 0.2, 0.1])
     ap.add_argument("--method", default="snapkv")
@@ -147,19 +145,15 @@ def main() -> None:
     ap.add_argument("--per-sample-prefill", action="store_true",
                     help="prefill every sample on its own (generate_batch(batched_prefill=False)) instead of the one "
                          "left-padded batched prefill: the before/after of the prefill tokens/s")
-    ap.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
-    ap.add_argument("--out", default=str(OUT))
+    add_output_options(ap, OUT)
     a = ap.parse_args()
-    cuda = a.device.startswith("cuda")
+    cuda = on_cuda(a)
     if a.cap_mem_bytes is not None and not cuda:
         ap.error("--cap-mem-bytes needs CUDA: on CPU the peak memory is the process's RSS, which cannot isolate "
                  "one batch's own bytes (use --cap-kv-bytes)")
     if cuda and not torch.cuda.is_available():
         sys.exit(f"bench_capacity.py: no CUDA device visible to torch {torch.__version__}")
-    if not cuda:
-        torch.set_num_threads(1)
-    dtype = a.dtype or ("bfloat16" if cuda else "float32")
-    adapter = BenchAdapter(a.layers, a.device, dtype, "sdpa", a.shape)
+    adapter, dtype = build_adapter(a)
     adapter.model.config.max_position_embeddings = max(a.length + a.new_tokens, 32768)
     W = weight_bytes(adapter.model)
     out = Path(a.out)
@@ -183,9 +177,7 @@ def main() -> None:
                 save()
     meta = {"rounds": a.rounds, "device": a.device, "shape": a.shape, "layers": a.layers, "length": a.length, "new_tokens": a.new_tokens,
             "method": a.method, "prefill": "per_sample" if a.per_sample_prefill else "batched", "dtype": dtype, "cap_kv_bytes": a.cap_kv_bytes, "cap_mem_bytes": a.cap_mem_bytes,
-            "weight_bytes": W, "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "platform": platform.platform(), "gpu": torch.cuda.get_device_name() if cuda else None,
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+            "weight_bytes": W, **environment(cuda)}
     (out / "meta.json").write_text(json.dumps(meta, indent=1))
     for x in best:                                  # tokens/s: median over the rounds of the same batch
         for key, B in (("fit", x["max_batch"]), ("batch1", 1)):

@@ -1,6 +1,7 @@
-"""What the tests run over, read from ``configs/`` (never a hand-kept list): adding ``configs/method/x.yaml`` puts
-method x under the end-to-end and budget-conformance tests, adding ``configs/model/tiny_y.yaml`` puts family y
-under the tests that run every tiny family, with nothing else to edit.
+"""What the tests run over, read from ``configs/`` and the classes they name (never a hand-kept list): adding
+``configs/method/x.yaml`` puts method x under the end-to-end and budget-conformance tests (and, where its class
+declares ``kvpress``, under the kvpress port tests), adding ``configs/model/tiny_y.yaml`` puts family y under the
+tests that run every tiny family, with nothing else to edit.
 
 Names are config stems; a family is a tiny model config's stem without ``tiny_``. A *variant* is a tiny config that
 extends another's stem and names the same adapter class (``tiny_qwen2_5_omni_deep``: the Omni with 8 layers).
@@ -56,3 +57,18 @@ def adapter_class(model: str) -> type:
 def datasets() -> list[str]:
     """Every ``configs/dataset/*.yaml``."""
     return _stems("dataset")
+
+
+@functools.lru_cache(maxsize=None)
+def method_class(name: str) -> type:
+    """The class ``configs/method/<name>.yaml`` composes to (imported, nothing instantiated): its declared flags."""
+    from hydra.utils import get_class
+
+    from avkv.config import compose
+    return get_class(compose([f"method={name}"]).method._target_)
+
+
+def kvpress_ports() -> dict[str, str]:
+    """Method config → the kvpress press its class declares it reproduces (``Method.kvpress``), for every
+    ``configs/method/*.yaml`` whose class is a port."""
+    return {m: method_class(m).kvpress for m in methods() if method_class(m).kvpress}

@@ -51,6 +51,7 @@ def test_snapkv_run_records_every_field_and_keeps_the_budget(tmp_path):
         assert abs(r["kv_bytes_kept"] / r["kv_bytes_full"] - 0.2) <= 0.02
         assert r["prefill_s"] > 0 and r["peak_mem_bytes"] > 0
         assert r["processor_s"] > 0 and r["media_s"] > 0           # the encode's two parts, both timed
+        assert r["wall_s"] >= r["processor_s"] + r["media_s"] + r["prefill_s"]   # the sample, encode included
     d = Path(s["run_dir"])
     assert {"config.yaml", "meta.json", "samples.jsonl", "summary.json"} <= {p.name for p in d.iterdir()}
     meta = json.loads((d / "meta.json").read_text())

@@ -7,7 +7,7 @@ on different GPUs, the synchronizing clock, per-GPU peak memory) is checked for 
 import pytest
 import torch
 
-from avkv.engine import Clock, Engine, _memory_tracker, kv_bytes_by_device
+from avkv.engine import Clock, Engine, MemoryTracker, kv_bytes_by_device
 from avkv.methods.adakv import AdaKV
 from avkv.methods.snapkv import SnapKV
 from tests.conftest import adapter, av_prompt, tiny_model_dir
@@ -75,6 +75,6 @@ def test_two_gpu_bookkeeping():
     one = Clock(torch.device("cuda:0"), [torch.device("cuda:0")])
     assert one.cuda and one.sync == []
     assert not Clock(torch.device("cpu")).cuda and Clock(torch.device("cpu")).sync == []
-    assert _memory_tracker(torch.device("cuda:0"), two).kind == "cuda_max_allocated_sum"
-    assert _memory_tracker(torch.device("cuda:0")).kind == "cuda_max_allocated"
-    assert _memory_tracker(torch.device("cpu")).kind == "cpu_process_peak_rss"
+    assert MemoryTracker(torch.device("cuda:0"), two).kind == "cuda_max_allocated_sum"
+    assert MemoryTracker(torch.device("cuda:0")).kind == "cuda_max_allocated"
+    assert MemoryTracker(torch.device("cpu")).kind == "cpu_process_peak_rss"

@@ -84,9 +84,10 @@ def test_run_refuses_a_locked_run_dir_before_loading_anything(tmp_path, monkeypa
 def test_local_sweep_children_stop_with_their_launcher(tmp_path):
     launcher = subprocess.Popen([PY, "-c", "import time; time.sleep(60)"])
     try:
-        from avkv.experiment import _start_time
+        from avkv.experiment import process_start_time
+        host = __import__("socket").gethostname()
         env = dict(os.environ, PYTHONPATH=str(ROOT), SUBMITIT_EXECUTOR="local",
-                   AVKV_LAUNCHER=f"{__import__('socket').gethostname()}:{launcher.pid}:{_start_time(launcher.pid)}")
+                   AVKV_LAUNCHER=f"{host}:{launcher.pid}:{process_start_time(launcher.pid)}")
         child = subprocess.Popen([PY, "-c", "import time; from avkv.experiment import follow_launcher; "
                                   "follow_launcher(0.05); print('following', flush=True); time.sleep(60)"],
                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -209,7 +210,7 @@ def test_fsync_runs_at_the_interval_before_the_summary_and_at_close(tmp_path, mo
     synced, clock = [], {"t": 1000.0}
     real_fsync = os.fsync
     monkeypatch.setattr(results.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
-    monkeypatch.setattr(results.time, "monotonic", lambda: clock["t"])
+    monkeypatch.setattr(results.measure, "wall", lambda: clock["t"])
     d = tmp_path / "run"
     d.mkdir()
     store = RunStore(d, fsync_every_s=10).open()              # (the lock file is fsynced as it is written)

@@ -39,6 +39,7 @@ audio/video/text counts and the entries cross-calibration evicted (all counts su
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -81,6 +82,7 @@ class AccKV(Method):
     """
 
     name = "acckv"
+    ragged_heads: ClassVar[bool] = True           # its heads keep different counts
     all_query_stats = True
     window: int = 32
     tau: float = 0.6

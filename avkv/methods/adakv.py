@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from avkv.methods.allocation import HeadAllocation
 from avkv.methods.base import ScoreMethod
@@ -32,5 +33,6 @@ class AdaKV(HeadAllocation):
     """
 
     name = "adakv"
+    kvpress: ClassVar[str | None] = "AdaKVPress"
     scorer: ScoreMethod = field(default_factory=SnapKV)
     floor: float = 0.2

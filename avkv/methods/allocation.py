@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import torch
 
@@ -227,6 +227,7 @@ class HeadAllocation(Wrapper):
     floor_rule: str = "mix"
 
     name = "head_allocation"
+    ragged_heads: ClassVar[bool] = True           # its heads keep different counts
 
     def __post_init__(self) -> None:
         if self.floor_rule not in ("mix", "safeguard"):

@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -137,6 +138,7 @@ class AudioKV(Method):
     """
 
     name = "audiokv"
+    ragged_heads: ClassVar[bool] = True           # its heads keep different counts
     window: int = 32
     r_frac: float = 0.5
     allocation: str = "head"

@@ -185,6 +185,17 @@ class Method:
     #: engine then captures each layer's queries and row log-sum-exps, or the sums themselves, from the prefill itself
     #: (SDPA models; :mod:`avkv.lse_attention`)
     all_query_stats: ClassVar[bool] = False
+    #: what the engine cannot give on a cache that is not one full-attention K/V per layer (Gemma-3n's sliding and
+    #: KV-shared layers), besides the capabilities above: the method's heads may keep different counts (per-head
+    #: budgets, ragged storage); it indexes a layer's view by prompt position (a sliding layer's view holds only its
+    #: window); it needs every decoder layer to hold its own cache (KV-shared layers are never shown to it)
+    ragged_heads: ClassVar[bool] = False
+    indexes_prompt_positions: ClassVar[bool] = False
+    needs_every_layer: ClassVar[bool] = False
+    #: the kvpress press the method reproduces (kvpress 0.5.5, ``requirements/kvpress.txt``; None: not a port); the
+    #: tests find the ports from it (``tests/discover.py``), and each has a parity case in ``tests/parity`` or the
+    #: reason there why not
+    kvpress: ClassVar[str | None] = None
 
     def all_query_rows(self, modality: torch.Tensor) -> torch.Tensor | None:
         """``all_query_stats`` methods: the row-weight vectors [R, S] their :func:`attention_sums` calls will use

@@ -3,6 +3,7 @@ a scorer block by block, keeping the budget's worth of entries at each step."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
@@ -30,6 +31,7 @@ class Block(Wrapper):
     """
 
     name = "block"
+    kvpress: ClassVar[str | None] = "BlockPress"
     scorer: ScoreMethod = field(default_factory=Random)
     block: int = 128
 

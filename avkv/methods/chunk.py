@@ -3,6 +3,7 @@ kept entries are spread evenly over the context."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
@@ -33,6 +34,7 @@ class Chunk(Wrapper):
     """
 
     name = "chunk"
+    kvpress: ClassVar[str | None] = "ChunkPress"
     scorer: ScoreMethod = field(default_factory=SnapKV)
     chunk: int = 1024
 

@@ -3,6 +3,7 @@ entries, ranked by a scorer's scores summed over KV heads and averaged over the 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
@@ -33,6 +34,7 @@ class ChunkKV(Wrapper):
     """
 
     name = "chunkkv"
+    kvpress: ClassVar[str | None] = "ChunkKVPress"
     scorer: ScoreMethod = field(default_factory=SnapKV)
     chunk: int = 20
 

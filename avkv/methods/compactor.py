@@ -85,6 +85,7 @@ class Compactor(ScoreMethod):
     """
 
     name = "compactor"
+    kvpress: ClassVar[str | None] = "CompactorPress"
     needs_rope: ClassVar[bool] = True                 # reads view.rope
     sink_start: int = 8
     sink_end: int = 4

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import torch
 
@@ -42,6 +42,7 @@ class Composed(Method):
     """
 
     name = "composed"
+    kvpress: ClassVar[str | None] = "ComposedPress"
     methods: Sequence[Method] = field(default_factory=list)
     keep: Sequence[float] | None = None
 

@@ -7,6 +7,8 @@ D2O, Chunk, FINCH), so one rule decides every integer count in the harness:
   by water-filling and then largest remainder (the rule is stated in its docstring and in ``docs/methods.md``);
 * :func:`ragged_topk` / :func:`mask_to_indices` — **the** ragged selector: per-row counts (or a keep mask) to the
   ``(indices, valid)`` pair of a :class:`~avkv.methods.base.Selection` whose heads keep different counts;
+* :func:`group_topk` — a count per row split over groups (modalities) in proportion to the row's score mass in
+  each (:func:`apportion`), each group keeping its best (MadaKV's preference split);
 * :func:`rows_to_mask`, :func:`modality_budgets` — counts helpers built on the two.
 """
 from __future__ import annotations
@@ -157,6 +159,40 @@ def ragged_topk(scores: torch.Tensor, counts: torch.Tensor | Sequence[int], prot
     ranked = rank_positions(s)                                              # [R, S] best first
     wins = torch.arange(S, device=scores.device)[None, :] < counts[:, None]
     return mask_to_indices(torch.zeros(R, S, dtype=torch.bool, device=scores.device).scatter_(1, ranked, wins))
+
+
+def group_topk(scores: torch.Tensor, groups: torch.Tensor, counts: torch.Tensor | Sequence[int],
+               by_group: bool = True) -> torch.Tensor:
+    """Keep mask [R, S]: row r of ``scores`` [R, S] keeps ``counts[r]`` of its candidates (positions whose
+    ``groups`` [S] id is ≥ 0; a negative id is never kept), clipped to [0, number of candidates].
+
+    ``by_group``: the row's count is split over the groups present in proportion to the row's score mass in each
+    (:func:`apportion`, each group within its size; a group of zero mass shares what the others cannot take), and
+    each group keeps its ``quota`` best; otherwise the row keeps its best candidates whatever their group. "Best" is
+    ``torch.topk`` over the group's candidates in position order (ties as the kernel orders them — MadaKV's pick,
+    kept as it was measured; :func:`ragged_topk` is the selector with the position tie rule).
+    """
+    R, S = scores.shape
+    groups = groups.to(scores.device)
+    cand = groups >= 0
+    cidx = cand.nonzero().flatten()
+    ids = groups[cand].unique().tolist() if by_group else []
+    members = [(groups == g).nonzero().flatten() for g in ids]
+    keep = torch.zeros(R, S, dtype=torch.bool, device=scores.device)
+    for r, n in enumerate(torch.as_tensor(counts, dtype=torch.long).tolist()):
+        n = max(0, min(int(n), cidx.numel()))
+        if n == 0:
+            continue
+        s = scores[r]
+        if not by_group:
+            keep[r, cidx[s[cidx].topk(n).indices]] = True
+            continue
+        mass = torch.stack([s[pos].sum() for pos in members]).float()
+        quota = apportion(mass, n, 0, [pos.numel() for pos in members])
+        for pos, q in zip(members, quota.tolist()):
+            if q > 0:
+                keep[r, pos[s[pos].topk(q).indices]] = True
+    return keep
 
 
 def rows_to_mask(rows: Sequence[torch.Tensor], size: int) -> torch.Tensor:

@@ -3,6 +3,7 @@ re-weight a scorer's scores by how much each entry's value moves the layer outpu
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
@@ -52,6 +53,7 @@ class CriticalKV(Wrapper, ScoreMethod):
     """
 
     name = "criticalkv"
+    kvpress: ClassVar[str | None] = "CriticalKVPress"
     scorer: ScoreMethod = field(default_factory=SnapKV)
     epsilon: float = 1e-4
     first_stage: float = 0.5
@@ -98,6 +100,8 @@ class CriticalAdaKV(Wrapper):
     """
 
     name = "criticaladakv"
+    kvpress: ClassVar[str | None] = "CriticalAdaKVPress"
+    ragged_heads: ClassVar[bool] = True           # its heads keep different counts
     scorer: ScoreMethod = field(default_factory=SnapKV)
     alpha_safeguard: float = 0.2
     epsilon: float = 1e-4

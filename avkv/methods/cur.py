@@ -3,6 +3,7 @@ arXiv 2509.15038): keep the entries whose key and value rows carry the most ener
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import math
 
@@ -38,6 +39,7 @@ class CUR(ScoreMethod):
     """
 
     name = "cur"
+    kvpress: ClassVar[str | None] = "CURPress"
     sink: int = 4
     leverage: str = "kv_product"
     random_projection: bool = False

@@ -3,6 +3,7 @@ compress the growing cache back to its size every ``interval`` decode steps."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import ClassVar
 
 import torch
 
@@ -37,6 +38,7 @@ class Decoding(Wrapper):
     """
 
     name = "decoding"
+    kvpress: ClassVar[str | None] = "DecodingPress"
     scorer: ScoreMethod = field(default_factory=SnapKV)
     interval: int = 512
     buffer: int = 256

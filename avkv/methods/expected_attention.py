@@ -54,6 +54,7 @@ class ExpectedAttention(ScoreMethod):
     """
 
     name = "expected_attention"
+    kvpress: ClassVar[str | None] = "ExpectedAttentionPress"
     needs_rope: ClassVar[bool] = True                 # reads view.rope
     future: int = 512
     sink: int = 4

@@ -3,6 +3,7 @@ prompt entries are scored by the attention the question's tokens pay them, and t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -39,6 +40,8 @@ class FINCH(ScoreMethod):
     """
 
     name = "finch"
+    kvpress: ClassVar[str | None] = "FinchPress"
+    indexes_prompt_positions: ClassVar[bool] = True # the question window, by prompt position
     window: int = 0
     normalize: bool = True
     chunk_length: int = 0

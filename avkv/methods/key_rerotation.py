@@ -59,6 +59,7 @@ class KeyRerotation(Wrapper):
     """
 
     name = "key_rerotation"
+    kvpress: ClassVar[str | None] = "KeyRerotationPress"
     needs_rope: ClassVar[bool] = True                 # rerotate() reads view.rope
     scorer: ScoreMethod = field(default_factory=SnapKV)
     continue_at: str = "compressed"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,7 @@ class KeyDiff(ScoreMethod):
     """
 
     name = "keydiff"
+    kvpress: ClassVar[str | None] = "KeyDiffPress"
     window: int = 0
 
     def score(self, view: LayerView) -> torch.Tensor:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -23,6 +24,7 @@ class Knorm(ScoreMethod):
     """
 
     name = "knorm"
+    kvpress: ClassVar[str | None] = "KnormPress"
     window: int = 0
 
     def score(self, view: LayerView) -> torch.Tensor:

@@ -60,6 +60,8 @@ class KVzip(Method):
     """
 
     name = "kvzip"
+    kvpress: ClassVar[str | None] = "KVzipPress"
+    ragged_heads: ClassVar[bool] = True           # its heads keep different counts
     deferred: ClassVar[bool] = True
     needs_reconstruction: ClassVar[bool] = True
     sink: int = 4

@@ -3,6 +3,7 @@ out of the statistics of the *next* block of entries (the "lag" reference)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -37,6 +38,7 @@ class LagKV(ScoreMethod):
     """
 
     name = "lagkv"
+    kvpress: ClassVar[str | None] = "LagKVPress"
     sink: int = 4
     lag: int = 128
     cross_scoring: bool = False

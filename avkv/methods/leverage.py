@@ -31,6 +31,7 @@ class LeverageScore(ScoreMethod):
     """
 
     name = "leverage"
+    kvpress: ClassVar[str | None] = "LeverageScorePress"
     needs_rope: ClassVar[bool] = True                 # reads view.rope
     sketch: int = 48
     window: int = 0

@@ -44,7 +44,7 @@ import torch
 
 from avkv.methods.base import check_choice
 from avkv.methods.base import MODALITIES, LayerView, Method, Selection, reduce_gqa, window_scores
-from avkv.methods.counts import apportion, mask_to_indices, rows_to_mask
+from avkv.methods.counts import apportion, group_topk, mask_to_indices
 
 
 @dataclass
@@ -75,6 +75,7 @@ class MadaKV(Method):
     """
 
     name = "madakv"
+    ragged_heads: ClassVar[bool] = True           # its heads keep different counts
     deferred: ClassVar[bool] = True
     proxy: int = 32
     theta: float = 0.9
@@ -87,6 +88,11 @@ class MadaKV(Method):
     def __post_init__(self) -> None:
         check_choice("mode", self.mode, ("full", "mpa", "hcc"))
         check_choice("allocation", self.allocation, ("conserve", "sequential"))
+
+    @property
+    def needs_every_layer(self) -> bool:  # type: ignore[override]
+        """``conserve`` splits the budget over every decoder layer's cache."""
+        return self.allocation == "conserve"
 
     # ------------------------------------------------------------------ pieces
     @staticmethod
@@ -108,33 +114,6 @@ class MadaKV(Method):
         if self.mode == "hcc":
             return min(self.coverage_count(psi[cand], self.theta), int(cand.sum()))
         return sum(self.coverage_count(psi[cand & (mod == m)], self.theta) for m in range(len(MODALITIES)))
-
-    def select_head(self, psi: torch.Tensor, mod: torch.Tensor, cand: torch.Tensor, n_extra: int,
-                    by_modality: bool) -> torch.Tensor:
-        """Choose ``n_extra`` candidates: per-modality quotas ∝ preference (MPA) or plain top-ψ; returns positions."""
-        cidx = cand.nonzero().flatten()
-        n_extra = max(0, min(n_extra, cidx.numel()))
-        if n_extra == 0:
-            return cidx[:0]
-        if not by_modality:
-            return cidx[psi[cidx].topk(n_extra).indices]
-        present = [m for m in range(len(MODALITIES)) if bool((cand & (mod == m)).any())]
-        pref = torch.stack([psi[cand & (mod == m)].sum() for m in present]).float()
-        avail = torch.tensor([int((cand & (mod == m)).sum()) for m in present])
-        quota = apportion(pref, n_extra, 0, avail)
-        chosen = []
-        for m, qm in zip(present, quota.tolist()):
-            if qm > 0:
-                pos = (cand & (mod == m)).nonzero().flatten()
-                chosen.append(pos[psi[pos].topk(qm).indices])
-        out = torch.cat(chosen) if chosen else cidx[:0]
-        short = n_extra - out.numel()
-        if short > 0:                                                  # quotas capped: best remaining tokens
-            rest = cand.clone()
-            rest[out] = False
-            r = rest.nonzero().flatten()
-            out = torch.cat([out, r[psi[r].topk(min(short, r.numel())).indices]])
-        return out
 
     # ------------------------------------------------------------------ scoring (deferred)
     def observe(self, view: LayerView) -> None:
@@ -233,15 +212,12 @@ class MadaKV(Method):
             counts, phi = self.sequential_counts(view, d)
             st["record"] = {"madakv_allocation": "sequential"}
 
-        cand = torch.ones(S, dtype=torch.bool, device=dev)
-        cand[S - P:] = False
-        by_mod = self.mode in ("full", "mpa")
-        per_head = []
-        window = torch.arange(S - P, S, device=dev)
-        for h in range(H):
-            extra = self.select_head(psi[h], mod, cand, int(counts[h]) - P, by_mod)
-            per_head.append(torch.cat([extra, window]))
-        idx, valid = mask_to_indices(rows_to_mask(per_head, S))
+        # beyond the proxy window (always kept): per head, quotas ∝ modality preference (MPA) or plain top-ψ
+        groups = mod.long().clone()
+        groups[S - P:] = -1
+        keep = group_topk(psi, groups, counts - P, by_group=self.mode in ("full", "mpa"))
+        keep[:, S - P:] = True
+        idx, valid = mask_to_indices(keep)
         return Selection(indices=idx, valid=valid,
                          info={"layer_total": int(counts.sum()), "per_head": counts.tolist(), "phi": round(phi, 4),
                                "demand": int(d["demand"].sum()), "budget_spent": st["spent"],

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -28,6 +29,7 @@ class ObservedAttention(ScoreMethod):
     """
 
     name = "observed_attention"
+    kvpress: ClassVar[str | None] = "ObservedAttentionPress"
     all_query_stats = True
     window: int = 0
     gqa: str = "mean"

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 from avkv.methods.allocation import Wrapper
 from avkv.methods.base import LayerView, ScoreMethod, Selection
@@ -27,6 +27,7 @@ class PerLayerCompression(Wrapper):
     """
 
     name = "per_layer_compression"
+    kvpress: ClassVar[str | None] = "PerLayerCompressionPress"
     scorer: ScoreMethod = field(default_factory=SnapKV)
     ratios: Sequence[float] = (0.5,)
 

@@ -46,7 +46,7 @@ from avkv.methods.base import check_choice
 from avkv.methods.base import (VIDEO, LayerView, Method, Selection, accumulated_scores, keep_topk, pool_prefix, reduce_gqa,
                                warn_once, window_scores)
 from avkv.methods.request import AttentionPattern, PrefillPlan, Request
-from avkv.methods.st_spattn import (ST_ATTENTION_NAME, _STContext, register_st_attention,  # noqa: F401 - re-exported
+from avkv.methods.st_spattn import (ST_ATTENTION_NAME, STContext, register_st_attention,  # noqa: F401 - re-exported
                                     st_allowed_mask, st_sparse_attention, st_spattn_attention)
 
 @dataclass
@@ -183,7 +183,7 @@ class PureKV(Method):
                              "st_spattn=false to run CLIE alone")
         frame = torch.as_tensor(layout["video_frame"]).long().flatten()
         spatial = torch.as_tensor(layout["video_spatial"]).long().flatten()
-        ctx = _STContext(frame=frame, spatial=spatial, dense_layers=self.st_dense_layers, radius=self.st_radius,
+        ctx = STContext(frame=frame, spatial=spatial, dense_layers=self.st_dense_layers, radius=self.st_radius,
                          max_prev=self.st_frames,
                          expected=bool((frame >= 0).any()) and n_layers > self.st_dense_layers)
         self._ctx = ctx

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from avkv.methods.allocation import LayerAllocation
 from avkv.methods.base import Method
@@ -32,6 +33,7 @@ class PyramidKV(LayerAllocation):
     """
 
     name = "pyramidkv"
+    kvpress: ClassVar[str | None] = "PyramidKVPress"
     scorer: Method = field(default_factory=SnapKV)
     schedule: str = "pyramid"
     beta: float = 20.0

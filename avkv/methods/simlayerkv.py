@@ -3,6 +3,7 @@ attends mostly to the initial and recent entries ("lazy" layers) keep only those
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -32,6 +33,7 @@ class SimLayerKV(Method):
     """
 
     name = "simlayerkv"
+    kvpress: ClassVar[str | None] = "SimLayerKVPress"
     lazy_threshold: float = 0.9
     n_last: int = 1
     n_recent: int = 1024

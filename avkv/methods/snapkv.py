@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -40,6 +41,7 @@ class SnapKV(ScoreMethod):
     """
 
     name = "snapkv"
+    kvpress: ClassVar[str | None] = "SnapKVPress"
     window: int = 32
     kernel: int = 7
     pooling: str = "max"

@@ -1,7 +1,7 @@
 """ST-SpAttn, PureKV's spatial-temporal sparse prefill attention (:mod:`avkv.methods.purekv`, which re-exports it):
 the pattern as a dense mask (:func:`st_allowed_mask`, for references), the sparse kernel (:func:`st_sparse_attention`)
 and the ``avkv_st_spattn`` attention function registered with transformers, live while a PureKV sample's
-:class:`_STContext` is active.
+:class:`STContext` is active.
 """
 from __future__ import annotations
 
@@ -154,7 +154,7 @@ def st_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, frame
 
 # ---------------------------------------------------------------------------------- registered attention
 @dataclass
-class _STContext:
+class STContext:
     frame: torch.Tensor
     spatial: torch.Tensor
     dense_layers: int
@@ -181,7 +181,7 @@ class _STContext:
 
 
 class _Active(threading.local):
-    ctx: _STContext | None = None
+    ctx: STContext | None = None
 
 
 _ACTIVE = _Active()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -22,6 +23,7 @@ class StreamingLLM(ScoreMethod):
     """
 
     name = "streamingllm"
+    kvpress: ClassVar[str | None] = "StreamingLLMPress"
     sink: int = 4
     decode_policy: str = "grow"
 

@@ -3,6 +3,7 @@ attention of the last query."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -26,6 +27,7 @@ class TOVA(ScoreMethod):
     """
 
     name = "tova"
+    kvpress: ClassVar[str | None] = "TOVAPress"
     window = 1                       # the newest entry (not a field: TOVA always keeps exactly it)
     decode_policy: str = "grow"
 

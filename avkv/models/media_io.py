@@ -30,7 +30,7 @@ class MediaError(RuntimeError):
     pass
 
 
-def _open(path: str):
+def open_container(path: str):
     import av
     p = Path(path)
     if not p.exists():
@@ -44,7 +44,7 @@ def _open(path: str):
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
-def _frame_files(path: Path) -> list[Path]:
+def frame_files(path: Path) -> list[Path]:
     files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise MediaError(f"no frame images in video folder {path}")
@@ -55,7 +55,7 @@ def _frames_from_folder(path: Path, frame_rate: float | None, start: float | Non
                         num_frames: int | None, fps: float | None, max_image_pixels: int | None):
     """A video stored as a folder of frame images (MVBench's frame tasks): sorted names, ``frame_rate`` fps.
     Only the sampled files are opened."""
-    files = _frame_files(path)
+    files = frame_files(path)
     rate = float(frame_rate or 1.0)
     times = []
     for i in range(len(files)):
@@ -85,10 +85,10 @@ def _even_picks(n_avail: int, n: int | None, times: list[float], fps: float | No
     return np.linspace(0, n_avail - 1, k).round().astype(int).tolist()
 
 
-def _packet_times(path: str) -> tuple[list[int] | None, object, object]:
+def packet_times(path: str) -> tuple[list[int] | None, object, object]:
     """Presentation timestamps of every video packet (demux only, nothing decoded), sorted; None when a packet
     has no timestamp (the caller then counts by decoding)."""
-    with _open(path) as c:
+    with open_container(path) as c:
         if not c.streams.video:
             raise MediaError(f"no video stream in {path}")
         st = c.streams.video[0]
@@ -105,10 +105,10 @@ def _packet_times(path: str) -> tuple[list[int] | None, object, object]:
         return sorted(pts), st.time_base, st.average_rate
 
 
-def _decoded_times(path: str) -> list[float]:
+def decoded_times(path: str) -> list[float]:
     """Frame times by decoding (no colour conversion, frames dropped at once): the fallback of
-    :func:`_packet_times`, with the same time rule as the decode pass."""
-    with _open(path) as c:
+    :func:`packet_times`, with the same time rule as the decode pass."""
+    with open_container(path) as c:
         if not c.streams.video:
             raise MediaError(f"no video stream in {path}")
         rate = float(c.streams.video[0].average_rate or 1)
@@ -121,13 +121,13 @@ def _decoded_times(path: str) -> list[float]:
     return times
 
 
-def _decode_selected(path: str, wanted: dict[int, list[int]], n_slots: int,
+def decode_selected(path: str, wanted: dict[int, list[int]], n_slots: int,
                      resize=None) -> list[np.ndarray | None]:
     """Decode frames in presentation order and keep (as RGB) only the ones whose index is in ``wanted``
     (index → output slots); decoding stops after the last wanted frame. Memory: the kept frames only."""
     out: list[np.ndarray | None] = [None] * n_slots
     last = max(wanted, default=-1)
-    with _open(path) as c:
+    with open_container(path) as c:
         try:
             for i, fr in enumerate(c.decode(video=0)):
                 if i in wanted:
@@ -148,11 +148,11 @@ def _frames_from_file(path: str, start: float | None, end: float | None, num_fra
     """fixed_frames sampling on a file: the frames whose time lies in [start, end], ``num_frames`` of them
     spread evenly. Pass 1 reads the timestamps (packets, or decoding when they lack them), pass 2 decodes
     and keeps only the chosen frames."""
-    pts, tb, rate = _packet_times(path)
+    pts, tb, rate = packet_times(path)
     if pts is not None:
         all_times = [float(p * tb) for p in pts]
     else:
-        all_times = _decoded_times(path)
+        all_times = decoded_times(path)
     in_clip = [(i, t) for i, t in enumerate(all_times)
                if (start is None or t >= start) and (end is None or t <= end)]
     if not in_clip:
@@ -162,10 +162,10 @@ def _frames_from_file(path: str, start: float | None, end: float | None, num_fra
     wanted: dict[int, list[int]] = {}
     for slot, j in enumerate(pick):
         wanted.setdefault(in_clip[j][0], []).append(slot)
-    frames = _decode_selected(path, wanted, len(pick))
+    frames = decode_selected(path, wanted, len(pick))
     if any(f is None for f in frames) and pts is not None:
         # the decoder gave fewer frames than the container has packets: count by decoding instead
-        all_times = _decoded_times(path)
+        all_times = decoded_times(path)
         in_clip = [(i, t) for i, t in enumerate(all_times)
                    if (start is None or t >= start) and (end is None or t <= end)]
         if not in_clip:
@@ -175,7 +175,7 @@ def _frames_from_file(path: str, start: float | None, end: float | None, num_fra
         wanted = {}
         for slot, j in enumerate(pick):
             wanted.setdefault(in_clip[j][0], []).append(slot)
-        frames = _decode_selected(path, wanted, len(pick))
+        frames = decode_selected(path, wanted, len(pick))
     if any(f is None for f in frames):
         raise MediaError(f"no decodable frames in {path} (clip {start}-{end})")
     return frames, [clip_times[j] for j in pick], clip_times
@@ -221,7 +221,7 @@ def load_audio(path: str, sr: int = SAMPLE_RATE, start: float | None = None, end
     """fixed_frames: the first audio stream as mono float32 at ``sr`` Hz, downmixed and resampled by PyAV
     (its float mono layout: (L+R)/sqrt(2) for stereo). Returns None if absent and not required."""
     import av
-    with _open(path) as c:
+    with open_container(path) as c:
         if not c.streams.audio:
             if required:
                 raise MediaError(f"no audio stream in {path}")
@@ -247,7 +247,7 @@ def decode_audio_s16(path: str, layout: str | None = None, rate: int | None = No
     the stream's declared duration, as ffmpeg >= 7 does. Returns (int16 [N*channels], channels, rate) or
     None when the file has no audio stream and ``required`` is false."""
     import av
-    with _open(path) as c:
+    with open_container(path) as c:
         if not c.streams.audio:
             if required:
                 raise MediaError(f"no audio stream in {path}")
@@ -268,7 +268,7 @@ def decode_audio_s16(path: str, layout: str | None = None, rate: int | None = No
 
 
 # ------------------------------------------------------------------------------------------- images
-def _open_image_checked(path: str, max_pixels: int | None):
+def open_image_checked(path: str, max_pixels: int | None):
     from PIL import Image
     p = Path(path)
     if not p.exists():
@@ -290,7 +290,7 @@ def _open_image_checked(path: str, max_pixels: int | None):
 
 def load_image(path: str, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS):
     """An RGB PIL image; refused (before decoding) when it has more than ``max_pixels`` pixels."""
-    im = _open_image_checked(path, max_pixels)
+    im = open_image_checked(path, max_pixels)
     try:
         with im:
             return im.convert("RGB")

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from avkv.models.media_io import (DEFAULT_MAX_IMAGE_PIXELS, SAMPLE_RATE, MediaError, _decode_selected, _decoded_times,
-                                  _frame_files, _open_image_checked, _packet_times, decode_audio_s16, load_image)
+from avkv.models.media_io import (DEFAULT_MAX_IMAGE_PIXELS, SAMPLE_RATE, MediaError, decode_audio_s16, decode_selected,
+                                  decoded_times, frame_files, load_image, open_image_checked, packet_times)
 
 #: qwen-vl-utils' constants (0.0.14, image_patch_size 14 → factor 28) that the config does not override
 SPATIAL_MERGE_SIZE, FRAME_FACTOR, MAX_RATIO = 2, 2, 200
@@ -113,8 +113,8 @@ def torch_bicubic_resize_uint8(frames: np.ndarray, height: int, width: int) -> n
 
 def _video_stream_info(path: str) -> tuple[int, float]:
     """Frame count (video packets, as decord indexes them) and average frame rate."""
-    pts, tb, rate = _packet_times(path)
-    total = len(pts) if pts is not None else len(_decoded_times(path))
+    pts, tb, rate = packet_times(path)
+    total = len(pts) if pts is not None else len(decoded_times(path))
     fps = float(rate) if rate else 0.0
     return total, fps
 
@@ -132,7 +132,7 @@ def official_video_frames(path: str, start: float | None = None, end: float | No
     factor = p["patch_size"] * SPATIAL_MERGE_SIZE
     folder = Path(path).is_dir()
     if folder:
-        files = _frame_files(Path(path))
+        files = frame_files(Path(path))
         total, video_fps = len(files), float(frame_rate or 1.0)
     else:
         total, video_fps = _video_stream_info(path)
@@ -146,7 +146,7 @@ def official_video_frames(path: str, start: float | None = None, end: float | No
         frames = [np.asarray(load_image(str(files[i]), p.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)))
                   for i in idx]
     else:
-        frames = _decode_selected(path, wanted, n)
+        frames = decode_selected(path, wanted, n)
         if any(f is None for f in frames):
             raise MediaError(f"{path}: {sum(f is None for f in frames)} of the {n} sampled frames are not "
                              f"decodable (the container announces {total})")
@@ -168,7 +168,7 @@ def official_image(path: str, min_pixels: float | None = None, max_pixels: float
     from PIL import Image
     min_pixels = OFFICIAL_DEFAULTS["image_min_pixels"] if min_pixels is None else min_pixels
     max_pixels = OFFICIAL_DEFAULTS["image_max_pixels"] if max_pixels is None else max_pixels
-    im = _open_image_checked(path, max_image_pixels)
+    im = open_image_checked(path, max_image_pixels)
     try:
         with im:
             if im.mode == "RGBA":

@@ -5,12 +5,12 @@ run (:meth:`NativeAdapter._run`).
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from avkv.measure import Stopwatch
 from avkv.models.base import Encoded, ModelAdapter
 from avkv.schema import MODALITIES, TEXT, Media, Prompt
 
@@ -48,12 +48,12 @@ class NativeAdapter(ModelAdapter):
     def _prepared(self, prompt: Prompt) -> tuple[Prompt, list, list[str], list[dict], float]:
         """``prompt`` with its text made safe (dataset text never becomes a control token or tag), its media items,
         the notes, the preprocessing record and the seconds spent on media."""
-        t0 = time.perf_counter()
+        media = Stopwatch()
         notes: list[str] = []
         prompt = self.safe_prompt(prompt, notes)
         record: list[dict] = []
         items = [self._media_item(p, notes, record) for p in prompt.context if isinstance(p, Media)]
-        return prompt, items, notes, record, time.perf_counter() - t0
+        return prompt, items, notes, record, media.s
 
     def _run(self, item: Any, t_offset: int) -> tuple[list[int], list[int], list[int], list[int], int, dict]:
         """One media item's placeholder run: (ids, modality, frame, spatial per position, temporal groups it adds

@@ -7,12 +7,12 @@ them and says so in the record's ``input_notes``.
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from avkv.measure import Stopwatch
 from avkv.models.qwen_common import QwenAdapter
 from avkv.schema import Media, Prompt
 
@@ -48,9 +48,9 @@ class Qwen2Adapter(QwenAdapter):
         return {}
 
     def encode(self, prompt: Prompt):
-        t0 = time.perf_counter()
-        decoded = [None if isinstance(m, str) else {} for m in prompt.context]
-        return self.encode_decoded(prompt, decoded, media_s=time.perf_counter() - t0)
+        with Stopwatch() as media:
+            decoded = [None if isinstance(m, str) else {} for m in prompt.context]
+        return self.encode_decoded(prompt, decoded, media_s=media.s)
 
 
 def build_tiny(out_dir: str | Path, seed: int = 0, hidden: int = 128, layers: int = 2, heads: int = 8,

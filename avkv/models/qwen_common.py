@@ -6,12 +6,12 @@ build their tiny checkpoint.
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from avkv.measure import Stopwatch
 from avkv.models import media_io
 from avkv.models.base import Encoded, ModelAdapter
 from avkv.models.video_processing import TorchQwenVideoProcessor, stock_video_processor_available
@@ -115,9 +115,9 @@ class QwenAdapter(ModelAdapter):
                              want_audio=want_audio, max_image_pixels=self.max_image_pixels)
 
     def encode(self, prompt: Prompt) -> Encoded:
-        t0 = time.perf_counter()
-        decoded = [None if isinstance(m, str) else self.decode_media(m) for m in prompt.context]
-        return self.encode_decoded(prompt, decoded, media_s=time.perf_counter() - t0)
+        with Stopwatch() as media:
+            decoded = [None if isinstance(m, str) else self.decode_media(m) for m in prompt.context]
+        return self.encode_decoded(prompt, decoded, media_s=media.s)
 
     def _preprocessing_record(self, decoded: list[dict | None]) -> dict:
         """Per media item: what the processor was given (frames, frame size, sampled fps, audio seconds)."""

@@ -31,7 +31,7 @@ OMNI_TOKEN_ATTRS = {
 }
 
 # A small English corpus: enough for a tokenizer whose ids cover the words our fixtures and prompts use.
-_WORDS = ("the a an is are what which how many colour color shape square circle moving left right up down red green "
+WORDS = ("the a an is are what which how many colour color shape square circle moving left right up down red green "
           "blue yellow black white beep beeps tone high low pitch sound audio video frame image picture heard seen "
           "first second third answer with letter option options only one two three four five six seven eight nine "
           "ten zero yes no choose best from given choices directly question describe happening where when why "
@@ -51,7 +51,7 @@ def train_tokenizer(vocab_size: int = 640, seed: int = 0, extra_specials: list[s
 
     def corpus():
         for _ in range(4000):
-            yield " ".join(rng.choice(_WORDS) for _ in range(rng.randint(3, 14))) + rng.choice([".", "?", "!", ":"])
+            yield " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 14))) + rng.choice([".", "?", "!", ":"])
         yield "system user assistant You are a helpful assistant. Audio 1: Picture Video (A) (B) (C) (D)\n"
         for t in texts or ():
             for _ in range(200):

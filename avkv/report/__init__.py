@@ -54,15 +54,15 @@ import pandas as pd
 
 from avkv import stats
 from avkv.config import PAPERS_DIR  # noqa: F401 - results/papers in a clone, package data when installed
-from avkv.report.aggregate import (POINT_KEYS, _budget_held, _key, _valid, aggregate,  # noqa: F401
-                                   average_over_tasks, full_reference)
+from avkv.report.aggregate import (POINT_KEYS, aggregate, average_over_tasks, budget_held_of,  # noqa: F401
+                                   full_reference, keyed, valid_rows)
 from avkv.report.collect import (RUN_COLUMNS, SAMPLE_NUMERIC, SKIP_DIRS, collect, dedupe,  # noqa: F401
                                  describe, find_runs, identities, limit_label, load_config, load_run, read_samples,
                                  read_table, write_samples)
 from avkv.report.papers import beside_paper, efficiency_beside, paper_numbers, paper_table  # noqa: F401
-from avkv.report.plots import _safe, plot_budget_curves  # noqa: F401
-from avkv.report.tables import (CONTEXT_COLUMNS, DEFAULT_METHOD_ORDER, MixedPoints, _budget_str,  # noqa: F401
-                                _collapse_full, check_alike, fmt, method_order, to_latex, to_markdown, wide_table)
+from avkv.report.plots import plot_budget_curves, safe_name  # noqa: F401
+from avkv.report.tables import (CONTEXT_COLUMNS, DEFAULT_METHOD_ORDER, MixedPoints, budget_str,  # noqa: F401
+                                check_alike, collapse_full, fmt, method_order, to_latex, to_markdown, wide_table)
 
 
 class ReportError(ValueError):
@@ -169,7 +169,7 @@ def build(paths: Sequence[str | Path], out: Path | None = None, scale: float = 1
             title = _table_title(exp, ds, pt, several=len(contexts) > 1)
             md_parts.append(f"### {title}\n\n" + to_markdown(wide_table(pt, at)))
             tex_parts.append(to_latex(wide_table(pt, at, latex=True), caption=title,
-                                      label=f"tab:{_safe(exp)}-{_safe(ds)}-{str(tid)[:6]}"))
+                                      label=f"tab:{safe_name(exp)}-{safe_name(ds)}-{str(tid)[:6]}"))
     incomplete = points[~points["complete"]]
     if len(incomplete):
         md_parts.append("**Incomplete points** (rerun the same command to resume them):\n\n" + to_markdown(

@@ -15,12 +15,12 @@ POINT_KEYS = ["experiment", "model", "dataset", "table_id", "context_id", "limit
               "variant", "budget"]
 
 
-def _valid(df: pd.DataFrame) -> pd.DataFrame:
+def valid_rows(df: pd.DataFrame) -> pd.DataFrame:
     ok = df["sample_id"].notna() & (df["error"].isna() | (df["error"].astype(str) == ""))
     return df[ok]
 
 
-def _key(df: pd.DataFrame, cols: Sequence[str]) -> pd.DataFrame:
+def keyed(df: pd.DataFrame, cols: Sequence[str]) -> pd.DataFrame:
     d = df.copy()
     for c in cols:
         if c not in d:
@@ -55,7 +55,7 @@ def _estimate(g: pd.DataFrame, corpus: bool, scale: float, n_boot: int, strata=N
 def full_reference(df: pd.DataFrame) -> dict:
     """(context_id, task) → the full-cache samples of that context (all budgets pooled: full ignores it)."""
     ref: dict = {}
-    v = _valid(df)
+    v = valid_rows(df)
     for (ctx, task), g in v[v["method"] == "full"].groupby(["context_id", "task"], dropna=False):
         ref[(ctx, task)] = g.drop_duplicates("sample_id", keep="last")
     return ref
@@ -69,12 +69,12 @@ def aggregate(df: pd.DataFrame, scale: float = 100.0, n_boot: int = stats.N_BOOT
     """
     if df.empty:
         return pd.DataFrame()
-    d = _key(df, POINT_KEYS)
+    d = keyed(df, POINT_KEYS)
     ref = full_reference(d)
     rows = []
     for key, g in d.groupby(POINT_KEYS, dropna=False, sort=False):
         row = dict(zip(POINT_KEYS, key))
-        valid = _valid(g)
+        valid = valid_rows(g)
         corpus = _is_corpus(valid)
         row.update(_estimate(valid, corpus, scale, n_boot).as_dict("score_"))
         row["wer"] = (100.0 * valid["errors"].sum() / max(valid["ref_words"].sum(), 1e-12)) if corpus \
@@ -98,7 +98,7 @@ def aggregate(df: pd.DataFrame, scale: float = 100.0, n_boot: int = stats.N_BOOT
             est = stats.bootstrap_mean(v, n_boot=n_boot) if len(v) else stats.NAN
             row[f"{c}_lo"], row[f"{c}_hi"] = est.lo, est.hi
         row["metric"] = next((m for m in g.get("metric", pd.Series(dtype=object)) if isinstance(m, str)), None)
-        row.update(_budget_held(valid, row["method"], row["budget"]))
+        row.update(budget_held_of(valid, row["method"], row["budget"]))
         shards = g.drop_duplicates("run_dir")
         row["runs"] = len(shards)
         row["shards_seen"] = int(shards["shard"].nunique())
@@ -110,7 +110,7 @@ def aggregate(df: pd.DataFrame, scale: float = 100.0, n_boot: int = stats.N_BOOT
     return pd.DataFrame(rows)
 
 
-def _budget_held(valid: pd.DataFrame, method: str, budget: float) -> dict:
+def budget_held_of(valid: pd.DataFrame, method: str, budget: float) -> dict:
     """What a point's samples held: the mean ``budget_achieved`` (bytes held / full; older records: the same from
     ``kv_bytes_kept``/``kv_bytes_full``) and whether each sample held its budget (``budget_held``; older records:
     entries and bytes within ±1 % of the budget)."""
@@ -137,7 +137,7 @@ def average_over_tasks(df: pd.DataFrame, scale: float = 100.0, n_boot: int = sta
     """
     if df.empty:
         return pd.DataFrame()
-    d = _valid(_key(df, POINT_KEYS))
+    d = valid_rows(keyed(df, POINT_KEYS))
     ref = full_reference(d)
     keys = [k for k in POINT_KEYS if k != "task"]
     rows = []

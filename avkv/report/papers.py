@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from avkv.report.tables import _budget_str, _collapse_full, _desc, _same, fmt, method_order
+from avkv.report.tables import budget_sort_key, budget_str, collapse_full, fmt, method_order, same_budget
 
 # ------------------------------------------------------------------------------------------------ papers
 from avkv.config import PAPERS_DIR  # noqa: E402 - results/papers in a clone, package data when installed
@@ -40,19 +40,19 @@ def beside_paper(points: pd.DataFrame, avg: pd.DataFrame | None, paper: pd.DataF
         paper_model = pp["model"].iloc[0]
     pp = pp[(pp["model"] == paper_model) & (pp["method_key"] != "")]
     cols = list(dict.fromkeys(zip(pp["task"], pp["task_key"])))
-    ours = _collapse_full(points) if points is not None and not points.empty else pd.DataFrame()
-    ours_avg = _collapse_full(avg) if avg is not None and not avg.empty else pd.DataFrame()
+    ours = collapse_full(points) if points is not None and not points.empty else pd.DataFrame()
+    ours_avg = collapse_full(avg) if avg is not None and not avg.empty else pd.DataFrame()
     rows = []
     keys = list(dict.fromkeys(zip(pp["method_key"], pp["budget"])))
     if not ours.empty:
         keys += [k for k in dict.fromkeys(zip(ours["method"], ours["budget"])) if k not in keys
                  and not (k[0] == "full" and any(m == "full" for m, _ in keys))]
     order = method_order([m for m, _ in keys])
-    for method, budget in sorted(keys, key=lambda k: (order.index(k[0]), _desc(k[1]))):
-        row = {"method": method, "budget": "–" if method == "full" else _budget_str(budget)}
+    for method, budget in sorted(keys, key=lambda k: (order.index(k[0]), budget_sort_key(k[1]))):
+        row = {"method": method, "budget": "–" if method == "full" else budget_str(budget)}
         for label, tkey in cols:
             paper_v = pp[(pp["method_key"] == method) & (pp["task_key"] == tkey)
-                         & (_same(pp["budget"], budget) | (method == "full"))]["value"]
+                         & (same_budget(pp["budget"], budget) | (method == "full"))]["value"]
             pv = f"{paper_v.iloc[0]:.{digits}f}" if len(paper_v) and not math.isnan(paper_v.iloc[0]) else "–"
             is_avg = tkey == "Avg"
             src = ours_avg if is_avg else ours
@@ -78,7 +78,7 @@ def paper_table(paper: pd.DataFrame, kind: str = "score", digits: int = 2) -> pd
     rows = []
     for (model, method, budget), g in pp.groupby(["model", "method", "budget"], sort=False, dropna=False):
         row = {"model": model, "method": method, "budget": "–" if (isinstance(budget, float) and math.isnan(budget))
-               or method == "Full" else _budget_str(budget)}
+               or method == "Full" else budget_str(budget)}
         vals = dict(zip(g["task"], g["value"]))
         for t in tasks:
             v = vals.get(t)
@@ -91,15 +91,15 @@ def efficiency_beside(points: pd.DataFrame, paper: pd.DataFrame | None = None, d
     """KV memory kept and decode latency per (model, method, budget), ours (mean over the tasks' samples) beside
     the paper's efficiency table where it has one (``kv_gib``, ``decode_ms_per_token``)."""
     rows = []
-    p = _collapse_full(points) if points is not None and not points.empty else pd.DataFrame()
+    p = collapse_full(points) if points is not None and not points.empty else pd.DataFrame()
     eff = paper[(paper["metric_kind"] == "efficiency") & paper["metric"].isin(["kv_gib", "decode_ms_per_token"])] \
         if paper is not None and "metric_kind" in paper else pd.DataFrame(columns=["method_key", "budget", "metric",
                                                                                       "value"])
     keys = list(dict.fromkeys(zip(p["method"], p["budget"]))) if not p.empty else []
     keys += [k for k in dict.fromkeys(zip(eff["method_key"], eff["budget"])) if k not in keys and k[0]]
     order = method_order([m for m, _ in keys])
-    for method, budget in sorted(keys, key=lambda k: (order.index(k[0]), _desc(k[1]))):
-        row = {"method": method, "budget": "–" if method == "full" else _budget_str(budget)}
+    for method, budget in sorted(keys, key=lambda k: (order.index(k[0]), budget_sort_key(k[1]))):
+        row = {"method": method, "budget": "–" if method == "full" else budget_str(budget)}
         sel = p[(p["method"] == method) & (p["budget"] == budget)] if not p.empty else p
         if len(sel):
             w = sel["score_n"].clip(lower=1)

@@ -90,9 +90,9 @@ def plot_budget_curves(points: pd.DataFrame, out_dir: Path, avg: pd.DataFrame | 
         ctx = _context_title(g)
         fig.suptitle(f"{model} · {dataset} · {metric} · {n_s}  —  experiment {exp or '-'}" + (f" ({ctx})" if ctx else ""))
         fig.tight_layout()
-        name = f"{_safe(exp or 'runs')}__{_safe(model)}__{_safe(dataset)}"
+        name = f"{safe_name(exp or 'runs')}__{safe_name(model)}__{safe_name(dataset)}"
         if per_ds[tuple(key[:3])] > 1:              # several contexts of one experiment: one file each
-            name += f"__{_safe(ctx)}__{str(key[3])[:6]}" if ctx else f"__{str(key[3])[:6]}"
+            name += f"__{safe_name(ctx)}__{str(key[3])[:6]}" if ctx else f"__{str(key[3])[:6]}"
         p = out_dir / f"{name}.png"
         fig.savefig(p, dpi=110)
         plt.close(fig)
@@ -100,5 +100,5 @@ def plot_budget_curves(points: pd.DataFrame, out_dir: Path, avg: pd.DataFrame | 
     return paths
 
 
-def _safe(s) -> str:
+def safe_name(s) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(s))

@@ -71,20 +71,21 @@ def wide_table(points: pd.DataFrame, avg: pd.DataFrame | None = None, methods: S
     """
     if points.empty:
         return pd.DataFrame()
-    p = _collapse_full(points)
+    p = collapse_full(points)
     check_alike(p)
     task_cols = list(tasks) if tasks else list(dict.fromkeys(p["task"]))
     task_cols = [t for t in task_cols if t in set(p["task"])]
     multi_variant = p.groupby(["model", "method", "budget"])["variant"].nunique().max() > 1
     order = method_order(p["method"], methods)
     rows = []
-    a = _collapse_full(avg) if avg is not None and not avg.empty else None
+    a = collapse_full(avg) if avg is not None and not avg.empty else None
     held = lambda g: "budget_held" not in g or bool(g["budget_held"].fillna(True).astype(bool).all())
     for (model, method, variant, budget), g in sorted(
             p.groupby(["model", "method", "variant", "budget"], dropna=False),
-            key=lambda kv: (str(kv[0][0]), not held(kv[1]), order.index(kv[0][1]), _desc(kv[0][3]), str(kv[0][2]))):
+            key=lambda kv: (str(kv[0][0]), not held(kv[1]), order.index(kv[0][1]), budget_sort_key(kv[0][3]),
+                            str(kv[0][2]))):
         label = method + (f" [{variant[:6]}]" if multi_variant and variant else "")
-        row = {"model": model, "method": label, "budget": "–" if method == "full" else _budget_str(budget)}
+        row = {"model": model, "method": label, "budget": "–" if method == "full" else budget_str(budget)}
         ach = float(g["budget_achieved"].mean()) if "budget_achieved" in g else float("nan")
         if not held(g):
             row["budget"] += f" → held {ach:.2f}"
@@ -117,18 +118,18 @@ def _num(x) -> float:
         return float("nan")
 
 
-def _same(col: pd.Series, b) -> pd.Series:
+def same_budget(col: pd.Series, b) -> pd.Series:
     """``col == b`` where NaN equals NaN (a paper's number over all its budgets)."""
     return (col == b) | (col.isna() & math.isnan(_num(b)))
 
 
-def _desc(b) -> float:
+def budget_sort_key(b) -> float:
     """Sort key: larger budgets first, unknown ones last."""
     v = _num(b)
     return math.inf if math.isnan(v) else -v
 
 
-def _budget_str(b) -> str:
+def budget_str(b) -> str:
     b = _num(b)
     if math.isnan(b):
         return "all"  # a paper's average over its budgets
@@ -139,7 +140,7 @@ def _budget_str(b) -> str:
     return f"{b:g}"
 
 
-def _collapse_full(p: pd.DataFrame) -> pd.DataFrame:
+def collapse_full(p: pd.DataFrame) -> pd.DataFrame:
     """The full cache ignores the budget: keep one row per (model, context, task) for it (the largest n)."""
     if p is None or p.empty or "method" not in p:
         return p

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 import pytest
 import torch
 
-from avkv.attention_support import _parts
+from avkv.attention_support import method_parts
 from avkv.config import compose, instantiate
 from avkv.engine import CompressionError, Engine, within_budget
 from avkv.methods.snapkv import SnapKV
@@ -28,36 +28,49 @@ SKIP_FAMILIES = {"qwen2": "text-only: the media are dropped, the prompt is 47 to
 FAMILIES = tuple(f for f in discover.tiny_families() if f not in SKIP_FAMILIES)
 METHODS = discover.methods()                      # every configs/method/*.yaml but the full cache
 BUDGETS = (0.5, 0.2, 0.1)
-#: (family, method) pairs the engine refuses, and why: each budget either raises a CompressionError naming the method
-#: and the model, or holds the budget as any other (at least one budget raises, so a refusal that stops is noticed)
+#: families whose cache is not one full-attention K/V per layer: the engine refuses there what a method declares it
+#: needs (``avkv.compressor``: capabilities when the prefill starts, a failure on a layer's view, a ragged selection)
 _IRREGULAR = "Gemma-3n's cache has sliding-window and KV-shared layers (docs/methods.md): "
-REFUSED = {
-    **{("gemma3n", m): _IRREGULAR + "the all-query statistics route would replace the sliding layers' masks"
-       for m in ("acckv", "flowmm", "kvmerge", "lookm", "observed_attention")},
-    **{("gemma3n", m): _IRREGULAR + "eviction while decoding (decode_policy=fixed) is not implemented on it"
-       for m in ("d2o", "decoding", "h2o")},
-    **{("gemma3n", m): _IRREGULAR + "per-head budgets (ragged storage) are not, where its heads keep different counts"
-       for m in ("adakv", "audiokv", "criticaladakv")},
-    ("gemma3n", "fastv"): _IRREGULAR + "hidden-state pruning re-runs layers whose cache others read",
-    ("gemma3n", "kvzip"): _IRREGULAR + "its context reconstruction is not run on it",
-    ("gemma3n", "purekv"): _IRREGULAR + "its prefill attention pattern would replace the sliding layers' masks",
-    ("gemma3n", "finch"): _IRREGULAR + "a sliding layer's view holds only its window, not the question it indexes",
-    ("gemma3n", "madakv"): _IRREGULAR + "its conserved allocation expects every decoder layer to hold a cache",
-}
+IRREGULAR = ("gemma3n",)
+#: why, by the method's declaration (the first that applies, in this order; the engine's message lists them all):
+#: each budget either raises a CompressionError naming the method and the model, or holds the budget as any other
+#: (at least one budget raises, so a declared refusal that stops is noticed)
+IRREGULAR_REASONS = (
+    (lambda m: m.decode_policy == "fixed", "eviction while decoding (decode_policy=fixed) is not implemented on it"),
+    (lambda m: m.all_query_stats, "the all-query statistics route would replace the sliding layers' masks"),
+    (lambda m: m.prunes_hidden_states, "hidden-state pruning re-runs layers whose cache others read"),
+    (lambda m: m.needs_reconstruction, "its context reconstruction is not run on it"),
+    (lambda m: m.prefill_attention, "its prefill attention pattern would replace the sliding layers' masks"),
+    (lambda m: m.indexes_prompt_positions, "a sliding layer's view holds only its window, not the question it indexes"),
+    (lambda m: m.needs_every_layer, "its conserved allocation expects every decoder layer to hold a cache"),
+    (lambda m: m.ragged_heads, "per-head budgets (ragged storage) are not, where its heads keep different counts"),
+)
 #: families whose adapter has no single rotary embedding (``ModelAdapter.rotary_embedding`` raises): every method
 #: that declares ``needs_rope`` (it reads ``view.rope``; itself or a method nested in it) is refused on them
 NO_ROPE = {"gemma3n": _IRREGULAR + "re-rotating keys needs one RoPE (sliding and full layers have their own θ)"}
 
 
 @functools.lru_cache(maxsize=None)
+def configured(name: str):
+    return instantiate(compose([f"method={name}"]).method)
+
+
+@functools.lru_cache(maxsize=None)
 def needs_rope(name: str) -> bool:
     """The method config ``name`` declares needs_rope (the class flag, on it or a nested method)."""
-    return any(getattr(m, "needs_rope", False) for m in _parts(instantiate(compose([f"method={name}"]).method)))
+    return any(getattr(m, "needs_rope", False) for m in method_parts(configured(name)))
+
+
+def irregular_refusal(name: str) -> str | None:
+    """Why the engine refuses ``name`` on an irregular cache, from what the method declares (None: it runs)."""
+    m = configured(name)
+    return next((_IRREGULAR + why for asks, why in IRREGULAR_REASONS if asks(m)), None)
 
 
 def refusal(family: str, name: str) -> str | None:
-    """Why the engine refuses ``name`` on ``family`` (None: it runs): the hand list above, then needs_rope."""
-    why = REFUSED.get((family, name))
+    """Why the engine refuses ``name`` on ``family`` (None: it runs): the irregular cache's refusals, then
+    needs_rope, both from the method's declarations."""
+    why = irregular_refusal(name) if family in IRREGULAR else None
     return why if why is not None or family not in NO_ROPE or not needs_rope(name) else NO_ROPE[family]
 
 

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from avkv.methods.counts import apportion, mask_to_indices, modality_budgets, ragged_topk, rows_to_mask
+from avkv.methods.counts import (apportion, group_topk, mask_to_indices, modality_budgets, ragged_topk,
+                                 rows_to_mask)
 from tests.methods.helpers import naive_topk
 
 
@@ -103,6 +104,25 @@ def test_ragged_topk_is_keep_topk_per_row(protect):
         assert (idx[r][~valid[r]] == real[-1]).all()                  # padding repeats the last real entry
     same, none = ragged_topk(s, torch.tensor([4, 4, 4, 4]), protect_last=2)
     assert none is None and same.shape == (4, 4)
+
+
+def test_group_topk_splits_by_score_mass_within_group_sizes():
+    #            group:  0    0    0    1    1    2   -1 (never a candidate)
+    s = torch.tensor([[6.0, 0.5, 0.4, 2.0, 1.0, 0.0, 99.0],
+                      [6.0, 0.5, 0.4, 2.0, 1.0, 0.0, 99.0],
+                      [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 99.0],
+                      [6.0, 0.5, 0.4, 2.0, 1.0, 0.0, 99.0]])
+    groups = torch.tensor([0, 0, 0, 1, 1, 2, -1])
+    keep = group_topk(s, groups, [4, 6, 3, 0])
+    # row 0: masses 6.9 : 3 : 0 of 4 -> quotas 3, 1, 0 (apportion), each group's best
+    assert keep[0].nonzero().flatten().tolist() == [0, 1, 2, 3]
+    # row 1: 6 is clipped to the 6 candidates; group 2 (zero mass) takes what the others cannot; -1 never kept
+    assert keep[1].tolist() == [True] * 6 + [False]
+    # row 2: all-zero mass splits equally (apportion's rule): one a group; row 3 keeps nothing
+    assert keep[2].sum() == 3 and keep[2, [3, 4]].sum() == 1 and keep[2, 5] and not keep[2, 6] and not keep[3].any()
+    flat = group_topk(s, groups, [3, 1, 1, 1], by_group=False)              # the row's best whatever the group
+    assert flat[0].nonzero().flatten().tolist() == [0, 3, 4] and flat[1].nonzero().flatten().tolist() == [0]
+    assert apportion(torch.tensor([6.9, 3.0, 0.0]), 4, 0, [3, 2, 1]).tolist() == [3, 1, 0]
 
 
 def test_mask_to_indices_and_rows_to_mask():

@@ -1,7 +1,8 @@
-"""The kvpress presses of issue 13 (item 3) as avkv methods: end to end on every tiny family and the AV proxy (the
-budget held, or declared), the physical prune equal to the masked full cache on the M-RoPE families, and checks of
-the mechanisms the parity suite (tests/parity) cannot see: decode-time compression, key re-rotation through the
-engine's positions, SimLayerKV's lazy layers. Parity with kvpress itself is tests/parity/cases_presses.py."""
+"""The kvpress ports as avkv methods (every method config whose class declares ``kvpress``, found by
+``tests/discover.py``): end to end on every tiny family and the AV proxy (the budget held, or declared), the physical
+prune equal to the masked full cache on the M-RoPE families, and checks of the mechanisms the parity suite
+(tests/parity) cannot see: decode-time compression, key re-rotation through the engine's positions, SimLayerKV's
+lazy layers. Parity with kvpress itself is tests/parity (``test_ports.py``: every port has a compared case)."""
 import functools
 
 import pytest
@@ -16,10 +17,8 @@ from tests.methods.test_budget_conformance import refusal
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-#: every press config of issue 13 item 3
-PRESSES = ["expected_attention", "lagkv", "chunkkv", "cur", "compactor", "finch", "simlayerkv", "criticalkv",
-           "criticaladakv", "block", "chunk", "composed", "per_layer_compression", "key_rerotation", "decoding",
-           "kvzip"]
+#: every method config whose class declares the kvpress press it reproduces (``Method.kvpress``)
+PRESSES = sorted(discover.kvpress_ports())
 #: configs whose kept fraction is not the budget (they declare budget_mode=achieved)
 ACHIEVED = {"simlayerkv", "per_layer_compression"}
 #: every tiny family (configs/model/tiny_*.yaml, variants left out; the image-only ones get the two-image prompt) and

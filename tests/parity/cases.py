@@ -89,6 +89,14 @@ from tests.parity.cases_presses import PRESS_CASES  # noqa: E402  (the presses o
 CASES += PRESS_CASES
 
 
+#: kvpress ports (``Method.kvpress``) with no compared case, and why: every other port has a case that asserts parity
+#: (``tests/parity/test_ports.py``)
+NOT_COMPARED = {
+    "decoding": "DecodingPress compresses during decoding; the suite compares a prefill and one probe step, where "
+                "it is the wrapped scorer's prefill selection (docs/methods.md: not compared)",
+}
+
+
 def by_id(case_id: str) -> dict:
     for c in CASES:
         if c["id"] == case_id:

@@ -24,7 +24,7 @@ import torch
 from avkv.models.mobilevlm.config import MobileVLMConfig
 from avkv.models.mobilevlm.modeling import build_model, official_state_dict
 from avkv.models.mobilevlm.processing import V1_SYSTEM
-from avkv.models.tiny import _WORDS, atomic_dir
+from avkv.models.tiny import WORDS, atomic_dir
 
 SEED = 0
 SPECIALS = {"unk": "<unk>", "bos": "<s>", "eos": "</s>"}
@@ -34,7 +34,7 @@ def train_sentencepiece(vocab_size: int = 640, seed: int = 0) -> bytes:
     """A LLaMA-style SentencePiece BPE model trained offline on a small English corpus; the serialized model."""
     import sentencepiece as spm
     rng = random.Random(seed)
-    lines = [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(3, 14))) + rng.choice([".", "?", "!", ":"])
+    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 14))) + rng.choice([".", "?", "!", ":"])
              for _ in range(4000)]
     lines += [f"{V1_SYSTEM} USER: What is shown? ASSISTANT: A red square.", "Answer the question using a single "
               "word or phrase.", "Choice list: Your answer is: Look at the frames and answer the question."] * 50

@@ -194,9 +194,9 @@ def read_video_frames(path: str, num_frames: int | None, start: float | None = N
 
     Only the sampled frames are kept in memory (``media_io.load_video_frames`` samples differently: evenly spread
     decoded frames, which is not the official index rule)."""
-    from avkv.models.media_io import MediaError, _open
+    from avkv.models.media_io import MediaError, open_container
     try:
-        with _open(path) as c:
+        with open_container(path) as c:
             if not c.streams.video:
                 raise MediaError(f"no video stream in {path}")
             st = c.streams.video[0]
@@ -207,7 +207,7 @@ def read_video_frames(path: str, num_frames: int | None, start: float | None = N
         for slot, i in enumerate(idx):
             slots.setdefault(i, []).append(slot)
         out: list[np.ndarray | None] = [None] * len(idx)
-        with _open(path) as c:
+        with open_container(path) as c:
             for i, frame in enumerate(c.decode(video=0)):
                 if i in slots:
                     arr = frame.to_ndarray(format="rgb24")
