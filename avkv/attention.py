@@ -270,5 +270,6 @@ class RowBackend(AttentionBackend):
         return False                       # it switched nothing
 
 
-__all__ = ["AttentionBackend", "RowBackend", "MASKED_IMPL", "DECODE_IMPL", "LAST_ROW_IMPL", "last_row_attention", "decode_attention", "decoding",
-           "register_decode_attention", "masked_attention", "register_masked_attention", "base_attention"]
+__all__ = ["AttentionBackend", "RowBackend", "MASKED_IMPL", "DECODE_IMPL", "LAST_ROW_IMPL", "decode_attention",
+           "decoding", "register_decode_attention", "masked_attention", "register_masked_attention", "base_attention",
+           "last_row_attention", "register_last_row_attention"]
