@@ -94,6 +94,30 @@ def register_masked_attention() -> None:
     AttentionMaskInterface.register(MASKED_IMPL, no_model_mask)
 
 
+# ------------------------------------------------------------------------------- the last row of a prefill chunk
+LAST_ROW_IMPL = "avkv_last_row"
+
+
+def last_row_attention(module, query, key, value, attention_mask, **kwargs):
+    """The attention of a layer whose output is read only at the chunk's last position (the last decoder layer of a
+    prefill chunk whose logits are read at its last position only, :meth:`AttentionBackend.last_row`): the last
+    query row against every key, on the function the layer would have used (module attribute ``_avkv_row_impl``),
+    i.e. the causal attention's last row, which sees every key; returned broadcast over the chunk's rows (a view:
+    the rows before it are never read). The cache the layer wrote is untouched (its keys/values come from every
+    row, before this call)."""
+    fn = base_attention(module._avkv_row_impl)
+    q = query.shape[2]
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4 and attention_mask.shape[-2] == q:
+        attention_mask = attention_mask[..., -1:, :]
+    out, _ = fn(module, query[:, :, -1:], key, value, attention_mask, **kwargs)
+    return out.expand(out.shape[0], q, *out.shape[2:]), None
+
+
+def register_last_row_attention() -> None:
+    from transformers import AttentionInterface
+    AttentionInterface.register(LAST_ROW_IMPL, last_row_attention)
+
+
 # ------------------------------------------------------------------------------------- the one decode path
 DECODE_IMPL = "avkv_decode"
 
@@ -198,6 +222,23 @@ class AttentionBackend:
         self.base_impl = impl
         self.config._attn_implementation = impl
 
+    def last_row(self, module) -> None:
+        """``module`` (the last decoder layer's attention, in its prefill chunk) attends through
+        :func:`last_row_attention` on the current function until :meth:`end_last_row`."""
+        if self.current == LAST_ROW_IMPL:
+            return
+        register_last_row_attention()
+        module._avkv_row_impl = self.current
+        self.config._attn_implementation = LAST_ROW_IMPL
+
+    def end_last_row(self, module) -> None:
+        """Back to the function :meth:`last_row` switched from."""
+        impl = getattr(module, "_avkv_row_impl", None)
+        if impl is not None:
+            if self.current == LAST_ROW_IMPL:
+                self.config._attn_implementation = impl
+            del module._avkv_row_impl
+
     def masked(self) -> None:
         """From now on every layer attends through :func:`masked_attention` (layers differ in length or per head)."""
         if self.current != MASKED_IMPL:
@@ -222,9 +263,13 @@ class RowBackend(AttentionBackend):
     def pattern(self, pattern):
         raise CompressionError("a row of a batched prefill has no prefill attention pattern of its own")
 
+    def last_row(self, module) -> None:
+        raise CompressionError("a row of a batched prefill does not switch the decoder's attention")
+
     def __exit__(self, *exc) -> bool:
         return False                       # it switched nothing
 
 
-__all__ = ["AttentionBackend", "RowBackend", "MASKED_IMPL", "DECODE_IMPL", "decode_attention", "decoding",
-           "register_decode_attention", "masked_attention", "register_masked_attention", "base_attention"]
+__all__ = ["AttentionBackend", "RowBackend", "MASKED_IMPL", "DECODE_IMPL", "LAST_ROW_IMPL", "decode_attention",
+           "decoding", "register_decode_attention", "masked_attention", "register_masked_attention", "base_attention",
+           "last_row_attention", "register_last_row_attention"]

@@ -147,19 +147,79 @@ class Compressor:
 
     # ------------------------------------------------------------------------------------------- stages
     @contextlib.contextmanager
-    def stage(self, phase: str) -> Iterator[None]:
-        """The hooks act as ``phase`` inside (``prefill``: the compressed chunk; ``decode``: decode steps)."""
+    def stage(self, phase: str, last_logits_only: bool = False) -> Iterator[None]:
+        """The hooks act as ``phase`` inside (``prefill``: the compressed chunk; ``decode``: decode steps).
+
+        ``last_logits_only`` (prefill; the caller reads the chunk's logits at its last position only, or not at
+        all): the last decoder layer computes its attention, output projection and MLP for the chunk's last row
+        only, where nothing the method sees depends on the rows before it (:meth:`_last_row_hooks`); its
+        keys/values, its cache and what its hook sees are those of every row."""
         if phase not in PHASES[1:]:
             raise ValueError(f"stage must be one of {PHASES[1:]}, got {phase!r}")
         pattern = self.plan.attention if phase == "prefill" else None
+        rows = self._last_row_hooks() if phase == "prefill" and last_logits_only else []
         self.phase = phase
         try:
             with self.backend.pattern(pattern) if pattern is not None else contextlib.nullcontext():
                 yield
         finally:
             self.phase = "idle"
+            for h in rows:
+                h.remove()
+            self.backend.end_last_row(self.attn_modules[-1])
         if pattern is not None:
             self.ledger.record.update(pattern.report())
+
+    #: what makes the last layer's rows before the last one matter to the method: its attention weights or
+    #: statistics (eager weights, the all-query route), an attention pattern of its own, hidden states pruned or
+    #: captured for a reconstruction
+    LAST_ROW_UNSUPPORTED = ("requires_attentions", "all_query_stats", "prefill_attention", "prunes_hidden_states",
+                            "needs_reconstruction")
+
+    def _last_row_hooks(self) -> list:
+        """Hooks that restrict the last decoder layer of the prefill chunk to its last row where the rest is read by
+        no one: the model reads the logits of the last position only, and the method sees the layer's keys, values
+        and input hidden states (every row, computed as before), not its attention output. The layer's attention
+        switches to :func:`~avkv.attention.last_row_attention` (its keys/values and cache write are unchanged) and
+        the output projection and MLP take the last row only (both act per position; the residual broadcasts it).
+        None on a row of a batched prefill, an irregular cache, the masked reference, or for a method in
+        :attr:`LAST_ROW_UNSUPPORTED`."""
+        if self.row or self.irregular or self.mask_only or \
+                any(getattr(m, f, False) for m in _parts(self.method) for f in self.LAST_ROW_UNSUPPORTED):
+            return []
+        layer, attn = self.layers[-1], self.attn_modules[-1]
+        backend, on = self.backend, {"rows": False}
+
+        def switch(module, args, kwargs):
+            h = kwargs.get("hidden_states", args[0] if args else None)
+            on["rows"] = self.phase == "prefill" and isinstance(h, torch.Tensor) and h.dim() == 3 and \
+                h.shape[0] == 1 and h.shape[1] > 1
+            if on["rows"]:
+                backend.last_row(module)
+
+        def restore(module, args, kwargs, output):
+            backend.end_last_row(module)
+
+        def last_row_input(module, args, kwargs):
+            if not on["rows"]:
+                return None
+            if args and isinstance(args[0], torch.Tensor) and args[0].dim() == 3:
+                return (args[0][:, -1:],) + tuple(args[1:]), kwargs
+            h = kwargs.get("hidden_states")
+            if isinstance(h, torch.Tensor) and h.dim() == 3:
+                return args, dict(kwargs, hidden_states=h[:, -1:])
+            return None
+
+        def layer_done(module, args, output):
+            on["rows"] = False
+
+        handles = [attn.register_forward_pre_hook(switch, with_kwargs=True),
+                   attn.register_forward_hook(restore, with_kwargs=True, prepend=True),   # before the method's hook
+                   layer.register_forward_hook(layer_done)]
+        for sub in (getattr(attn, "o_proj", None), getattr(layer, "mlp", None)):
+            if isinstance(sub, torch.nn.Module):
+                handles.append(sub.register_forward_pre_hook(last_row_input, with_kwargs=True))
+        return handles
 
     def end_prefill(self, cache) -> None:
         """After the compressed chunk: run deferred compressions (methods that allocate across layers see every

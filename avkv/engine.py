@@ -103,6 +103,10 @@ class Engine:
     #: growing cache and the storage's own attention (the path before it; kept for the before/after benchmark and
     #: for ``decode_policy=fixed``, which evicts per step)
     decode_cache = "prealloc"
+    #: the compressed chunk's last decoder layer computes its attention output and MLP for the last row only, the
+    #: one whose logits are read (:meth:`avkv.compressor.Compressor.stage`, ``last_logits_only``; its cache and what
+    #: the method sees are unchanged); False: every row (the before/after check and benchmark)
+    last_row_prefill = True
 
     def __init__(self, adapter: ModelAdapter, method: Method, budget: float = 0.2, budget_tokens: int | None = None,
                  compress_at: str = "question", max_new_tokens: int = 16, mask_only: bool = False):
@@ -179,7 +183,8 @@ class Engine:
         if cm is not None:
             stack.enter_context(cm)
         t0 = self.clock.now()
-        with cm.stage("prefill") if cm else contextlib.nullcontext():
+        # the chunk's logits are read at its last position only (logits_to_keep=1; none at all when a suffix follows)
+        with cm.stage("prefill", last_logits_only=self.last_row_prefill) if cm else contextlib.nullcontext():
             logits = adapter.forward(input_ids[:, :s], cache, pos[..., :s], mm)
         if cm:
             cm.end_prefill(cache)

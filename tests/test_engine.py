@@ -62,6 +62,38 @@ def test_split_prefill_equals_one_forward(fam):
     check_split_prefill_equals_one_forward(*fam, MAX_NEW)
 
 
+@pytest.mark.parametrize("at", ["prompt", "context"])
+def test_last_row_prefill_changes_no_cache_entry_and_no_logit(fam, at):
+    """The compressed chunk's last decoder layer computes its attention output and MLP for the last row only
+    (``Engine.last_row_prefill``): every layer's cache is bitwise the one of the full last layer, the same entries are
+    kept, and the first logits agree within fp32 rounding; the last layer's MLP really saw one row (every row on an
+    irregular cache, where the engine does not restrict it)."""
+    import contextlib
+    ad, enc = fam
+    mlp = ad.decoder_layers()[-1].mlp
+    out = {}
+    for restrict in (False, True):
+        rows: list[int] = []
+        h = mlp.register_forward_hook(lambda m, a, kw, o: rows.append(      # the input after the pre-hooks
+            (a[0] if a else kw["hidden_states"]).shape[1]), with_kwargs=True)
+        eng = Engine(ad, SnapKV(window=8), budget=0.3, compress_at=at, max_new_tokens=1)
+        eng.last_row_prefill = restrict
+        try:
+            with contextlib.ExitStack() as stack:
+                p = eng.prefill(enc, stack)
+                out[restrict] = (p.logits[0, -1].clone(), [(l.keys, l.values) for l in p.cache.layers],
+                                 dict(p.cm.ledger.kept), rows[0], p.s)
+        finally:
+            h.remove()
+    (la, ca, ka, ra, s), (lb, cb, kb, rb, _) = out[False], out[True]
+    irregular = any(w is not None for w in ad.layer_windows()) or ad.cache_sources() != list(range(len(ca)))
+    assert ra == s and rb == (s if irregular else 1), (ra, rb, s)
+    assert ka == kb
+    for (k1, v1), (k2, v2) in zip(ca, cb):
+        assert (k1 is None and k2 is None) or (torch.equal(k1, k2) and torch.equal(v1, v2))
+    assert torch.allclose(la, lb, atol=1e-5) and int(la.argmax()) == int(lb.argmax())
+
+
 @pytest.mark.parametrize("budget", [0.2, 0.5])
 def test_cache_shrinks_to_budget(fam, budget):
     ad, enc = fam

@@ -71,9 +71,11 @@ def _causal_softmax_(logits: torch.Tensor, start: int) -> torch.Tensor:
     """In-place causal mask + softmax of logits [H, r, C] for query rows start..start+r-1 (key j visible iff j ≤ i)."""
     r, C = logits.shape[1], logits.shape[2]
     if start < C - 1:                                   # some row sees fewer than all C keys
+        # only keys after ``start`` are hidden from any row: the mask is built and applied on those columns alone
+        # (a SnapKV window of w rows touches w columns of the S, not all of them)
         qpos = torch.arange(start, start + r, device=logits.device)[:, None]
-        kpos = torch.arange(C, device=logits.device)[None, :]
-        logits.masked_fill_(kpos > qpos, float("-inf"))
+        kpos = torch.arange(start + 1, C, device=logits.device)[None, :]
+        logits[..., start + 1:].masked_fill_(kpos > qpos, float("-inf"))
     return logits.softmax(-1)
 
 
