@@ -185,7 +185,7 @@ class Compressor:
         None on a row of a batched prefill, an irregular cache, the masked reference, or for a method in
         :attr:`LAST_ROW_UNSUPPORTED`."""
         if self.row or self.irregular or self.mask_only or \
-                any(getattr(m, f, False) for m in _parts(self.method) for f in self.LAST_ROW_UNSUPPORTED):
+                any(getattr(m, f, False) for m in method_parts(self.method) for f in self.LAST_ROW_UNSUPPORTED):
             return []
         layer, attn = self.layers[-1], self.attn_modules[-1]
         backend, on = self.backend, {"rows": False}
