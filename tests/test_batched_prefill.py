@@ -208,9 +208,10 @@ def test_batched_prefill_equals_batch_one(family, name, route, monkeypatch):
             ref = eng.generate(enc)
         assert g.token_ids == ref.token_ids, (fam, name, b)
         assert torch.allclose(g.first_logits, ref.first_logits, rtol=1e-4, atol=1e-5), (fam, name, b)
-        if route == "rows" and name != "h2o" and fam not in MEDIA_ENCODER_REBATCHED:   # (H2O's batch 1 attends
-            # through the statistics route)
+        if route == "rows" and fam not in MEDIA_ENCODER_REBATCHED:       # (H2O: the same statistics route)
             assert torch.equal(g.first_logits, ref.first_logits), (fam, name, b, "the same SDPA calls as batch 1")
+        if route == "rows":                  # (the mask route, other backends: batch 1 there has no statistics)
+            assert g.record.get("allquery_route") == ref.record.get("allquery_route"), (fam, name, b)
         for key in RECORD_KEYS:
             assert g.record.get(key) == ref.record.get(key), (fam, name, b, key)
         ref_sel = list(sel.values())
@@ -359,3 +360,83 @@ def test_videos_of_different_frame_counts_fall_back_on_llava_onevision_and_equal
         for (i, idx, valid), (_, ridx, rvalid) in zip(batch_sel[b], ref_sel):
             assert torch.equal(idx, ridx), (name, b, i)
             assert (valid is None) == (rvalid is None) and (valid is None or torch.equal(valid, rvalid))
+
+
+#: the methods that need statistics over every prompt query (``all_query_stats``), from their configs
+ALLQUERY = ("h2o", "lookm", "d2o", "kvmerge", "acckv", "flowmm", "observed_attention")
+
+
+def _allquery_method(name: str):
+    from avkv.config import compose, instantiate
+    over = ["method.decode_policy=grow"] if name in ("h2o", "d2o") else []     # fixed: refused at batch size > 1
+    m = instantiate(compose([f"method={name}", *over]).method)
+    assert m.all_query_stats, name
+    return m
+
+
+@contextlib.contextmanager
+def _recomputed(monkeypatch):
+    """Every all-query pass that recomputes the softmax from the queries (``column_pass`` without captured
+    log-sum-exps: the route taken when the prefill gave no statistics), counted."""
+    import avkv.methods.allquery as aq
+    calls = []
+    orig = aq.column_pass
+
+    def spy(queries, keys, scale, num_heads, lse=None, *a, **kw):
+        if lse is None:
+            calls.append(int(keys.shape[1]))
+        return orig(queries, keys, scale, num_heads, lse, *a, **kw)
+    monkeypatch.setattr(aq, "column_pass", spy)
+    yield calls
+    monkeypatch.setattr(aq, "column_pass", orig)
+
+
+@pytest.fixture(scope="module")
+def omni_rows(tmp_path_factory):
+    """Qwen2.5-Omni rows of video with audio, two images, another video (modality blocks for AccKV / FlowMM)."""
+    ad = adapter("qwen2_5_omni")
+    return ad, [ad.encode(p) for p in _prompts("qwen2_5_omni")]
+
+
+@pytest.mark.parametrize("rule", ["measured", "lse"])
+@pytest.mark.parametrize("name", ALLQUERY)
+def test_allquery_rows_take_the_prefill_statistics_route_and_equal_batch_one(omni_rows, name, rule, monkeypatch):
+    """An all-query method's row gets its statistics from the batched prefill's own attention of the row (its
+    unpadded queries, keys and values: the statistics route batch 1 takes), never from recomputed queries: the record
+    says the same ``allquery_route`` as batch 1 (``rule=measured``: the fused route on these lengths; ``lse``: the
+    SDPA kernel's log-sum-exps, forced), no pass recomputes the softmax, and every row's answer tokens, first logits,
+    record fields, kept indices per layer and head and kept entries are batch 1's, bit for bit."""
+    import avkv.methods.allquery as aq
+    if rule == "lse":
+        monkeypatch.setattr(aq, "prefill_route", lambda *a, **k: "lse")
+    ad, es = omni_rows
+    eng = Engine(ad, _allquery_method(name), budget=0.3, max_new_tokens=MAX_NEW)
+    seen = {}
+    with _selections(monkeypatch) as sel, _recomputed(monkeypatch) as recomputed:
+        batch = generate_batch(eng, es, on_cache=lambda c: seen.update(cache=c))
+    assert not recomputed, (name, "the batched rows recomputed the softmax for", recomputed)
+    batch_sel = list(sel.values())
+    assert len(batch_sel) == len(es)
+    for b, (g, enc) in enumerate(zip(batch, es)):
+        assert g.record["prefill_path"] == BATCHED, g.record["prefill_path"]
+        with _selections(monkeypatch) as sel:
+            ref = eng.generate(enc)
+        route = ref.record.get("allquery_route")
+        assert route == ("lse" if rule == "lse" else "fused/" + aq.fused_impl(ad.device)), (name, route)
+        assert g.record.get("allquery_route") == route, (name, b)
+        assert g.token_ids == ref.token_ids, (name, b)
+        assert torch.equal(g.first_logits, ref.first_logits), (name, b)
+        for key in RECORD_KEYS:
+            assert g.record.get(key) == ref.record.get(key), (name, b, key)
+        (ref_sel,) = sel.values()
+        assert [i for i, *_ in batch_sel[b]] == [i for i, *_ in ref_sel]
+        for (i, idx, valid), (_, ridx, rvalid) in zip(batch_sel[b], ref_sel):
+            assert torch.equal(idx, ridx), (name, b, i)
+            assert (valid is None) == (rvalid is None) and (valid is None or torch.equal(valid, rvalid))
+        with torch.no_grad(), contextlib.ExitStack() as st:      # the kept (merged) entries themselves
+            p = eng.prefill(enc, st)
+        for i, layer in enumerate(seen["cache"].layers):
+            for h, (k, v) in enumerate(_heads(p.cache.layers[i])):
+                S = k.shape[0]
+                assert bool(layer.valid[b, h, :S].all())
+                assert torch.equal(layer.keys[b, h, :S], k) and torch.equal(layer.values[b, h, :S], v), (name, b, i, h)
