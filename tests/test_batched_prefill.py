@@ -391,6 +391,26 @@ def _recomputed(monkeypatch):
     monkeypatch.setattr(aq, "column_pass", orig)
 
 
+@contextlib.contextmanager
+def _stats(monkeypatch):
+    """The prefill statistics every compressed layer's view got (queries, log-sum-exps, fused sums), per sample
+    (batch 1: the module's sink; a batched row: its own) in order."""
+    import avkv.lse_attention as la
+    seen: dict = {}
+    orig = la.attach
+
+    def spy(view, module, sink=None):
+        out = orig(view, module, sink)
+        st = out.stats
+        seen.setdefault(id(sink), []).append(
+            (view.layer_idx, None if st is None else (st.queries.clone(), st.lse.clone(),
+                                                      None if st.sums is None else st.sums.clone())))
+        return out
+    monkeypatch.setattr(la, "attach", spy)
+    yield seen
+    monkeypatch.setattr(la, "attach", orig)
+
+
 @pytest.fixture(scope="module")
 def omni_rows(tmp_path_factory):
     """Qwen2.5-Omni rows of video with audio, two images, another video (modality blocks for AccKV / FlowMM)."""
@@ -412,15 +432,21 @@ def test_allquery_rows_take_the_prefill_statistics_route_and_equal_batch_one(omn
     ad, es = omni_rows
     eng = Engine(ad, _allquery_method(name), budget=0.3, max_new_tokens=MAX_NEW)
     seen = {}
-    with _selections(monkeypatch) as sel, _recomputed(monkeypatch) as recomputed:
+    with _selections(monkeypatch) as sel, _recomputed(monkeypatch) as recomputed, _stats(monkeypatch) as stats:
         batch = generate_batch(eng, es, on_cache=lambda c: seen.update(cache=c))
     assert not recomputed, (name, "the batched rows recomputed the softmax for", recomputed)
-    batch_sel = list(sel.values())
-    assert len(batch_sel) == len(es)
+    batch_sel, batch_stats = list(sel.values()), list(stats.values())
+    assert len(batch_sel) == len(es) and len(batch_stats) == len(es)
     for b, (g, enc) in enumerate(zip(batch, es)):
         assert g.record["prefill_path"] == BATCHED, g.record["prefill_path"]
-        with _selections(monkeypatch) as sel:
+        with _selections(monkeypatch) as sel, _stats(monkeypatch) as stats:
             ref = eng.generate(enc)
+        (ref_stats,) = stats.values()         # the row's statistics are batch 1's: no pad in a sum or a normaliser
+        assert [i for i, _ in batch_stats[b]] == [i for i, _ in ref_stats] and len(ref_stats) > 0
+        for (i, got), (_, want) in zip(batch_stats[b], ref_stats):
+            assert got is not None and want is not None, (name, b, i, "no statistics")
+            for x, y in zip(got, want):
+                assert (x is None) == (y is None) and (x is None or torch.equal(x, y)), (name, b, i)
         route = ref.record.get("allquery_route")
         assert route == ("lse" if rule == "lse" else "fused/" + aq.fused_impl(ad.device)), (name, route)
         assert g.record.get("allquery_route") == route, (name, b)
