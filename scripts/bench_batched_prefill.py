@@ -37,7 +37,7 @@ OUT = Path(__file__).resolve().parent.parent / "results" / "bench" / "batched_pr
 
 def prefill(adapter, a, encs, batched: bool) -> tuple[float, str]:
     """Seconds of the prefill of ``encs`` (thread CPU time of its forwards on CPU) and the path that ran."""
-    method = instantiate(compose([f"method={a.method}"]).method)
+    method = instantiate(compose([f"method={a.method}", *a.override]).method)
     eng = Engine(adapter, method, budget=a.budget, compress_at="prompt", max_new_tokens=1)
     adapter.calls = []
     gens = generate_batch(eng, encs, batched_prefill=batched)
@@ -55,6 +55,9 @@ def main() -> None:
     ap.add_argument("--spread", type=float, default=0.25, help="prompt lengths spread over [(1-spread)·length, length]")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--method", default="snapkv")
+    ap.add_argument("--override", action="append", default=[],
+                    help="a config override of the method, repeatable (method.decode_policy=grow: H2O and D2O's "
+                         "default, fixed, is refused at batch size > 1)")
     ap.add_argument("--budget", type=float, default=0.2)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
@@ -84,7 +87,7 @@ def main() -> None:
               f"batch 1 {s:.3f} s", flush=True)
     ratios = [p / b for b, p in zip(runs["batched"], runs["per_sample"])]     # > 1: batched is faster
     res = {"meta": {"device": a.device, "shape": a.shape, "layers": a.layers, "lengths": lengths, "method": a.method,
-                    "budget": a.budget, "rounds": a.rounds, "dtype": dtype, "threads": torch.get_num_threads(),
+                    "overrides": a.override, "budget": a.budget, "rounds": a.rounds, "dtype": dtype, "threads": torch.get_num_threads(),
                     "torch": torch.__version__, "platform": platform.platform(),
                     "gpu": torch.cuda.get_device_name() if cuda else None,
                     "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "paths": sorted(paths)},
