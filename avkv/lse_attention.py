@@ -21,8 +21,9 @@ the layer's shape, length and device (a measured rule):
 Either way the statistics are stashed with the post-RoPE queries on the module; the engine hands them to the method
 through ``LayerView.stats``. In a batched prefill (:mod:`avkv.batch_prefill`) each row of an all-query method has a
 sink of its own (:func:`row_sink`, held by the row's compressor) that the batch's row-by-row attention fills from the
-row's unpadded queries, keys and values (:func:`sink_attention`): the call batch 1 makes. Anything else (decode steps, a suffix on a cache, a mask, another base backend) goes to
-the base SDPA function unchanged, and the method then computes its statistics from recomputed queries.
+row's unpadded queries, keys and values (:func:`sink_attention`): the call batch 1 makes. Anything else (decode
+steps, a suffix on a cache, a mask, another base backend) goes to the base SDPA function unchanged, and the method
+then computes its statistics from recomputed queries.
 """
 from __future__ import annotations
 
@@ -205,4 +206,5 @@ def take(module, seq_len: int, sink: dict | None = None) -> PrefillStats | None:
     return st if st is not None and st.seq_len == seq_len else None
 
 
-__all__ = ["STATS_IMPL", "stats_attention", "sink_attention", "row_sink", "register", "install", "uninstall", "take", "attach", "wants_stats", "kernel_ok"]
+__all__ = ["STATS_IMPL", "stats_attention", "sink_attention", "row_sink", "register", "install", "uninstall", "take",
+           "attach", "wants_stats", "kernel_ok"]

@@ -87,7 +87,8 @@ def main() -> None:
               f"batch 1 {s:.3f} s", flush=True)
     ratios = [p / b for b, p in zip(runs["batched"], runs["per_sample"])]     # > 1: batched is faster
     res = {"meta": {"device": a.device, "shape": a.shape, "layers": a.layers, "lengths": lengths, "method": a.method,
-                    "overrides": a.override, "budget": a.budget, "rounds": a.rounds, "dtype": dtype, "threads": torch.get_num_threads(),
+                    "overrides": a.override, "budget": a.budget, "rounds": a.rounds, "dtype": dtype,
+                    "threads": torch.get_num_threads(),
                     "torch": torch.__version__, "platform": platform.platform(),
                     "gpu": torch.cuda.get_device_name() if cuda else None,
                     "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "paths": sorted(paths)},

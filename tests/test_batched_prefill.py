@@ -112,7 +112,8 @@ def _prompts(family: str, tmp: Path | None = None) -> list[Prompt]:
         wavs = sorted((fx / "librispeech").rglob("*.flac"))
         return [Prompt(context=[Media("audio", _long_wav(tmp, 7.5, 0))], question=QUESTIONS[0]),
                 Prompt(context=[Media("audio", str(wavs[1]))], question=QUESTIONS[1]),
-                Prompt(context=["Listen to the whole recording, then answer: ", Media("audio", _long_wav(tmp, 12.0, 2))], question=QUESTIONS[2])]
+                Prompt(context=["Listen to the whole recording, then answer: ", Media("audio", _long_wav(tmp, 12.0, 2))],
+                       question=QUESTIONS[2])]
     if family.endswith("_frames"):
         return _frames_prompts(fx)
     if family == "llava_onevision_video":
