@@ -12,7 +12,9 @@
    rotary embeddings (``[b:b+1, ..., pad_b:]``) in the row's own cache; the row's own
    :class:`~avkv.compressor.Compressor` (``row=True``: its own copy of the method, request, ledger, generator and
    scratch) runs on it exactly the code batch 1 runs (:meth:`~avkv.compressor.Compressor.layer_done`), and the
-   batch layer's entries are released right after, so padding never enters a kept entry or a statistic;
+   batch layer's entries are released right after, so padding never enters a kept entry or a statistic (an
+   all-query method's row gets the prefill statistics batch 1 gets, from its own unpadded attention:
+   :func:`rows_attention`, record field ``allquery_route``);
 3. each row's suffix ``[s_b, n_b)`` then runs on the row's own compressed cache, as at batch 1 (with the masked
    attention when the row's layers differ: the row's backend noted it).
 
@@ -55,21 +57,29 @@ ROW_ATTENTION_IMPLS = ("sdpa",)
 def rows_attention(module, query, key, value, attention_mask, **kwargs):
     """The batched prefill's attention on an SDPA model: each row's real queries against its own real keys, causal,
     through the model's SDPA function exactly as batch 1 calls it (``is_causal``, no mask: SDPA's causal kernel does
-    half the work of a masked one, and a pad neither attends nor is attended; its output is 0). The rows' padding:
-    module attribute ``_avkv_row_pads``."""
+    half the work of a masked one, and a pad neither attends nor is attended; its output is 0). A row of an all-query
+    method attends through the statistics route batch 1 takes (:func:`avkv.lse_attention.sink_attention` into the
+    row's own sink), on the same unpadded slice: no pad key enters its column sums or its rows' normalisers. The rows'
+    padding and sinks: module attributes ``_avkv_row_pads``, ``_avkv_row_sinks``."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from avkv.lse_attention import sink_attention
     B, H, S, _ = query.shape
     out = query.new_zeros(B, S, H, value.shape[-1])
-    for b, pad in enumerate(module._avkv_row_pads):
-        o, _ = sdpa_attention_forward(module, query[b:b + 1, :, pad:], key[b:b + 1, :, pad:], value[b:b + 1, :, pad:],
-                                      None, **kwargs)
+    for b, (pad, sink) in enumerate(zip(module._avkv_row_pads, module._avkv_row_sinks)):
+        q, k, v = query[b:b + 1, :, pad:], key[b:b + 1, :, pad:], value[b:b + 1, :, pad:]
+        if sink is None:
+            o, _ = sdpa_attention_forward(module, q, k, v, None, **kwargs)
+        else:
+            o, _ = sink_attention(sink, module, q, k, v, None, **kwargs)
         out[b, pad:] = o[0]
     return out, None
 
 
 @contextlib.contextmanager
-def _rows_backend(config: Any, modules: list, pads: list[int]):
-    """The decoder attends through :func:`rows_attention` inside (when the model's backend is one it serves)."""
+def _rows_backend(config: Any, modules: list, pads: list[int], sinks: list):
+    """The decoder attends through :func:`rows_attention` inside (when the model's backend is one it serves);
+    ``sinks``: each row's statistics sink (None: plain SDPA)."""
     with AttentionBackend(config, modules) as be:
         if be.base_impl not in ROW_ATTENTION_IMPLS:
             yield
@@ -81,13 +91,13 @@ def _rows_backend(config: Any, modules: list, pads: list[int]):
         AttentionInterface.register(ROWS_IMPL, rows_attention)
         AttentionMaskInterface.register(ROWS_IMPL, no_model_mask)
         for m in modules:
-            m._avkv_row_pads = pads
+            m._avkv_row_pads, m._avkv_row_sinks = pads, sinks
         try:
             be.route_base(ROWS_IMPL)
             yield
         finally:
             for m in modules:
-                del m._avkv_row_pads
+                del m._avkv_row_pads, m._avkv_row_sinks
 
 
 class NotBatched(Exception):
@@ -245,7 +255,8 @@ def prefill_batch(engine: Engine, encs: list, seeds: list[int], methods: list, s
     stack.callback(lambda: [h.remove() for h in handles])
     t0 = clock.now()
     with contextlib.ExitStack() as stages:
-        stages.enter_context(_rows_backend(tc, modules, [S - r.s for r in rows]))
+        stages.enter_context(_rows_backend(tc, modules, [S - r.s for r in rows],
+                                           [r.cm.row_sink if r.cm is not None else None for r in rows]))
         for r in rows:
             if r.cm is not None:
                 stages.enter_context(r.cm.stage("prefill"))

@@ -62,6 +62,9 @@ class Compressor:
         self._prune_keep: torch.Tensor | None = None
         self._pruned: set = set()
         self.capture = None                    # needs_reconstruction: the prefill's decoder input (avkv.reconstruct)
+        #: a row's all-query statistics sink (:func:`avkv.lse_attention.row_sink`): the batched prefill's attention
+        #: fills it from the row's unpadded slice, as the module's own sink is filled at batch 1
+        self.row_sink: dict | None = None
         # a cache that is not one full-attention K/V per layer (sliding windows, KV-shared layers: Gemma-3n)
         sources = adapter.cache_sources()
         self.irregular = any(w is not None for w in adapter.layer_windows()) or \
@@ -101,8 +104,10 @@ class Compressor:
             if not self.row:
                 self.handles.append(m.register_forward_hook(self._hook, with_kwargs=True))
         try:
-            if not self.row:       # all-query methods: the prefill's statistics (a row's view recomputes queries)
+            if not self.row:       # all-query methods: the prefill's statistics
                 lse_attention.install(self.backend, self.method, self.modality)
+            else:                  # a row's: its own sink, filled by the batch's row-by-row attention
+                self.row_sink = lse_attention.row_sink(self.backend, self.method, self.modality)
             if getattr(self.method, "needs_reconstruction", False):
                 from avkv.reconstruct import Capture, plan_of   # KVzip: the decoder input of the prefill
                 self.capture = Capture(self.adapter, plan_of(self.method))
@@ -130,6 +135,7 @@ class Compressor:
                 if hasattr(m, attr):
                     delattr(m, attr)
         lse_attention.uninstall(self.backend)
+        self.row_sink = None
         self.backend.__exit__(None, None, None)
 
     def _install(self, plan: PrefillPlan) -> None:
@@ -327,7 +333,7 @@ class Compressor:
             modality = modality.to(layer.keys.device)      # layers may sit on different devices (device_map)
             n_keep = min(self.req.n_keep, S)
             view = lse_attention.attach(self._view(module, kwargs, layer.keys[0], layer.values[0], modality, n_keep,
-                                                   attn), module)
+                                                   attn), module, self.row_sink)
             if view.stats is not None:                      # how the prefill computed the all-query statistics
                 self.ledger.record["allquery_route"] = view.stats.route
             if self.method.deferred:          # scores now, selection once every layer has been seen

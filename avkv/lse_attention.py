@@ -19,8 +19,11 @@ the layer's shape, length and device (a measured rule):
   are then one pass without P·V (:func:`avkv.methods.allquery.column_pass`).
 
 Either way the statistics are stashed with the post-RoPE queries on the module; the engine hands them to the method
-through ``LayerView.stats``. Anything else (decode steps, a suffix on a cache, a mask, another base backend) goes to
-the base SDPA function unchanged, and the method then computes its statistics from recomputed queries.
+through ``LayerView.stats``. In a batched prefill (:mod:`avkv.batch_prefill`) each row of an all-query method has a
+sink of its own (:func:`row_sink`, held by the row's compressor) that the batch's row-by-row attention fills from the
+row's unpadded queries, keys and values (:func:`sink_attention`): the call batch 1 makes. Anything else (decode
+steps, a suffix on a cache, a mask, another base backend) goes to the base SDPA function unchanged, and the method
+then computes its statistics from recomputed queries.
 """
 from __future__ import annotations
 
@@ -80,8 +83,16 @@ def kernel_ok(device: torch.device, dtype: torch.dtype) -> bool:
 def stats_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
                     is_causal: bool | None = None, **kwargs):
     """``AttentionInterface`` function: SDPA, plus the captured statistics for the layers that asked for them."""
+    return sink_attention(getattr(module, _SINK, None), module, query, key, value, attention_mask, dropout=dropout,
+                          scaling=scaling, is_causal=is_causal, **kwargs)
+
+
+def sink_attention(sink: dict | None, module, query, key, value, attention_mask, dropout: float = 0.0,
+                   scaling: float | None = None, is_causal: bool | None = None, **kwargs):
+    """:func:`stats_attention` with the statistics stashed in ``sink`` (the module's own at batch 1; one row's
+    :func:`row_sink` in a batched prefill, :func:`avkv.batch_prefill.rows_attention`, called with that row's
+    unpadded queries, keys and values: the same call batch 1 makes, so no pad enters a sum or a normaliser)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    sink = getattr(module, _SINK, None)
     q_len = query.shape[2]
     if (sink is not None and attention_mask is None and q_len > 1 and key.shape[2] == q_len and query.shape[0] == 1
             and not dropout and is_causal is not False and getattr(module, "is_causal", True)
@@ -129,11 +140,12 @@ def wants_stats(method) -> bool:
     return any(getattr(m, "all_query_stats", False) for m in method_parts(method))
 
 
-def attach(view, module):
+def attach(view, module, sink: dict | None = None):
     """``view`` with the statistics the module's prefill captured for it (queries served from them: nothing is
-    recomputed), or unchanged when there are none for this cache length."""
+    recomputed), or unchanged when there are none for this cache length. ``sink``: a row's (:func:`row_sink`)
+    instead of the module's."""
     from dataclasses import replace
-    st = take(module, view.seq_len)
+    st = take(module, view.seq_len, sink)
     if st is None:
         return view
     q = st.queries
@@ -148,6 +160,22 @@ def register() -> None:
     AttentionMaskInterface.register(STATS_IMPL, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
 
 
+def _sink(method, modality: torch.Tensor | None) -> dict:
+    from avkv.attention_support import method_parts
+    return {"modality": modality, "methods": [m for m in method_parts(method) if getattr(m, "all_query_stats", False)],
+            "rows": {}}
+
+
+def row_sink(backend, method, modality: torch.Tensor | None = None) -> dict | None:
+    """The statistics sink of one row of a batched prefill (what :func:`install` gives every module at batch 1,
+    held by the row's compressor instead of the shared modules), or None where batch 1 would not install the route
+    (the method declares no ``all_query_stats``, the model does not run SDPA)."""
+    if not wants_stats(method) or backend.base_impl != "sdpa":
+        return None
+    register()
+    return _sink(method, modality)
+
+
 def install(backend, method, modality: torch.Tensor | None = None) -> bool:
     """Route the decoder's attention (:class:`avkv.attention.AttentionBackend` of one request) through
     :func:`stats_attention` when the method declared ``all_query_stats`` and the model runs SDPA; returns whether it
@@ -155,10 +183,8 @@ def install(backend, method, modality: torch.Tensor | None = None) -> bool:
     route). Later switches to the engine's per-layer attention keep it as their base function."""
     if not wants_stats(method) or backend.base_impl != "sdpa":
         return False
-    from avkv.attention_support import method_parts
-    methods = [m for m in method_parts(method) if getattr(m, "all_query_stats", False)]
     register()
-    shared = {"modality": modality, "methods": methods, "rows": {}}
+    shared = _sink(method, modality)
     for m in backend.modules:
         setattr(m, _SINK, dict(shared))
     backend.route_base(STATS_IMPL)
@@ -172,12 +198,13 @@ def uninstall(backend) -> None:
             delattr(m, _SINK)
 
 
-def take(module, seq_len: int) -> PrefillStats | None:
-    """The statistics the module's last prefill captured when they cover ``seq_len`` entries (consumed: a layer's
-    queries are held only until its compression has run)."""
-    sink = getattr(module, _SINK, None)
+def take(module, seq_len: int, sink: dict | None = None) -> PrefillStats | None:
+    """The statistics the module's last prefill captured (in ``sink`` when given) when they cover ``seq_len``
+    entries (consumed: a layer's queries are held only until its compression has run)."""
+    sink = getattr(module, _SINK, None) if sink is None else sink
     st = sink.pop("stats", None) if sink is not None else None
     return st if st is not None and st.seq_len == seq_len else None
 
 
-__all__ = ["STATS_IMPL", "stats_attention", "register", "install", "uninstall", "take", "attach", "wants_stats", "kernel_ok"]
+__all__ = ["STATS_IMPL", "stats_attention", "sink_attention", "row_sink", "register", "install", "uninstall", "take",
+           "attach", "wants_stats", "kernel_ok"]

@@ -36,7 +36,7 @@ OUT = Path(__file__).resolve().parent.parent / "results" / "bench" / "batched_pr
 
 def prefill(adapter, a, encs, batched: bool) -> tuple[float, str]:
     """Seconds of the prefill of ``encs`` (thread CPU time of its forwards on CPU) and the path that ran."""
-    method = instantiate(compose([f"method={a.method}"]).method)
+    method = instantiate(compose([f"method={a.method}", *a.override]).method)
     eng = Engine(adapter, method, budget=a.budget, compress_at="prompt", max_new_tokens=1)
     adapter.calls = []
     gens = generate_batch(eng, encs, batched_prefill=batched)
@@ -51,6 +51,9 @@ def main() -> None:
     ap.add_argument("--spread", type=float, default=0.25, help="prompt lengths spread over [(1-spread)·length, length]")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--method", default="snapkv")
+    ap.add_argument("--override", action="append", default=[],
+                    help="a config override of the method, repeatable (method.decode_policy=grow: H2O and D2O's "
+                         "default, fixed, is refused at batch size > 1)")
     ap.add_argument("--budget", type=float, default=0.2)
     ap.add_argument("--rounds", type=int, default=5)
     add_output_options(ap, OUT)
@@ -76,7 +79,8 @@ def main() -> None:
               f"batch 1 {s:.3f} s", flush=True)
     ratios = [p / b for b, p in zip(runs["batched"], runs["per_sample"])]     # > 1: batched is faster
     res = {"meta": {"device": a.device, "shape": a.shape, "layers": a.layers, "lengths": lengths, "method": a.method,
-                    "budget": a.budget, "rounds": a.rounds, "dtype": dtype, **environment(cuda),
+                    "overrides": a.override, "budget": a.budget, "rounds": a.rounds, "dtype": dtype,
+                    **environment(cuda),
                     "paths": sorted(paths)},
            "tokens_per_s": {"batched": tokens / statistics.median(runs["batched"]),
                             "per_sample": tokens / statistics.median(runs["per_sample"]),

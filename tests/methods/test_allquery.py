@@ -150,8 +150,8 @@ def _kept(monkeypatch, ad, enc, method, stats: bool, route: str | None = None, p
         seen[i] = sel.indices.clone()
         return apply(self, module, cache, i, sel, modality)
 
-    def spy_take(module, S):
-        st = take(module, S)
+    def spy_take(module, S, sink=None):
+        st = take(module, S, sink)
         used.append(st is not None)
         return st
     monkeypatch.setattr(Compressor, "_apply", spy_apply)
