@@ -28,6 +28,7 @@ from avkv import lse_attention
 from avkv.attention import AttentionBackend, RowBackend
 from avkv.attention_support import method_parts
 from avkv.kvstore import CompressionError, RaggedLayer, apply_selection
+from avkv.layer_inputs import LAST_ROW_UNSUPPORTED, last_row_hooks, slice_inputs
 from avkv.ledger import KeepLedger
 from avkv.measure import Clock
 from avkv.methods.base import LayerView, Method, Selection
@@ -158,7 +159,7 @@ class Compressor:
 
         ``last_logits_only`` (prefill; the caller reads the chunk's logits at its last position only, or not at
         all): the last decoder layer computes its attention, output projection and MLP for the chunk's last row
-        only, where nothing the method sees depends on the rows before it (:meth:`_last_row_hooks`); its
+        only, where nothing the method sees depends on the rows before it (:func:`avkv.layer_inputs.last_row_hooks`); its
         keys/values, its cache and what its hook sees are those of every row."""
         if phase not in PHASES[1:]:
             raise ValueError(f"stage must be one of {PHASES[1:]}, got {phase!r}")
@@ -176,56 +177,14 @@ class Compressor:
         if pattern is not None:
             self.ledger.record.update(pattern.report())
 
-    #: what makes the last layer's rows before the last one matter to the method: its attention weights or
-    #: statistics (eager weights, the all-query route), an attention pattern of its own, hidden states pruned or
-    #: captured for a reconstruction
-    LAST_ROW_UNSUPPORTED = ("requires_attentions", "all_query_stats", "prefill_attention", "prunes_hidden_states",
-                            "needs_reconstruction")
-
     def _last_row_hooks(self) -> list:
-        """Hooks that restrict the last decoder layer of the prefill chunk to its last row where the rest is read by
-        no one: the model reads the logits of the last position only, and the method sees the layer's keys, values
-        and input hidden states (every row, computed as before), not its attention output. The layer's attention
-        switches to :func:`~avkv.attention.last_row_attention` (its keys/values and cache write are unchanged) and
-        the output projection and MLP take the last row only (both act per position; the residual broadcasts it).
-        None on a row of a batched prefill, an irregular cache, the masked reference, or for a method in
-        :attr:`LAST_ROW_UNSUPPORTED`."""
+        """:func:`avkv.layer_inputs.last_row_hooks` on the last decoder layer, inside the prefill stage; none on a
+        row of a batched prefill, an irregular cache, the masked reference, or for a method that declares a flag in
+        :data:`~avkv.layer_inputs.LAST_ROW_UNSUPPORTED`."""
         if self.row or self.irregular or self.mask_only or \
-                any(getattr(m, f, False) for m in method_parts(self.method) for f in self.LAST_ROW_UNSUPPORTED):
+                any(getattr(m, f, False) for m in method_parts(self.method) for f in LAST_ROW_UNSUPPORTED):
             return []
-        layer, attn = self.layers[-1], self.attn_modules[-1]
-        backend, on = self.backend, {"rows": False}
-
-        def switch(module, args, kwargs):
-            h = kwargs.get("hidden_states", args[0] if args else None)
-            on["rows"] = self.phase == "prefill" and isinstance(h, torch.Tensor) and h.dim() == 3 and \
-                h.shape[0] == 1 and h.shape[1] > 1
-            if on["rows"]:
-                backend.last_row(module)
-
-        def restore(module, args, kwargs, output):
-            backend.end_last_row(module)
-
-        def last_row_input(module, args, kwargs):
-            if not on["rows"]:
-                return None
-            if args and isinstance(args[0], torch.Tensor) and args[0].dim() == 3:
-                return (args[0][:, -1:],) + tuple(args[1:]), kwargs
-            h = kwargs.get("hidden_states")
-            if isinstance(h, torch.Tensor) and h.dim() == 3:
-                return args, dict(kwargs, hidden_states=h[:, -1:])
-            return None
-
-        def layer_done(module, args, output):
-            on["rows"] = False
-
-        handles = [attn.register_forward_pre_hook(switch, with_kwargs=True),
-                   attn.register_forward_hook(restore, with_kwargs=True, prepend=True),   # before the method's hook
-                   layer.register_forward_hook(layer_done)]
-        for sub in (getattr(attn, "o_proj", None), getattr(layer, "mlp", None)):
-            if isinstance(sub, torch.nn.Module):
-                handles.append(sub.register_forward_pre_hook(last_row_input, with_kwargs=True))
-        return handles
+        return last_row_hooks(self.layers[-1], self.attn_modules[-1], self.backend, lambda: self.phase == "prefill")
 
     def end_prefill(self, cache) -> None:
         """After the compressed chunk: run deferred compressions (methods that allocate across layers see every
@@ -426,38 +385,13 @@ class Compressor:
             self._pruned.add(i)
             if i == self.plan.prune_from:
                 h = h[:, keep.to(h.device)]
-            return _slice_inputs(args, kwargs, h, keep, S)
+            return slice_inputs(args, kwargs, h, keep, S)
         return hook
 
 
 #: what a row of a batched prefill cannot do (the batch's forward is shared: one attention pattern, one set of
 #: hidden states; reconstruction re-runs the prefill of one request); such methods take the per-sample prefill
 ROW_UNSUPPORTED = ("prefill_attention", "prunes_hidden_states", "needs_reconstruction")
-
-
-def _slice_inputs(args: tuple, kwargs: dict, h: torch.Tensor, keep: torch.Tensor, S: int
-                  ) -> tuple[tuple, dict]:
-    """The decoder-layer inputs of the chunk restricted to ``keep``: hidden states, rotary cos/sin, position
-    ids (1-D or M-RoPE) and a 4-D mask, each only where it is sized for the full chunk."""
-    kwargs = dict(kwargs)
-    if args:
-        args = (h,) + tuple(args[1:])
-    else:
-        kwargs["hidden_states"] = h
-    pe = kwargs.get("position_embeddings")
-    if pe is not None:
-        kwargs["position_embeddings"] = tuple(_take(t, keep, -2, S) for t in pe)
-    pid = kwargs.get("position_ids")
-    if pid is not None:
-        kwargs["position_ids"] = _take(pid, keep, -1, S)
-    mask: Any = kwargs.get("attention_mask")
-    if isinstance(mask, torch.Tensor) and mask.dim() == 4:
-        kwargs["attention_mask"] = _take(_take(mask, keep, -1, S), keep, -2, S)
-    return args, kwargs
-
-
-def _take(t: torch.Tensor, keep: torch.Tensor, dim: int, S: int) -> torch.Tensor:
-    return t.index_select(dim, keep.to(t.device)) if t.shape[dim] == S else t
 
 
 __all__ = ["Compressor", "ROW_UNSUPPORTED", "PHASES"]
