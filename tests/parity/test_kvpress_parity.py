@@ -7,7 +7,8 @@ step. For ``compare: kept+logits`` cases: the kept set is equal on every KV head
 tie (``TIE_RTOL``), the probe logits agree within ``LOGIT_TOL`` and give the same argmax. On a tied head avkv may
 break the tie the other way; then the entries the two sides swap must all score (kvpress's scores) within the tie at
 the cut (:func:`tie_swaps`), and the logits are checked on a second avkv run with kvpress's kept set forced on just
-those heads (``tie_swapped`` in the result; the first run's logits as ``max_logit_diff_unforced``). Each comparison
+those heads (``tie_swapped`` in the result; the first run's logits as ``max_logit_diff_unforced``). A case with
+``score_atol`` also compares the method's scores, z-scored over the layer, with the press's. Each comparison
 is written to ``<reference dir>/avkv/<case>__<ratio>.json`` (the parity table of ``docs/methods.md`` is made from
 those).
 """
@@ -51,13 +52,22 @@ def avkv_method(spec: dict):
     return instantiate(cfg.method)
 
 
-def run_avkv(ad, method, meta: dict, n_kept: int, force: dict | None = None):
+def run_avkv(ad, method, meta: dict, n_kept: int, force: dict | None = None, scores: dict | None = None):
     """avkv's Engine at ``n_kept`` context entries per KV head; the kept positions per layer and head (spied on the
     method's own ``compress``) and the probe step's logits. ``force``: ``{layer: {head: positions}}``, the kept
     positions of those heads replaced by the given ones (same count, a plain selection) before the engine
-    compacts the cache; ``kept`` then reports the forced sets."""
+    compacts the cache; ``kept`` then reports the forced sets. ``scores``: filled with the method's first
+    ``score`` of each layer [kvH, S]."""
     kept: dict[int, list[list[int]]] = {}
     orig = method.compress
+    if scores is not None:
+        orig_score = method.score
+
+        def score_spy(view):
+            s = orig_score(view)
+            scores.setdefault(view.layer_idx, s.detach().cpu().clone())
+            return s
+        method.score = score_spy
 
     def spy(view):
         sel = orig(view)
@@ -100,6 +110,12 @@ def tie_swaps(ref: dict, kept: dict) -> tuple[dict, list]:
                             "n_kvpress": len(want)})
             swaps.setdefault(layer, {})[h] = want
     return swaps, bad
+
+
+def zscore_layer(s: torch.Tensor) -> torch.Tensor:
+    """One mean and (unbiased) deviation over the whole layer [kvH, S], in float64."""
+    s = s.double()
+    return (s - s.mean()) / s.std()
 
 
 def compare(ref: dict, kept: dict, logits: torch.Tensor) -> dict:
@@ -156,8 +172,12 @@ def test_avkv_matches_kvpress(qwen2, kvpress_refs, case_id, ratio):
         counts = [len(layer["kept"][0]) for layer in ref["layers"]]
         n_kept = round(sum(counts) / len(counts))
         spec = {**spec, "overrides": {**spec.get("overrides", {}), "schedule": "weights", "weights": counts}}
-    kept, g = run_avkv(qwen2, avkv_method(spec), kvpress_refs["meta"], n_kept)
+    scores = {} if "score_atol" in case else None
+    kept, g = run_avkv(qwen2, avkv_method(spec), kvpress_refs["meta"], n_kept, scores=scores)
     res = compare(ref, kept, g.first_logits)
+    if scores is not None:      # avkv's scores, z-scored over the layer as kvpress's press returns them
+        res["max_score_diff"] = max(float((zscore_layer(scores[i]) - torch.tensor(layer["scores"], dtype=torch.float64))
+                                          .abs().max()) for i, layer in enumerate(ref["layers"]))
     res.update(case=case_id, press=case["press"], ratio=ratio, n_kept=n_kept, compare=case["compare"],
                kvpress_kept_counts=[[len(k) for k in layer["kept"]] for layer in ref["layers"]],
                avkv_kept_counts=[[len(k) for k in kept[i]] for i in sorted(kept)], note=case.get("note", ""))
@@ -174,6 +194,8 @@ def test_avkv_matches_kvpress(qwen2, kvpress_refs, case_id, ratio):
         assert res["max_logit_diff"] <= LOGIT_TOL, res
         assert res["argmax_equal"], res
         return
+    if scores is not None:
+        assert res["max_score_diff"] <= case["score_atol"], res
     assert res["heads_compared"] > 0, f"every head is tied at the cut: nothing compared ({res})"
     assert res["heads_equal"] == res["heads_compared"], res
     swaps, bad = tie_swaps(ref, kept)
