@@ -28,7 +28,7 @@ from avkv import lse_attention
 from avkv.attention import AttentionBackend, RowBackend
 from avkv.attention_support import method_parts
 from avkv.kvstore import CompressionError, RaggedLayer, apply_selection
-from avkv.layer_inputs import LAST_ROW_UNSUPPORTED, last_row_hooks, slice_inputs
+from avkv.layer_inputs import LAST_ROW_UNSUPPORTED, irregular_cache, last_row_hooks, slice_inputs
 from avkv.ledger import KeepLedger
 from avkv.measure import Clock
 from avkv.methods.base import LayerView, Method, Selection
@@ -67,9 +67,7 @@ class Compressor:
         #: fills it from the row's unpadded slice, as the module's own sink is filled at batch 1
         self.row_sink: dict | None = None
         # a cache that is not one full-attention K/V per layer (sliding windows, KV-shared layers: Gemma-3n)
-        sources = adapter.cache_sources()
-        self.irregular = any(w is not None for w in adapter.layer_windows()) or \
-            any(j != i for i, j in enumerate(sources))
+        self.irregular = irregular_cache(adapter)
 
     def _refuse(self, why: str) -> CompressionError:
         return CompressionError(f"method {self.method.name!r} is not supported on the {self.adapter.family} model's "

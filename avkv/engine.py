@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from avkv.attention import MASKED_IMPL, decoding
 from avkv.compressor import Compressor
+from avkv.layer_inputs import last_row_only
 from avkv.kvstore import (BUDGET_TOLERANCE, CompressionError, RaggedLayer, kv_bytes_by_device, kv_cache_bytes,
                           measure_cache, within_budget)
 from avkv.prealloc import prealloc_bytes
@@ -184,7 +185,9 @@ class Engine:
             stack.enter_context(cm)
         t0 = self.clock.now()
         # the chunk's logits are read at its last position only (logits_to_keep=1; none at all when a suffix follows)
-        with cm.stage("prefill", last_logits_only=self.last_row_prefill) if cm else contextlib.nullcontext():
+        # (the uncompressed chunk takes the same path, so full-cache and compressed prefill times compare)
+        with cm.stage("prefill", last_logits_only=self.last_row_prefill) if cm else \
+                last_row_only(adapter) if self.last_row_prefill else contextlib.nullcontext():
             logits = adapter.forward(input_ids[:, :s], cache, pos[..., :s], mm)
         if cm:
             cm.end_prefill(cache)

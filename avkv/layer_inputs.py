@@ -3,7 +3,8 @@
 chunk in the last decoder layer, the only one whose output anyone reads (:func:`last_row_hooks`)."""
 from __future__ import annotations
 
-from typing import Any, Callable
+import contextlib
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -12,6 +13,33 @@ import torch
 #: reconstruction
 LAST_ROW_UNSUPPORTED = ("requires_attentions", "all_query_stats", "prefill_attention", "prunes_hidden_states",
                         "needs_reconstruction")
+
+
+def irregular_cache(adapter: Any) -> bool:
+    """A cache that is not one full-attention K/V per layer (sliding windows, KV-shared layers: Gemma-3n)."""
+    return any(w is not None for w in adapter.layer_windows()) or \
+        any(j != i for i, j in enumerate(adapter.cache_sources()))
+
+
+@contextlib.contextmanager
+def last_row_only(adapter: Any) -> Iterator[None]:
+    """:func:`last_row_hooks` on the last decoder layer of an uncompressed prefill chunk (no method, the full cache),
+    so that its prefill takes the same path as a compressed chunk's and the two times compare; nothing on an
+    irregular cache (as :class:`~avkv.compressor.Compressor`)."""
+    if irregular_cache(adapter):
+        yield
+        return
+    from avkv.attention import AttentionBackend
+    layers = adapter.decoder_layers()
+    attn = layers[-1].self_attn
+    backend = AttentionBackend(adapter.text_config(), [layer.self_attn for layer in layers])
+    handles = last_row_hooks(layers[-1], attn, backend, lambda: True)
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        backend.end_last_row(attn)
 
 
 def last_row_hooks(layer: torch.nn.Module, attn: torch.nn.Module, backend: Any,
@@ -82,4 +110,4 @@ def _take(t: torch.Tensor, keep: torch.Tensor, dim: int, S: int) -> torch.Tensor
     return t.index_select(dim, keep.to(t.device)) if t.shape[dim] == S else t
 
 
-__all__ = ["LAST_ROW_UNSUPPORTED", "last_row_hooks", "slice_inputs"]
+__all__ = ["LAST_ROW_UNSUPPORTED", "irregular_cache", "last_row_only", "last_row_hooks", "slice_inputs"]

@@ -62,12 +62,13 @@ def test_split_prefill_equals_one_forward(fam):
     check_split_prefill_equals_one_forward(*fam, MAX_NEW)
 
 
-@pytest.mark.parametrize("at", ["prompt", "context"])
-def test_last_row_prefill_changes_no_cache_entry_and_no_logit(fam, at):
-    """The compressed chunk's last decoder layer computes its attention output and MLP for the last row only
-    (``Engine.last_row_prefill``): every layer's cache is bitwise the one of the full last layer, the same entries are
-    kept, and the first logits agree within fp32 rounding; the last layer's MLP really saw one row (every row on an
-    irregular cache, where the engine does not restrict it)."""
+@pytest.mark.parametrize("at,name", [("prompt", "snapkv"), ("context", "snapkv"), ("prompt", "full")])
+def test_last_row_prefill_changes_no_cache_entry_and_no_logit(fam, at, name):
+    """The prefill chunk's last decoder layer computes its attention output and MLP for the last row only
+    (``Engine.last_row_prefill``), compressed or not (the full cache takes the same path, so the two prefill times
+    compare): every layer's cache is bitwise the one of the full last layer, the same entries are kept, and the
+    first logits agree within fp32 rounding; the last layer's MLP really saw one row (every row on an irregular
+    cache, where the engine does not restrict it)."""
     import contextlib
     ad, enc = fam
     mlp = ad.decoder_layers()[-1].mlp
@@ -76,13 +77,14 @@ def test_last_row_prefill_changes_no_cache_entry_and_no_logit(fam, at):
         rows: list[int] = []
         h = mlp.register_forward_hook(lambda m, a, kw, o: rows.append(      # the input after the pre-hooks
             (a[0] if a else kw["hidden_states"]).shape[1]), with_kwargs=True)
-        eng = Engine(ad, SnapKV(window=8), budget=0.3, compress_at=at, max_new_tokens=1)
+        eng = Engine(ad, SnapKV(window=8) if name == "snapkv" else Full(), budget=0.3, compress_at=at,
+                     max_new_tokens=1)
         eng.last_row_prefill = restrict
         try:
             with contextlib.ExitStack() as stack:
                 p = eng.prefill(enc, stack)
                 out[restrict] = (p.logits[0, -1].clone(), [(l.keys, l.values) for l in p.cache.layers],
-                                 dict(p.cm.ledger.kept), rows[0], p.s)
+                                 dict(p.cm.ledger.kept) if p.cm else None, rows[0], p.s)
         finally:
             h.remove()
     (la, ca, ka, ra, s), (lb, cb, kb, rb, _) = out[False], out[True]
@@ -244,7 +246,9 @@ def check_layer_queries(ad, enc) -> dict:
     mods = [layer.self_attn for layer in ad.decoder_layers()]
     hds = [m.register_forward_hook(hook, with_kwargs=True) for m in mods]
     try:
-        Engine(ad, Full(), max_new_tokens=1, compress_at="prompt").generate(enc)
+        eng = Engine(ad, Full(), max_new_tokens=1, compress_at="prompt")
+        eng.last_row_prefill = False           # every layer's weights over every row (the last layer's too)
+        eng.generate(enc)
     finally:
         for hd in hds:
             hd.remove()
