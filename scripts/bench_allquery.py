@@ -20,7 +20,10 @@ times, in interleaved rounds (every route once per round, so machine load hits t
 * ``lse_first``: recomputing the log-sum-exps with the fused kernel, then the ``lse`` pass (the alternative to
   ``softmax`` when nothing was captured);
 * with ``--before-src`` (an older ``avkv/methods/base.py``): that version's ``accumulated_scores`` (its default
-  route) and ``attention_sums``, for before/after tables.
+  route) and ``attention_sums``, for before/after tables;
+* with ``--before-kernel-src`` (an older ``avkv/methods/fused_kernel.py``): ``fused_before/acc`` and
+  ``fused_before/sums``, that version's compiled kernel on the same chunks, tiles and rows as ``fused/...``, in the
+  same rounds (its excess over ``sdpa_kernel`` is written as ``fused_excess/fused_before/...``).
 
 Writes ``results/bench/allquery_<shape>.csv`` (one row per route and length: median seconds, ratio to the prefill;
 ``max_abs_diff``: for the fused rows, the largest difference of its attention output from SDPA's kernel's;
@@ -67,6 +70,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--chunks", type=int, nargs="+", default=[128])
     ap.add_argument("--before-src", default=None, help="an older avkv/methods/base.py to time as 'before'")
+    ap.add_argument("--before-kernel-src", default=None, help="an older avkv/methods/fused_kernel.py to time as "
+                    "'fused_before'")
     ap.add_argument("--skip", nargs="*", default=[], help="route names to leave out")
     ap.add_argument("--out", default=str(OUT))
     a = ap.parse_args()
@@ -79,6 +84,12 @@ def main() -> None:
         before = importlib.util.module_from_spec(spec)
         sys.modules["avkv_before_base"] = before
         spec.loader.exec_module(before)
+    before_kernel = None
+    if a.before_kernel_src:
+        spec = importlib.util.spec_from_file_location("avkv_before_fused_kernel", a.before_kernel_src)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        before_kernel = (mod, mod.load())
     sh = SHAPES[a.shape]
     H, kvH = sh["num_attention_heads"], sh["num_key_value_heads"]
     D = sh["hidden_size"] // H
@@ -133,6 +144,13 @@ def main() -> None:
             routes[f"lse/acc/c{c}"] = lambda c=c: accumulated_scores(sview, c)
             routes[f"lse/sums/c{c}"] = lambda c=c: attention_sums(sview, c, rw, cw, blocks)
         routes["softmax/sums"] = lambda: attention_sums(view, 512, rw, cw, blocks)
+        if before_kernel is not None:                          # what _with_sums_kernel hands the kernel
+            bk, bso = before_kernel
+            c = max(1, min(allquery.FUSED_CHUNK, (1 << 26) // max(1, (H // kvH) * S)))
+            routes["fused_before/acc"] = lambda: bk.fused_attention(bso, q, k, v, scale, torch.ones(1, S), c,
+                                                                    allquery.KERNEL_TILE)
+            routes["fused_before/sums"] = lambda: bk.fused_attention(bso, q, k, v, scale, fused_rows, c,
+                                                                     allquery.KERNEL_TILE)
         if before is not None:
             routes["before/acc"] = lambda: before.accumulated_scores(view, 512)
             routes["before/sums"] = lambda: before.attention_sums(view, 512, rw, cw, blocks)
@@ -169,6 +187,7 @@ def main() -> None:
                       f"(load {os.getloadavg()[0]:.1f})", flush=True)
         ref = statistics.median(times["prefill"])
         for base, n in [("sdpa_kernel", "fused/acc"), ("sdpa_kernel", "fused/sums"), ("prefill", "prefill_fused"),
+                        ("sdpa_kernel", "fused_before/acc"), ("sdpa_kernel", "fused_before/sums"),
                         ("sdpa_kernel", "fused_torch/acc"), ("sdpa_kernel", "fused_torch/sums"),
                         ("prefill", "prefill_fused_torch")]:
             if base in times and n in times:                   # the fused route's cost: per-round differences
@@ -177,7 +196,8 @@ def main() -> None:
             med = statistics.median(times[n])
             rows.append({"shape": a.shape, "prompt_len": S, "route": n, "rounds": a.rounds, "median_s": med,
                          "ratio_to_prefill": med / ref, "min_s": min(times[n]), "max_s": max(times[n]),
-                         "max_abs_diff": (diff_t if "torch" in n else diff) if "fused" in n else "", "fused_impl": "torch" if "torch" in n else allquery.fused_impl("cpu"),
+                         "max_abs_diff": (diff_t if "torch" in n else diff) if "fused" in n and "before" not in n else "",
+                         "fused_impl": "torch" if "torch" in n else "c (before)" if "before" in n else allquery.fused_impl("cpu"),
                          "layer_max_abs_diff": layer_diff if n == "prefill_fused" else ""})
             print(f"  {n:<28} {med:8.3f} s  {100 * med / ref:7.2f}% of the layer's prefill", flush=True)
     out = Path(a.out)

@@ -12,7 +12,8 @@ Three routes:
   for every row-weight vector r the method declared (:meth:`avkv.methods.base.Method.all_query_rows`; plain column
   sums always): q·kᵀ is computed once for the output and the statistics. On CPU the loop is one compiled call
   (:mod:`avkv.methods.fused_kernel`: per KV head, tiles that stay in L2, products through torch's BLAS, the
-  probabilities streamed once into the chunk buffer the sums read) when that kernel builds, else torch ops;
+  probabilities written once into the chunk buffer the sums read, with streaming stores when it exceeds 8 MB) when
+  that kernel builds, else torch ops;
 * ``lse`` (the prefill captured the rows' log-sum-exps): A[i, j] = exp(q_i·k_j·s − lse_i) recomputed, one ``baddbmm``
   (the −lse folded in) and one ``exp2`` per element, no max/normalise passes, no P·V product (:func:`column_pass`);
 * ``softmax`` (no captured statistics: eager or another backend, a masked prefill, a deferred pass): the same chunks
