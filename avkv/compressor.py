@@ -28,7 +28,7 @@ from avkv import lse_attention
 from avkv.attention import AttentionBackend, RowBackend
 from avkv.attention_support import method_parts
 from avkv.kvstore import CompressionError, RaggedLayer, apply_selection
-from avkv.layer_inputs import LAST_ROW_UNSUPPORTED, irregular_cache, last_row_hooks, slice_inputs
+from avkv.layer_inputs import EVERY_ROW_ATTENTION, LAST_ROW_UNSUPPORTED, irregular_cache, last_row_hooks, slice_inputs
 from avkv.ledger import KeepLedger
 from avkv.measure import Clock
 from avkv.methods.base import LayerView, Method, Selection
@@ -157,7 +157,8 @@ class Compressor:
 
         ``last_logits_only`` (prefill; the caller reads the chunk's logits at its last position only, or not at
         all): the last decoder layer computes its attention, output projection and MLP for the chunk's last row
-        only, where nothing the method sees depends on the rows before it (:func:`avkv.layer_inputs.last_row_hooks`); its
+        only, where nothing the method sees depends on the rows before it
+        (:func:`avkv.layer_inputs.last_row_hooks`); its
         keys/values, its cache and what its hook sees are those of every row."""
         if phase not in PHASES[1:]:
             raise ValueError(f"stage must be one of {PHASES[1:]}, got {phase!r}")
@@ -178,11 +179,14 @@ class Compressor:
     def _last_row_hooks(self) -> list:
         """:func:`avkv.layer_inputs.last_row_hooks` on the last decoder layer, inside the prefill stage; none on a
         row of a batched prefill, an irregular cache, the masked reference, or for a method that declares a flag in
-        :data:`~avkv.layer_inputs.LAST_ROW_UNSUPPORTED`."""
-        if self.row or self.irregular or self.mask_only or \
-                any(getattr(m, f, False) for m in method_parts(self.method) for f in LAST_ROW_UNSUPPORTED):
+        :data:`~avkv.layer_inputs.LAST_ROW_UNSUPPORTED`; the attention over every row for one that declares a flag
+        in :data:`~avkv.layer_inputs.EVERY_ROW_ATTENTION`."""
+        flags = {f for m in method_parts(self.method) for f in LAST_ROW_UNSUPPORTED + EVERY_ROW_ATTENTION
+                 if getattr(m, f, False)}
+        if self.row or self.irregular or self.mask_only or flags & set(LAST_ROW_UNSUPPORTED):
             return []
-        return last_row_hooks(self.layers[-1], self.attn_modules[-1], self.backend, lambda: self.phase == "prefill")
+        return last_row_hooks(self.layers[-1], self.attn_modules[-1], self.backend, lambda: self.phase == "prefill",
+                              attention=not flags & set(EVERY_ROW_ATTENTION))
 
     def end_prefill(self, cache) -> None:
         """After the compressed chunk: run deferred compressions (methods that allocate across layers see every

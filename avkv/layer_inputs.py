@@ -8,11 +8,12 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-#: what makes the last layer's rows before the last one matter to the method: its attention weights or statistics
-#: (eager weights, the all-query route), an attention pattern of its own, hidden states pruned or captured for a
-#: reconstruction
-LAST_ROW_UNSUPPORTED = ("requires_attentions", "all_query_stats", "prefill_attention", "prunes_hidden_states",
-                        "needs_reconstruction")
+#: what makes the last layer's rows before the last one matter to the method: an attention pattern of its own,
+#: hidden states pruned or captured for a reconstruction (no restriction at all)
+LAST_ROW_UNSUPPORTED = ("prefill_attention", "prunes_hidden_states", "needs_reconstruction")
+#: what the method reads from the last layer's attention of every row (eager weights, the all-query statistics):
+#: that attention runs over every row, and only the output projection and the MLP take the last row
+EVERY_ROW_ATTENTION = ("requires_attentions", "all_query_stats")
 
 
 def irregular_cache(adapter: Any) -> bool:
@@ -43,21 +44,23 @@ def last_row_only(adapter: Any) -> Iterator[None]:
 
 
 def last_row_hooks(layer: torch.nn.Module, attn: torch.nn.Module, backend: Any,
-                   in_prefill: Callable[[], bool]) -> list:
+                   in_prefill: Callable[[], bool], attention: bool = True) -> list:
     """Hooks that restrict ``layer`` (the last decoder layer) to the chunk's last row where the rest is read by no
     one: the model reads the logits of the last position only, and the method sees the layer's keys, values and
     input hidden states (every row, computed as before), not its attention output. While ``in_prefill()`` and the
     layer takes one sequence of more than one row, its attention switches to
     :func:`~avkv.attention.last_row_attention` through ``backend.last_row`` (its keys/values and cache write are
     unchanged) and the output projection and MLP take the last row only (both act per position; the residual
-    broadcasts it). Returns the handles; the caller removes them and calls ``backend.end_last_row(attn)``."""
+    broadcasts it). ``attention=False`` (a method in :data:`EVERY_ROW_ATTENTION`): the attention runs over every
+    row as before and only the output projection and the MLP take the last row. Returns the handles; the caller
+    removes them and calls ``backend.end_last_row(attn)``."""
     on = {"rows": False}
 
     def switch(module, args, kwargs):
         h = kwargs.get("hidden_states", args[0] if args else None)
         on["rows"] = in_prefill() and isinstance(h, torch.Tensor) and h.dim() == 3 and h.shape[0] == 1 and \
             h.shape[1] > 1
-        if on["rows"]:
+        if on["rows"] and attention:
             backend.last_row(module)
 
     def restore(module, args, kwargs, output):
@@ -110,4 +113,5 @@ def _take(t: torch.Tensor, keep: torch.Tensor, dim: int, S: int) -> torch.Tensor
     return t.index_select(dim, keep.to(t.device)) if t.shape[dim] == S else t
 
 
-__all__ = ["LAST_ROW_UNSUPPORTED", "irregular_cache", "last_row_only", "last_row_hooks", "slice_inputs"]
+__all__ = ["EVERY_ROW_ATTENTION", "LAST_ROW_UNSUPPORTED", "irregular_cache", "last_row_only", "last_row_hooks",
+           "slice_inputs"]

@@ -6,6 +6,7 @@ import torch
 
 from avkv.engine import Compressor, Engine, kv_cache_bytes
 from avkv.methods.full import Full
+from avkv.methods.h2o import H2O
 from avkv.methods.snapkv import SnapKV
 from avkv.models.native_adapter import NativeAdapter
 from tests.conftest import FAMILIES, NATIVE_FAMILIES, adapter, av_prompt, family_prompt, modalities
@@ -62,23 +63,36 @@ def test_split_prefill_equals_one_forward(fam):
     check_split_prefill_equals_one_forward(*fam, MAX_NEW)
 
 
-@pytest.mark.parametrize("at,name", [("prompt", "snapkv"), ("context", "snapkv"), ("prompt", "full")])
-def test_last_row_prefill_changes_no_cache_entry_and_no_logit(fam, at, name):
+@pytest.mark.parametrize("at,name", [("prompt", "snapkv"), ("context", "snapkv"), ("prompt", "full"),
+                                     ("prompt", "h2o")])
+def test_last_row_prefill_changes_no_cache_entry_and_no_logit(fam, at, name, monkeypatch):
     """The prefill chunk's last decoder layer computes its attention output and MLP for the last row only
     (``Engine.last_row_prefill``), compressed or not (the full cache takes the same path, so the two prefill times
     compare): every layer's cache is bitwise the one of the full last layer, the same entries are kept, and the
     first logits agree within fp32 rounding; the last layer's MLP really saw one row (every row on an irregular
-    cache, where the engine does not restrict it)."""
+    cache, where the engine does not restrict it). An all-query method (H2O) reads the last layer's attention of every
+    row: that attention runs over every row (its statistics are captured, no layer recomputes the softmax from the
+    queries more often than without the restriction), and the output projection and MLP take the last row."""
     import contextlib
     ad, enc = fam
+    irregular = any(w is not None for w in ad.layer_windows()) or ad.cache_sources() != list(range(len(
+        ad.decoder_layers())))
+    if irregular and name == "h2o":
+        pytest.skip("an irregular cache refuses all-query methods (tests/methods/test_budget_conformance.py)")
     mlp = ad.decoder_layers()[-1].mlp
+    import avkv.methods.allquery as aq
+    column_pass, recomputed = aq.column_pass, {False: 0, True: 0}
     out = {}
     for restrict in (False, True):
+        def spy(queries, keys, scale, num_heads, lse=None, *a, **kw):
+            recomputed[restrict] += lse is None
+            return column_pass(queries, keys, scale, num_heads, lse, *a, **kw)
+        monkeypatch.setattr(aq, "column_pass", spy)
         rows: list[int] = []
         h = mlp.register_forward_hook(lambda m, a, kw, o: rows.append(      # the input after the pre-hooks
             (a[0] if a else kw["hidden_states"]).shape[1]), with_kwargs=True)
-        eng = Engine(ad, SnapKV(window=8) if name == "snapkv" else Full(), budget=0.3, compress_at=at,
-                     max_new_tokens=1)
+        eng = Engine(ad, {"snapkv": SnapKV(window=8), "full": Full(), "h2o": H2O()}[name], budget=0.3,
+                     compress_at=at, max_new_tokens=1)
         eng.last_row_prefill = restrict
         try:
             with contextlib.ExitStack() as stack:
@@ -88,7 +102,7 @@ def test_last_row_prefill_changes_no_cache_entry_and_no_logit(fam, at, name):
         finally:
             h.remove()
     (la, ca, ka, ra, s), (lb, cb, kb, rb, _) = out[False], out[True]
-    irregular = any(w is not None for w in ad.layer_windows()) or ad.cache_sources() != list(range(len(ca)))
+    assert recomputed[True] == recomputed[False], recomputed
     assert ra == s and rb == (s if irregular else 1), (ra, rb, s)
     assert ka == kb
     for (k1, v1), (k2, v2) in zip(ca, cb):
