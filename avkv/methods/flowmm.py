@@ -185,7 +185,9 @@ class FlowMM(Method):
             keys_out.append(Kh)
             vals_out.append(Vh)
             n_sensitive += int(sensitive.sum())
-            has_target = allowed.any(1)
+            # = allowed.any(1) without another pass over the [e, k] mask
+            has_target = torch.isin(mod[evicted], mod[keep][target_ok]) if not cross else \
+                target_ok.any().expand(evicted.numel())
             n_merged += int(has_target.sum())
             n_evicted += int((~has_target).sum())
         return Selection(indices=sel_idx, keys=torch.stack(keys_out), values=torch.stack(vals_out),

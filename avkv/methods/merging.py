@@ -54,7 +54,7 @@ def merge_into_nearest(keys: torch.Tensor, values: torch.Tensor, keep: torch.Ten
         Ve = values.gather(1, evicted[..., None].expand(-1, -1, D)).float()
         sim = F.normalize(Ke, dim=-1) @ F.normalize(Kk, dim=-1).transpose(1, 2)   # [R, e, k]
         if allowed is not None:
-            sim = sim.masked_fill(~allowed, float("-inf"))
+            sim.masked_fill_(~allowed, float("-inf"))                          # in place: sim is ours
         best, target = sim.max(dim=-1)                                         # [R, e]
         ok = torch.isfinite(best)
         if min_similarity is not None:

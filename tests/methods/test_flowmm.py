@@ -28,8 +28,9 @@ def test_rho_matches_naive_and_chunking():
         assert abs(FlowMM(chunk=chunk).cross_modal_ratio(view) - per_head.mean().item()) < 1e-6
 
 
-def naive_flowmm(view, P, k, cross, q=0.9):
-    """Per head: pivots, sensitive set and the LOOK-M pivot merge, written out loop by loop."""
+def naive_flowmm(view, P, k, cross, q=0.9, counts=None):
+    """Per head: pivots, sensitive set and the LOOK-M pivot merge, written out loop by loop (``counts``: a dict
+    that gets the merged / unmerged evicted entries summed over heads)."""
     I = naive_importance(view, P)
     S = view.seq_len
     mod = view.modality
@@ -55,6 +56,9 @@ def naive_flowmm(view, P, k, cross, q=0.9):
                 c = F.cosine_similarity(K[i], K[j], dim=0).item()
                 if c > best:
                     best, bj = c, j
+            if counts is not None:
+                key = "evicted_unmerged" if bj is None else "merged"
+                counts[key] = counts.get(key, 0) + 1
             if bj is None:
                 continue
             sumK[bj] += (K[i] + K[bj]) / 2
@@ -72,7 +76,10 @@ def test_selection_and_merge_match_naive(theta):
     P = 8
     sel = FlowMM(proxy=P, theta=theta).compress(view)
     assert sel.info["mode"] == ("cross" if theta == 0.0 else "intra")
-    K, V, meta = naive_flowmm(view, P, 30, cross=theta == 0.0)
+    counts = {}
+    K, V, meta = naive_flowmm(view, P, 30, cross=theta == 0.0, counts=counts)
+    assert sel.info["merged"] == counts.get("merged", 0)
+    assert sel.info["evicted_unmerged"] == counts.get("evicted_unmerged", 0)
     for h in range(view.num_kv_heads):
         assert torch.equal(sel.indices[h], meta[h][0])
         torch.testing.assert_close(sel.keys[h], K[h], rtol=1e-5, atol=1e-5)
@@ -132,3 +139,18 @@ def test_offline_rho_file(tmp_path):
     assert modes == ["intra", "cross", "intra", "cross"]
     with pytest.raises(FileNotFoundError, match="calibrate_flowmm"):
         FlowMM(rho_source="offline", calibration_file=str(tmp_path / "missing.json"))
+
+
+@pytest.mark.parametrize("theta", [0.0, 1.0])
+def test_merge_counts_when_a_modality_has_no_target(theta):
+    # 12 kept of 80 (8 of them the text proxy): the leading text and the 3 audio entries mostly find no pivot of
+    # their own modality in intra mode, so some evicted entries stay unmerged there
+    view = make_view(modality_ids([("text", 6), ("video", 60), ("audio", 3), ("text", 11)]), 12, seed=2)
+    sel = FlowMM(proxy=8, theta=theta).compress(view)
+    counts = {}
+    K, _, _ = naive_flowmm(view, 8, 12, cross=theta == 0.0, counts=counts)
+    assert (sel.info["merged"], sel.info["evicted_unmerged"]) == (counts.get("merged", 0),
+                                                                  counts.get("evicted_unmerged", 0))
+    assert theta == 0.0 or counts["evicted_unmerged"] > 0
+    for h in range(view.num_kv_heads):
+        torch.testing.assert_close(sel.keys[h], K[h], rtol=1e-5, atol=1e-5)
