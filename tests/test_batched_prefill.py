@@ -168,6 +168,14 @@ def family(request, tmp_path_factory):
     return CASES[case], ad, encs
 
 
+def _same_selections(row_sel: list, ref_sel: list, *where) -> None:
+    """A batched row kept what batch 1 kept: the same layers, and per layer the same indices and validity."""
+    assert [i for i, *_ in row_sel] == [i for i, *_ in ref_sel], where
+    for (i, idx, valid), (_, ridx, rvalid) in zip(row_sel, ref_sel):
+        assert torch.equal(idx, ridx), (*where, i)
+        assert (valid is None) == (rvalid is None) and (valid is None or torch.equal(valid, rvalid)), (*where, i)
+
+
 @contextlib.contextmanager
 def _selections(monkeypatch):
     """Every applied selection's kept indices, per cache (one cache per sample), in order."""
@@ -220,10 +228,7 @@ def test_batched_prefill_equals_batch_one(family, name, route, monkeypatch):
             assert not ref_sel and not batch_sel
         else:                                            # the same kept indices, layer by layer, head by head
             assert len(ref_sel) == 1
-            assert [i for i, *_ in batch_sel[b]] == [i for i, *_ in ref_sel[0]]
-            for (i, idx, valid), (_, ridx, rvalid) in zip(batch_sel[b], ref_sel[0]):
-                assert torch.equal(idx, ridx), (fam, name, b, i)
-                assert (valid is None) == (rvalid is None) and (valid is None or torch.equal(valid, rvalid))
+            _same_selections(batch_sel[b], ref_sel[0], fam, name, b)
         # the batch cache's row b holds sample b's batch-1 prompt cache (real entries only, no NaN), then padding
         with torch.no_grad(), contextlib.ExitStack() as st:
             p = eng.prefill(enc, st)
@@ -357,10 +362,7 @@ def test_videos_of_different_frame_counts_fall_back_on_llava_onevision_and_equal
         for key in RECORD_KEYS:
             assert g.record.get(key) == ref.record.get(key), (name, b, key)
         (ref_sel,) = sel.values()
-        assert [i for i, *_ in batch_sel[b]] == [i for i, *_ in ref_sel]
-        for (i, idx, valid), (_, ridx, rvalid) in zip(batch_sel[b], ref_sel):
-            assert torch.equal(idx, ridx), (name, b, i)
-            assert (valid is None) == (rvalid is None) and (valid is None or torch.equal(valid, rvalid))
+        _same_selections(batch_sel[b], ref_sel, name, b)
 
 
 #: the methods that need statistics over every prompt query (``all_query_stats``), from their configs
@@ -456,10 +458,7 @@ def test_allquery_rows_take_the_prefill_statistics_route_and_equal_batch_one(omn
         for key in RECORD_KEYS:
             assert g.record.get(key) == ref.record.get(key), (name, b, key)
         (ref_sel,) = sel.values()
-        assert [i for i, *_ in batch_sel[b]] == [i for i, *_ in ref_sel]
-        for (i, idx, valid), (_, ridx, rvalid) in zip(batch_sel[b], ref_sel):
-            assert torch.equal(idx, ridx), (name, b, i)
-            assert (valid is None) == (rvalid is None) and (valid is None or torch.equal(valid, rvalid))
+        _same_selections(batch_sel[b], ref_sel, name, b)
         with torch.no_grad(), contextlib.ExitStack() as st:      # the kept (merged) entries themselves
             p = eng.prefill(enc, st)
         for i, layer in enumerate(seen["cache"].layers):
